@@ -1,0 +1,136 @@
+"""Backbones that give a three-level feature pyramid (strides 4, 8, 16) and how to load them.
+
+A teacher is a trunk with pretrained weights, frozen; an encoder student is the same trunk,
+freshly initialised. `build_trunk` makes either; `load_teacher_weights` fills a teacher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dskd_ray.backbones.resnet import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RESNET_CHANNELS,
+    ResNetTrunk,
+    torchvision_imagenet_state_dict,
+)
+from dskd_ray.errors import ConfigError, WeightsError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    channels: tuple[int, int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    # Linear-bottleneck pyramids (EfficientNet) are about half negative; ResNet's are post-ReLU.
+    signed: bool
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    if name in RESNET_CHANNELS:
+        return BackboneSpec(RESNET_CHANNELS[name], IMAGENET_MEAN, IMAGENET_STD, signed=False)
+    if name == "efficientnet_lite0":
+        from dskd_ray.backbones.efficientnet_lite import LITE0_MEAN, LITE0_STD
+
+        return BackboneSpec((24, 40, 112), LITE0_MEAN, LITE0_STD, signed=True)
+    raise ConfigError(f"unknown backbone {name!r}")
+
+
+def build_trunk(name: str, student: bool) -> nn.Module:
+    """The pyramid trunk; a student gets the training-friendly BatchNorm settings (DESIGN §4)."""
+    if name in RESNET_CHANNELS:
+        return ResNetTrunk(name)
+    if name == "efficientnet_lite0":
+        from dskd_ray.backbones.efficientnet_lite import EfficientNetLite0Trunk
+
+        # Lite0's own BN momentum (0.01) barely moves in a few hundred steps.
+        return EfficientNetLite0Trunk(bn_momentum=0.1 if student else 0.01, drop_connect_rate=0.0)
+    raise ConfigError(f"unknown backbone {name!r}")
+
+
+def _read_state_dict(source: str) -> tuple[dict[str, torch.Tensor], str]:
+    """A state dict from a local path or any fsspec URI (s3://…), loaded without executing code."""
+    import fsspec
+
+    try:
+        with fsspec.open(source, "rb") as f:
+            blob = f.read()
+    except FileNotFoundError as e:
+        raise WeightsError(f"teacher weights not found: {source}") from e
+    except OSError as e:
+        raise WeightsError(f"cannot read teacher weights {source}: {e}") from e
+    try:
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is not weights
+        raise WeightsError(f"{source} is not a PyTorch state dict: {e}") from e
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{source} holds a {type(state).__name__}, not a state dict")
+    return state, "sha256:" + hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _load_into(trunk: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load the keys the trunk has; every one of them must be present with the right shape."""
+    own = trunk.state_dict()
+    missing = [k for k in own if k not in state]
+    mismatched = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or mismatched:
+        detail = (
+            f"missing {len(missing)} keys (e.g. {missing[:3]})"
+            if missing
+            else f"shape mismatch: {mismatched[:3]}"
+        )
+        raise WeightsError(f"teacher weights {source} do not fit this backbone: {detail}")
+    trunk.load_state_dict({k: state[k] for k in own}, strict=True)
+
+
+def load_teacher_weights(trunk: nn.Module, backbone: str, weights: str) -> str:
+    """Fill a teacher trunk; returns the weights' identity. Never falls back to random."""
+    if weights == "random":
+        log.warning("teacher has RANDOM weights: useful for tests only, useless on real images")
+        return "random"
+    if weights == "imagenet":
+        if backbone == "efficientnet_lite0":
+            from dskd_ray.backbones.efficientnet_lite import (
+                WeightsNotFoundError,
+                load_lite0_imagenet_weights,
+            )
+
+            try:
+                return "lite0-imagenet:" + load_lite0_imagenet_weights(trunk)
+            except WeightsNotFoundError as e:
+                raise WeightsError(str(e)) from e
+            except RuntimeError as e:
+                raise WeightsError(f"EfficientNet-Lite0 weights do not load: {e}") from e
+        try:
+            state = torchvision_imagenet_state_dict(backbone)
+        except Exception as e:  # noqa: BLE001 - offline download errors come in many types
+            raise WeightsError(
+                f"torchvision's ImageNet weights for {backbone} are not in its cache and could "
+                f"not be downloaded ({type(e).__name__}). Put the .pth in $TORCH_HOME/hub/"
+                "checkpoints, pass --teacher-weights PATH, or use --backbone efficientnet_lite0 "
+                "(weights ship in a pip package)."
+            ) from e
+        _load_into(trunk, state, f"torchvision {backbone}")
+        digest = hashlib.sha256()
+        for k in sorted(state):
+            digest.update(k.encode())
+            digest.update(state[k].cpu().numpy().tobytes())
+        return f"torchvision-{backbone}:sha256:{digest.hexdigest()[:16]}"
+    state, identity = _read_state_dict(weights)
+    _load_into(trunk, state, weights)
+    return identity

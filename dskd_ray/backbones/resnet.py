@@ -1,0 +1,45 @@
+"""ResNet teachers and encoder students from torchvision: the stage outputs at strides 4, 8, 16."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision import models
+
+RESNET_CHANNELS: dict[str, tuple[int, int, int]] = {
+    "resnet18": (64, 128, 256),
+    "wide_resnet50_2": (256, 512, 1024),
+}
+
+# torchvision's official ImageNet weights for each backbone.
+TORCHVISION_WEIGHTS: dict[str, str] = {
+    "resnet18": "ResNet18_Weights.IMAGENET1K_V1",
+    "wide_resnet50_2": "WideResNet50_2_Weights.IMAGENET1K_V1",
+}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ResNetTrunk(nn.Module):
+    """conv1 … layer3 of a torchvision ResNet; layer4 and the classifier are dropped."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        full = getattr(models, name)(weights=None)
+        self.conv1, self.bn1, self.relu, self.maxpool = full.conv1, full.bn1, full.relu, full.maxpool
+        self.layer1, self.layer2, self.layer3 = full.layer1, full.layer2, full.layer3
+        self.channels = RESNET_CHANNELS[name]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        f4 = self.layer1(x)  # (B, C1, H/4, W/4)
+        f8 = self.layer2(f4)  # (B, C2, H/8, W/8)
+        f16 = self.layer3(f8)  # (B, C3, H/16, W/16)
+        return [f4, f8, f16]
+
+
+def torchvision_imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """torchvision's official weights, from its cache or a download where the network allows."""
+    weights = models.get_weight(TORCHVISION_WEIGHTS[name])
+    return weights.get_state_dict(progress=False, check_hash=True)

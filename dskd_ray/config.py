@@ -1,0 +1,105 @@
+"""One typed config for the model and its training; saved in every checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from dskd_ray.errors import ConfigError
+
+Backbone = Literal["resnet18", "wide_resnet50_2", "efficientnet_lite0"]
+Students = Literal["both", "se", "sd"]
+DFInput = Literal["se", "teacher"]
+LevelFusion = Literal["sum", "product"]
+
+BACKBONES: tuple[str, ...] = ("resnet18", "wide_resnet50_2", "efficientnet_lite0")
+STUDENTS: tuple[str, ...] = ("both", "se", "sd")
+DF_INPUTS: tuple[str, ...] = ("se", "teacher")
+LEVEL_FUSIONS: tuple[str, ...] = ("sum", "product")
+
+
+@dataclass
+class DSKDConfig:
+    """Everything that defines a model and how it was trained (DESIGN §1).
+
+    `teacher_weights` is "imagenet", "random" (tests only) or a local path / s3:// URI to a
+    state dict. Model fields are enough to rebuild the network from a checkpoint alone.
+    """
+
+    # model
+    backbone: str = "resnet18"
+    teacher_weights: str = "imagenet"
+    students: str = "both"
+    df_input: str = "se"
+    level_fusion: str = "sum"
+    image_size: int = 256
+    blur_sigma: float = 4.0
+    # training
+    epochs: int = 50
+    batch_size: int = 16
+    lr: float = 0.005
+    betas: tuple[float, float] = (0.5, 0.999)
+    weight_decay: float = 0.0
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    holdout_fraction: float = 0.1
+    threshold_quantile: float = 0.99
+    # Teacher features are computed once and reused each epoch when they fit in this budget.
+    teacher_cache_mb: int = 2048
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]  # JSON round trip gives a list
+        self.validate()
+
+    def validate(self) -> None:
+        choices = {
+            "backbone": BACKBONES,
+            "students": STUDENTS,
+            "df_input": DF_INPUTS,
+            "level_fusion": LEVEL_FUSIONS,
+            "lr_schedule": ("constant", "cosine"),
+        }
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+        # Three stride-2 steps below the stride-16 level (the DF embedding) need a multiple of 32.
+        if self.image_size < 64 or self.image_size % 32:
+            raise ConfigError(f"image_size={self.image_size} must be a multiple of 32, at least 64")
+        if self.epochs < 1:
+            raise ConfigError(f"epochs={self.epochs} must be at least 1")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size} must be at least 1")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ConfigError(f"holdout_fraction={self.holdout_fraction} must be in [0, 1)")
+        if not 0.0 < self.threshold_quantile <= 1.0:
+            raise ConfigError(f"threshold_quantile={self.threshold_quantile} must be in (0, 1]")
+        if self.lr <= 0:
+            raise ConfigError(f"lr={self.lr} must be positive")
+
+    @property
+    def uses_encoder_student(self) -> bool:
+        return self.students in ("both", "se")
+
+    @property
+    def uses_decoder_student(self) -> bool:
+        return self.students in ("both", "sd")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["betas"] = list(self.betas)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DSKDConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> DSKDConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,191 @@
+"""The DSKD network (DESIGN §1): frozen teacher, encoder student Se, DF embedding, decoder student Sd.
+
+Pure PyTorch: no Ray, no storage, no CLI. Shapes in comments are for a 256×256 input and ResNet18.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dskd_ray.backbones import backbone_spec, build_trunk, load_teacher_weights
+from dskd_ray.config import DSKDConfig
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """ResNet's BasicBlock, with a 1×1 strided projection when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = conv3x3(cin, cout, stride), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = conv3x3(cout, cout), nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class DeconvBlock(nn.Module):
+    """Reverse Distillation's decoder block: stride-2 convs become ConvTranspose2d(k=2, s=2).
+
+    `linear_output` drops the final ReLU so the block can reach signed teacher features.
+    """
+
+    def __init__(self, cin: int, cout: int, upsample: bool, linear_output: bool = False) -> None:
+        super().__init__()
+        if upsample:
+            self.conv1: nn.Module = nn.ConvTranspose2d(cin, cout, 2, stride=2, bias=False)
+        else:
+            self.conv1 = conv3x3(cin, cout)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = conv3x3(cout, cout), nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.linear_output = linear_output
+        self.shortcut: nn.Module = nn.Identity()
+        if upsample:
+            self.shortcut = nn.Sequential(
+                nn.ConvTranspose2d(cin, cout, 2, stride=2, bias=False), nn.BatchNorm2d(cout)
+            )
+        elif cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out)) + self.shortcut(x)
+        return out if self.linear_output else self.relu(out)
+
+
+class DFEmbedding(nn.Module):
+    """Deep-feature embedding: fuse the three pyramid levels into one compact 1/32 code.
+
+    Level 1 is strided down twice and level 2 once, to level 3's shape; the concatenation
+    goes through a ResNet stage of two BasicBlocks, the first with stride 2.
+    """
+
+    def __init__(self, channels: tuple[int, int, int]) -> None:
+        super().__init__()
+        c1, c2, c3 = channels
+
+        def down(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(conv3x3(cin, cout, 2), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+        self.level1 = nn.Sequential(down(c1, c2), down(c2, c3))
+        self.level2 = down(c2, c3)
+        self.stage = nn.Sequential(BasicBlock(3 * c3, 2 * c3, stride=2), BasicBlock(2 * c3, 2 * c3))
+        self.out_channels = 2 * c3
+
+    def forward(self, pyramid: list[torch.Tensor]) -> torch.Tensor:
+        f4, f8, f16 = pyramid
+        fused = torch.cat([self.level1(f4), self.level2(f8), f16], dim=1)  # (B, 768, 16, 16)
+        return self.stage(fused)  # (B, 512, 8, 8)
+
+
+class DecoderStudent(nn.Module):
+    """Sd: a reverse trunk from the 1/32 code back up to the teacher's three levels."""
+
+    def __init__(self, channels: tuple[int, int, int], in_channels: int, signed: bool) -> None:
+        super().__init__()
+        c1, c2, c3 = channels
+
+        def stage(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(
+                DeconvBlock(cin, cout, upsample=True),
+                DeconvBlock(cout, cout, upsample=False, linear_output=signed),
+            )
+
+        self.stage16 = stage(in_channels, c3)
+        self.stage8 = stage(c3, c2)
+        self.stage4 = stage(c2, c1)
+        self.signed = signed
+
+    def forward(self, code: torch.Tensor) -> list[torch.Tensor]:
+        f16 = self.stage16(code)  # (B, 256, 16, 16)
+        # A signed level ends linear; the next stage still wants a rectified input.
+        f8 = self.stage8(torch.relu(f16) if self.signed else f16)  # (B, 128, 32, 32)
+        f4 = self.stage4(torch.relu(f8) if self.signed else f8)  # (B, 64, 64, 64)
+        return [f4, f8, f16]
+
+
+class DSKD(nn.Module):
+    """Teacher plus one or two students. `forward` returns the pyramids to compare.
+
+    Output: {"teacher": [T1, T2, T3], "se": [...], "sd": [...]} with only the active students.
+    """
+
+    def __init__(self, config: DSKDConfig, load_weights: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        spec = backbone_spec(config.backbone)
+        self.spec = spec
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+
+        self.teacher = build_trunk(config.backbone, student=False)
+        self.teacher_identity = "unloaded"
+        if load_weights:
+            self.teacher_identity = load_teacher_weights(
+                self.teacher, config.backbone, config.teacher_weights
+            )
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+
+        self.encoder_student = (
+            build_trunk(config.backbone, student=True) if config.uses_encoder_student else None
+        )
+        self.df_embedding: DFEmbedding | None = None
+        self.decoder_student: DecoderStudent | None = None
+        if config.uses_decoder_student:
+            self.df_embedding = DFEmbedding(spec.channels)
+            self.decoder_student = DecoderStudent(
+                spec.channels, self.df_embedding.out_channels, spec.signed
+            )
+
+    def train(self, mode: bool = True) -> DSKD:
+        super().train(mode)
+        self.teacher.eval()  # BatchNorm statistics stay fixed whatever the caller does
+        return self
+
+    def student_modules(self) -> list[nn.Module]:
+        parts = [self.encoder_student, self.df_embedding, self.decoder_student]
+        return [p for p in parts if p is not None]
+
+    def student_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.student_modules() for p in m.parameters()]
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """RGB in [0, 1] → the backbone's own input normalisation."""
+        return (images - self.mean) / self.std
+
+    def teacher_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Teacher pyramid of a normalised batch; cacheable, since the teacher never changes."""
+        with torch.no_grad():
+            return self.teacher(x)
+
+    def student_features(
+        self, x: torch.Tensor, teacher: list[torch.Tensor]
+    ) -> dict[str, list[torch.Tensor]]:
+        out: dict[str, list[torch.Tensor]] = {}
+        se = self.encoder_student(x) if self.encoder_student is not None else None
+        if se is not None:
+            out["se"] = se
+        if self.decoder_student is not None and self.df_embedding is not None:
+            # df_input="se": Sd's loss trains Se through DF, so the students interact.
+            source = se if (self.config.df_input == "se" and se is not None) else teacher
+            out["sd"] = self.decoder_student(self.df_embedding(source))
+        return out
+
+    def forward(self, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        """x: normalised images (B, 3, H, W)."""
+        teacher = self.teacher_features(x)
+        return {"teacher": teacher, **self.student_features(x, teacher)}
