@@ -1,0 +1,207 @@
+"""Checkpoints (DESIGN §3): one file with weights, config, threshold and provenance.
+
+Saved with torch.save and loaded with `weights_only=True`, so loading never runs pickled code.
+Written atomically: locally a temp file renamed into place; on object storage a single PUT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import torch
+from fsspec.core import url_to_fs
+
+from dskd_ray import __version__
+from dskd_ray.config import DSKDConfig
+from dskd_ray.errors import CheckpointError
+from dskd_ray.model import DSKD
+
+FORMAT = "dskd_ray.checkpoint/1"
+
+
+@dataclass
+class Threshold:
+    """Image threshold and the normal-score statistics it came from (DESIGN §1)."""
+
+    value: float
+    method: str  # "quantile" of held-out normal scores, or "f1" on labelled validation images
+    quantile: float | None
+    normal_scores: list[float] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float:
+        s = self.normal_scores
+        return sum(s) / len(s) if s else float("nan")
+
+    @property
+    def std(self) -> float:
+        s = self.normal_scores
+        if len(s) < 2:
+            return float("nan")
+        m = self.mean
+        return (sum((x - m) ** 2 for x in s) / (len(s) - 1)) ** 0.5
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "value": self.value,
+            "method": self.method,
+            "quantile": self.quantile,
+            "normal_scores": list(self.normal_scores),
+            "normal_mean": self.mean,
+            "normal_std": self.std,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Threshold:
+        return cls(d["value"], d["method"], d.get("quantile"), list(d.get("normal_scores", [])))
+
+
+@dataclass
+class Checkpoint:
+    config: DSKDConfig
+    state_dict: dict[str, torch.Tensor]
+    threshold: Threshold | None = None
+    teacher_identity: str = "unknown"
+    meta: dict[str, Any] = field(default_factory=dict)
+    # Present while training is unfinished, for --resume: epoch, optimizer, scheduler.
+    training: dict[str, Any] | None = None
+
+    @property
+    def model_id(self) -> str:
+        return self.meta.get("model_id") or compute_model_id(self.config, self.state_dict)
+
+    def build_model(self) -> DSKD:
+        """The network with these weights, teacher included, in eval mode; no download needed."""
+        model = DSKD(self.config, load_weights=False)
+        missing, unexpected = model.load_state_dict(self.state_dict, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"checkpoint does not fit its own config: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}"
+            )
+        model.teacher_identity = self.teacher_identity
+        return model.eval()
+
+
+def compute_model_id(config: DSKDConfig, state_dict: dict[str, torch.Tensor]) -> str:
+    """Content hash of the weights and the model-defining config: same model, same id."""
+    digest = hashlib.sha256()
+    model_fields = {
+        k: v
+        for k, v in config.to_dict().items()
+        if k in ("backbone", "students", "df_input", "level_fusion", "image_size", "blur_sigma")
+    }
+    digest.update(json.dumps(model_fields, sort_keys=True).encode())
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(key.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def library_versions() -> dict[str, str]:
+    import numpy
+    import torchvision
+
+    return {
+        "dskd_ray": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def make_checkpoint(
+    model: DSKD,
+    threshold: Threshold | None = None,
+    training: dict[str, Any] | None = None,
+    extra_meta: dict[str, Any] | None = None,
+) -> Checkpoint:
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    meta = {
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": library_versions(),
+        "model_id": compute_model_id(model.config, state),
+        **(extra_meta or {}),
+    }
+    return Checkpoint(model.config, state, threshold, model.teacher_identity, meta, training)
+
+
+def _atomic_write(uri: str, blob: bytes) -> None:
+    fs, path = url_to_fs(uri)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    else:
+        # An object store PUT is all-or-nothing: readers see the old or the new object.
+        fs.pipe_file(path, blob)
+
+
+def save_checkpoint(ckpt: Checkpoint, uri: str | Path) -> None:
+    payload = {
+        "format": FORMAT,
+        "config": ckpt.config.to_dict(),
+        "state_dict": ckpt.state_dict,
+        "threshold": ckpt.threshold.to_dict() if ckpt.threshold else None,
+        "teacher_identity": ckpt.teacher_identity,
+        "meta": json.dumps(ckpt.meta),
+        "training": ckpt.training,
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    _atomic_write(str(uri), buffer.getvalue())
+
+
+def load_checkpoint(uri: str | Path) -> Checkpoint:
+    uri = str(uri)
+    try:
+        with fsspec.open(uri, "rb") as f:
+            blob = f.read()
+    except FileNotFoundError as e:
+        raise CheckpointError(f"checkpoint not found: {uri}") from e
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {uri}: {e}") from e
+    try:
+        payload = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated zip, pickle with code, wrong file…
+        raise CheckpointError(f"{uri} is not a dskd_ray checkpoint (or is corrupt): {e}") from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{uri} is not a {FORMAT} checkpoint (found {found!r})")
+    threshold = payload.get("threshold")
+    return Checkpoint(
+        config=DSKDConfig.from_dict(payload["config"]),
+        state_dict=payload["state_dict"],
+        threshold=Threshold.from_dict(threshold) if threshold else None,
+        teacher_identity=payload.get("teacher_identity", "unknown"),
+        meta=json.loads(payload.get("meta") or "{}"),
+        training=payload.get("training"),
+    )
+
+
+def checkpoint_exists(uri: str | Path) -> bool:
+    fs, path = url_to_fs(str(uri))
+    return fs.exists(path)

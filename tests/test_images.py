@@ -1,0 +1,74 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dskd_ray.images import ImageDecodeError, decode_image
+
+
+def _encode(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt"),
+    [("RGB", "JPEG"), ("RGB", "PNG"), ("L", "PNG"), ("RGBA", "PNG"), ("RGB", "BMP"), ("RGB", "TIFF"),
+     ("L", "TIFF"), ("P", "PNG"), ("I;16", "PNG"), ("I;16", "TIFF")],
+)  # fmt: skip
+def test_every_common_format_and_mode_becomes_rgb(mode: str, fmt: str) -> None:
+    rng = np.random.default_rng(0)
+    if mode == "I;16":
+        img = Image.fromarray(rng.integers(0, 65535, (40, 50), dtype=np.uint16))
+    else:
+        img = Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).convert(mode)
+    rgb, (w, h) = decode_image(_encode(img, fmt), size=32)
+    assert rgb.shape == (32, 32, 3) and rgb.dtype == np.uint8
+    assert (w, h) == (50, 40)
+
+
+def test_sixteen_bit_keeps_its_range() -> None:
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (8, 1))
+    rgb, _ = decode_image(_encode(Image.fromarray(ramp), "PNG"))
+    assert rgb[0, 0, 0] == 0 and rgb[0, -1, 0] == 255
+    assert len(np.unique(rgb[0, :, 0])) > 50  # not clipped to a few values
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty"),
+        (b"not an image at all", "not a recognised"),
+    ],
+)
+def test_bad_bytes_raise_clear_errors(data: bytes, reason: str) -> None:
+    with pytest.raises(ImageDecodeError, match=reason):
+        decode_image(data, 32)
+
+
+def test_truncated_image_is_an_error() -> None:
+    data = _encode(Image.new("RGB", (200, 200), (10, 200, 30)), "PNG")
+    big = _encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), np.uint8)), "JPEG")
+    for blob in (data[: len(data) // 2], big[: len(big) // 3]):
+        with pytest.raises(ImageDecodeError):
+            decode_image(blob, 32)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header claims a huge size: a decompression bomb's calling card."""
+    import struct
+    import zlib
+
+    data = bytearray(_encode(Image.new("L", (8, 8)), "PNG"))
+    ihdr = data[12:29]  # b"IHDR" + 13 bytes of header fields
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    return bytes(data)
+
+
+def test_decompression_bomb_is_refused_before_decoding() -> None:
+    with pytest.raises(ImageDecodeError, match="bomb"):
+        decode_image(png_claiming(60_000, 60_000), 32)

@@ -1,0 +1,64 @@
+import math
+
+import pytest
+import torch
+
+from dskd_ray.anomaly_map import anomaly_map, gaussian_blur, gaussian_kernel1d, image_score, student_map
+from dskd_ray.loss import distillation_loss
+
+
+def test_loss_matches_hand_computation() -> None:
+    # One pixel, two channels: T = (1, 0); S = (0, 1) → cos 0 → 1; S = (1, 1) → cos 1/√2.
+    t = [torch.tensor([1.0, 0.0]).view(1, 2, 1, 1)]
+    se = [torch.tensor([0.0, 1.0]).view(1, 2, 1, 1)]
+    sd = [torch.tensor([1.0, 1.0]).view(1, 2, 1, 1)]
+    loss = distillation_loss(t, {"se": se, "sd": sd})
+    assert loss.item() == pytest.approx(1.0 + (1 - 1 / math.sqrt(2)), abs=1e-6)
+
+
+def test_loss_averages_over_pixels_and_sums_levels() -> None:
+    t1 = torch.tensor([[1.0, 1.0], [0.0, 0.0]]).view(1, 2, 1, 2)  # pixels (1,0), (1,0)
+    s1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(1, 2, 1, 2)  # pixels (1,0), (0,1)
+    t2 = torch.ones(1, 3, 2, 2)
+    loss = distillation_loss([t1, t2], {"se": [s1, -t2]})
+    # Level 1: mean(0, 1) = 0.5; level 2: opposite vectors → 2 everywhere.
+    assert loss.item() == pytest.approx(0.5 + 2.0, abs=1e-6)
+
+
+def test_student_map_upsamples_and_fuses_levels() -> None:
+    t = [torch.ones(1, 2, 2, 2), torch.ones(1, 2, 1, 1)]
+    s = [torch.ones(1, 2, 2, 2), torch.ones(1, 2, 1, 1)]
+    s[0][0, :, 0, 0] = torch.tensor([1.0, -1.0])  # cos 0 at one pixel of level 1 → 1
+    s[1][0] = -1  # level 2: opposite everywhere → 2
+    summed = student_map(t, s, (4, 4), "sum")
+    product = student_map(t, s, (4, 4), "product")
+    assert summed.shape == (1, 4, 4)
+    # Level 2 is a constant 2; level 1 upsampled bilinearly is 1 at its top-left corner pixel.
+    assert summed[0, 0, 0].item() == pytest.approx(3.0)
+    assert summed[0, 3, 3].item() == pytest.approx(2.0)
+    assert product[0, 0, 0].item() == pytest.approx(2.0)
+    assert product[0, 3, 3].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_students_are_averaged_and_score_is_max() -> None:
+    t = [torch.ones(1, 2, 4, 4)]
+    same, opposite = [torch.ones(1, 2, 4, 4)], [-torch.ones(1, 2, 4, 4)]
+    maps = anomaly_map({"teacher": t, "se": same, "sd": opposite}, (4, 4), sigma=0)
+    assert torch.allclose(maps, torch.ones(1, 4, 4))  # mean of 0 and 2
+    assert image_score(maps).tolist() == [1.0]
+
+
+def test_gaussian_blur_is_sigma_4_kernel_33_and_preserves_mass() -> None:
+    kernel = gaussian_kernel1d(4.0)
+    assert kernel.numel() == 33
+    assert kernel.sum().item() == pytest.approx(1.0)
+    impulse = torch.zeros(1, 65, 65)
+    impulse[0, 32, 32] = 1.0
+    blurred = gaussian_blur(impulse, 4.0)
+    assert blurred.sum().item() == pytest.approx(1.0, abs=1e-5)
+    expected = kernel[16] * kernel[16]
+    assert blurred[0, 32, 32].item() == pytest.approx(expected.item(), rel=1e-5)
+    # Separable blur equals the 2-D Gaussian: check one off-centre value.
+    assert blurred[0, 32 + 3, 32 - 5].item() == pytest.approx((kernel[19] * kernel[11]).item(), rel=1e-5)
+    constant = torch.full((2, 40, 40), 0.7)
+    assert torch.allclose(gaussian_blur(constant, 4.0), constant, atol=1e-6)

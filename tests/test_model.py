@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from dskd_ray.config import DSKDConfig
+from dskd_ray.errors import ConfigError
+from dskd_ray.model import DSKD
+
+
+@pytest.mark.parametrize(
+    ("backbone", "channels"),
+    [
+        ("resnet18", (64, 128, 256)),
+        ("wide_resnet50_2", (256, 512, 1024)),
+        ("efficientnet_lite0", (24, 40, 112)),
+    ],
+)
+def test_pyramid_shapes_for_each_backbone(backbone: str, channels: tuple[int, int, int]) -> None:
+    model = DSKD(DSKDConfig(backbone=backbone, teacher_weights="random", image_size=128)).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 128, 128))
+    assert set(out) == {"teacher", "se", "sd"}
+    for pyramid in out.values():
+        shapes = [tuple(f.shape) for f in pyramid]
+        assert shapes == [(1, c, 128 // s, 128 // s) for c, s in zip(channels, (4, 8, 16))]
+
+
+def test_resnet18_shapes_at_256_and_parameter_counts() -> None:
+    model = DSKD(DSKDConfig(teacher_weights="random"))
+    assert model.df_embedding is not None
+    with torch.no_grad():
+        code = model.df_embedding(model.teacher(torch.randn(1, 3, 256, 256)))
+    assert tuple(code.shape) == (1, 512, 8, 8)
+    counts = [sum(p.numel() for p in m.parameters()) for m in model.student_modules()]
+    # DESIGN §4: Se / DF / Sd = 2.78 M / 11.68 M / 3.70 M for ResNet18.
+    assert [round(c / 1e6, 2) for c in counts] == [2.78, 11.68, 3.70]
+
+
+@pytest.mark.parametrize("students", ["both", "se", "sd"])
+def test_students_switch_selects_parts(students: str) -> None:
+    model = DSKD(DSKDConfig(teacher_weights="random", students=students, image_size=64))
+    assert (model.encoder_student is not None) == (students in ("both", "se"))
+    assert (model.decoder_student is not None) == (students in ("both", "sd"))
+    out = model(torch.randn(2, 3, 64, 64))
+    assert set(out) - {"teacher"} == ({"se", "sd"} if students == "both" else {students})
+
+
+def test_df_input_switch_changes_what_feeds_decoder() -> None:
+    torch.manual_seed(0)
+    base = DSKDConfig(teacher_weights="random", image_size=64)
+    a = DSKD(base.replace(df_input="se"))
+    b = DSKD(base.replace(df_input="teacher"))
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    a.eval(), b.eval()
+    with torch.no_grad():
+        sd_a, sd_b = a(x)["sd"], b(x)["sd"]
+    assert not torch.allclose(sd_a[0], sd_b[0])
+    # With df_input=se, Sd's loss reaches Se's weights through DF; with teacher it cannot.
+    a.train()
+    a(x)["sd"][0].sum().backward()
+    assert a.encoder_student is not None
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in a.encoder_student.parameters())
+
+
+def test_teacher_is_frozen_and_stays_in_eval_mode() -> None:
+    model = DSKD(DSKDConfig(teacher_weights="random", image_size=64))
+    model.train()
+    assert not model.teacher.training
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    teacher_ids = {id(p) for p in model.teacher.parameters()}
+    assert not teacher_ids & {id(p) for p in model.student_parameters()}
+
+
+def test_signed_backbone_decoder_can_output_negative_values() -> None:
+    model = DSKD(DSKDConfig(backbone="efficientnet_lite0", teacher_weights="random", image_size=64))
+    with torch.no_grad():
+        sd = model(torch.randn(2, 3, 64, 64))["sd"]
+    assert all((level < 0).any() for level in sd)
+    resnet = DSKD(DSKDConfig(teacher_weights="random", image_size=64))
+    with torch.no_grad():
+        assert all((level >= 0).all() for level in resnet(torch.randn(2, 3, 64, 64))["sd"])
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"backbone": "vgg"}, {"students": "three"}, {"df_input": "x"}, {"level_fusion": "max"}, {"image_size": 100}],
+)
+def test_bad_config_values_are_clear_errors(change: dict) -> None:
+    with pytest.raises(ConfigError, match=next(iter(change))):
+        DSKDConfig(**change)
+
+
+def test_config_round_trips_through_a_dict() -> None:
+    cfg = DSKDConfig(backbone="efficientnet_lite0", students="sd", betas=(0.9, 0.99))
+    assert DSKDConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown"):
+        DSKDConfig.from_dict({**cfg.to_dict(), "bogus": 1})
