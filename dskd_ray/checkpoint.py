@@ -103,10 +103,10 @@ def compute_model_id(config: DSKDConfig, state_dict: dict[str, torch.Tensor]) ->
     }
     digest.update(json.dumps(model_fields, sort_keys=True).encode())
     for key in sorted(state_dict):
-        tensor = state_dict[key].detach().cpu().contiguous()
+        tensor = state_dict[key].detach().cpu().contiguous().reshape(-1)
         digest.update(key.encode())
         digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

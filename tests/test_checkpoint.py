@@ -1,0 +1,101 @@
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from dskd_ray.checkpoint import Threshold, load_checkpoint, make_checkpoint, save_checkpoint
+from dskd_ray.config import DSKDConfig
+from dskd_ray.errors import CheckpointError, WeightsError
+from dskd_ray.model import DSKD
+
+
+def test_round_trip_rebuilds_the_same_model(tmp_path: Path, tiny_config: DSKDConfig) -> None:
+    model = DSKD(tiny_config)
+    ckpt = make_checkpoint(model, Threshold(0.5, "quantile", 0.99, [0.1, 0.2]))
+    save_checkpoint(ckpt, tmp_path / "m.pt")
+    loaded = load_checkpoint(tmp_path / "m.pt")
+    assert loaded.config == tiny_config
+    assert loaded.threshold is not None and loaded.threshold.value == 0.5
+    assert loaded.model_id == ckpt.model_id
+    assert loaded.meta["versions"]["torch"] == torch.__version__
+    rebuilt = loaded.build_model()
+    x = torch.rand(1, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        a, b = model(x), rebuilt(x)
+    for key in a:
+        for fa, fb in zip(a[key], b[key]):
+            assert torch.equal(fa, fb)
+
+
+def test_model_id_changes_with_weights(tiny_config: DSKDConfig) -> None:
+    model = DSKD(tiny_config)
+    first = make_checkpoint(model).model_id
+    with torch.no_grad():
+        next(model.student_parameters().__iter__()).add_(1.0)
+    assert make_checkpoint(model).model_id != first
+
+
+def test_corrupt_or_foreign_files_are_clear_errors(tmp_path: Path, tiny_config: DSKDConfig) -> None:
+    save_checkpoint(make_checkpoint(DSKD(tiny_config)), tmp_path / "m.pt")
+    blob = (tmp_path / "m.pt").read_bytes()
+    (tmp_path / "half.pt").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(tmp_path / "half.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a dskd_ray"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+class _Evil:
+    def __reduce__(self):  # noqa: ANN204 - pickle protocol
+        return (Path("/tmp/dskd-evil-was-here").touch, ())
+
+
+def test_loading_never_runs_pickled_code(tmp_path: Path) -> None:
+    target = Path("/tmp/dskd-evil-was-here")
+    target.unlink(missing_ok=True)
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"format": "dskd_ray.checkpoint/1", "x": _Evil()}, f)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not target.exists()
+
+
+def test_failed_save_leaves_the_previous_checkpoint(tmp_path: Path, tiny_config: DSKDConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "m.pt"
+    first = make_checkpoint(DSKD(tiny_config))
+    save_checkpoint(first, path)
+    before = path.read_bytes()
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.fsync", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(make_checkpoint(DSKD(tiny_config.replace(seed=1))), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temp file left behind
+
+
+def test_teacher_weights_errors_never_fall_back_to_random(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match="not found"):
+        DSKD(DSKDConfig(teacher_weights=str(tmp_path / "nope.pth")))
+    torch.save({"conv1.weight": torch.zeros(3, 3, 3, 3)}, tmp_path / "wrong.pth")
+    with pytest.raises(WeightsError, match="do not fit"):
+        DSKD(DSKDConfig(teacher_weights=str(tmp_path / "wrong.pth")))
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(WeightsError, match="not a PyTorch state dict"):
+        DSKD(DSKDConfig(teacher_weights=str(tmp_path / "junk.pth")))
+
+
+def test_teacher_weights_from_a_state_dict_path(tmp_path: Path) -> None:
+    source = DSKD(DSKDConfig(teacher_weights="random", image_size=64))
+    torch.save(source.teacher.state_dict(), tmp_path / "teacher.pth")
+    model = DSKD(DSKDConfig(teacher_weights=str(tmp_path / "teacher.pth"), image_size=64))
+    for a, b in zip(source.teacher.state_dict().values(), model.teacher.state_dict().values()):
+        assert torch.equal(a, b)
+    assert model.teacher_identity.startswith("sha256:")
