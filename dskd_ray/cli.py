@@ -1,0 +1,334 @@
+"""The `dskd` command: make demo data, train, evaluate, predict, and the one-shot demo."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+try:  # typer ≥ 0.2x vendors click; older ones use the click package
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_errors
+
+from dskd_ray.errors import DSKDError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="DSKD anomaly detection: learn normal from defect-free images, find the defects.",
+)
+log = logging.getLogger("dskd_ray")
+
+BACKBONE_HELP = "resnet18 | wide_resnet50_2 | efficientnet_lite0"
+WEIGHTS_HELP = "imagenet | random (tests only) | path or s3:// URI to a state dict"
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="dskd: %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("dskd_ray").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _echo(msg: str = "") -> None:
+    typer.echo(msg)
+
+
+class _ProgressBar:
+    """A rich progress bar for training: epoch, loss and images/s."""
+
+    def __init__(self, label: str) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn(f"[bold]{label}[/] epoch {{task.fields[epoch]}}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} steps"),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[ips]} img/s"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=False,
+        )
+        self.task = None
+
+    def __enter__(self) -> _ProgressBar:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def __call__(self, p: object) -> None:
+        total = p.steps * p.epochs  # type: ignore[attr-defined]
+        done = (p.epoch - 1) * p.steps + p.step  # type: ignore[attr-defined]
+        fields = {
+            "epoch": f"{p.epoch}/{p.epochs}",  # type: ignore[attr-defined]
+            "loss": f"{p.loss:.4f}",  # type: ignore[attr-defined]
+            "ips": f"{p.images_per_s:.1f}",  # type: ignore[attr-defined]
+        }
+        if self.task is None:
+            self.task = self.progress.add_task("train", total=total, **fields)
+        self.progress.update(self.task, completed=done, total=total, **fields)
+
+
+@app.command("make-demo-data")
+def make_demo_data_cmd(
+    directory: Annotated[Path, typer.Argument(help="Folder to write the data set into")],
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, same files")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing category folders")] = False,
+) -> None:
+    """Write the built-in procedurally generated demo data set (MVTec AD layout)."""
+    from dskd_ray.demo_data import make_demo_data
+
+    made = make_demo_data(directory, seed=seed, overwrite=overwrite)
+    for name, path in made.items():
+        _echo(f"{name}: {path}")
+
+
+def _config_from_options(**options: object):  # noqa: ANN202 - DSKDConfig, imported lazily
+    from dskd_ray.config import DSKDConfig
+
+    return DSKDConfig(**{k: v for k, v in options.items() if v is not None})
+
+
+@app.command()
+def train(
+    data: Annotated[str, typer.Argument(help="MVTec category folder or folder of normal images (local or s3://)")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Checkpoint to write (local or s3://)")],
+    epochs: Annotated[int, typer.Option(help="Training epochs")] = 50,
+    batch_size: Annotated[int, typer.Option(help="Images per step")] = 16,
+    image_size: Annotated[int, typer.Option(help="Square input size, a multiple of 32")] = 256,
+    backbone: Annotated[str, typer.Option(help=BACKBONE_HELP)] = "resnet18",
+    teacher_weights: Annotated[str, typer.Option(help=WEIGHTS_HELP)] = "imagenet",
+    students: Annotated[str, typer.Option(help="both (DSKD) | se (≈STFPM) | sd (≈RD)")] = "both",
+    df_input: Annotated[str, typer.Option(help="What feeds the DF embedding: se | teacher")] = "se",
+    level_fusion: Annotated[str, typer.Option(help="Combine levels by: sum | product")] = "sum",
+    lr: Annotated[float, typer.Option(help="Adam learning rate")] = 0.005,
+    lr_schedule: Annotated[str, typer.Option(help="constant | cosine")] = "cosine",
+    seed: Annotated[int, typer.Option(help="Random seed")] = 0,
+    holdout_fraction: Annotated[float, typer.Option(help="Normal images held out for the threshold")] = 0.1,
+    threshold_quantile: Annotated[float, typer.Option(help="Quantile of held-out scores used as threshold")] = 0.99,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from --out")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
+) -> None:
+    """Train the students on normal images; write a checkpoint with its threshold."""
+    _setup_logging(verbose)
+    from dskd_ray.train import train as run_training
+
+    config = _config_from_options(
+        epochs=epochs, batch_size=batch_size, image_size=image_size, backbone=backbone,
+        teacher_weights=teacher_weights, students=students, df_input=df_input,
+        level_fusion=level_fusion, lr=lr, lr_schedule=lr_schedule, seed=seed,
+        holdout_fraction=holdout_fraction, threshold_quantile=threshold_quantile,
+    )  # fmt: skip
+    start = time.perf_counter()
+    with _ProgressBar(Path(data).name or data) as bar:
+        result = run_training(config, data, out, device=device, resume=resume, on_progress=bar)
+    ckpt = result.checkpoint
+    if result.skipped:
+        _echo(f"skipped {len(result.skipped)} unreadable image(s): see the warnings above")
+    threshold = f"{ckpt.threshold.value:.4f}" if ckpt.threshold else "none (no hold-out)"
+    _echo(
+        f"trained on {result.n_train} images ({result.n_holdout} held out) in "
+        f"{time.perf_counter() - start:.0f} s; threshold {threshold}; model {ckpt.model_id}"
+    )
+    _echo(f"checkpoint: {out}")
+
+
+def _models_for(data: str, model: str) -> list[tuple[object, str]]:
+    """Pair each category under `data` with its checkpoint: a file, or DIR/<category>.pt."""
+    from fsspec.core import url_to_fs
+
+    from dskd_ray.data import discover_categories
+    from dskd_ray.errors import DataError
+
+    categories = discover_categories(data)
+    fs, path = url_to_fs(model)
+    if fs.isdir(path):
+        pairs = []
+        for c in categories:
+            ckpt = f"{model.rstrip('/')}/{c.name}.pt"
+            if not fs.exists(url_to_fs(ckpt)[1]):
+                raise DataError(f"no checkpoint for category {c.name!r}: expected {ckpt}")
+            pairs.append((c, ckpt))
+        return pairs
+    if len(categories) > 1:
+        raise DataError(
+            f"{data} holds {len(categories)} categories but --model is one checkpoint: pass one "
+            "category folder, or a --model folder with <category>.pt for each"
+        )
+    return [(categories[0], model)]
+
+
+@app.command()
+def evaluate(
+    data: Annotated[str, typer.Argument(help="MVTec-layout category or root of categories")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint, or a folder of <category>.pt")],
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the metrics as JSON here")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass")] = 16,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
+) -> None:
+    """Image/pixel AUROC, AUPRO (FPR ≤ 0.3) and F1-max per category and their mean."""
+    _setup_logging(verbose)
+    from dskd_ray.evaluate import evaluate_category, format_table, summarize
+    from dskd_ray.scoring import Scorer
+
+    results = []
+    for category, ckpt in _models_for(data, model):
+        scorer = Scorer(ckpt, device=device, batch_size=batch_size)
+        results.append(evaluate_category(scorer, category))
+    table = summarize(results)
+    _echo(format_table(table))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(table, indent=2) + "\n")
+        _echo(f"metrics: {json_path}")
+
+
+@app.command()
+def predict(
+    images: Annotated[list[str], typer.Argument(help="Image files (local or s3://)")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint (local or s3://)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for overlays and scores.csv")],
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
+) -> None:
+    """Score images; write each one's overlay PNG (heat map over the image) and scores.csv."""
+    _setup_logging(verbose)
+    import numpy as np
+    from PIL import Image
+
+    from dskd_ray.data import read_bytes
+    from dskd_ray.images import ImageDecodeError, decode_image
+    from dskd_ray.scoring import Scorer
+    from dskd_ray.visualize import overlay
+
+    scorer = Scorer(model, device=device)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, failures = [], 0
+    used: set[str] = set()
+    for uri in images:
+        stem = Path(uri).stem
+        name = stem
+        n = 1
+        while name in used:  # two inputs with the same file name keep both overlays
+            n += 1
+            name = f"{stem}_{n}"
+        used.add(name)
+        try:
+            data = read_bytes(uri)
+            rgb, (w, h) = decode_image(data, scorer.image_size)
+            full, _ = decode_image(data, None)
+        except (ImageDecodeError, OSError) as e:
+            failures += 1
+            rows.append({"image": uri, "score": "", "is_anomalous": "", "overlay": "", "error": str(e)})
+            typer.echo(f"dskd: error: {uri}: {e}", err=True)
+            continue
+        result = scorer.score_batch(rgb[None])
+        score = float(result.scores[0])
+        flagged = None if scorer.threshold is None else score > scorer.threshold
+        path = out / f"{name}_overlay.png"
+        Image.fromarray(overlay(full, result.maps[0], scorer.threshold)).save(path)
+        rows.append({"image": uri, "score": f"{score:.6f}", "is_anomalous": "" if flagged is None else str(flagged).lower(), "overlay": str(path), "error": ""})
+        verdict = "" if flagged is None else ("  ANOMALOUS" if flagged else "  normal")
+        _echo(f"{uri}: {score:.4f}{verdict}")
+    with open(out / "scores.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image", "score", "is_anomalous", "overlay", "error"])
+        writer.writeheader()
+        writer.writerows(rows)
+    threshold = "none" if scorer.threshold is None else f"{scorer.threshold:.4f}"
+    _echo(f"threshold {threshold}; overlays and scores.csv in {out}")
+    _ = np  # numpy is imported for Pillow's array interface
+    if failures:
+        raise DSKDError(f"{failures} of {len(images)} image(s) could not be read (see scores.csv)")
+
+
+@app.command()
+def demo(
+    directory: Annotated[Path, typer.Option("--dir", help="Where the data, models and metrics go")] = Path("dskd-demo"),
+    epochs: Annotated[int, typer.Option(help="Training epochs per category")] = 8,
+    image_size: Annotated[int, typer.Option(help="Square input size")] = 256,
+    backbone: Annotated[str, typer.Option(help=BACKBONE_HELP)] = "efficientnet_lite0",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
+) -> None:
+    """Demo data → train one model per category → evaluate → a metrics table."""
+    _setup_logging(verbose)
+    from dskd_ray.data import discover_categories
+    from dskd_ray.demo_data import DEMO_CATEGORIES, make_demo_data
+    from dskd_ray.evaluate import evaluate_category, format_table, summarize
+    from dskd_ray.scoring import Scorer
+    from dskd_ray.train import train as run_training
+
+    start = time.perf_counter()
+    data_dir = directory / "data"
+    if all((data_dir / c / "train").is_dir() for c in DEMO_CATEGORIES):
+        _echo(f"demo data: {data_dir} (already there)")
+    else:
+        make_demo_data(data_dir, overwrite=True)
+        _echo(f"demo data: {data_dir}")
+    config = _config_from_options(
+        epochs=epochs, image_size=image_size, backbone=backbone, teacher_weights="imagenet"
+    )
+    results = []
+    for category in discover_categories(str(data_dir)):
+        ckpt = directory / "models" / f"{category.name}.pt"
+        with _ProgressBar(category.name) as bar:
+            result = run_training(config, category.root, str(ckpt), device=device, on_progress=bar)
+        scorer = Scorer(result.checkpoint, device=device)
+        results.append(evaluate_category(scorer, category))
+    table = summarize(results)
+    metrics_path = directory / "metrics.json"
+    metrics_path.write_text(json.dumps(table, indent=2) + "\n")
+    _echo("")
+    _echo(format_table(table))
+    _echo("")
+    _echo(f"models:  {directory / 'models'}")
+    _echo(f"metrics: {metrics_path}")
+    _echo(f"done in {time.perf_counter() - start:.0f} s")
+
+
+def main() -> None:
+    """Entry point: usage errors and DSKDError become one line on stderr and exit code 2 / 1."""
+    try:
+        app(standalone_mode=False)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        typer.echo("dskd: aborted", err=True)
+        sys.exit(130)
+    except click_errors.UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":
+            typer.echo(e.ctx.get_help() if e.ctx else "see 'dskd --help'", err=True)
+            sys.exit(2)
+        command = e.ctx.command_path if e.ctx else "dskd"
+        typer.echo(f"dskd: error: {e.format_message()} (see '{command} --help')", err=True)
+        sys.exit(2)
+    except DSKDError as e:
+        typer.echo(f"dskd: error: {e}", err=True)
+        sys.exit(1)
+    except FileExistsError as e:
+        typer.echo(f"dskd: error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("dskd: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

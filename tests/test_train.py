@@ -1,0 +1,130 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dskd_ray.checkpoint import load_checkpoint
+from dskd_ray.config import DSKDConfig
+from dskd_ray.errors import CheckpointError, DataError
+from dskd_ray.model import DSKD
+from dskd_ray.train import make_optimizer, split_holdout, train, train_step
+
+
+def test_teacher_weights_and_batchnorm_statistics_do_not_change(tiny_config: DSKDConfig) -> None:
+    model = DSKD(tiny_config)
+    before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    students_before = [p.clone() for p in model.student_parameters()]
+    optimizer = make_optimizer(model, tiny_config)
+    model.train()
+    for _ in range(3):
+        train_step(model, optimizer, torch.randn(4, 3, 64, 64) * 2 + 1, None, 1.0)
+    for key, value in model.teacher.state_dict().items():
+        assert torch.equal(value, before[key]), key  # running_mean/var included
+    assert any(not torch.equal(a, b) for a, b in zip(students_before, model.student_parameters()))
+
+
+@pytest.mark.parametrize(
+    "switch",
+    [
+        {"students": "both", "df_input": "se"},
+        {"students": "both", "df_input": "teacher"},
+        {"students": "se"},
+        {"students": "sd"},
+        {"level_fusion": "product"},
+        {"lr_schedule": "constant", "grad_clip": None},
+    ],
+)
+def test_each_switch_trains_and_the_loss_falls(switch: dict, tiny_config: DSKDConfig) -> None:
+    config = tiny_config.replace(**switch)
+    torch.manual_seed(0)
+    model = DSKD(config)
+    optimizer = make_optimizer(model, config)
+    model.train()
+    x = torch.rand(4, 3, 64, 64)
+    losses = [float(train_step(model, optimizer, x, None, config.grad_clip)) for _ in range(8)]
+    assert losses[-1] < losses[0]
+
+
+def test_holdout_split_is_deterministic_and_disjoint() -> None:
+    a_train, a_hold = split_holdout(50, 0.1, seed=3)
+    b_train, b_hold = split_holdout(50, 0.1, seed=3)
+    assert np.array_equal(a_train, b_train) and np.array_equal(a_hold, b_hold)
+    assert len(a_hold) == 5 and not set(a_train) & set(a_hold)
+    assert len(set(a_train) | set(a_hold)) == 50
+
+
+def test_train_writes_a_checkpoint_with_threshold_from_holdout(
+    tmp_path: Path, normal_folder: Path, tiny_config: DSKDConfig
+) -> None:
+    out = tmp_path / "model.pt"
+    result = train(tiny_config, str(normal_folder), str(out))
+    assert result.n_train == 6 and result.n_holdout == 2
+    ckpt = load_checkpoint(out)
+    assert ckpt.threshold is not None
+    scores = ckpt.threshold.normal_scores
+    assert len(scores) == 2
+    assert ckpt.threshold.value == pytest.approx(float(np.quantile(scores, 0.99)))
+    assert ckpt.training is not None and ckpt.training["complete"]
+    assert "optimizer" not in ckpt.training
+    assert len(result.history) == 2
+
+
+def test_resume_continues_from_the_last_epoch(tmp_path: Path, normal_folder: Path, tiny_config: DSKDConfig) -> None:
+    out = tmp_path / "model.pt"
+    epochs_seen: list[int] = []
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_first(epoch: int, stats: object) -> None:
+        epochs_seen.append(epoch)
+        if epoch == 1:
+            raise Crash
+
+    config = tiny_config.replace(epochs=3)
+    with pytest.raises(Crash):
+        train(config, str(normal_folder), str(out), on_epoch=crash_after_first)
+    # The crash came before epoch 1's save: nothing half-written, no checkpoint yet.
+    assert not out.exists()
+
+    def crash_at_second(epoch: int, stats: object) -> None:
+        epochs_seen.append(epoch)
+        if epoch == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(config, str(normal_folder), str(out), on_epoch=crash_at_second)
+    assert load_checkpoint(out).training["epoch"] == 2
+    epochs_seen.clear()
+    result = train(config, str(normal_folder), str(out), resume=True, on_epoch=lambda e, s: epochs_seen.append(e))
+    assert epochs_seen == [3]
+    assert len(result.history) == 3
+    assert load_checkpoint(out).threshold is not None
+    with pytest.raises(CheckpointError, match="finished"):
+        train(config, str(normal_folder), str(out), resume=True)
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, normal_folder: Path, tiny_config: DSKDConfig) -> None:
+    config = tiny_config.replace(epochs=2)
+    full = train(config, str(normal_folder), str(tmp_path / "full.pt")).checkpoint
+
+    class Stop(Exception):
+        pass
+
+    def stop(epoch: int, stats: object) -> None:
+        if epoch == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(config, str(normal_folder), str(tmp_path / "resumed.pt"), on_epoch=stop)
+    resumed = train(config, str(normal_folder), str(tmp_path / "resumed.pt"), resume=True).checkpoint
+    for key in full.state_dict:
+        assert torch.allclose(full.state_dict[key].float(), resumed.state_dict[key].float(), atol=1e-5), key
+
+
+def test_too_few_readable_images_is_a_clear_error(tmp_path: Path, tiny_config: DSKDConfig) -> None:
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(b"broken")
+    with pytest.raises(DataError, match="readable"):
+        train(tiny_config, str(tmp_path / "imgs"), str(tmp_path / "m.pt"))
