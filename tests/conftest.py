@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -53,3 +54,97 @@ def normal_folder(tmp_path: Path) -> Path:
 @pytest.fixture(autouse=True)
 def _quiet_random_teacher_warning(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="dskd_ray")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():  # noqa: ANN201 - yields a dict of connection settings
+    """A real S3-protocol server (moto's) on loopback, in its own process, for the session.
+
+    Yields {"endpoint_url", "key", "secret", "region"}; the standard AWS variables point at it
+    so s3fs, pyarrow and Ray (driver and workers) all reach it the way a user's would.
+    """
+    import os
+    import shutil
+    import subprocess
+    import time
+    import urllib.request
+
+    port = _free_port()
+    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    proc = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto server did not start") from None
+            time.sleep(0.1)
+    settings = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        # Without this a wrong endpoint lets pyarrow fall back to real AWS (RAY_NOTES §10).
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield {"endpoint_url": endpoint, "key": "testing", "secret": "testing-secret", "region": "us-east-1"}
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def make_bucket(s3_server: dict, name: str) -> None:
+    """moto refuses s3fs.mkdir(bucket) (RAY_NOTES §10): buckets come from boto3."""
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server["endpoint_url"],
+        aws_access_key_id=s3_server["key"],
+        aws_secret_access_key=s3_server["secret"],
+        region_name=s3_server["region"],
+    )
+    client.create_bucket(Bucket=name)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server: dict):  # noqa: ANN201 - yields the ray module, initialised
+    """One real local Ray for the whole session (init twice without shutdown raises).
+
+    Starts after the S3 server so workers inherit its AWS_* settings (RAY_NOTES §6).
+    """
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
