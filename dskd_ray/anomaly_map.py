@@ -63,7 +63,9 @@ def anomaly_map(
 ) -> torch.Tensor:
     """(B, H, W) map: the students' maps averaged, then blurred. `features` as DSKD.forward gives."""
     teacher = features["teacher"]
-    students = [student_map(teacher, v, size, fusion) for k, v in features.items() if k != "teacher"]
+    students = [
+        student_map(teacher, v, size, fusion) for k, v in features.items() if k != "teacher"
+    ]
     if not students:
         raise ValueError("no student features to compare with the teacher")
     mean = torch.stack(students).mean(dim=0)

@@ -106,7 +106,10 @@ def _config_from_options(**options: object):  # noqa: ANN202 - DSKDConfig, impor
 
 @app.command()
 def train(
-    data: Annotated[str, typer.Argument(help="MVTec category folder or folder of normal images (local or s3://)")],
+    data: Annotated[
+        str,
+        typer.Argument(help="MVTec category folder or folder of normal images (local or s3://)"),
+    ],
     out: Annotated[str, typer.Option("--out", "-o", help="Checkpoint to write (local or s3://)")],
     epochs: Annotated[int, typer.Option(help="Training epochs")] = 50,
     batch_size: Annotated[int, typer.Option(help="Images per step")] = 16,
@@ -119,8 +122,12 @@ def train(
     lr: Annotated[float, typer.Option(help="Adam learning rate")] = 0.005,
     lr_schedule: Annotated[str, typer.Option(help="constant | cosine")] = "cosine",
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
-    holdout_fraction: Annotated[float, typer.Option(help="Normal images held out for the threshold")] = 0.1,
-    threshold_quantile: Annotated[float, typer.Option(help="Quantile of held-out scores used as threshold")] = 0.99,
+    holdout_fraction: Annotated[
+        float, typer.Option(help="Normal images held out for the threshold")
+    ] = 0.1,
+    threshold_quantile: Annotated[
+        float, typer.Option(help="Quantile of held-out scores used as threshold")
+    ] = 0.99,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from --out")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
@@ -177,8 +184,12 @@ def _models_for(data: str, model: str) -> list[tuple[object, str]]:
 @app.command()
 def evaluate(
     data: Annotated[str, typer.Argument(help="MVTec-layout category or root of categories")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint, or a folder of <category>.pt")],
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the metrics as JSON here")] = None,
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Checkpoint, or a folder of <category>.pt")
+    ],
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write the metrics as JSON here")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass")] = 16,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
@@ -236,7 +247,9 @@ def predict(
             full, _ = decode_image(data, None)
         except (ImageDecodeError, OSError) as e:
             failures += 1
-            rows.append({"image": uri, "score": "", "is_anomalous": "", "overlay": "", "error": str(e)})
+            rows.append(
+                {"image": uri, "score": "", "is_anomalous": "", "overlay": "", "error": str(e)}
+            )
             typer.echo(f"dskd: error: {uri}: {e}", err=True)
             continue
         result = scorer.score_batch(rgb[None])
@@ -244,11 +257,21 @@ def predict(
         flagged = None if scorer.threshold is None else score > scorer.threshold
         path = out / f"{name}_overlay.png"
         Image.fromarray(overlay(full, result.maps[0], scorer.threshold)).save(path)
-        rows.append({"image": uri, "score": f"{score:.6f}", "is_anomalous": "" if flagged is None else str(flagged).lower(), "overlay": str(path), "error": ""})
+        rows.append(
+            {
+                "image": uri,
+                "score": f"{score:.6f}",
+                "is_anomalous": "" if flagged is None else str(flagged).lower(),
+                "overlay": str(path),
+                "error": "",
+            }
+        )
         verdict = "" if flagged is None else ("  ANOMALOUS" if flagged else "  normal")
         _echo(f"{uri}: {score:.4f}{verdict}")
     with open(out / "scores.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["image", "score", "is_anomalous", "overlay", "error"])
+        writer = csv.DictWriter(
+            f, fieldnames=["image", "score", "is_anomalous", "overlay", "error"]
+        )
         writer.writeheader()
         writer.writerows(rows)
     threshold = "none" if scorer.threshold is None else f"{scorer.threshold:.4f}"
@@ -260,7 +283,9 @@ def predict(
 
 @app.command()
 def demo(
-    directory: Annotated[Path, typer.Option("--dir", help="Where the data, models and metrics go")] = Path("dskd-demo"),
+    directory: Annotated[
+        Path, typer.Option("--dir", help="Where the data, models and metrics go")
+    ] = Path("dskd-demo"),
     epochs: Annotated[int, typer.Option(help="Training epochs per category")] = 8,
     image_size: Annotated[int, typer.Option(help="Square input size")] = 256,
     backbone: Annotated[str, typer.Option(help=BACKBONE_HELP)] = "efficientnet_lite0",

@@ -71,9 +71,15 @@ def evaluate_category(
             types.append(item.defect_type)
             if with_masks or keep_maps:
                 maps_kept.append(result.maps[i].astype(np.float32))
-                masks_kept.append(load_mask(item.mask_path, size) if item.mask_path else np.zeros((size, size), bool))
+                masks_kept.append(
+                    load_mask(item.mask_path, size)
+                    if item.mask_path
+                    else np.zeros((size, size), bool)
+                )
     if skipped:
-        log.warning("%s: %d test image(s) could not be read and were left out", category.name, len(skipped))
+        log.warning(
+            "%s: %d test image(s) could not be read and were left out", category.name, len(skipped)
+        )
     s = np.asarray(scores, np.float64)
     y = np.asarray(labels, np.int64)
     both_classes = 0 < y.sum() < len(y)
@@ -125,7 +131,10 @@ def format_table(table: dict[str, dict[str, float | None]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def fmt(r: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
 
     lines = [fmt(header), "  ".join("-" * w for w in widths)]
     lines += [fmt(r) for r in rows[:-1]]

@@ -103,7 +103,8 @@ def make_scheduler(
     if config.lr_schedule == "cosine":
         # Late loss spikes with a constant Adam 0.005 (DESIGN §4): decay to 1% of the rate.
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+            optimizer,
+            lambda step: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(step, total) / total)),
         )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
@@ -165,7 +166,9 @@ class _StudentForward(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, teacher: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    def forward(
+        self, x: torch.Tensor, teacher: list[torch.Tensor]
+    ) -> dict[str, list[torch.Tensor]]:
         return self.model.student_features(x, teacher)
 
 
@@ -217,7 +220,9 @@ def _batch(images: torch.Tensor, index: torch.Tensor, device: torch.device) -> t
 
 
 @torch.inference_mode()
-def score_images(model: DSKD, images: np.ndarray, device: torch.device, batch_size: int) -> np.ndarray:
+def score_images(
+    model: DSKD, images: np.ndarray, device: torch.device, batch_size: int
+) -> np.ndarray:
     """Image scores of (N, S, S, 3) uint8 images."""
     model.eval()
     scores = []
@@ -254,7 +259,9 @@ def train(
     if resume and checkpoint_exists(out):
         state = load_checkpoint(out)
         if state.training is None or state.training.get("complete"):
-            raise CheckpointError(f"{out} is a finished run: nothing to resume (train to a new --out)")
+            raise CheckpointError(
+                f"{out} is a finished run: nothing to resume (train to a new --out)"
+            )
         # The run's own config wins; only the epoch budget may grow.
         config = state.config.replace(epochs=max(config.epochs, state.config.epochs))
     seed_everything(config.seed)
@@ -271,10 +278,7 @@ def train(
     if dev.type == "cuda":
         train_images = train_images.pin_memory()
 
-    if state is not None:
-        model = state.build_model().to(dev)
-    else:
-        model = DSKD(config).to(dev)
+    model = state.build_model().to(dev) if state is not None else DSKD(config).to(dev)
     optimizer = make_optimizer(model, config)
     steps_per_epoch = math.ceil(len(train_idx) / config.batch_size)
     scheduler = make_scheduler(optimizer, config, steps_per_epoch)
@@ -292,7 +296,12 @@ def train(
     if need <= config.teacher_cache_mb * 2**20:
         cache = TeacherCache.build(model, train_images, dev, config.batch_size)
 
-    meta = {"data": data, "category": name, "n_train": len(train_idx), "n_holdout": len(holdout_idx)}
+    meta = {
+        "data": data,
+        "category": name,
+        "n_train": len(train_idx),
+        "n_holdout": len(holdout_idx),
+    }
     for epoch in range(start_epoch, config.epochs):
         order = epoch_order(len(train_idx), config.seed, epoch)
         stats = run_epoch(

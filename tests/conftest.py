@@ -16,7 +16,9 @@ from dskd_ray.config import DSKDConfig
 torch.set_num_threads(2)
 
 
-def write_textures(folder: Path, n: int, size: int = 64, seed: int = 0, fmt: str = "png") -> list[Path]:
+def write_textures(
+    folder: Path, n: int, size: int = 64, seed: int = 0, fmt: str = "png"
+) -> list[Path]:
     """n smooth random textures (normal images)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -107,7 +109,12 @@ def s3_server():  # noqa: ANN201 - yields a dict of connection settings
     saved = {k: os.environ.get(k) for k in settings}
     os.environ.update(settings)
     try:
-        yield {"endpoint_url": endpoint, "key": "testing", "secret": "testing-secret", "region": "us-east-1"}
+        yield {
+            "endpoint_url": endpoint,
+            "key": "testing",
+            "secret": "testing-secret",
+            "region": "us-east-1",
+        }
     finally:
         for k, v in saved.items():
             if v is None:

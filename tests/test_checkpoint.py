@@ -25,7 +25,7 @@ def test_round_trip_rebuilds_the_same_model(tmp_path: Path, tiny_config: DSKDCon
     with torch.no_grad():
         a, b = model(x), rebuilt(x)
     for key in a:
-        for fa, fb in zip(a[key], b[key]):
+        for fa, fb in zip(a[key], b[key], strict=True):
             assert torch.equal(fa, fb)
 
 
@@ -65,7 +65,9 @@ def test_loading_never_runs_pickled_code(tmp_path: Path) -> None:
     assert not target.exists()
 
 
-def test_failed_save_leaves_the_previous_checkpoint(tmp_path: Path, tiny_config: DSKDConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_save_leaves_the_previous_checkpoint(
+    tmp_path: Path, tiny_config: DSKDConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "m.pt"
     first = make_checkpoint(DSKD(tiny_config))
     save_checkpoint(first, path)
@@ -96,6 +98,8 @@ def test_teacher_weights_from_a_state_dict_path(tmp_path: Path) -> None:
     source = DSKD(DSKDConfig(teacher_weights="random", image_size=64))
     torch.save(source.teacher.state_dict(), tmp_path / "teacher.pth")
     model = DSKD(DSKDConfig(teacher_weights=str(tmp_path / "teacher.pth"), image_size=64))
-    for a, b in zip(source.teacher.state_dict().values(), model.teacher.state_dict().values()):
+    for a, b in zip(
+        source.teacher.state_dict().values(), model.teacher.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b)
     assert model.teacher_identity.startswith("sha256:")

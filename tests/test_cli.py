@@ -6,14 +6,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from PIL import Image
-
 from conftest import write_textures
+from PIL import Image
 
 
 def dskd(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "dskd_ray.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+        [sys.executable, "-m", "dskd_ray.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
     )
 
 
@@ -26,7 +29,9 @@ def test_bad_flag_is_one_line_not_a_traceback() -> None:
 
 def test_bad_option_value_is_one_line(tmp_path: Path) -> None:
     write_textures(tmp_path / "imgs", 3)
-    result = dskd("train", str(tmp_path / "imgs"), "--out", str(tmp_path / "m.pt"), "--backbone", "vgg99")
+    result = dskd(
+        "train", str(tmp_path / "imgs"), "--out", str(tmp_path / "m.pt"), "--backbone", "vgg99"
+    )
     assert result.returncode == 1
     assert result.stderr.strip() == (
         "dskd: error: backbone='vgg99' is not one of resnet18, wide_resnet50_2, efficientnet_lite0"
@@ -55,7 +60,16 @@ def test_train_evaluate_predict_round_trip(tmp_path: Path) -> None:
         img.paste((0, 0, 0), (20, 20, 30, 30))
         img.save(p)
     model = tmp_path / "m.pt"
-    common = ["--teacher-weights", "random", "--image-size", "64", "--epochs", "1", "--batch-size", "4"]
+    common = [
+        "--teacher-weights",
+        "random",
+        "--image-size",
+        "64",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+    ]
     result = dskd("train", str(cat), "--out", str(model), *common)
     assert result.returncode == 0, result.stderr
     assert "checkpoint:" in result.stdout and model.exists()
@@ -70,11 +84,18 @@ def test_train_evaluate_predict_round_trip(tmp_path: Path) -> None:
 
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG garbage")
     result = dskd(
-        "predict", str(bad[0]), str(tmp_path / "corrupt.png"), "--model", str(model), "--out", str(tmp_path / "pred")
+        "predict",
+        str(bad[0]),
+        str(tmp_path / "corrupt.png"),
+        "--model",
+        str(model),
+        "--out",
+        str(tmp_path / "pred"),
     )
     assert result.returncode == 1  # one image failed: said, and the other still scored
     assert "corrupt.png" in result.stderr and "Traceback" not in result.stderr
-    rows = list(csv.DictReader(open(tmp_path / "pred" / "scores.csv")))
+    with open(tmp_path / "pred" / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
     assert [Path(r["image"]).name for r in rows] == [bad[0].name, "corrupt.png"]
     assert float(rows[0]["score"]) > 0 and rows[1]["error"]
     overlay = Image.open(rows[0]["overlay"])
@@ -87,7 +108,16 @@ def test_evaluate_without_masks_gives_null_pixel_metrics(tmp_path: Path) -> None
     write_textures(cat / "test" / "good", 2, seed=5)
     write_textures(cat / "test" / "odd", 2, seed=9)
     model = tmp_path / "m.pt"
-    common = ["--teacher-weights", "random", "--image-size", "64", "--epochs", "1", "--batch-size", "4"]
+    common = [
+        "--teacher-weights",
+        "random",
+        "--image-size",
+        "64",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+    ]
     assert dskd("train", str(cat), "--out", str(model), *common).returncode == 0
     result = dskd("evaluate", str(cat), "--model", str(model), "--json", str(tmp_path / "m.json"))
     assert result.returncode == 0, result.stderr

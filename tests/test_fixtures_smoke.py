@@ -1,5 +1,4 @@
 import s3fs
-
 from conftest import make_bucket
 
 

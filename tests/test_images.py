@@ -50,7 +50,9 @@ def test_bad_bytes_raise_clear_errors(data: bytes, reason: str) -> None:
 
 def test_truncated_image_is_an_error() -> None:
     data = _encode(Image.new("RGB", (200, 200), (10, 200, 30)), "PNG")
-    big = _encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), np.uint8)), "JPEG")
+    big = _encode(
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), np.uint8)), "JPEG"
+    )
     for blob in (data[: len(data) // 2], big[: len(big) // 3]):
         with pytest.raises(ImageDecodeError):
             decode_image(blob, 32)

@@ -3,7 +3,13 @@ import math
 import pytest
 import torch
 
-from dskd_ray.anomaly_map import anomaly_map, gaussian_blur, gaussian_kernel1d, image_score, student_map
+from dskd_ray.anomaly_map import (
+    anomaly_map,
+    gaussian_blur,
+    gaussian_kernel1d,
+    image_score,
+    student_map,
+)
 from dskd_ray.loss import distillation_loss
 
 
@@ -59,6 +65,8 @@ def test_gaussian_blur_is_sigma_4_kernel_33_and_preserves_mass() -> None:
     expected = kernel[16] * kernel[16]
     assert blurred[0, 32, 32].item() == pytest.approx(expected.item(), rel=1e-5)
     # Separable blur equals the 2-D Gaussian: check one off-centre value.
-    assert blurred[0, 32 + 3, 32 - 5].item() == pytest.approx((kernel[19] * kernel[11]).item(), rel=1e-5)
+    assert blurred[0, 32 + 3, 32 - 5].item() == pytest.approx(
+        (kernel[19] * kernel[11]).item(), rel=1e-5
+    )
     constant = torch.full((2, 40, 40), 0.7)
     assert torch.allclose(gaussian_blur(constant, 4.0), constant, atol=1e-6)

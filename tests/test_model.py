@@ -21,7 +21,9 @@ def test_pyramid_shapes_for_each_backbone(backbone: str, channels: tuple[int, in
     assert set(out) == {"teacher", "se", "sd"}
     for pyramid in out.values():
         shapes = [tuple(f.shape) for f in pyramid]
-        assert shapes == [(1, c, 128 // s, 128 // s) for c, s in zip(channels, (4, 8, 16))]
+        assert shapes == [
+            (1, c, 128 // s, 128 // s) for c, s in zip(channels, (4, 8, 16), strict=True)
+        ]
 
 
 def test_resnet18_shapes_at_256_and_parameter_counts() -> None:
@@ -59,7 +61,9 @@ def test_df_input_switch_changes_what_feeds_decoder() -> None:
     a.train()
     a(x)["sd"][0].sum().backward()
     assert a.encoder_student is not None
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in a.encoder_student.parameters())
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in a.encoder_student.parameters()
+    )
 
 
 def test_teacher_is_frozen_and_stays_in_eval_mode() -> None:
@@ -83,7 +87,13 @@ def test_signed_backbone_decoder_can_output_negative_values() -> None:
 
 @pytest.mark.parametrize(
     "change",
-    [{"backbone": "vgg"}, {"students": "three"}, {"df_input": "x"}, {"level_fusion": "max"}, {"image_size": 100}],
+    [
+        {"backbone": "vgg"},
+        {"students": "three"},
+        {"df_input": "x"},
+        {"level_fusion": "max"},
+        {"image_size": 100},
+    ],
 )
 def test_bad_config_values_are_clear_errors(change: dict) -> None:
     with pytest.raises(ConfigError, match=next(iter(change))):

@@ -21,7 +21,10 @@ def test_teacher_weights_and_batchnorm_statistics_do_not_change(tiny_config: DSK
         train_step(model, optimizer, torch.randn(4, 3, 64, 64) * 2 + 1, None, 1.0)
     for key, value in model.teacher.state_dict().items():
         assert torch.equal(value, before[key]), key  # running_mean/var included
-    assert any(not torch.equal(a, b) for a, b in zip(students_before, model.student_parameters()))
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(students_before, model.student_parameters(), strict=True)
+    )
 
 
 @pytest.mark.parametrize(
@@ -70,7 +73,9 @@ def test_train_writes_a_checkpoint_with_threshold_from_holdout(
     assert len(result.history) == 2
 
 
-def test_resume_continues_from_the_last_epoch(tmp_path: Path, normal_folder: Path, tiny_config: DSKDConfig) -> None:
+def test_resume_continues_from_the_last_epoch(
+    tmp_path: Path, normal_folder: Path, tiny_config: DSKDConfig
+) -> None:
     out = tmp_path / "model.pt"
     epochs_seen: list[int] = []
 
@@ -97,7 +102,13 @@ def test_resume_continues_from_the_last_epoch(tmp_path: Path, normal_folder: Pat
         train(config, str(normal_folder), str(out), on_epoch=crash_at_second)
     assert load_checkpoint(out).training["epoch"] == 2
     epochs_seen.clear()
-    result = train(config, str(normal_folder), str(out), resume=True, on_epoch=lambda e, s: epochs_seen.append(e))
+    result = train(
+        config,
+        str(normal_folder),
+        str(out),
+        resume=True,
+        on_epoch=lambda e, s: epochs_seen.append(e),
+    )
     assert epochs_seen == [3]
     assert len(result.history) == 3
     assert load_checkpoint(out).threshold is not None
@@ -105,7 +116,9 @@ def test_resume_continues_from_the_last_epoch(tmp_path: Path, normal_folder: Pat
         train(config, str(normal_folder), str(out), resume=True)
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, normal_folder: Path, tiny_config: DSKDConfig) -> None:
+def test_resumed_run_equals_uninterrupted_run(
+    tmp_path: Path, normal_folder: Path, tiny_config: DSKDConfig
+) -> None:
     config = tiny_config.replace(epochs=2)
     full = train(config, str(normal_folder), str(tmp_path / "full.pt")).checkpoint
 
@@ -118,9 +131,13 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, normal_folder: Pat
 
     with pytest.raises(Stop):
         train(config, str(normal_folder), str(tmp_path / "resumed.pt"), on_epoch=stop)
-    resumed = train(config, str(normal_folder), str(tmp_path / "resumed.pt"), resume=True).checkpoint
+    resumed = train(
+        config, str(normal_folder), str(tmp_path / "resumed.pt"), resume=True
+    ).checkpoint
     for key in full.state_dict:
-        assert torch.allclose(full.state_dict[key].float(), resumed.state_dict[key].float(), atol=1e-5), key
+        assert torch.allclose(
+            full.state_dict[key].float(), resumed.state_dict[key].float(), atol=1e-5
+        ), key
 
 
 def test_too_few_readable_images_is_a_clear_error(tmp_path: Path, tiny_config: DSKDConfig) -> None:
