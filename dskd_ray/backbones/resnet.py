@@ -27,7 +27,12 @@ class ResNetTrunk(nn.Module):
     def __init__(self, name: str) -> None:
         super().__init__()
         full = getattr(models, name)(weights=None)
-        self.conv1, self.bn1, self.relu, self.maxpool = full.conv1, full.bn1, full.relu, full.maxpool
+        self.conv1, self.bn1, self.relu, self.maxpool = (
+            full.conv1,
+            full.bn1,
+            full.relu,
+            full.maxpool,
+        )
         self.layer1, self.layer2, self.layer3 = full.layer1, full.layer2, full.layer3
         self.channels = RESNET_CHANNELS[name]
 
