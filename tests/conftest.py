@@ -80,7 +80,9 @@ def s3_server():  # noqa: ANN201 - yields a dict of connection settings
     import urllib.request
 
     port = _free_port()
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    # The moto installed beside this interpreter, not whichever one PATH finds first.
+    sibling = Path(sys.executable).parent / "moto_server"
+    exe = str(sibling) if sibling.exists() else shutil.which("moto_server") or "moto_server"
     proc = subprocess.Popen(
         [exe, "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
