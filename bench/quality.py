@@ -39,6 +39,16 @@ VARIANTS: dict[str, dict[str, str]] = {
         "df_input": "se",
         "level_fusion": "product",
     },
+    "dskd (both, df=se, normalised)": {
+        "students": "both",
+        "df_input": "se",
+        "map_normalization": "normal",
+    },
+    "dskd (both, df=teacher, normalised)": {
+        "students": "both",
+        "df_input": "teacher",
+        "map_normalization": "normal",
+    },  # fmt: skip
     "se only (≈STFPM)": {"students": "se"},
     "sd only (≈RD)": {"students": "sd", "df_input": "teacher"},
 }

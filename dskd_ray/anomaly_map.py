@@ -39,11 +39,17 @@ def student_map(
     student: list[torch.Tensor],
     size: tuple[int, int],
     fusion: str = "sum",
+    scales: list[float] | None = None,
 ) -> torch.Tensor:
-    """One student's map: per-level 1 − cos, upsampled bilinearly to `size`, fused by sum/product."""
+    """One student's map: per-level 1 − cos, upsampled bilinearly to `size`, fused by sum/product.
+
+    `scales` divides each level's discrepancy (its mean on normal images) before fusing.
+    """
     fused: torch.Tensor | None = None
-    for t, s in zip(teacher, student, strict=True):
+    for k, (t, s) in enumerate(zip(teacher, student, strict=True)):
         level = level_discrepancy(t.float(), s.float()).unsqueeze(1)  # (B, 1, h, w)
+        if scales is not None:
+            level = level / scales[k]
         level = F.interpolate(level, size=size, mode="bilinear", align_corners=False).squeeze(1)
         if fused is None:
             fused = level
@@ -60,11 +66,14 @@ def anomaly_map(
     size: tuple[int, int],
     fusion: str = "sum",
     sigma: float = 4.0,
+    scales: dict[str, list[float]] | None = None,
 ) -> torch.Tensor:
     """(B, H, W) map: the students' maps averaged, then blurred. `features` as DSKD.forward gives."""
     teacher = features["teacher"]
     students = [
-        student_map(teacher, v, size, fusion) for k, v in features.items() if k != "teacher"
+        student_map(teacher, v, size, fusion, scales[k] if scales else None)
+        for k, v in features.items()
+        if k != "teacher"
     ]
     if not students:
         raise ValueError("no student features to compare with the teacher")

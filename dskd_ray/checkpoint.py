@@ -99,7 +99,16 @@ def compute_model_id(config: DSKDConfig, state_dict: dict[str, torch.Tensor]) ->
     model_fields = {
         k: v
         for k, v in config.to_dict().items()
-        if k in ("backbone", "students", "df_input", "level_fusion", "image_size", "blur_sigma")
+        if k
+        in (
+            "backbone",
+            "students",
+            "df_input",
+            "level_fusion",
+            "map_normalization",
+            "image_size",
+            "blur_sigma",
+        )  # fmt: skip
     }
     digest.update(json.dumps(model_fields, sort_keys=True).encode())
     for key in sorted(state_dict):

@@ -17,6 +17,7 @@ BACKBONES: tuple[str, ...] = ("resnet18", "wide_resnet50_2", "efficientnet_lite0
 STUDENTS: tuple[str, ...] = ("both", "se", "sd")
 DF_INPUTS: tuple[str, ...] = ("se", "teacher")
 LEVEL_FUSIONS: tuple[str, ...] = ("sum", "product")
+MAP_NORMALIZATIONS: tuple[str, ...] = ("none", "normal")
 
 
 @dataclass
@@ -33,6 +34,9 @@ class DSKDConfig:
     students: str = "both"
     df_input: str = "se"
     level_fusion: str = "sum"
+    # "normal": divide each student's level map by its mean on held-out normal images before
+    # fusing, so levels and students of different scales weigh alike.
+    map_normalization: str = "none"
     image_size: int = 256
     blur_sigma: float = 4.0
     # training
@@ -60,6 +64,7 @@ class DSKDConfig:
             "students": STUDENTS,
             "df_input": DF_INPUTS,
             "level_fusion": LEVEL_FUSIONS,
+            "map_normalization": MAP_NORMALIZATIONS,
             "lr_schedule": ("constant", "cosine"),
         }
         for name, allowed in choices.items():

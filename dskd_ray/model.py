@@ -130,6 +130,9 @@ class DSKD(nn.Module):
         self.spec = spec
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+        # Per student (se, sd) and level: the mean discrepancy on normal images, fitted after
+        # training when config.map_normalization == "normal"; ones otherwise.
+        self.register_buffer("level_scales", torch.ones(2, 3))
 
         self.teacher = build_trunk(config.backbone, student=False)
         self.teacher_identity = "unloaded"
@@ -162,6 +165,12 @@ class DSKD(nn.Module):
 
     def student_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.student_modules() for p in m.parameters()]
+
+    def map_scales(self) -> dict[str, list[float]] | None:
+        """Level scales for the anomaly map, or None when maps are not normalised."""
+        if self.config.map_normalization == "none":
+            return None
+        return {"se": self.level_scales[0].tolist(), "sd": self.level_scales[1].tolist()}
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """RGB in [0, 1] → the backbone's own input normalisation."""

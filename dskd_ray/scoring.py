@@ -41,7 +41,9 @@ def compute_maps(model: DSKD, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     """Normalised-input-free entry: x in [0, 1], (B, 3, H, W) → maps (B, H, W), scores (B,)."""
     cfg = model.config
     features = model(model.normalize(x))
-    maps = anomaly_map(features, tuple(x.shape[-2:]), cfg.level_fusion, cfg.blur_sigma)
+    maps = anomaly_map(
+        features, tuple(x.shape[-2:]), cfg.level_fusion, cfg.blur_sigma, model.map_scales()
+    )
     return maps, image_score(maps)
 
 

@@ -145,3 +145,26 @@ def test_too_few_readable_images_is_a_clear_error(tmp_path: Path, tiny_config: D
     (tmp_path / "imgs" / "a.png").write_bytes(b"broken")
     with pytest.raises(DataError, match="readable"):
         train(tiny_config, str(tmp_path / "imgs"), str(tmp_path / "m.pt"))
+
+
+def test_map_normalization_fits_level_scales_on_normal_images(tiny_config: DSKDConfig) -> None:
+    from dskd_ray.loss import level_discrepancy
+    from dskd_ray.scoring import images_to_tensor
+    from dskd_ray.train import compute_threshold
+
+    config = tiny_config.replace(map_normalization="normal")
+    model = DSKD(config)
+    assert model.map_scales() is not None
+    holdout = np.random.default_rng(0).integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)
+    threshold = compute_threshold(model, holdout, config, torch.device("cpu"))
+    assert threshold is not None
+    scales = model.level_scales
+    assert not torch.equal(scales, torch.ones(2, 3))
+    with torch.no_grad():
+        features = model(model.normalize(images_to_tensor(holdout, torch.device("cpu"))))
+    for row, name in enumerate(("se", "sd")):
+        for k in range(3):
+            mean = level_discrepancy(features["teacher"][k], features[name][k]).mean()
+            # Each level, divided by its scale, averages one on the normal images it was fitted on.
+            assert (mean / scales[row, k]).item() == pytest.approx(1.0, rel=1e-4)
+    assert DSKD(tiny_config).map_scales() is None
