@@ -1,0 +1,549 @@
+"""Bulk scoring on Ray Data: images under a prefix in, anomaly maps and Parquet rows out.
+
+    list (driver: URIs and versions, never image bytes) → skip what this model already scored
+      → read + decode + resize   CPU tasks, `decode_image` as everywhere else
+      → score                    an actor pool; each actor loads the model once (`Scorer`)
+      → write maps (16-bit PNG)  CPU tasks
+      → Parquet parts → manifest (driver; the manifest is the commit, written last)
+
+Every listed image leaves exactly one row: a file that cannot be read or decoded becomes a row
+with status "error" and the reason, never a failed job. The model code stays Ray-free: the actor
+only wraps `Scorer`. Layout and commit rules: `dskd_ray.results`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dskd_ray.errors import ConfigError, DSKDError
+from dskd_ray.images import ImageDecodeError, decode_image
+from dskd_ray.results import (
+    MAPS_DIR,
+    RESULT_SCHEMA,
+    PartWriter,
+    commit_run,
+    done_keys,
+    image_keys,
+    manifest_path,
+    new_run_id,
+    run_partition,
+    utc_now,
+)
+from dskd_ray.storage import (
+    encode_map_png,
+    iter_images,
+    join_uri,
+    map_uri,
+    quantize_map,
+    read_object,
+    write_object,
+)
+
+if TYPE_CHECKING:
+    from dskd_ray.checkpoint import Checkpoint
+
+log = logging.getLogger(__name__)
+
+LISTING_SCHEMA = pa.schema(
+    [("image_uri", pa.string()), ("image_version", pa.string()), ("image_bytes", pa.int64())]
+)
+
+
+class ScoringRunError(DSKDError):
+    """The pipeline itself failed (not one image): nothing was committed; run again to finish."""
+
+
+@dataclass
+class ScoringOptions:
+    device: str = "auto"  # auto: GPU actors where the cluster has GPUs, else CPU actors
+    batch_size: int = 32  # images per model call (and per decode task)
+    actors: int | None = None  # most scoring actors; default from the cluster's resources
+    actor_threads: int | None = None  # torch threads per CPU actor; default from the cluster
+    rescore: bool = False  # score everything, even images this model already scored
+    rows_per_file: int = 100_000  # Parquet rows per part file
+    io_threads: int = 8  # concurrent object reads / writes inside one task
+    run_id: str | None = None  # default: start time + random suffix
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    model_id: str
+    listed: int  # images found under the input
+    skipped: int  # already scored by this model (same URI and version)
+    scored: int  # rows with status "ok" in this run
+    errors: int  # rows with status "error" in this run
+    other_files: int  # files without an image extension, not listed
+    seconds: float  # the whole run, listing and commit included
+    pipeline_seconds: float = 0.0  # Ray Data: first block in → last row out
+    startup_seconds: float = 0.0  # pipeline start → first rows out (actor start, model load)
+    startup_rows: int = 0  # rows in that first batch out
+    manifest: str = ""
+    partition: str = ""
+
+    @property
+    def images_per_s(self) -> float:
+        done = self.scored + self.errors
+        return done / self.pipeline_seconds if self.pipeline_seconds > 0 else 0.0
+
+    @property
+    def steady_images_per_s(self) -> float:
+        """Throughput once the first rows are out: the start-up cost left aside."""
+        rows = self.scored + self.errors - self.startup_rows
+        seconds = self.pipeline_seconds - self.startup_seconds
+        return rows / seconds if rows > 0 and seconds > 0 else 0.0
+
+    def format(self) -> str:
+        return (
+            f"run {self.run_id}: listed {self.listed}, scored {self.scored}, errors {self.errors}, "
+            f"skipped {self.skipped} (already scored), {self.images_per_s:.1f} images/s "
+            f"({self.seconds:.1f} s in all)"
+        )
+
+
+# --- resources ---------------------------------------------------------------------------------
+
+
+@dataclass
+class PoolPlan:
+    """How the scoring actors and the CPU tasks share the cluster (see `plan_pool`)."""
+
+    device: str  # "cuda" or "cpu", inside each actor
+    max_actors: int
+    actor_cpus: float
+    actor_gpus: float
+    threads: int  # torch threads per actor
+    task_cpus: float = 1.0  # read + decode tasks
+    write_cpus: float = 0.5  # map-writing tasks: mostly waiting on storage
+
+
+def plan_pool(resources: dict[str, float], options: ScoringOptions) -> PoolPlan:
+    """Size the actor pool from the cluster's resources, never a fixed number.
+
+    On 2 CPUs a pool that claims every CPU leaves none for the read tasks and hangs silently
+    (RAY_NOTES trap 1). So CPU actors together claim at most a quarter of the CPU slots, and the
+    torch threads (which do the work) are set inside each actor, not by its claim.
+    """
+    cpus = max(1.0, float(resources.get("CPU", 1)))
+    gpus = int(resources.get("GPU", 0))
+    if options.device.startswith("cuda") and gpus == 0:
+        raise ConfigError(f"--device {options.device} asked for, but the Ray cluster has no GPUs")
+    if options.device not in ("auto", "cpu") and not options.device.startswith("cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda, not {options.device!r}")
+    task_cpus = 1.0
+    if gpus and options.device != "cpu":
+        actors = min(options.actors or gpus, gpus)
+        # One GPU per actor; its CPU claim never blocks the decode tasks that feed it.
+        actor_cpus = min(1.0, cpus / (4 * actors))
+        return PoolPlan("cuda", actors, _not_fusable(actor_cpus, task_cpus), 1.0, 1, task_cpus)
+    threads = options.actor_threads or max(1, min(4, int(cpus)))
+    actors = options.actors or max(1, round(cpus * 0.75 / threads))
+    actor_cpus = min(float(threads), cpus / (4 * actors))
+    return PoolPlan("cpu", actors, _not_fusable(actor_cpus, task_cpus), 0.0, threads, task_cpus)
+
+
+def _not_fusable(actor_cpus: float, task_cpus: float) -> float:
+    # Ray Data fuses a task map into the next actor map when their resource claims are equal,
+    # which would move decoding into the scoring actor; a different claim keeps them apart.
+    actor_cpus = max(0.25, round(actor_cpus * 4) / 4)
+    return actor_cpus - 0.25 if actor_cpus == task_cpus else actor_cpus
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to `address` (or RAY_ADDRESS, or a new local Ray) unless already connected."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, configure_logging=False)
+
+
+# --- the pipeline stages -----------------------------------------------------------------------
+
+
+def decode_batch(batch: dict[str, np.ndarray], image_size: int, io_threads: int) -> dict[str, Any]:
+    """Read and decode a block of images (a CPU task). Failures become error rows."""
+    uris = [str(u) for u in batch["image_uri"]]
+    n = len(uris)
+    images = np.zeros((n, image_size, image_size, 3), np.uint8)
+    width = np.full(n, -1, np.int32)
+    height = np.full(n, -1, np.int32)
+    status = np.full(n, "ok", dtype=object)
+    error = np.full(n, "", dtype=object)
+    retryable = np.zeros(n, bool)
+
+    def fail(i: int, why: str, retry: bool) -> None:
+        status[i], error[i], retryable[i] = "error", why, retry
+
+    if n:
+        with ThreadPoolExecutor(max(1, min(io_threads, n))) as pool:
+            for i, future in enumerate([pool.submit(read_object, u) for u in uris]):
+                try:
+                    data = future.result()
+                except Exception as e:  # noqa: BLE001 - any read failure: the next run retries
+                    fail(i, f"cannot read: {_describe(e)}", retry=True)
+                    continue
+                try:
+                    images[i], (width[i], height[i]) = decode_image(data, image_size)
+                except ImageDecodeError as e:  # the same bytes will fail the same way
+                    fail(i, str(e), retry=False)
+                except MemoryError as e:
+                    fail(i, f"out of memory: {e}", retry=True)
+                except Exception as e:  # noqa: BLE001 - a decoder bug on odd bytes
+                    fail(i, f"cannot decode: {_describe(e)}", retry=False)
+                del data
+    return {
+        "image_uri": np.asarray(uris, dtype=object),
+        "image_version": batch["image_version"],
+        "image_bytes": batch["image_bytes"],
+        "width": width,
+        "height": height,
+        "status": status,
+        "error": error,
+        "retryable": retryable,
+        "image": images,
+    }
+
+
+class ScoringActor:
+    """Scores decoded images; one model per actor, loaded once in `__init__`."""
+
+    def __init__(self, checkpoint: list, device: str, batch_size: int, threads: int) -> None:
+        import ray
+        import torch
+
+        from dskd_ray.scoring import Scorer
+
+        # Ray sets OMP_NUM_THREADS=1 in actors (RAY_NOTES trap 2): ask for the threads we want.
+        torch.set_num_threads(threads)
+        ckpt = checkpoint[0]
+        ckpt = ray.get(ckpt) if isinstance(ckpt, ray.ObjectRef) else ckpt
+        self.scorer = Scorer(ckpt, device=device, batch_size=batch_size)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = batch.pop("image")
+        status = np.array(batch["status"], dtype=object)
+        error = np.array(batch["error"], dtype=object)
+        retryable = np.array(batch["retryable"], dtype=bool)
+        n, size = len(status), self.scorer.image_size
+        score = np.full(n, np.nan, np.float32)
+        anomalous = np.full(n, -1, np.int8)  # -1: no threshold, or no score
+        quantized = np.zeros((n, size, size), np.uint16)
+        scale = np.zeros(n, np.float64)
+        ok = np.flatnonzero(status == "ok")
+        if len(ok):
+            try:
+                result = self.scorer.score_batch(np.ascontiguousarray(images[ok]))
+            except Exception as e:  # noqa: BLE001 - e.g. out of GPU memory: retry next run
+                logging.getLogger(__name__).exception("scoring a batch of %d failed", len(ok))
+                status[ok], retryable[ok] = "error", True
+                error[ok] = f"scoring failed: {_describe(e)}"
+            else:
+                score[ok] = result.scores
+                flags = self.scorer.is_anomalous(result.scores)
+                if flags is not None:
+                    anomalous[ok] = flags.astype(np.int8)
+                for j, i in enumerate(ok):
+                    quantized[i], scale[i] = quantize_map(result.maps[j])
+        return {
+            **batch,
+            "status": status,
+            "error": error,
+            "retryable": retryable,
+            "score": score,
+            "is_anomalous": anomalous,
+            "map_q": quantized,
+            "map_scale": scale,
+        }
+
+
+def write_maps_batch(
+    batch: dict[str, np.ndarray],
+    maps_root: str,
+    model_id: str,
+    run_id: str,
+    threshold: float | None,
+    io_threads: int,
+) -> pa.Table:
+    """Write each scored image's map as a 16-bit PNG (a CPU task) and shape the final rows."""
+    n = len(batch["status"])
+    status = np.array(batch["status"], dtype=object)
+    error = np.array(batch["error"], dtype=object)
+    retryable = np.array(batch["retryable"], dtype=bool)
+    uris: list[str | None] = [None] * n
+    futures = {}
+    with ThreadPoolExecutor(max(1, min(io_threads, n))) as pool:
+        for i in np.flatnonzero(status == "ok"):
+            key = map_uri(
+                maps_root, str(batch["image_uri"][i]), str(batch["image_version"][i]), model_id
+            )
+            png = encode_map_png(batch["map_q"][i], float(batch["map_scale"][i]))
+            futures[i] = (key, pool.submit(write_object, key, png))
+        for i, (key, future) in futures.items():
+            try:
+                future.result()
+                uris[i] = key
+            except Exception as e:  # noqa: BLE001 - the row says so; the next run retries it
+                status[i], retryable[i] = "error", True
+                error[i] = f"cannot write map: {_describe(e)}"
+    ok = status == "ok"
+    flags = batch["is_anomalous"]
+    return pa.table(
+        {
+            "image_uri": pa.array([str(u) for u in batch["image_uri"]], pa.string()),
+            "image_version": pa.array([str(v) for v in batch["image_version"]], pa.string()),
+            "image_bytes": pa.array(batch["image_bytes"], pa.int64()),
+            "width": pa.array(batch["width"], pa.int32(), mask=batch["width"] < 0),
+            "height": pa.array(batch["height"], pa.int32(), mask=batch["height"] < 0),
+            "score": pa.array(batch["score"], pa.float32(), mask=~ok),
+            "threshold": pa.array([threshold] * n, pa.float64()),
+            "is_anomalous": pa.array(flags == 1, pa.bool_(), mask=(flags < 0) | ~ok),
+            "map_uri": pa.array(uris, pa.string()),
+            "map_scale": pa.array(batch["map_scale"], pa.float64(), mask=~ok),
+            "model_id": pa.array([model_id] * n, pa.string()),
+            "run_id": pa.array([run_id] * n, pa.string()),
+            "scored_at": pa.array([utc_now()] * n, RESULT_SCHEMA.field("scored_at").type),
+            "status": pa.array(list(status), pa.string()),
+            "error": pa.array([e or None for e in error], pa.string()),
+            "retryable": pa.array(retryable, pa.bool_()),
+        },
+        schema=RESULT_SCHEMA,
+    )
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    return text if type(error).__name__ in text else f"{type(error).__name__}: {text}"
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Listing:
+    table: pa.Table
+    other_files: int = 0
+
+
+def list_inputs(input_uri: str, output: str) -> _Listing:
+    """Every image under `input_uri` with its version; built in Arrow chunks, not Python objects."""
+    chunks: list[pa.RecordBatch] = []
+    rows: dict[str, list] = {"image_uri": [], "image_version": [], "image_bytes": []}
+    other = 0
+
+    def flush() -> None:
+        if rows["image_uri"]:
+            chunks.append(pa.RecordBatch.from_pydict(rows, schema=LISTING_SCHEMA))
+            for column in rows.values():
+                column.clear()
+
+    for entry in iter_images(input_uri, exclude=output):
+        if entry is None:
+            other += 1
+            continue
+        rows["image_uri"].append(entry.uri)
+        rows["image_version"].append(entry.version)
+        rows["image_bytes"].append(entry.size)
+        if len(rows["image_uri"]) >= 50_000:
+            flush()
+    flush()
+    table = pa.Table.from_batches(chunks, schema=LISTING_SCHEMA)
+    return _Listing(table.sort_by("image_uri"), other)
+
+
+@dataclass
+class _Progress:
+    start: float
+    rows: int = 0
+    first_rows_at: float | None = None
+    first_rows: int = 0
+    last_log: float = field(default_factory=time.perf_counter)
+
+    def update(self, n: int, total: int) -> None:
+        now = time.perf_counter()
+        self.rows += n
+        if self.first_rows_at is None:
+            self.first_rows_at, self.first_rows = now, n
+        if now - self.last_log > 10 or self.rows == total:
+            self.last_log = now
+            rate = self.rows / max(now - self.start, 1e-9)
+            log.info("scored %d/%d images (%.1f images/s)", self.rows, total, rate)
+
+
+def score_images(
+    input_uri: str,
+    model: str,
+    output: str,
+    options: ScoringOptions | None = None,
+    address: str | None = None,
+) -> RunSummary:
+    """Score every image under `input_uri` not yet scored by this model; commit one run.
+
+    input_uri, model and output: local paths or s3:// URIs. Returns the run's summary, which is
+    also in the run's manifest.
+    """
+    # torch is imported here and in the actors, not at module level: the read/decode and
+    # map-writing tasks import this module too, and start seconds sooner without it.
+    from dskd_ray.checkpoint import library_versions, load_checkpoint
+
+    options = options or ScoringOptions()
+    start = time.perf_counter()
+    started_at = utc_now()
+    checkpoint = load_checkpoint(model)
+    model_id = checkpoint.model_id
+
+    listing = list_inputs(input_uri, output)
+    table = listing.table
+    skipped = 0
+    if not options.rescore and table.num_rows:
+        done = pc.is_in(
+            image_keys(table["image_uri"], table["image_version"]),
+            value_set=done_keys(output, model_id),
+        )
+        skipped = int(pc.sum(done).as_py() or 0)
+        table = table.filter(pc.invert(done))
+    log.info(
+        "listed %d images under %s; %d already scored; %d to score",
+        listing.table.num_rows,
+        input_uri,
+        skipped,
+        table.num_rows,
+    )
+
+    run_id = options.run_id or new_run_id()
+    writer = PartWriter(output, run_id, options.rows_per_file)
+    counts = {"ok": 0, "error": 0}
+    pipeline_s = startup_s = 0.0
+    startup_rows = 0
+    if table.num_rows:
+        try:
+            progress = _run_pipeline(
+                table, checkpoint, output, run_id, options, address, writer, counts
+            )
+        except (DSKDError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            raise ScoringRunError(
+                f"run {run_id} failed and was not committed ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); the next run scores its images"
+            ) from e
+        pipeline_s = time.perf_counter() - progress.start
+        startup_s = (progress.first_rows_at or progress.start) - progress.start
+        startup_rows = progress.first_rows
+    files = writer.close()
+
+    summary = RunSummary(
+        run_id=run_id,
+        model_id=model_id,
+        listed=listing.table.num_rows,
+        skipped=skipped,
+        scored=counts["ok"],
+        errors=counts["error"],
+        other_files=listing.other_files,
+        seconds=0.0,
+        pipeline_seconds=pipeline_s,
+        startup_seconds=startup_s,
+        startup_rows=startup_rows,
+        partition=join_uri(output, run_partition(run_id)),
+    )
+    if summary.scored + summary.errors != table.num_rows:  # never commit a run that lost rows
+        raise ScoringRunError(
+            f"run {run_id} wrote {summary.scored + summary.errors} rows for {table.num_rows} images; "
+            "not committing it (its images are scored again by the next run)"
+        )
+    summary.seconds = time.perf_counter() - start
+    summary.manifest = join_uri(output, manifest_path(run_id))
+    commit_run(
+        output,
+        run_id,
+        files,
+        model_id=model_id,
+        model=model,
+        input=input_uri,
+        started_at=started_at.isoformat(),
+        finished_at=utc_now().isoformat(),
+        summary={
+            **asdict(summary),
+            "images_per_s": summary.images_per_s,
+            "steady_images_per_s": summary.steady_images_per_s,
+        },
+        options=asdict(options),
+        versions=library_versions(),
+    )
+    log.info("%s", summary.format())
+    return summary
+
+
+def _run_pipeline(
+    table: pa.Table,
+    checkpoint: Checkpoint,
+    output: str,
+    run_id: str,
+    options: ScoringOptions,
+    address: str | None,
+    writer: PartWriter,
+    counts: dict[str, int],
+) -> _Progress:
+    import ray
+
+    ensure_ray(address)
+    plan = plan_pool(ray.cluster_resources(), options)
+    log.info("scoring pool: %s", plan)
+    threshold = checkpoint.threshold.value if checkpoint.threshold else None
+    image_size = checkpoint.config.image_size
+    block_rows = max(1, options.batch_size)
+    blocks = [table.slice(i, block_rows) for i in range(0, table.num_rows, block_rows)]
+    checkpoint_ref = ray.put(replace(checkpoint, training=None))  # fetched once per actor
+    progress = _Progress(start=time.perf_counter())
+    ds = (
+        ray.data.from_arrow(blocks)
+        .map_batches(
+            decode_batch,
+            batch_size=None,
+            batch_format="numpy",
+            num_cpus=plan.task_cpus,
+            fn_kwargs={"image_size": image_size, "io_threads": options.io_threads},
+        )
+        .map_batches(
+            ScoringActor,
+            batch_size=options.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.max_actors),
+            num_cpus=plan.actor_cpus,
+            num_gpus=plan.actor_gpus,
+            fn_constructor_kwargs={
+                "checkpoint": [checkpoint_ref],  # in a list: the actor fetches it itself
+                "device": plan.device,
+                "batch_size": options.batch_size,
+                "threads": plan.threads,
+            },
+        )
+        .map_batches(
+            write_maps_batch,
+            batch_size=None,
+            batch_format="numpy",
+            num_cpus=plan.write_cpus,
+            fn_kwargs={
+                "maps_root": join_uri(output, MAPS_DIR),
+                "model_id": checkpoint.model_id,
+                "run_id": run_id,
+                "threshold": threshold,
+                "io_threads": options.io_threads,
+            },
+        )
+    )
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        statuses = batch["status"].to_pylist()
+        counts["ok"] += statuses.count("ok")
+        counts["error"] += len(statuses) - statuses.count("ok")
+        writer.write(batch)
+        progress.update(batch.num_rows, table.num_rows)
+    del checkpoint_ref
+    return progress

@@ -1,0 +1,225 @@
+"""Scoring results on storage: the row schema, the run layout, the commit manifest, the reader.
+
+Layout under an output root (local folder or s3:// prefix):
+
+    results/date=YYYY-MM-DD/run=<run_id>/part-00000.parquet   one row per image scored in a run
+    maps/model=<model_id>/<image path>.<hash>.png            one 16-bit anomaly map per scored image
+    _manifests/run=<run_id>.json                             the commit marker, written last
+
+A run is visible only once its manifest exists: `read_results` reads the part files the
+manifests name and nothing else, so a run that died (parts, maps, no manifest) is invisible and
+the next run scores its images again. Each run writes only under its own run id, so two runs on
+one output never touch each other's files. No Ray here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from dskd_ray.storage import filesystem, join_uri, read_object, to_uri, with_retries, write_object
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = "dskd_ray.scoring_run/1"
+RESULTS_DIR = "results"
+MAPS_DIR = "maps"
+MANIFESTS_DIR = "_manifests"
+
+RESULT_SCHEMA = pa.schema(
+    [
+        ("image_uri", pa.string()),
+        ("image_version", pa.string()),  # ETag, or size + mtime on local disk
+        ("image_bytes", pa.int64()),
+        ("width", pa.int32()),  # of the original image; null when it could not be decoded
+        ("height", pa.int32()),
+        ("score", pa.float32()),  # max of the anomaly map
+        ("threshold", pa.float64()),  # from the checkpoint; null if it has none
+        ("is_anomalous", pa.bool_()),
+        ("map_uri", pa.string()),  # 16-bit greyscale PNG at the model's input size
+        ("map_scale", pa.float64()),  # float map = PNG value × map_scale
+        ("model_id", pa.string()),
+        ("run_id", pa.string()),
+        ("scored_at", pa.timestamp("ms", tz="UTC")),
+        ("status", pa.string()),  # "ok" | "error"
+        ("error", pa.string()),  # why, when status is "error"
+        ("retryable", pa.bool_()),  # a read/write/system failure: the next run tries again
+    ]
+)
+
+
+def new_run_id(now: float | None = None) -> str:
+    """Sortable by start time, unique across concurrent runs: 20260131T020000Z-3f9a1c."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    return f"{stamp}-{secrets.token_hex(3)}"
+
+
+def run_partition(run_id: str) -> str:
+    """results/date=YYYY-MM-DD/run=<run_id>, relative to the output root."""
+    day = datetime.strptime(run_id[:8], "%Y%m%d").strftime("%Y-%m-%d")
+    return f"{RESULTS_DIR}/date={day}/run={run_id}"
+
+
+def manifest_path(run_id: str) -> str:
+    return f"{MANIFESTS_DIR}/run={run_id}.json"
+
+
+def empty_results() -> pa.Table:
+    return RESULT_SCHEMA.empty_table()
+
+
+class PartWriter:
+    """Collects a run's rows and writes them as Parquet parts under the run's partition.
+
+    Each part is written whole (one PUT or a rename), `rows_per_file` rows at most.
+    """
+
+    def __init__(self, output: str, run_id: str, rows_per_file: int = 100_000) -> None:
+        self.output = output
+        self.partition = run_partition(run_id)
+        self.rows_per_file = max(1, rows_per_file)
+        self.files: list[dict[str, Any]] = []
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        self._pending.append(table.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA))
+        self._pending_rows += table.num_rows
+        while self._pending_rows >= self.rows_per_file:
+            self._flush(self.rows_per_file)
+
+    def close(self) -> list[dict[str, Any]]:
+        while self._pending_rows:
+            self._flush(min(self._pending_rows, self.rows_per_file))
+        return self.files
+
+    def _flush(self, rows: int) -> None:
+        table = pa.concat_tables(self._pending)
+        part, rest = table.slice(0, rows), table.slice(rows)
+        self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+        relative = f"{self.partition}/part-{len(self.files):05d}.parquet"
+        buffer = io.BytesIO()
+        pq.write_table(part, buffer, compression="zstd")
+        write_object(join_uri(self.output, relative), buffer.getvalue())
+        self.files.append({"path": relative, "rows": part.num_rows})
+
+
+def commit_run(output: str, run_id: str, files: list[dict[str, Any]], **fields: Any) -> str:
+    """Write the run's manifest, the last thing a run writes: from now on readers see it."""
+    manifest = {"format": MANIFEST_FORMAT, "run_id": run_id, "files": files, **fields}
+    uri = join_uri(output, manifest_path(run_id))
+    write_object(uri, (json.dumps(manifest, indent=2, default=str) + "\n").encode())
+    return uri
+
+
+@dataclass
+class CommittedRun:
+    run_id: str
+    manifest: dict[str, Any] = field(repr=False)
+
+    @property
+    def model_id(self) -> str | None:
+        return self.manifest.get("model_id")
+
+    @property
+    def files(self) -> list[str]:
+        return [f["path"] for f in self.manifest.get("files", [])]
+
+
+def committed_runs(output: str) -> list[CommittedRun]:
+    """The runs whose manifest exists, oldest first."""
+    fs, root = filesystem(output)
+    folder = f"{root}/{MANIFESTS_DIR}"
+    try:
+        names = with_retries(lambda: fs.ls(folder, detail=False, refresh=True), f"list {folder}")
+    except FileNotFoundError:
+        return []
+    runs = []
+    for path in sorted(names):
+        base = path.rsplit("/", 1)[-1]
+        if not (base.startswith("run=") and base.endswith(".json")):
+            continue  # a temp file of a manifest being written, or a stranger
+        try:
+            manifest = json.loads(read_object(to_uri(fs, path)))
+        except (ValueError, OSError) as e:
+            log.warning("ignoring unreadable manifest %s: %s", path, e)
+            continue
+        if manifest.get("format") != MANIFEST_FORMAT:
+            log.warning("ignoring %s: not a %s manifest", path, MANIFEST_FORMAT)
+            continue
+        runs.append(CommittedRun(manifest["run_id"], manifest))
+    return sorted(runs, key=lambda r: r.run_id)
+
+
+def read_results(
+    output: str,
+    model_id: str | None = None,
+    columns: list[str] | None = None,
+    latest: bool = False,
+) -> pa.Table:
+    """All rows of committed runs under `output` (RESULT_SCHEMA), oldest run first.
+
+    model_id keeps one model's rows. latest=True keeps one row per (image_uri, model_id), the
+    most recent run's: the image's current state (a changed image, a --rescore, or two runs that
+    overlapped each write a second row).
+    Uncommitted runs, killed or still going, are never read.
+    """
+    wanted = list(columns) if columns else list(RESULT_SCHEMA.names)
+    extra = ["model_id"] if model_id is not None else []
+    if latest:
+        extra += ["image_uri", "model_id", "run_id"]
+    read_cols = list(dict.fromkeys(wanted + extra))
+    schema = pa.schema([RESULT_SCHEMA.field(c) for c in read_cols])
+    tables = []
+    for run in committed_runs(output):
+        if model_id is not None and run.model_id not in (None, model_id):
+            continue
+        for relative in run.files:
+            data = read_object(join_uri(output, relative))
+            tables.append(pq.read_table(io.BytesIO(data), columns=read_cols).cast(schema))
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
+    if model_id is not None:
+        table = table.filter(pc.equal(table["model_id"], model_id))
+    if latest and table.num_rows:
+        table = _latest_per_image(table)
+    return table.select(wanted)
+
+
+def _latest_per_image(table: pa.Table) -> pa.Table:
+    keys = ["image_uri", "model_id"]
+    table = table.sort_by([("run_id", "ascending")])
+    indexed = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
+    last = indexed.group_by(keys, use_threads=False).aggregate([("_row", "max")])
+    rows = last["_row_max"]
+    return table.take(rows.take(pc.sort_indices(rows)))  # in run order, as read_results promises
+
+
+def image_keys(uris: pa.ChunkedArray | pa.Array, versions: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """One string per (URI, version), for set membership."""
+    joined = pc.binary_join_element_wise(uris, versions, "\n")
+    return joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined
+
+
+def done_keys(output: str, model_id: str) -> pa.Array:
+    """(URI, version) keys this model has a final row for: scored, or failed for a reason that
+    another try would not change (a corrupt file). Retryable failures are not done."""
+    table = read_results(output, model_id, ["image_uri", "image_version", "status", "retryable"])
+    final = pc.or_(
+        pc.equal(table["status"], "ok"), pc.invert(pc.fill_null(table["retryable"], True))
+    )
+    table = table.filter(final)
+    return pc.unique(image_keys(table["image_uri"], table["image_version"]))
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,262 @@
+"""Object storage for bulk scoring: listing with versions, retried reads and writes, map keys
+and the 16-bit PNG map format. Local folders and s3:// prefixes alike (fsspec). No Ray here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import posixpath
+import random
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import fsspec
+import numpy as np
+from fsspec.core import url_to_fs
+from PIL import Image, PngImagePlugin
+
+from dskd_ray.errors import DataError
+from dskd_ray.images import is_image_path
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+# --- file systems and URIs -------------------------------------------------------------------
+
+
+def filesystem(uri: str, **options: object) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(file system, path without protocol and trailing slash) for a local path or URI."""
+    if "://" not in uri:
+        uri = os.path.abspath(os.path.expanduser(uri))
+    fs, path = url_to_fs(uri, **options)
+    return fs, path.rstrip("/") or path
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A path as users write it: s3://bucket/key remotely, an absolute path locally."""
+    return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+def join_uri(root: str, *parts: str) -> str:
+    return posixpath.join(root.rstrip("/"), *parts)
+
+
+# --- retries -----------------------------------------------------------------------------------
+
+# Errors that say the object is not there or not ours to read: retrying cannot help.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def is_transient(error: BaseException) -> bool:
+    """A network or server hiccup worth retrying (throttling, 5xx, timeouts, resets)."""
+    if isinstance(error, _PERMANENT):
+        return False
+    if isinstance(error, OSError | TimeoutError | ConnectionError):
+        return True
+    # botocore / aiohttp errors do not all derive from OSError.
+    module = type(error).__module__ or ""
+    return module.startswith(("botocore", "aiobotocore", "aiohttp", "urllib3"))
+
+
+def with_retries(
+    fn: Callable[[], T],
+    what: str,
+    attempts: int = 5,
+    base_delay_s: float = 0.2,
+    max_delay_s: float = 5.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Call fn, retrying transient errors with exponential backoff and full jitter."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - sorted into transient / permanent below
+            if attempt == attempts or not is_transient(e):
+                raise
+            delay = random.uniform(0, min(max_delay_s, base_delay_s * 2 ** (attempt - 1)))
+            log.info(
+                "%s failed (%s: %s); retry %d in %.2f s", what, type(e).__name__, e, attempt, delay
+            )
+            sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def read_object(uri: str) -> bytes:
+    """The bytes of one object, transient errors retried."""
+    fs, path = filesystem(uri)
+    return with_retries(lambda: fs.cat_file(path), f"read {uri}")
+
+
+def write_object(uri: str, data: bytes) -> None:
+    """Write one object all-or-nothing: a temp file renamed locally, a single PUT remotely.
+
+    Readers see the old object or the new one, never half of one.
+    """
+    fs, path = filesystem(uri)
+    if is_local(fs):
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return
+    with_retries(lambda: fs.pipe_file(path, data), f"write {uri}")
+
+
+# --- listing -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ListedObject:
+    uri: str
+    version: str  # ETag remotely; size and mtime locally
+    size: int
+
+
+def object_version(fs: fsspec.AbstractFileSystem, info: dict) -> str:
+    """What changes when the object's content does: its ETag, or size + mtime on local disk."""
+    if not is_local(fs):
+        etag = info.get("ETag") or info.get("etag") or info.get("md5")
+        if etag:
+            version_id = info.get("VersionId")
+            etag = str(etag).strip('"')
+            return f"{etag}@{version_id}" if version_id else etag
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or ""
+    if hasattr(mtime, "timestamp"):
+        mtime = mtime.timestamp()
+    return f"size={info.get('size')};mtime={mtime}"
+
+
+def iter_images(root: str, exclude: str | None = None) -> Iterator[ListedObject | None]:
+    """Walk `root` one folder at a time, yielding each image (and None for each other file).
+
+    The listing holds one folder's entries at a time, not the whole tree's. Objects under
+    `exclude` (the scoring output, when it lies inside the input) are left out.
+    """
+    fs, path = filesystem(root, use_listings_cache=False, skip_instance_cache=True)
+    if not with_retries(lambda: fs.exists(path), f"list {root}"):
+        raise DataError(f"{root} does not exist")
+    excluded = None
+    if exclude is not None:
+        ex_fs, ex_path = filesystem(exclude)
+        if type(ex_fs) is type(fs):
+            excluded = ex_path.rstrip("/") + "/"
+    if fs.isfile(path):
+        info = fs.info(path)
+        if is_image_path(path):
+            size = int(info.get("size") or 0)
+            yield ListedObject(to_uri(fs, path), object_version(fs, info), size)
+        else:
+            yield None
+        return
+    for full, info in _walk_files(fs, path):
+        if excluded and full.startswith(excluded):
+            continue
+        if not is_image_path(full):
+            yield None
+            continue
+        yield ListedObject(to_uri(fs, full), object_version(fs, info), int(info.get("size") or 0))
+
+
+def _walk_files(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[tuple[str, dict]]:
+    """(path, info) of every file under `path`.
+
+    Locally one folder at a time. On object stores one flat listing of the prefix: walking
+    "folders" there would miss keys with an empty segment (a//b.png), which S3 allows.
+    """
+    if is_local(fs):
+        for folder, _dirs, files in fs.walk(path, detail=True):
+            for name in sorted(files):
+                info = files[name]
+                if info.get("type", "file") == "file":
+                    yield info.get("name") or posixpath.join(folder, name), info
+        return
+    found = with_retries(lambda: fs.find(path, detail=True, withdirs=False), f"list {path}")
+    for full in sorted(found):
+        info = found[full]
+        if info.get("type", "file") == "file":
+            yield full, info
+
+
+# --- anomaly-map keys and format ---------------------------------------------------------------
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_MAX_SEGMENT = 80
+
+
+def _safe_segment(segment: str) -> str:
+    segment = _UNSAFE.sub("_", segment)[:_MAX_SEGMENT]
+    # "", "." and ".." would collapse or climb folders; leading dots would hide files.
+    return "_" + segment.lstrip(".") if segment.startswith(".") or not segment else segment
+
+
+def map_uri(maps_root: str, image_uri: str, image_version: str, model_id: str) -> str:
+    """Where the anomaly map of (image, version, model) lives: maps_root/<model>/<path>.<hash>.png.
+
+    The key mirrors the image's bucket and path (so a person finds it), each segment reduced to
+    [A-Za-z0-9._-] with no "." or ".." segments (so no name escapes maps_root), and ends in a
+    hash of the exact URI, version and model (so names that sanitise alike never collide and a
+    changed image never overwrites the map a committed row points at).
+    """
+    bare = image_uri.split("://", 1)[-1]
+    segments = [_safe_segment(s) for s in bare.split("/") if s not in ("", ".")]
+    stem = posixpath.splitext(segments[-1])[0] if segments else "image"
+    digest = hashlib.sha256(f"{image_uri}\n{image_version}\n{model_id}".encode()).hexdigest()[:16]
+    folders = segments[:-1][-12:]  # bounded depth keeps keys under S3's 1024-byte limit
+    name = f"{_safe_segment(stem)}.{digest}.png"
+    return join_uri(maps_root, f"model={_safe_segment(model_id)}", *folders, name)
+
+
+MAP_SCALE_KEY = "dskd_ray:map_scale"
+MAP_LEVELS = 65535
+
+
+def quantize_map(anomaly_map: np.ndarray) -> tuple[np.ndarray, float]:
+    """float map (H, W) → (uint16 map, scale) with map ≈ uint16 · scale, to within scale / 2.
+
+    The scale is per image (its maximum maps to 65535), so the PNG shows the map's full
+    contrast in any viewer and keeps 16 bits of precision relative to the image's score.
+    """
+    m = np.clip(np.nan_to_num(anomaly_map.astype(np.float64), nan=0.0), 0.0, None)
+    peak = float(m.max()) if m.size else 0.0
+    scale = peak / MAP_LEVELS if peak > 0 else 1.0 / MAP_LEVELS
+    return np.rint(m / scale).astype(np.uint16), scale
+
+
+def encode_map_png(quantized: np.ndarray, scale: float) -> bytes:
+    """A 16-bit greyscale PNG, its scale also stored in a text chunk so the file stands alone."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text(MAP_SCALE_KEY, repr(float(scale)))
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(quantized, dtype=np.uint16)).save(
+        buffer, format="PNG", pnginfo=info, compress_level=3
+    )
+    return buffer.getvalue()
+
+
+def decode_map_png(data: bytes, scale: float | None = None) -> np.ndarray:
+    """A map PNG → the float32 anomaly map (scale from the argument, else from the PNG)."""
+    img = Image.open(io.BytesIO(data))
+    if scale is None:
+        scale = float(img.info[MAP_SCALE_KEY])
+    return (np.asarray(img).astype(np.float64) * scale).astype(np.float32)

@@ -1,0 +1,434 @@
+"""Bulk scoring end to end: the real moto S3 server, the real local Ray, real Parquet and PNGs.
+
+The S3 scenario runs in order: a real `python jobs/score.py` subprocess is killed (SIGKILL)
+midway, then one full run completes the work, a second run finds nothing new, and a third scores
+only the images added or changed since.
+"""
+
+from __future__ import annotations
+
+import io
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import s3fs
+import torch
+from conftest import make_bucket
+from fsspec.core import url_to_fs
+from PIL import Image
+
+from dskd_ray.batch_scoring import ScoringOptions, plan_pool, score_images
+from dskd_ray.checkpoint import Threshold, make_checkpoint, save_checkpoint
+from dskd_ray.config import DSKDConfig
+from dskd_ray.images import decode_image
+from dskd_ray.model import DSKD
+from dskd_ray.results import PartWriter, commit_run, committed_runs, read_results
+from dskd_ray.scoring import Scorer
+from dskd_ray.storage import decode_map_png, map_uri, with_retries
+
+REPO = Path(__file__).resolve().parents[1]
+N_GOOD = 240
+
+
+# --- test data ---------------------------------------------------------------------------------
+
+
+def texture(rng: np.random.Generator, fmt: str = "PNG") -> bytes:
+    """A small smooth random texture, 64–96 px a side, encoded as `fmt`."""
+    w, h = (int(v) for v in rng.integers(64, 97, 2))
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    phase = rng.uniform(0, 2 * np.pi, 3)
+    img = np.stack([0.5 + 0.3 * np.sin(8 * np.pi * (xx + yy) + p) for p in phase], -1)
+    img = np.clip(img + rng.normal(0, 0.03, img.shape), 0, 1)
+    buffer = io.BytesIO()
+    Image.fromarray((img * 255).astype(np.uint8)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header claims a huge size: a decompression bomb (as in test_images)."""
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = data[12:29]
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    return bytes(data)
+
+
+def broken_files(rng: np.random.Generator) -> dict[str, tuple[bytes, str]]:
+    """name → (bytes, words the error row must contain), one per way a file can be bad."""
+    jpeg, png = texture(rng, "JPEG"), texture(rng, "PNG")
+    return {
+        "broken/corrupt.png": (rng.bytes(700), "not a recognised image format"),
+        "broken/truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated"),
+        "broken/truncated.png": (png[: len(png) // 2], "truncated"),
+        "broken/empty.jpg": (b"", "empty file"),
+        "broken/bomb.png": (png_claiming(60_000, 60_000), "decompression bomb"),
+        "broken/unsupported.tif": (
+            b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n",
+            "not a recognised",
+        ),
+    }
+
+
+def good_files(rng: np.random.Generator, n: int, prefix: str = "") -> dict[str, bytes]:
+    files = {}
+    for i in range(n):
+        fmt, ext = [("PNG", "png"), ("JPEG", "jpg"), ("BMP", "bmp")][i % 3]
+        files[f"{prefix}line{i % 4}/cam{i % 3}/img_{i:04d}.{ext}"] = texture(rng, fmt)
+    # Names a careless key builder would let climb out of maps/ or collide.
+    files[f"{prefix}odd/../../escape.png"] = texture(rng)
+    files[f"{prefix}odd/sp ace ü #1.png"] = texture(rng)
+    files[f"{prefix}odd//double-slash.png"] = texture(rng)
+    return files
+
+
+def make_model(folder: Path) -> tuple[Path, float]:
+    """A tiny random-teacher checkpoint whose threshold splits its own scores in half."""
+    torch.manual_seed(0)
+    config = DSKDConfig(backbone="resnet18", teacher_weights="random", image_size=64)
+    ckpt = make_checkpoint(DSKD(config))
+    rng = np.random.default_rng(7)
+    images = np.stack([decode_image(texture(rng), 64)[0] for _ in range(16)])
+    threshold = float(np.median(Scorer(ckpt, device="cpu").score_batch(images).scores))
+    ckpt.threshold = Threshold(threshold, "quantile", 0.5, [])
+    path = folder / "model.pt"
+    save_checkpoint(ckpt, path)
+    return path, threshold
+
+
+def reference(model: Path, blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """The scoring core on the same bytes, decoded the same way: (scores, maps)."""
+    scorer = Scorer(str(model), device="cpu", batch_size=32)
+    images = np.stack([decode_image(b, scorer.image_size)[0] for b in blobs])
+    result = scorer.score_batch(images)
+    return result.scores, result.maps
+
+
+def check_rows_against_core(rows: dict, model: Path, blobs: dict[str, bytes]) -> None:
+    """Scores equal the core's, flags follow the threshold, maps decode to the core's maps."""
+    ok = [i for i, s in enumerate(rows["status"]) if s == "ok"]
+    uris = [rows["image_uri"][i] for i in ok]
+    scores, maps = reference(model, [blobs[u] for u in uris])
+    got = np.array([rows["score"][i] for i in ok], np.float32)
+    np.testing.assert_allclose(got, scores, rtol=1e-4, atol=1e-5)
+    fs, _ = url_to_fs(rows["map_uri"][ok[0]], skip_instance_cache=True, use_listings_cache=False)
+    pngs = fs.cat([rows["map_uri"][i] for i in ok])  # concurrently, on S3
+    for j, i in enumerate(ok):
+        assert rows["is_anomalous"][i] == bool(got[j] > rows["threshold"][i])
+        with Image.open(io.BytesIO(blobs[uris[j]])) as img:
+            assert (rows["width"][i], rows["height"][i]) == img.size
+        scale = rows["map_scale"][i]
+        png = pngs[fs._strip_protocol(rows["map_uri"][i])]
+        decoded = decode_map_png(png, scale)
+        assert decoded.shape == maps[j].shape
+        assert np.abs(decoded - maps[j]).max() <= 0.51 * scale + 1e-5
+        np.testing.assert_allclose(decode_map_png(png), decoded)  # the PNG carries its scale
+        with Image.open(io.BytesIO(png)) as img:
+            assert img.mode.startswith("I;16") and img.format == "PNG"
+
+
+# --- S3: the nightly scenario ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3_data(s3_server: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    for bucket in ("bs-models", "bs-images", "bs-scores"):
+        make_bucket(s3_server, bucket)
+    fs = s3fs.S3FileSystem()
+    model, threshold = make_model(tmp_path_factory.mktemp("model"))
+    fs.put_file(str(model), "bs-models/m.pt")
+    rng = np.random.default_rng(1)
+    good = good_files(rng, N_GOOD, "bs-images/")
+    broken = {f"bs-images/{k}": v for k, v in broken_files(rng).items()}
+    fs.pipe(
+        {**good, **{k: b for k, (b, _) in broken.items()}, "bs-images/README.txt": b"not an image"}
+    )
+    blobs = {f"s3://{k}": v for k, v in good.items()} | {
+        f"s3://{k}": b for k, (b, _) in broken.items()
+    }
+    reasons = {f"s3://{k}": why for k, (_, why) in broken.items()}
+    return {"model": model, "model_uri": "s3://bs-models/m.pt", "blobs": blobs, "reasons": reasons}
+
+
+@pytest.fixture(scope="module")
+def killed_then_completed(
+    s3_data: dict, ray_cluster, tmp_path_factory: pytest.TempPathFactory
+) -> dict:  # noqa: ANN001
+    """A real job process killed midway (SIGKILL once its first Parquet part is on S3), then
+    one in-process run over the same output."""
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    out = "s3://bs-scores/nightly"
+    log_path = tmp_path_factory.mktemp("killed") / "job.log"
+    address = ray_cluster.get_runtime_context().gcs_address
+    with open(log_path, "wb") as log:
+        job = subprocess.Popen(
+            [sys.executable, "jobs/score.py", "s3://bs-images/", "--model", s3_data["model_uri"],
+             "--out", out, "--address", address, "--batch-size", "4", "--actor-threads", "1",
+             "--rows-per-file", "8"],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        parts: list[str] = []
+        deadline = time.time() + 180
+        try:
+            while not parts:
+                assert job.poll() is None, (
+                    f"job ended before it was killed:\n{log_path.read_text()}"
+                )
+                assert time.time() < deadline, (
+                    f"no Parquet part after 180 s:\n{log_path.read_text()}"
+                )
+                time.sleep(0.2)
+                parts = fs.glob("bs-scores/nightly/results/**/*.parquet", refresh=True)
+        finally:
+            job.send_signal(signal.SIGKILL)
+            job.wait(timeout=30)
+    after_kill = {
+        "parts": parts,
+        "manifests": fs.glob("bs-scores/nightly/_manifests/*", refresh=True),
+        "maps": fs.glob("bs-scores/nightly/maps/**/*.png", refresh=True),
+        "visible_rows": read_results(out).num_rows,
+    }
+    summary = score_images(
+        "s3://bs-images/", s3_data["model_uri"], out, ScoringOptions(batch_size=16)
+    )
+    return {"out": out, "after_kill": after_kill, "summary": summary, "log": log_path.read_text()}
+
+
+def test_killed_run_is_invisible_and_the_next_run_completes_it(
+    s3_data: dict, killed_then_completed: dict
+) -> None:
+    after_kill = killed_then_completed["after_kill"]
+    assert after_kill["parts"], (
+        "the job was killed before it wrote anything: the test proves nothing"
+    )
+    assert after_kill["manifests"] == [] and after_kill["maps"]
+    assert after_kill["visible_rows"] == 0  # its parts and maps exist, but no reader sees them
+    summary = killed_then_completed["summary"]
+    assert summary.skipped == 0 and summary.scored + summary.errors == len(s3_data["blobs"])
+    runs = committed_runs(killed_then_completed["out"])
+    assert [r.run_id for r in runs] == [summary.run_id]
+    assert s3fs.S3FileSystem().exists(after_kill["parts"][0])  # still there, still invisible
+
+
+def test_every_listed_image_has_exactly_one_row(s3_data: dict, killed_then_completed: dict) -> None:
+    summary = killed_then_completed["summary"]
+    table = read_results(killed_then_completed["out"])
+    assert summary.listed == len(s3_data["blobs"]) == table.num_rows
+    assert sorted(table["image_uri"].to_pylist()) == sorted(s3_data["blobs"])
+    assert summary.other_files == 1  # README.txt: not an image, not listed
+    assert summary.errors == len(s3_data["reasons"])
+    assert summary.scored == N_GOOD + 3
+    assert set(table["run_id"].to_pylist()) == {summary.run_id}
+    assert set(table["model_id"].to_pylist()) == {summary.model_id}
+    assert all(v for v in table["image_version"].to_pylist())
+
+
+def test_broken_files_are_error_rows_with_reasons(
+    s3_data: dict, killed_then_completed: dict
+) -> None:
+    rows = read_results(killed_then_completed["out"]).to_pydict()
+    errors = {u: i for i, u in enumerate(rows["image_uri"]) if rows["status"][i] == "error"}
+    assert set(errors) == set(s3_data["reasons"])
+    for uri, why in s3_data["reasons"].items():
+        i = errors[uri]
+        assert why in rows["error"][i], (uri, rows["error"][i])
+        assert rows["score"][i] is None and rows["map_uri"][i] is None
+        assert rows["retryable"][i] is False  # the same bytes fail the same way: not retried
+    assert all(e is None for e, s in zip(rows["error"], rows["status"], strict=True) if s == "ok")
+
+
+def test_scores_and_maps_match_the_scoring_core(s3_data: dict, killed_then_completed: dict) -> None:
+    table = read_results(killed_then_completed["out"])
+    rows = table.to_pydict()
+    check_rows_against_core(rows, s3_data["model"], s3_data["blobs"])
+    flags = [f for f in rows["is_anomalous"] if f is not None]
+    assert 0 < sum(flags) < len(flags)  # the threshold splits them: both verdicts are exercised
+    prefix = f"s3://bs-scores/nightly/maps/model={killed_then_completed['summary'].model_id}/"
+    map_uris = [u for u in rows["map_uri"] if u]
+    assert len(set(map_uris)) == len(map_uris) == N_GOOD + 3
+    assert all(u.startswith(prefix) and "/../" not in u and "//" not in u[5:] for u in map_uris)
+
+
+def test_second_run_scores_nothing_new(s3_data: dict, killed_then_completed: dict) -> None:
+    out = killed_then_completed["out"]
+    summary = score_images("s3://bs-images/", s3_data["model_uri"], out)
+    assert (summary.scored, summary.errors, summary.skipped) == (0, 0, len(s3_data["blobs"]))
+    assert read_results(out).num_rows == len(s3_data["blobs"])
+    assert len(committed_runs(out)) == 2  # the empty run is recorded too
+
+
+def test_only_new_and_changed_images_are_scored(s3_data: dict, killed_then_completed: dict) -> None:
+    out = killed_then_completed["out"]
+    fs = s3fs.S3FileSystem()
+    rng = np.random.default_rng(99)
+    new = {f"bs-images/new/extra_{i}.png": texture(rng) for i in range(3)}
+    changed = "bs-images/line0/cam0/img_0000.png"
+    new[changed] = texture(rng)  # same key, new content: a new ETag
+    fs.pipe(new)
+    before = read_results(out).num_rows
+    summary = score_images(
+        "s3://bs-images/", s3_data["model_uri"], out, ScoringOptions(batch_size=8)
+    )
+    assert (summary.scored, summary.errors) == (4, 0)
+    assert summary.skipped == len(s3_data["blobs"]) - 1
+    rows = read_results(out).filter(pc.equal(read_results(out)["run_id"], summary.run_id))
+    assert sorted(rows["image_uri"].to_pylist()) == sorted(f"s3://{k}" for k in new)
+    assert read_results(out).num_rows == before + 4
+    latest = read_results(out, latest=True)
+    assert latest.num_rows == len(s3_data["blobs"]) + 3  # one current row per image
+    current = latest.filter(pc.equal(latest["image_uri"], f"s3://{changed}")).to_pydict()
+    assert current["run_id"] == [summary.run_id]
+    blobs = {**s3_data["blobs"], **{f"s3://{k}": v for k, v in new.items()}}
+    check_rows_against_core(rows.to_pydict(), s3_data["model"], blobs)
+
+
+# --- local folders, no S3 ----------------------------------------------------------------------
+
+
+def test_local_folders_two_runs_at_once_then_nothing_new(ray_cluster, tmp_path: Path) -> None:  # noqa: ANN001
+    """No S3 at all. The real `dskd score` process and an in-process run start together on one
+    output: each commits its own complete run, neither corrupts the other's."""
+    model, _ = make_model(tmp_path)
+    images = tmp_path / "images"
+    rng = np.random.default_rng(3)
+    files = {**good_files(rng, 24), "bad/empty.png": b"", "bad/corrupt.jpg": rng.bytes(300)}
+    files.pop("odd/../../escape.png")  # a local path would really climb: not a file name here
+    blobs = {}
+    for name, data in files.items():
+        path = images / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        blobs[str(path.resolve())] = data
+    n = len(blobs)
+    out = images / "_scores"  # inside the input: its maps must never be listed as images
+
+    job = subprocess.Popen(
+        [sys.executable, "-m", "dskd_ray.cli", "score", str(images), "--model", str(model),
+         "--out", str(out), "--address", ray_cluster.get_runtime_context().gcs_address,
+         "--batch-size", "8", "--rescore"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    mine = score_images(str(images), str(model), str(out), ScoringOptions(batch_size=8))
+    stdout, stderr = job.communicate(timeout=300)
+    assert job.returncode == 0, stderr
+    assert f"listed {n}, scored {n - 2}, errors 2, skipped 0" in stdout
+    assert (mine.listed, mine.skipped, mine.scored, mine.errors) == (n, 0, n - 2, 2)
+
+    table = read_results(str(out))
+    runs = committed_runs(str(out))
+    assert len(runs) == 2 and mine.run_id in {r.run_id for r in runs}
+    for run in runs:
+        rows = table.filter(pc.equal(table["run_id"], run.run_id))
+        assert sorted(rows["image_uri"].to_pylist()) == sorted(blobs)
+        check_rows_against_core(rows.to_pydict(), model, blobs)
+    latest = read_results(str(out), latest=True)
+    assert latest.num_rows == n
+    map_uris = [u for u in table["map_uri"].to_pylist() if u]
+    assert all(Path(u).is_file() and Path(u).is_relative_to(out / "maps") for u in map_uris)
+    assert not list(out.rglob("*.tmp"))  # every write was completed or cleaned up
+
+    again = score_images(str(images), str(model), str(out))
+    assert (again.listed, again.skipped, again.scored, again.errors) == (n, n, 0, 0)
+
+
+# --- the parts, without Ray --------------------------------------------------------------------
+
+
+def test_map_keys_never_leave_the_maps_folder() -> None:
+    root = "s3://out/maps"
+    for name in [
+        "s3://b/../../etc/passwd.png",
+        "s3://b/a/./../x.png",
+        "/data/..../..",
+        "s3://b//x.png",
+        "s3://b/ .png",
+    ]:
+        key = map_uri(root, name, "v1", "abc123")
+        rest = key.removeprefix(root + "/")
+        assert key.startswith(root + "/model=abc123/") and key.endswith(".png")
+        assert all(seg not in ("", ".", "..") for seg in rest.split("/")), key
+    # Names that sanitise alike, or versions of one image, never share a map.
+    keys = {
+        map_uri(root, u, v, "m") for u in ("s3://b/a b.png", "s3://b/a_b.png") for v in ("1", "2")
+    }
+    assert len(keys) == 4
+
+
+def test_transient_errors_are_retried_permanent_ones_are_not() -> None:
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("connection reset by peer")
+        return "ok"
+
+    delays: list[float] = []
+    assert with_retries(flaky, "read x", sleep=delays.append) == "ok"
+    assert len(calls) == 3 and len(delays) == 2
+
+    def missing() -> None:
+        calls.append(1)
+        raise FileNotFoundError("gone")
+
+    calls.clear()
+    with pytest.raises(FileNotFoundError):
+        with_retries(missing, "read y", sleep=delays.append)
+    assert len(calls) == 1
+
+
+def test_uncommitted_runs_are_invisible(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    from dskd_ray.results import RESULT_SCHEMA
+
+    out = str(tmp_path / "out")
+    row = {name: [None] for name in RESULT_SCHEMA.names} | {
+        "image_uri": ["/x.png"], "image_version": ["v"], "model_id": ["m"], "status": ["ok"],
+        "run_id": ["20260101T000000Z-aaaaaa"],
+    }  # fmt: skip
+    writer = PartWriter(out, "20260101T000000Z-aaaaaa", rows_per_file=1)
+    writer.write(pa.table(row, schema=RESULT_SCHEMA))
+    files = writer.close()
+    (tmp_path / "out" / "_manifests").mkdir()
+    (tmp_path / "out" / "_manifests" / ".run=x.json.123.tmp").write_text("{")  # a write in flight
+    assert read_results(out).num_rows == 0
+    commit_run(out, "20260101T000000Z-aaaaaa", files, model_id="m")
+    assert read_results(out).num_rows == 1
+    assert read_results(out, model_id="other").num_rows == 0
+
+
+def test_pool_never_claims_every_cpu() -> None:
+    for cpus in (1, 2, 4, 8, 16, 64):
+        plan = plan_pool({"CPU": float(cpus)}, ScoringOptions())
+        assert plan.device == "cpu" and plan.max_actors >= 1
+        # Room for a decode task and a map-write task beside every actor, and for a second run.
+        assert 2 * plan.max_actors * plan.actor_cpus + plan.task_cpus <= max(cpus, 2)
+        assert plan.actor_cpus != plan.task_cpus  # else Ray Data fuses decoding into the actor
+    gpu = plan_pool({"CPU": 16.0, "GPU": 2.0}, ScoringOptions())
+    assert (gpu.device, gpu.max_actors, gpu.actor_gpus) == ("cuda", 2, 1.0)
+    assert plan_pool({"CPU": 16.0, "GPU": 2.0}, ScoringOptions(device="cpu")).device == "cpu"
+
+
+def test_cli_error_is_one_line(tmp_path: Path) -> None:
+    model, _ = make_model(tmp_path)
+    missing = tmp_path / "no-such-folder"
+    result = subprocess.run(
+        [sys.executable, "-m", "dskd_ray.cli", "score", str(missing), "--model", str(model),
+         "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"dskd: error: {missing} does not exist"
+    assert not (tmp_path / "out").exists()  # nothing written for a run that never started
