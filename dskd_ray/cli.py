@@ -112,13 +112,18 @@ def train(
     ],
     out: Annotated[str, typer.Option("--out", "-o", help="Checkpoint to write (local or s3://)")],
     epochs: Annotated[int, typer.Option(help="Training epochs")] = 50,
-    batch_size: Annotated[int, typer.Option(help="Images per step")] = 16,
+    batch_size: Annotated[
+        int, typer.Option(help="Images per step; with --workers, the global batch split over them")
+    ] = 16,
     image_size: Annotated[int, typer.Option(help="Square input size, a multiple of 32")] = 256,
     backbone: Annotated[str, typer.Option(help=BACKBONE_HELP)] = "resnet18",
     teacher_weights: Annotated[str, typer.Option(help=WEIGHTS_HELP)] = "imagenet",
     students: Annotated[str, typer.Option(help="both (DSKD) | se (≈STFPM) | sd (≈RD)")] = "both",
     df_input: Annotated[str, typer.Option(help="What feeds the DF embedding: se | teacher")] = "se",
     level_fusion: Annotated[str, typer.Option(help="Combine levels by: sum | product")] = "sum",
+    map_normalization: Annotated[
+        str, typer.Option(help="Scale level maps by their normal mean first: none | normal")
+    ] = "none",
     lr: Annotated[float, typer.Option(help="Adam learning rate")] = 0.005,
     lr_schedule: Annotated[str, typer.Option(help="constant | cosine")] = "cosine",
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
@@ -129,22 +134,63 @@ def train(
         float, typer.Option(help="Quantile of held-out scores used as threshold")
     ] = 0.99,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from --out")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue an interrupted local run from --out (Ray: --run-name)")
+    ] = False,
+    workers: Annotated[
+        int | None, typer.Option(help="Train on Ray Train with N DDP workers (default: local)")
+    ] = None,
+    gpus_per_worker: Annotated[float, typer.Option(help="Ray: GPUs per worker (0: CPU)")] = 0,
+    cpus_per_worker: Annotated[int, typer.Option(help="Ray: CPUs (torch threads) per worker")] = 1,
+    address: Annotated[
+        str | None, typer.Option(help="Ray: cluster address (default: RAY_ADDRESS or local)")
+    ] = None,
+    storage_path: Annotated[
+        str | None,
+        typer.Option(help="Ray: run storage, local dir or s3:// (default ~/ray_results)"),
+    ] = None,
+    run_name: Annotated[
+        str | None, typer.Option(help="Ray: run name; same storage + name resumes")
+    ] = None,
+    checkpoint_every: Annotated[int, typer.Option(help="Ray: epochs between checkpoints")] = 1,
+    keep_checkpoints: Annotated[int, typer.Option(help="Ray: checkpoints kept in storage")] = 2,
+    max_failures: Annotated[int, typer.Option(help="Ray: worker-group restarts allowed")] = 3,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
 ) -> None:
-    """Train the students on normal images; write a checkpoint with its threshold."""
+    """Train the students on normal images; write a checkpoint with its threshold.
+
+    With --workers N it runs on Ray Train (DDP over the students, one image shard per worker),
+    checkpoints every epoch to --storage-path/--run-name, and resumes when run again.
+    """
     _setup_logging(verbose)
     from dskd_ray.train import train as run_training
+
+    if workers is None and (address or storage_path or run_name or gpus_per_worker):
+        raise DSKDError(
+            "--address, --storage-path, --run-name and --gpus-per-worker need --workers N"
+        )
 
     config = _config_from_options(
         epochs=epochs, batch_size=batch_size, image_size=image_size, backbone=backbone,
         teacher_weights=teacher_weights, students=students, df_input=df_input,
-        level_fusion=level_fusion, lr=lr, lr_schedule=lr_schedule, seed=seed,
+        level_fusion=level_fusion, map_normalization=map_normalization, lr=lr, lr_schedule=lr_schedule, seed=seed,
         holdout_fraction=holdout_fraction, threshold_quantile=threshold_quantile,
     )  # fmt: skip
     start = time.perf_counter()
-    with _ProgressBar(Path(data).name or data) as bar:
-        result = run_training(config, data, out, device=device, resume=resume, on_progress=bar)
+    if workers is not None:
+        from dskd_ray.distributed import RayOptions, train_distributed
+
+        options = RayOptions(
+            workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+            address=address, storage_path=storage_path, run_name=run_name,
+            checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+            max_failures=max_failures,
+        )  # fmt: skip
+        logging.getLogger("dskd_ray.distributed").setLevel(logging.INFO)
+        result = train_distributed(config, data, out, options)
+    else:
+        with _ProgressBar(Path(data).name or data) as bar:
+            result = run_training(config, data, out, device=device, resume=resume, on_progress=bar)
     ckpt = result.checkpoint
     if result.skipped:
         _echo(f"skipped {len(result.skipped)} unreadable image(s): see the warnings above")
@@ -190,25 +236,47 @@ def evaluate(
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the metrics as JSON here")
     ] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            "--report",
+            help="Write an HTML report here: index.html with curves and the worst images",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass")] = 16,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
 ) -> None:
-    """Image/pixel AUROC, AUPRO (FPR ≤ 0.3) and F1-max per category and their mean."""
+    """Image/pixel AUROC, AUPRO (FPR ≤ 0.3) and F1-max per category and their mean.
+
+    With --report DIR it also writes DIR/index.html (opens from disk): the table, ROC and PRO
+    curves, and overlays of the worst false positives and false negatives.
+    """
     _setup_logging(verbose)
     from dskd_ray.evaluate import evaluate_category, format_table, summarize
     from dskd_ray.scoring import Scorer
 
+    html_report = None
+    if report is not None:
+        from dskd_ray.report import Report
+
+        html_report = Report(report)
     results = []
     for category, ckpt in _models_for(data, model):
         scorer = Scorer(ckpt, device=device, batch_size=batch_size)
-        results.append(evaluate_category(scorer, category))
+        result = evaluate_category(scorer, category, keep_maps=html_report is not None)
+        if html_report is not None:
+            html_report.add(result, scorer.threshold, model=f"{ckpt} ({scorer.model_id})")
+            result.maps = result.masks = None  # rendered: free them before the next category
+        results.append(result)
     table = summarize(results)
     _echo(format_table(table))
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(table, indent=2) + "\n")
         _echo(f"metrics: {json_path}")
+    if html_report is not None:
+        _echo(f"report: {html_report.write(table)}")
 
 
 @app.command()
@@ -286,7 +354,8 @@ def demo(
     directory: Annotated[
         Path, typer.Option("--dir", help="Where the data, models and metrics go")
     ] = Path("dskd-demo"),
-    epochs: Annotated[int, typer.Option(help="Training epochs per category")] = 8,
+    epochs: Annotated[int, typer.Option(help="Training epochs per category")] = 12,
+    batch_size: Annotated[int, typer.Option(help="Images per step")] = 8,
     image_size: Annotated[int, typer.Option(help="Square input size")] = 256,
     backbone: Annotated[str, typer.Option(help=BACKBONE_HELP)] = "efficientnet_lite0",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
@@ -308,7 +377,11 @@ def demo(
         make_demo_data(data_dir, overwrite=True)
         _echo(f"demo data: {data_dir}")
     config = _config_from_options(
-        epochs=epochs, image_size=image_size, backbone=backbone, teacher_weights="imagenet"
+        epochs=epochs,
+        batch_size=batch_size,
+        image_size=image_size,
+        backbone=backbone,
+        teacher_weights="imagenet",
     )
     results = []
     for category in discover_categories(str(data_dir)):
@@ -326,6 +399,65 @@ def demo(
     _echo(f"models:  {directory / 'models'}")
     _echo(f"metrics: {metrics_path}")
     _echo(f"done in {time.perf_counter() - start:.0f} s")
+
+
+@app.command()
+def score(
+    input_uri: Annotated[
+        str,
+        typer.Argument(
+            metavar="INPUT", help="Folder or s3:// prefix of images, searched recursively"
+        ),
+    ],
+    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint (local or s3://)")],
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out", "-o", help="Output folder or s3:// prefix (results/, maps/, _manifests/)"
+        ),
+    ],
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster to run on; default RAY_ADDRESS, else a new local Ray"),
+    ] = None,
+    device: Annotated[
+        str, typer.Option(help="auto (GPU actors where the cluster has GPUs) | cpu | cuda")
+    ] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per model call")] = 32,
+    actors: Annotated[
+        int | None, typer.Option(help="Most scoring actors; default from the cluster's CPUs/GPUs")
+    ] = None,
+    actor_threads: Annotated[
+        int | None, typer.Option(help="Torch threads per CPU actor; default from the cluster")
+    ] = None,
+    rescore: Annotated[
+        bool, typer.Option(help="Score every image again, even those this model already scored")
+    ] = False,
+    rows_per_file: Annotated[int, typer.Option(help="Parquet rows per part file")] = 100_000,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
+) -> None:
+    """Score every image under INPUT on Ray Data: one anomaly map and one Parquet row per image.
+
+    Incremental: images this model already scored (same URI and version) are skipped. A run is
+    visible to readers only once its manifest is written, last.
+    """
+    _setup_logging(verbose)
+    from dskd_ray.batch_scoring import ScoringOptions, score_images
+
+    options = ScoringOptions(
+        device=device, batch_size=batch_size, actors=actors, actor_threads=actor_threads,
+        rescore=rescore, rows_per_file=rows_per_file,
+    )  # fmt: skip
+    summary = score_images(input_uri, model, out, options, address=address)
+    _echo(
+        f"listed {summary.listed}, scored {summary.scored}, errors {summary.errors}, "
+        f"skipped {summary.skipped} (already scored); {summary.images_per_s:.1f} images/s; "
+        f"{summary.seconds:.1f} s in all"
+    )
+    if summary.errors:
+        _echo(f"{summary.errors} image(s) could not be scored: rows with status = 'error' say why")
+    _echo(f"run {summary.run_id}: {summary.partition}")
+    _echo(f"committed: {summary.manifest}")
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ The per-epoch step (`run_epoch`) is what the Ray Train loop calls on each worker
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -27,7 +28,7 @@ from dskd_ray.checkpoint import (
 from dskd_ray.config import DSKDConfig
 from dskd_ray.data import load_images, training_images
 from dskd_ray.errors import CheckpointError, DataError
-from dskd_ray.loss import distillation_loss
+from dskd_ray.loss import distillation_loss, level_discrepancy
 from dskd_ray.model import DSKD
 from dskd_ray.scoring import compute_maps, images_to_tensor, resolve_device
 
@@ -144,14 +145,23 @@ def train_step(
     teacher: list[torch.Tensor] | None,
     grad_clip: float | None,
     student_forward: nn.Module | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """One optimisation step on a normalised batch; returns the (detached) loss.
 
     `student_forward` lets a DDP wrapper of the students stand in for the plain call.
+    `autocast_dtype` (e.g. torch.bfloat16 on CUDA) runs the forward passes under autocast;
+    the loss is always computed in float32 (`distillation_loss` upcasts).
     """
-    if teacher is None:
-        teacher = model.teacher_features(x)
-    students = (student_forward or _StudentForward(model))(x, teacher)
+    amp = (
+        torch.autocast(x.device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    with amp:
+        if teacher is None:
+            teacher = model.teacher_features(x)
+        students = (student_forward or _StudentForward(model))(x, teacher)
     loss = distillation_loss(teacher, students)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -189,8 +199,14 @@ def run_epoch(
     epoch: int = 1,
     on_progress: ProgressCallback | None = None,
     student_forward: nn.Module | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> EpochStats:
-    """One pass over `images[order]` (uint8, (N, S, S, 3), on CPU or device)."""
+    """One pass over `images[order]` (uint8, (N, S, S, 3), on CPU or device).
+
+    The Ray Train loop calls this on every worker with its shard, a DDP `student_forward`
+    and, on CUDA, bf16 autocast and channels_last inputs.
+    """
     model.train()
     start = time.perf_counter()
     total_loss = torch.zeros((), device=device)
@@ -199,8 +215,12 @@ def run_epoch(
     for step, idx in enumerate(iterate_batches(order, config.batch_size), 1):
         index = torch.from_numpy(idx)
         x = model.normalize(_batch(images, index, device))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         teacher = cache.take(index.to(cache.levels[0].device)) if cache is not None else None
-        loss = train_step(model, optimizer, x, teacher, config.grad_clip, student_forward)
+        loss = train_step(
+            model, optimizer, x, teacher, config.grad_clip, student_forward, autocast_dtype
+        )
         if scheduler is not None:
             scheduler.step()
         total_loss += loss * len(idx)
@@ -232,13 +252,41 @@ def score_images(
     return np.concatenate(scores) if scores else np.zeros(0, np.float32)
 
 
+@torch.inference_mode()
+def fit_level_scales(
+    model: DSKD, images: np.ndarray, device: torch.device, batch_size: int
+) -> None:
+    """Set model.level_scales to each student's mean per-level discrepancy on normal images."""
+    model.eval()
+    sums = torch.zeros(2, 3, dtype=torch.float64)
+    count = 0
+    for start in range(0, len(images), batch_size):
+        x = model.normalize(images_to_tensor(images[start : start + batch_size], device))
+        features = model(x)
+        for row, name in enumerate(("se", "sd")):
+            for k, (t, s) in enumerate(
+                zip(features["teacher"], features.get(name, []), strict=False)
+            ):
+                sums[row, k] += level_discrepancy(t.float(), s.float()).mean(dim=(1, 2)).sum().cpu()
+        count += len(x)
+    scales = (sums / max(count, 1)).clamp_min(1e-6).float()
+    scales[sums == 0] = 1.0  # an absent student keeps scale one
+    model.level_scales.copy_(scales.to(model.level_scales.device))
+
+
 def compute_threshold(
     model: DSKD, holdout: np.ndarray, config: DSKDConfig, device: torch.device
 ) -> Threshold | None:
-    """The high quantile of held-out normal images' scores (DESIGN §1); None without a hold-out."""
+    """The high quantile of held-out normal images' scores (DESIGN §1); None without a hold-out.
+
+    With map_normalization="normal" the level scales are fitted on the same images first, so
+    the threshold is on the normalised maps the checkpoint will produce.
+    """
     if len(holdout) == 0:
         log.warning("no held-out normal images: the checkpoint will have no image threshold")
         return None
+    if config.map_normalization == "normal":
+        fit_level_scales(model, holdout, device, config.batch_size)
     scores = score_images(model, holdout, device, config.batch_size)
     value = float(np.quantile(scores, config.threshold_quantile))
     return Threshold(value, "quantile", config.threshold_quantile, [float(s) for s in scores])
