@@ -21,10 +21,10 @@ import pyarrow.compute as pc
 import pytest
 import s3fs
 import torch
-from conftest import make_bucket
 from fsspec.core import url_to_fs
 from PIL import Image
 
+from conftest import make_bucket
 from dskd_ray.batch_scoring import ScoringOptions, plan_pool, score_images
 from dskd_ray.checkpoint import Threshold, make_checkpoint, save_checkpoint
 from dskd_ray.config import DSKDConfig

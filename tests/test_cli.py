@@ -6,8 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import write_textures
 from PIL import Image
+
+from conftest import write_textures
 
 
 def dskd(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

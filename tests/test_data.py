@@ -1,9 +1,9 @@
 from pathlib import Path
 
 import pytest
-from conftest import write_textures
 from PIL import Image
 
+from conftest import write_textures
 from dskd_ray.data import discover_categories, load_images, training_images
 from dskd_ray.errors import DataError
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_bucket, write_textures
 from PIL import Image
 
+from conftest import make_bucket, write_textures
 from dskd_ray.checkpoint import load_checkpoint
 from dskd_ray.config import DSKDConfig
 from dskd_ray.distributed import (

@@ -24,8 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import _free_port, write_textures
 
+from conftest import _free_port, write_textures
 from dskd_ray.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_textures
 from PIL import Image
 
+from conftest import write_textures
 from dskd_ray import metrics
 from dskd_ray.evaluate import CategoryResult, summarize
 from dskd_ray.report import nice_ticks, select_thumbnails, write_report
