@@ -289,7 +289,6 @@ def predict(
 ) -> None:
     """Score images; write each one's overlay PNG (heat map over the image) and scores.csv."""
     _setup_logging(verbose)
-    import numpy as np
     from PIL import Image
 
     from dskd_ray.data import read_bytes
@@ -344,7 +343,6 @@ def predict(
         writer.writerows(rows)
     threshold = "none" if scorer.threshold is None else f"{scorer.threshold:.4f}"
     _echo(f"threshold {threshold}; overlays and scores.csv in {out}")
-    _ = np  # numpy is imported for Pillow's array interface
     if failures:
         raise DSKDError(f"{failures} of {len(images)} image(s) could not be read (see scores.csv)")
 
