@@ -10,6 +10,18 @@ from PIL import Image
 
 from conftest import write_textures
 
+# A random teacher at 64² for one epoch: seconds, enough to exercise the command paths.
+TINY_TRAIN = [
+    "--teacher-weights",
+    "random",
+    "--image-size",
+    "64",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "4",
+]
+
 
 def dskd(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -61,17 +73,7 @@ def test_train_evaluate_predict_round_trip(tmp_path: Path) -> None:
         img.paste((0, 0, 0), (20, 20, 30, 30))
         img.save(p)
     model = tmp_path / "m.pt"
-    common = [
-        "--teacher-weights",
-        "random",
-        "--image-size",
-        "64",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "4",
-    ]
-    result = dskd("train", str(cat), "--out", str(model), *common)
+    result = dskd("train", str(cat), "--out", str(model), *TINY_TRAIN)
     assert result.returncode == 0, result.stderr
     assert "checkpoint:" in result.stdout and model.exists()
 
@@ -109,17 +111,7 @@ def test_evaluate_without_masks_gives_null_pixel_metrics(tmp_path: Path) -> None
     write_textures(cat / "test" / "good", 2, seed=5)
     write_textures(cat / "test" / "odd", 2, seed=9)
     model = tmp_path / "m.pt"
-    common = [
-        "--teacher-weights",
-        "random",
-        "--image-size",
-        "64",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "4",
-    ]
-    assert dskd("train", str(cat), "--out", str(model), *common).returncode == 0
+    assert dskd("train", str(cat), "--out", str(model), *TINY_TRAIN).returncode == 0
     result = dskd("evaluate", str(cat), "--model", str(model), "--json", str(tmp_path / "m.json"))
     assert result.returncode == 0, result.stderr
     row = json.loads((tmp_path / "m.json").read_text())["tex"]
