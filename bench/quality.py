@@ -5,6 +5,9 @@ teacher, epochs and seeds, then writes a Markdown table and JSON. Two comparison
 - equal epochs: every variant gets --epochs;
 - equal wall time: each variant gets as many epochs as fit in the time DSKD (`both`) took,
   from its own measured seconds per epoch (two students cost more per epoch than one).
+Every trained model is scored twice: with the map divided by its per-pixel mean on normal
+training images (`map_baseline=mean`, the default) and with the raw map (`none`), so the table
+shows what that division does to the same weights.
 Nothing is chosen on test images: thresholds come from held-out normal training images.
 
     python bench/quality.py ../shared/data/mtd --epochs 10 --seeds 0 1 2 --out bench/out/mtd
@@ -18,7 +21,7 @@ import logging
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -62,6 +65,7 @@ class Run:
     seed: int
     epochs: int
     mode: str  # "equal-epochs" or "equal-time"
+    map_baseline: str  # "mean" (map ÷ its normal mean per pixel) or "none" (raw map)
     metrics: dict[str, float | None]
     train_s: float
     s_per_epoch: float
@@ -77,23 +81,28 @@ def run_one(
     mode: str,
     workdir: Path,
     device: str,
-) -> Run:
+) -> list[Run]:
+    """Train one model, then score it with and without the per-pixel map baseline."""
     config = base.replace(seed=seed, epochs=epochs, **VARIANTS[variant])
     ckpt = workdir / f"{category.name}-{abs(hash((variant, seed, mode))) % 10**8}.pt"
     start = time.perf_counter()
     result = train(config, category.root, str(ckpt), device=device)
     train_s = time.perf_counter() - start
-    scorer = Scorer(result.checkpoint, device=device)
-    start = time.perf_counter()
-    evaluated = evaluate_category(scorer, category)
-    score_s = time.perf_counter() - start
     ckpt.unlink(missing_ok=True)
-    run = Run(
-        variant, category.name, seed, epochs, mode, evaluated.metrics(), train_s,
-        train_s / epochs, evaluated.n_test / score_s,
-    )  # fmt: skip
-    logging.info("%s", run)
-    return run
+    runs = []
+    for baseline in ("mean", "none"):
+        checkpoint = result.checkpoint
+        checkpoint = replace(checkpoint, config=checkpoint.config.replace(map_baseline=baseline))
+        scorer = Scorer(checkpoint, device=device)
+        start = time.perf_counter()
+        evaluated = evaluate_category(scorer, category)
+        score_s = time.perf_counter() - start
+        runs.append(Run(
+            variant, category.name, seed, epochs, mode, baseline, evaluated.metrics(), train_s,
+            train_s / epochs, evaluated.n_test / score_s,
+        ))  # fmt: skip
+        logging.info("%s", runs[-1])
+    return runs
 
 
 def mean_std(values: list[float | None]) -> str:
@@ -108,18 +117,22 @@ def mean_std(values: list[float | None]) -> str:
 def markdown(runs: list[Run], mode: str) -> str:
     rows = [r for r in runs if r.mode == mode]
     lines = [
-        "| variant | category | epochs | image AUROC | pixel AUROC | AUPRO | F1-max | train s | score img/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | map | category | epochs | image AUROC | pixel AUROC | AUPRO | F1-max | train s | score img/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     keys = sorted(
-        {(r.variant, r.category) for r in rows}, key=lambda k: (k[1], list(VARIANTS).index(k[0]))
+        {(r.variant, r.map_baseline, r.category) for r in rows},
+        key=lambda k: (k[2], k[1] != "mean", list(VARIANTS).index(k[0])),
     )
-    for variant, category in keys:
-        group = [r for r in rows if r.variant == variant and r.category == category]
+    for variant, baseline, category in keys:
+        group = [
+            r for r in rows
+            if (r.variant, r.map_baseline, r.category) == (variant, baseline, category)
+        ]  # fmt: skip
         cells = [mean_std([r.metrics[k] for r in group]) for k in METRIC_KEYS]
         epochs = sorted({r.epochs for r in group})
         lines.append(
-            f"| {variant} | {category} | {'/'.join(map(str, epochs))} | {' | '.join(cells)} | "
+            f"| {variant} | {'÷ normal mean' if baseline == 'mean' else 'raw'} | {category} | {'/'.join(map(str, epochs))} | {' | '.join(cells)} | "
             f"{statistics.mean(r.train_s for r in group):.0f} | "
             f"{statistics.mean(r.score_ips for r in group):.1f} |"
         )
@@ -171,10 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     for category in discover_categories(args.root):
         for seed in args.seeds:
             for variant in args.variants:
-                runs.append(
-                    run_one(
-                        base, variant, category, seed, args.epochs, "equal-epochs", out, args.device
-                    )
+                runs += run_one(
+                    base, variant, category, seed, args.epochs, "equal-epochs", out, args.device
                 )
                 save()
         if args.no_equal_time or REFERENCE not in args.variants:
@@ -200,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                 if epochs == args.epochs:  # the same run as its equal-epochs one
                     runs += [Run(**{**vars(r), "mode": "equal-time"}) for r in same]
                     continue
-                runs.append(
-                    run_one(base, variant, category, seed, epochs, "equal-time", out, args.device)
+                runs += run_one(
+                    base, variant, category, seed, epochs, "equal-time", out, args.device
                 )
                 save()
     save()

@@ -67,8 +67,12 @@ def anomaly_map(
     fusion: str = "sum",
     sigma: float = 4.0,
     scales: dict[str, list[float]] | None = None,
+    baseline: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B, H, W) map: the students' maps averaged, then blurred. `features` as DSKD.forward gives."""
+    """(B, H, W) map: the students' maps averaged, blurred, then divided by `baseline` (H, W).
+
+    `features` as DSKD.forward gives.
+    """
     teacher = features["teacher"]
     students = [
         student_map(teacher, v, size, fusion, scales[k] if scales else None)
@@ -78,7 +82,8 @@ def anomaly_map(
     if not students:
         raise ValueError("no student features to compare with the teacher")
     mean = torch.stack(students).mean(dim=0)
-    return gaussian_blur(mean, sigma)
+    maps = gaussian_blur(mean, sigma)
+    return maps if baseline is None else maps / baseline.to(maps.dtype)
 
 
 def image_score(maps: torch.Tensor) -> torch.Tensor:

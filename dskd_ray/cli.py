@@ -124,6 +124,10 @@ def train(
     map_normalization: Annotated[
         str, typer.Option(help="Scale level maps by their normal mean first: none | normal")
     ] = "none",
+    map_baseline: Annotated[
+        str,
+        typer.Option(help="Divide each pixel of the map by its mean on normal images: mean | none"),
+    ] = "mean",
     lr: Annotated[float, typer.Option(help="Adam learning rate")] = 0.005,
     lr_schedule: Annotated[str, typer.Option(help="constant | cosine")] = "cosine",
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
@@ -173,7 +177,7 @@ def train(
     config = _config_from_options(
         epochs=epochs, batch_size=batch_size, image_size=image_size, backbone=backbone,
         teacher_weights=teacher_weights, students=students, df_input=df_input,
-        level_fusion=level_fusion, map_normalization=map_normalization, lr=lr, lr_schedule=lr_schedule, seed=seed,
+        level_fusion=level_fusion, map_normalization=map_normalization, map_baseline=map_baseline, lr=lr, lr_schedule=lr_schedule, seed=seed,
         holdout_fraction=holdout_fraction, threshold_quantile=threshold_quantile,
     )  # fmt: skip
     start = time.perf_counter()

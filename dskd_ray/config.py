@@ -18,6 +18,7 @@ STUDENTS: tuple[str, ...] = ("both", "se", "sd")
 DF_INPUTS: tuple[str, ...] = ("se", "teacher")
 LEVEL_FUSIONS: tuple[str, ...] = ("sum", "product")
 MAP_NORMALIZATIONS: tuple[str, ...] = ("none", "normal")
+MAP_BASELINES: tuple[str, ...] = ("none", "mean")
 
 
 @dataclass
@@ -37,6 +38,11 @@ class DSKDConfig:
     # "normal": divide each student's level map by its mean on held-out normal images before
     # fusing, so levels and students of different scales weigh alike.
     map_normalization: str = "none"
+    # "mean": divide the final map, pixel by pixel, by its mean over normal training images, so
+    # a pixel scores how many times its usual discrepancy it shows. Padding makes the border
+    # rows of every image discrepant; without this the image score (the map's max) often
+    # lands there on normal images.
+    map_baseline: str = "mean"
     image_size: int = 256
     blur_sigma: float = 4.0
     # training
@@ -65,6 +71,7 @@ class DSKDConfig:
             "df_input": DF_INPUTS,
             "level_fusion": LEVEL_FUSIONS,
             "map_normalization": MAP_NORMALIZATIONS,
+            "map_baseline": MAP_BASELINES,
             "lr_schedule": ("constant", "cosine"),
         }
         for name, allowed in choices.items():

@@ -54,7 +54,7 @@ from dskd_ray.train import (
     EpochStats,
     TeacherCache,
     TrainResult,
-    compute_threshold,
+    calibrate,
     make_optimizer,
     make_scheduler,
     run_epoch,
@@ -321,7 +321,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         holdout, _, holdout_skipped = load_images(loop["holdout_uris"], config.image_size)
         all_skipped += holdout_skipped
         model = model.to(memory_format=torch.contiguous_format)
-        threshold = compute_threshold(model, holdout, config, device)
+        threshold = calibrate(model, images, holdout, config, device)
         done = {
             "epoch": config.epochs,
             "complete": True,

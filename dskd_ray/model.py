@@ -133,6 +133,10 @@ class DSKD(nn.Module):
         # Per student (se, sd) and level: the mean discrepancy on normal images, fitted after
         # training when config.map_normalization == "normal"; ones otherwise.
         self.register_buffer("level_scales", torch.ones(2, 3))
+        # The final map's per-pixel mean on normal training images (config.map_baseline="mean"),
+        # fitted after training; ones until then.
+        size = config.image_size
+        self.register_buffer("map_baseline", torch.ones(size, size))
 
         self.teacher = build_trunk(config.backbone, student=False)
         self.teacher_identity = "unloaded"
@@ -171,6 +175,10 @@ class DSKD(nn.Module):
         if self.config.map_normalization == "none":
             return None
         return {"se": self.level_scales[0].tolist(), "sd": self.level_scales[1].tolist()}
+
+    def baseline(self) -> torch.Tensor | None:
+        """The per-pixel divisor of the anomaly map, or None when maps are not divided."""
+        return None if self.config.map_baseline == "none" else self.map_baseline
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """RGB in [0, 1] → the backbone's own input normalisation."""

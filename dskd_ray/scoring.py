@@ -37,13 +37,20 @@ def images_to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def compute_maps(model: DSKD, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised-input-free entry: x in [0, 1], (B, 3, H, W) → maps (B, H, W), scores (B,)."""
+def compute_maps(
+    model: DSKD, x: torch.Tensor, divide_baseline: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised-input-free entry: x in [0, 1], (B, 3, H, W) → maps (B, H, W), scores (B,).
+
+    `divide_baseline=False` gives the map before the per-pixel baseline (to fit that baseline).
+    """
     cfg = model.config
     features = model(model.normalize(x))
+    baseline = model.baseline() if divide_baseline else None
     maps = anomaly_map(
-        features, tuple(x.shape[-2:]), cfg.level_fusion, cfg.blur_sigma, model.map_scales()
-    )
+        features, tuple(x.shape[-2:]), cfg.level_fusion, cfg.blur_sigma, model.map_scales(),
+        baseline,
+    )  # fmt: skip
     return maps, image_score(maps)
 
 

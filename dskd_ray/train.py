@@ -274,19 +274,58 @@ def fit_level_scales(
     model.level_scales.copy_(scales.to(model.level_scales.device))
 
 
+@torch.inference_mode()
+def fit_map_baseline(
+    model: DSKD,
+    images: np.ndarray | torch.Tensor,
+    device: torch.device,
+    batch_size: int,
+    max_images: int = 256,
+) -> None:
+    """Set model.map_baseline to the per-pixel mean map of (at most `max_images` of) `images`.
+
+    Training images, not the hold-out: the threshold is then fitted on images the baseline has
+    not seen. Their maps run a little lower than unseen normals', evenly, which a divisor's
+    shape does not mind. A floor keeps near-zero pixels from blowing up the ratio.
+    """
+    model.eval()
+    n = len(images)
+    if n == 0:
+        return
+    pick = np.unique(np.linspace(0, n - 1, min(n, max_images)).round().astype(int))
+    total = torch.zeros_like(model.map_baseline, dtype=torch.float64)
+    for start in range(0, len(pick), batch_size):
+        batch = np.asarray(images[pick[start : start + batch_size]])
+        maps, _ = compute_maps(model, images_to_tensor(batch, device), divide_baseline=False)
+        total += maps.double().sum(dim=0)
+    mean = (total / len(pick)).float()
+    floor = 0.1 * float(mean.mean())
+    model.map_baseline.copy_(mean.clamp_min(max(floor, 1e-12)))
+
+
+def calibrate(
+    model: DSKD,
+    train_images: np.ndarray | torch.Tensor,
+    holdout: np.ndarray,
+    config: DSKDConfig,
+    device: torch.device,
+) -> Threshold | None:
+    """After training: level scales, then the map baseline, then the threshold, each on the
+    maps the previous step leaves, so the checkpoint scores exactly as it was calibrated."""
+    if config.map_normalization == "normal" and len(holdout):
+        fit_level_scales(model, holdout, device, config.batch_size)
+    if config.map_baseline == "mean":
+        fit_map_baseline(model, train_images, device, config.batch_size)
+    return compute_threshold(model, holdout, config, device)
+
+
 def compute_threshold(
     model: DSKD, holdout: np.ndarray, config: DSKDConfig, device: torch.device
 ) -> Threshold | None:
-    """The high quantile of held-out normal images' scores (DESIGN §1); None without a hold-out.
-
-    With map_normalization="normal" the level scales are fitted on the same images first, so
-    the threshold is on the normalised maps the checkpoint will produce.
-    """
+    """The high quantile of held-out normal images' scores (DESIGN §1); None without a hold-out."""
     if len(holdout) == 0:
         log.warning("no held-out normal images: the checkpoint will have no image threshold")
         return None
-    if config.map_normalization == "normal":
-        fit_level_scales(model, holdout, device, config.batch_size)
     scores = score_images(model, holdout, device, config.batch_size)
     value = float(np.quantile(scores, config.threshold_quantile))
     return Threshold(value, "quantile", config.threshold_quantile, [float(s) for s in scores])
@@ -370,7 +409,7 @@ def train(
         if epoch + 1 < config.epochs:
             save_checkpoint(make_checkpoint(model, None, training, meta), out)
 
-    threshold = compute_threshold(model, holdout_images, config, dev)
+    threshold = calibrate(model, train_images.numpy(), holdout_images, config, dev)
     # The finished checkpoint drops the optimizer state: scoring actors load it, and Adam's
     # moments would triple its size.
     training = {"epoch": config.epochs, "complete": True, "history": [vars(h) for h in history]}

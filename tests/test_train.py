@@ -150,13 +150,13 @@ def test_too_few_readable_images_is_a_clear_error(tmp_path: Path, tiny_config: D
 def test_map_normalization_fits_level_scales_on_normal_images(tiny_config: DSKDConfig) -> None:
     from dskd_ray.loss import level_discrepancy
     from dskd_ray.scoring import images_to_tensor
-    from dskd_ray.train import compute_threshold
+    from dskd_ray.train import calibrate
 
     config = tiny_config.replace(map_normalization="normal")
     model = DSKD(config)
     assert model.map_scales() is not None
     holdout = np.random.default_rng(0).integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)
-    threshold = compute_threshold(model, holdout, config, torch.device("cpu"))
+    threshold = calibrate(model, holdout[:2], holdout, config, torch.device("cpu"))
     assert threshold is not None
     scales = model.level_scales
     assert not torch.equal(scales, torch.ones(2, 3))
@@ -168,3 +168,31 @@ def test_map_normalization_fits_level_scales_on_normal_images(tiny_config: DSKDC
             # Each level, divided by its scale, averages one on the normal images it was fitted on.
             assert (mean / scales[row, k]).item() == pytest.approx(1.0, rel=1e-4)
     assert DSKD(tiny_config).map_scales() is None
+
+
+def test_map_baseline_is_the_normal_mean_map_and_divides_it_out(tiny_config: DSKDConfig) -> None:
+    from dskd_ray.scoring import compute_maps, images_to_tensor
+    from dskd_ray.train import calibrate
+
+    model = DSKD(tiny_config).eval()
+    assert model.baseline() is not None  # "mean" is the default
+    rng = np.random.default_rng(1)
+    normal = rng.integers(0, 255, (6, 64, 64, 3), dtype=np.uint8)
+    holdout = rng.integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
+    x = images_to_tensor(normal, torch.device("cpu"))
+    raw, _ = compute_maps(model, x, divide_baseline=False)
+    threshold = calibrate(model, normal, holdout, tiny_config, torch.device("cpu"))
+    mean = raw.mean(dim=0)
+    floor = 0.1 * mean.mean()
+    torch.testing.assert_close(model.map_baseline, mean.clamp_min(floor))
+    divided, scores = compute_maps(model, x)
+    torch.testing.assert_close(divided, raw / model.map_baseline)
+    assert torch.equal(scores, divided.flatten(1).amax(dim=1))
+    # The threshold is on the divided maps of the hold-out, which the baseline did not see.
+    held, held_scores = compute_maps(model, images_to_tensor(holdout, torch.device("cpu")))
+    assert threshold is not None
+    assert threshold.normal_scores == pytest.approx(held_scores.tolist(), rel=1e-5)
+    # "none" keeps the raw map whatever the buffer holds.
+    model.config = tiny_config.replace(map_baseline="none")
+    assert model.baseline() is None
+    torch.testing.assert_close(compute_maps(model, x)[0], raw)
