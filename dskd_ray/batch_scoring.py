@@ -70,6 +70,8 @@ class ScoringOptions:
     rescore: bool = False  # score everything, even images this model already scored
     rows_per_file: int = 100_000  # Parquet rows per part file
     io_threads: int = 8  # concurrent object reads / writes inside one task
+    precision: str = "fp32"  # "bf16": autocast in the actors (GPUs; CPUs with native bf16)
+    compile: bool = False  # torch.compile the model in each actor
     run_id: str | None = None  # default: start time + random suffix
 
 
@@ -215,7 +217,15 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, io_threads: int)
 class ScoringActor:
     """Scores decoded images; one model per actor, loaded once in `__init__`."""
 
-    def __init__(self, checkpoint: list, device: str, batch_size: int, threads: int) -> None:
+    def __init__(
+        self,
+        checkpoint: list,
+        device: str,
+        batch_size: int,
+        threads: int,
+        precision: str = "fp32",
+        compile: bool = False,
+    ) -> None:
         import ray
         import torch
 
@@ -225,7 +235,9 @@ class ScoringActor:
         torch.set_num_threads(threads)
         ckpt = checkpoint[0]
         ckpt = ray.get(ckpt) if isinstance(ckpt, ray.ObjectRef) else ckpt
-        self.scorer = Scorer(ckpt, device=device, batch_size=batch_size)
+        self.scorer = Scorer(
+            ckpt, device=device, batch_size=batch_size, precision=precision, compile=compile
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch.pop("image")
@@ -392,8 +404,13 @@ def score_images(
     # torch is imported here and in the actors, not at module level: the read/decode and
     # map-writing tasks import this module too, and start seconds sooner without it.
     from dskd_ray.checkpoint import library_versions, load_checkpoint
+    from dskd_ray.scoring import PRECISIONS
 
     options = options or ScoringOptions()
+    if options.precision not in PRECISIONS:  # before Ray starts, not inside an actor
+        raise ConfigError(
+            f"--precision {options.precision!r} is not one of {', '.join(PRECISIONS)}"
+        )
     start = time.perf_counter()
     started_at = utc_now()
     checkpoint = load_checkpoint(model)
@@ -523,6 +540,8 @@ def _run_pipeline(
                 "device": plan.device,
                 "batch_size": options.batch_size,
                 "threads": plan.threads,
+                "precision": options.precision,
+                "compile": options.compile,
             },
         )
         .map_batches(

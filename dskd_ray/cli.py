@@ -436,6 +436,15 @@ def score(
         bool, typer.Option(help="Score every image again, even those this model already scored")
     ] = False,
     rows_per_file: Annotated[int, typer.Option(help="Parquet rows per part file")] = 100_000,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="fp32 | bf16 (autocast: GPUs and CPUs with native bf16; ~1e-2 on scores)"
+        ),
+    ] = "fp32",
+    compile: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the model in each actor")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
 ) -> None:
     """Score every image under INPUT on Ray Data: one anomaly map and one Parquet row per image.
@@ -448,7 +457,7 @@ def score(
 
     options = ScoringOptions(
         device=device, batch_size=batch_size, actors=actors, actor_threads=actor_threads,
-        rescore=rescore, rows_per_file=rows_per_file,
+        rescore=rescore, rows_per_file=rows_per_file, precision=precision, compile=compile,
     )  # fmt: skip
     summary = score_images(input_uri, model, out, options, address=address)
     _echo(

@@ -6,7 +6,9 @@ computes scores the same way.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +16,7 @@ import torch
 
 from dskd_ray.anomaly_map import anomaly_map, image_score
 from dskd_ray.checkpoint import Checkpoint, load_checkpoint
+from dskd_ray.errors import ConfigError
 from dskd_ray.model import DSKD
 
 log = logging.getLogger(__name__)
@@ -24,8 +27,6 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from dskd_ray.errors import ConfigError
-
         raise ConfigError(f"device {device!r} asked for, but torch sees no CUDA device")
     return dev
 
@@ -36,16 +37,31 @@ def images_to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).float().div_(255.0)
 
 
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+
+
 @torch.inference_mode()
 def compute_maps(
-    model: DSKD, x: torch.Tensor, divide_baseline: bool = True
+    model: DSKD,
+    x: torch.Tensor,
+    divide_baseline: bool = True,
+    autocast_dtype: torch.dtype | None = None,
+    forward: Callable[[torch.Tensor], dict[str, list[torch.Tensor]]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised-input-free entry: x in [0, 1], (B, 3, H, W) → maps (B, H, W), scores (B,).
 
     `divide_baseline=False` gives the map before the per-pixel baseline (to fit that baseline).
+    `autocast_dtype` runs the networks (not the map arithmetic) under autocast; `forward` is a
+    stand-in for `model` (e.g. its torch.compile'd self).
     """
     cfg = model.config
-    features = model(model.normalize(x))
+    run = forward or model
+    with (
+        torch.autocast(x.device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    ):
+        features = run(model.normalize(x))
     baseline = model.baseline() if divide_baseline else None
     maps = anomaly_map(
         features, tuple(x.shape[-2:]), cfg.level_fusion, cfg.blur_sigma, model.map_scales(),
@@ -61,16 +77,35 @@ class ScoreResult:
 
 
 class Scorer:
-    """A checkpoint loaded once, ready to score batches of decoded images."""
+    """A checkpoint loaded once, ready to score batches of decoded images.
+
+    The fast path: `channels_last` weights and inputs (on by default: +40% on this project's
+    reference CPU, the same scores to float rounding); `precision="bf16"` autocast (fast on GPUs
+    and on CPUs with native bf16, slower on others; scores move by ~1e-2, so it is opt-in);
+    `compile=True` wraps the model in torch.compile (pays off on long GPU runs).
+    """
 
     def __init__(
-        self, checkpoint: Checkpoint | str, device: str = "auto", batch_size: int = 16
+        self,
+        checkpoint: Checkpoint | str,
+        device: str = "auto",
+        batch_size: int = 16,
+        channels_last: bool = True,
+        precision: str = "fp32",
+        compile: bool = False,
     ) -> None:
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
         self.checkpoint = (
             checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
         )
         self.device = resolve_device(device)
-        self.model = self.checkpoint.build_model().to(self.device)
+        self.model = self.checkpoint.build_model().to(self.device).eval()
+        self.channels_last = channels_last
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        self.forward = torch.compile(self.model) if compile else self.model
         self.batch_size = batch_size
         self.image_size = self.checkpoint.config.image_size
         threshold = self.checkpoint.threshold
@@ -86,7 +121,13 @@ class Scorer:
         maps_out, scores_out = [], []
         for start in range(0, len(images), self.batch_size):
             x = images_to_tensor(images[start : start + self.batch_size], self.device)
-            maps, scores = compute_maps(self.model, x)
+            # images_to_tensor's NHWC→NCHW permute already has channels_last strides.
+            x = x.contiguous(
+                memory_format=torch.channels_last if self.channels_last else torch.contiguous_format
+            )
+            maps, scores = compute_maps(
+                self.model, x, autocast_dtype=self.autocast_dtype, forward=self.forward
+            )
             maps_out.append(maps.float().cpu().numpy())
             scores_out.append(scores.float().cpu().numpy())
         if not maps_out:

@@ -117,3 +117,14 @@ def test_evaluate_without_masks_gives_null_pixel_metrics(tmp_path: Path) -> None
     row = json.loads((tmp_path / "m.json").read_text())["tex"]
     assert row["pixel_auroc"] is None and row["aupro"] is None
     assert isinstance(row["image_auroc"], float) and isinstance(row["f1_max"], float)
+
+
+def test_bad_precision_is_one_line_before_anything_runs(tmp_path: Path) -> None:
+    write_textures(tmp_path / "imgs", 2)
+    result = dskd(
+        "score", str(tmp_path / "imgs"), "--model", str(tmp_path / "absent.pt"),
+        "--out", str(tmp_path / "out"), "--precision", "fp16",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip() == "dskd: error: --precision 'fp16' is not one of fp32, bf16"
+    assert not (tmp_path / "out").exists()

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import numpy as np
+
 from dskd_ray.config import DSKDConfig
 from dskd_ray.data import load_category
 from dskd_ray.demo_data import make_demo_data
@@ -27,6 +29,21 @@ def test_demo_category_trains_to_well_above_chance(tmp_path: Path) -> None:
     )  # fmt: skip
     result = train(config, root, str(tmp_path / "model.pt"))
     assert result.checkpoint.teacher_identity.startswith("lite0-imagenet:")
-    metrics = evaluate_category(Scorer(str(tmp_path / "model.pt")), load_category(root)).metrics()
+    category = load_category(root)
+    fast = evaluate_category(Scorer(str(tmp_path / "model.pt")), category, keep_maps=True)
+    metrics = fast.metrics()
     assert metrics["image_auroc"] >= IMAGE_AUROC_BAR, metrics
     assert metrics["pixel_auroc"] >= PIXEL_AUROC_BAR, metrics
+
+    # The fast path (channels_last, the default) against the plain fp32 path, same images.
+    plain = evaluate_category(
+        Scorer(result.checkpoint, channels_last=False), category, keep_maps=True
+    )
+    assert np.abs(fast.scores - plain.scores).max() <= 1e-3
+    assert np.abs(fast.maps - plain.maps).max() <= 1e-3
+    assert fast.metrics()["image_auroc"] == plain.metrics()["image_auroc"]
+    # bf16 is opt-in because it moves scores more than that; it must still rank alike.
+    bf16 = evaluate_category(Scorer(result.checkpoint, precision="bf16"), category)
+    relative = np.abs(bf16.scores - plain.scores) / np.abs(plain.scores)
+    assert relative.max() < 0.1, relative.max()
+    assert abs(bf16.metrics()["image_auroc"] - metrics["image_auroc"]) <= 0.05
