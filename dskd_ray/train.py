@@ -366,6 +366,10 @@ def train(
         train_images = train_images.pin_memory()
 
     model = state.build_model().to(dev) if state is not None else DSKD(config).to(dev)
+    # On CUDA: bf16 autocast and channels_last, as the Ray Train workers do.
+    cuda = dev.type == "cuda"
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, config)
     steps_per_epoch = math.ceil(len(train_idx) / config.batch_size)
     scheduler = make_scheduler(optimizer, config, steps_per_epoch)
@@ -393,7 +397,8 @@ def train(
         order = epoch_order(len(train_idx), config.seed, epoch)
         stats = run_epoch(
             model, optimizer, scheduler, train_images, order, config, dev, cache,
-            epoch + 1, on_progress,
+            epoch + 1, on_progress, autocast_dtype=torch.bfloat16 if cuda else None,
+            channels_last=cuda,
         )  # fmt: skip
         history.append(stats)
         if on_epoch is not None:
@@ -409,6 +414,7 @@ def train(
         if epoch + 1 < config.epochs:
             save_checkpoint(make_checkpoint(model, None, training, meta), out)
 
+    model = model.to(memory_format=torch.contiguous_format)
     threshold = calibrate(model, train_images.numpy(), holdout_images, config, dev)
     # The finished checkpoint drops the optimizer state: scoring actors load it, and Adam's
     # moments would triple its size.
