@@ -117,8 +117,8 @@ def mean_std(values: list[float | None]) -> str:
 def markdown(runs: list[Run], mode: str) -> str:
     rows = [r for r in runs if r.mode == mode]
     lines = [
-        "| variant | map | category | epochs | image AUROC | pixel AUROC | AUPRO | F1-max | train s | score img/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | map | category | epochs | seeds | image AUROC | pixel AUROC | AUPRO | F1-max | train s (fastest) | score img/s (best) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     keys = sorted(
         {(r.variant, r.map_baseline, r.category) for r in rows},
@@ -132,9 +132,9 @@ def markdown(runs: list[Run], mode: str) -> str:
         cells = [mean_std([r.metrics[k] for r in group]) for k in METRIC_KEYS]
         epochs = sorted({r.epochs for r in group})
         lines.append(
-            f"| {variant} | {'÷ normal mean' if baseline == 'mean' else 'raw'} | {category} | {'/'.join(map(str, epochs))} | {' | '.join(cells)} | "
-            f"{statistics.mean(r.train_s for r in group):.0f} | "
-            f"{statistics.mean(r.score_ips for r in group):.1f} |"
+            f"| {variant} | {'÷ normal mean' if baseline == 'mean' else 'raw'} | {category} | "
+            f"{'/'.join(map(str, epochs))} | {len(group)} | {' | '.join(cells)} | "
+            f"{min(r.train_s for r in group):.0f} | {max(r.score_ips for r in group):.1f} |"
         )
     return "\n".join(lines)
 
@@ -158,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-equal-time", action="store_true", help="skip the equal-wall-time runs"
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs already in OUT/results.json and add only the missing ones",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 
@@ -168,30 +173,48 @@ def main(argv: list[str] | None = None) -> int:
         image_size=args.image_size, batch_size=args.batch_size,
     )  # fmt: skip
     runs: list[Run] = []
+    if args.resume and (out / "results.json").exists():
+        runs = [Run(**r) for r in json.loads((out / "results.json").read_text())]
+        logging.info("resuming: %d runs already in %s", len(runs), out / "results.json")
+
+    def done(variant: str, category: str, seed: int, mode: str, epochs: int | None = None) -> bool:
+        return any(
+            (r.variant, r.category, r.seed, r.mode) == (variant, category, seed, mode)
+            and (epochs is None or r.epochs == epochs)
+            for r in runs
+        )
 
     def save() -> None:
         (out / "results.json").write_text(json.dumps([vars(r) for r in runs], indent=2) + "\n")
         header = (
             f"Backbone {args.backbone} ({args.teacher_weights}), {args.image_size}², batch "
-            f"{args.batch_size}, seeds {args.seeds}; {torch.get_num_threads()} CPU threads"
+            f"{args.batch_size}; {torch.get_num_threads()} CPU threads"
             f"{', CUDA' if torch.cuda.is_available() else ''}. Mean ± std over seeds.\n"
         )
         text = f"{header}\n### Equal epochs ({args.epochs})\n\n{markdown(runs, 'equal-epochs')}\n"
         if any(r.mode == "equal-time" for r in runs):
-            text += f"\n### Equal wall time (DSKD's {args.epochs} epochs)\n\n{markdown(runs, 'equal-time')}\n"
+            text += (
+                f"\n### Equal wall time (DSKD's fastest {args.epochs}-epoch training)\n\n"
+                f"{markdown(runs, 'equal-time')}\n"
+            )
         (out / "results.md").write_text(text)
 
     for category in discover_categories(args.root):
         for seed in args.seeds:
             for variant in args.variants:
+                if done(variant, category.name, seed, "equal-epochs", args.epochs):
+                    continue
                 runs += run_one(
                     base, variant, category, seed, args.epochs, "equal-epochs", out, args.device
                 )
                 save()
         if args.no_equal_time or REFERENCE not in args.variants:
             continue
-        budget = statistics.mean(
-            r.train_s for r in runs if r.variant == REFERENCE and r.category == category.name
+        # Minima, not means: on a shared machine a run can only be slowed down by others.
+        budget = min(
+            r.train_s
+            for r in runs
+            if (r.variant, r.category, r.mode) == (REFERENCE, category.name, "equal-epochs")
         )
         for seed in args.seeds:
             for variant in args.variants:
@@ -199,13 +222,15 @@ def main(argv: list[str] | None = None) -> int:
                     r for r in runs
                     if (r.variant, r.category, r.seed, r.mode) == (variant, category.name, seed, "equal-epochs")
                 ]  # fmt: skip
+                if done(variant, category.name, seed, "equal-time"):
+                    continue
                 if variant == REFERENCE:
                     runs += [Run(**{**vars(r), "mode": "equal-time"}) for r in same]
                     continue
-                per_epoch = statistics.mean(
+                per_epoch = min(
                     r.s_per_epoch
                     for r in runs
-                    if r.variant == variant and r.category == category.name
+                    if (r.variant, r.category, r.mode) == (variant, category.name, "equal-epochs")
                 )
                 epochs = max(1, round(budget / per_epoch))
                 if epochs == args.epochs:  # the same run as its equal-epochs one
