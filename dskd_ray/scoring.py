@@ -55,7 +55,8 @@ def compute_maps(
     stand-in for `model` (e.g. its torch.compile'd self).
     """
     cfg = model.config
-    run = forward or model
+    # `is None`, not `or`: a torch.compile'd module has no truth value (it forwards len()).
+    run = forward if forward is not None else model
     with (
         torch.autocast(x.device.type, dtype=autocast_dtype)
         if autocast_dtype is not None

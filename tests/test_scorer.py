@@ -27,3 +27,11 @@ def test_channels_last_scores_like_the_plain_path(tiny_config: DSKDConfig, stude
 def test_unknown_precision_is_a_clear_error(tiny_config: DSKDConfig) -> None:
     with pytest.raises(ConfigError, match="precision='fp16' is not one of fp32, bf16"):
         Scorer(make_checkpoint(DSKD(tiny_config)), device="cpu", precision="fp16")
+
+
+def test_compiled_model_scores_like_the_plain_path(tiny_config: DSKDConfig) -> None:
+    checkpoint = make_checkpoint(DSKD(tiny_config.replace(students="se")))
+    images = np.random.default_rng(4).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    plain = Scorer(checkpoint, device="cpu", channels_last=False).score_batch(images)
+    compiled = Scorer(checkpoint, device="cpu", compile=True).score_batch(images)
+    np.testing.assert_allclose(compiled.scores, plain.scores, atol=1e-3, rtol=0)
