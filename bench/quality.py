@@ -1,107 +1,214 @@
-"""Detection quality: DSKD against its single-student baselines and its own switches.
+"""Detection quality: DSKD, its single students, its map rules, and a training-free reference.
 
-For each category under an MVTec-layout root, trains and evaluates every variant with the same
-teacher, epochs and seeds, then writes a Markdown table and JSON. Two comparisons:
-- equal epochs: every variant gets --epochs;
-- equal wall time: each variant gets as many epochs as fit in the time DSKD (`both`) took,
-  from its own measured seconds per epoch (two students cost more per epoch than one).
-Every trained model is scored twice: with the map divided by its per-pixel mean on normal
-training images (`map_baseline=mean`, the default) and with the raw map (`none`), so the table
-shows what that division does to the same weights.
-Nothing is chosen on test images: thresholds come from held-out normal training images.
+For each category under the given MVTec-layout roots, for each seed:
+- the kNN reference on the same frozen teacher (bench/knn_reference.py; no training);
+- each training variant (DSKD, `se` ≈ STFPM, `sd` ≈ Reverse Distillation) trained once with the
+  product's `train()`, then
+  - scored through the product's own path (`Scorer` + `evaluate_category`: the checkpoint's
+    calibrated default map), and
+  - re-mapped under every map rule in RULES from the same pyramids (level statistics fitted on
+    the held-out normal images, per-pixel baselines on training images, as `calibrate` does),
+  - with diagnostics: image / pixel AUROC of each student's each level alone.
+Nothing is chosen on test images. Results go to OUT/results.json (resumable: runs already
+there are kept) and OUT/results.md.
 
-    python bench/quality.py ../shared/data/mtd --epochs 10 --seeds 0 1 2 --out bench/out/mtd
+    python bench/quality.py ../shared/data/mtd --epochs 20 --seeds 0 1 2 --out bench/out/mtd
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
-from dskd_ray.config import DSKDConfig
-from dskd_ray.data import discover_categories
-from dskd_ray.evaluate import METRIC_KEYS, evaluate_category
-from dskd_ray.scoring import Scorer
-from dskd_ray.train import train
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# name → config changes. `both/se` is DSKD as DESIGN §1 specifies it; `sd` alone always reads the
-# teacher's pyramid (there is no Se to read), so it is the Reverse-Distillation-like baseline.
+from knn_reference import knn_maps  # noqa: E402
+
+from dskd_ray import metrics  # noqa: E402
+from dskd_ray.anomaly_map import (  # noqa: E402
+    baseline_from_mean,
+    fuse_levels,
+    gaussian_blur,
+    image_score,
+    level_maps,
+    level_moments,
+    level_statistics,
+)
+from dskd_ray.config import DSKDConfig  # noqa: E402
+from dskd_ray.data import Category, discover_categories, load_images, load_mask  # noqa: E402
+from dskd_ray.evaluate import METRIC_KEYS, evaluate_category  # noqa: E402
+from dskd_ray.model import DSKD  # noqa: E402
+from dskd_ray.scoring import Scorer, images_to_tensor, resolve_device  # noqa: E402
+from dskd_ray.train import split_holdout, train  # noqa: E402
+
+# name → config changes for training. `sd` alone reads the teacher's pyramid (there is no Se).
 VARIANTS: dict[str, dict[str, str]] = {
-    "dskd (both, df=se)": {"students": "both", "df_input": "se"},
-    "dskd (both, df=teacher)": {"students": "both", "df_input": "teacher"},
-    "dskd (both, df=se, product)": {
-        "students": "both",
-        "df_input": "se",
-        "level_fusion": "product",
-    },
-    "dskd (both, df=se, normalised)": {
-        "students": "both",
-        "df_input": "se",
-        "map_normalization": "normal",
-    },
-    "dskd (both, df=teacher, normalised)": {
-        "students": "both",
-        "df_input": "teacher",
-        "map_normalization": "normal",
-    },  # fmt: skip
-    "se only (≈STFPM)": {"students": "se"},
-    "sd only (≈RD)": {"students": "sd", "df_input": "teacher"},
+    "dskd": {"students": "both", "df_input": "se"},
+    "dskd (df=teacher)": {"students": "both", "df_input": "teacher"},
+    "se (≈STFPM)": {"students": "se"},
+    "sd (≈RD)": {"students": "sd", "df_input": "teacher"},
 }
-REFERENCE = "dskd (both, df=se)"
+# name → (level_normalization, level_fusion, map_baseline, score_top_k): how the map is made
+# from the same trained pyramids.
+RULES: dict[str, tuple[str, str, str, int]] = {
+    "raw sum": ("none", "sum", "none", 1),
+    "raw sum ÷ pixel mean": ("none", "sum", "mean", 1),
+    "raw product": ("none", "product", "none", 1),
+    "÷ level mean, sum": ("mean", "sum", "none", 1),
+    "standardised sum": ("standardize", "sum", "none", 1),
+    "raw sum, top-100": ("none", "sum", "none", 100),
+    "standardised sum, top-100": ("standardize", "sum", "none", 100),
+}
+REFERENCE = "kNN reference (no training)"
+
+
+def rule_of(config: DSKDConfig) -> str:
+    key = (config.level_normalization, config.level_fusion, config.map_baseline, config.score_top_k)
+    return next((name for name, rule in RULES.items() if rule == key), str(key))
 
 
 @dataclass
 class Run:
-    variant: str
     category: str
     seed: int
+    method: str  # a VARIANTS name or REFERENCE
     epochs: int
-    mode: str  # "equal-epochs" or "equal-time"
-    map_baseline: str  # "mean" (map ÷ its normal mean per pixel) or "none" (raw map)
+    kind: str  # "product" (the checkpoint's own path), "rule", "level", "reference"
+    rule: str  # the map rule, or "<student> stride <s>" for a level
     metrics: dict[str, float | None]
-    train_s: float
-    s_per_epoch: float
-    score_ips: float
+    train_s: float = 0.0
 
 
-def run_one(
-    base: DSKDConfig,
-    variant: str,
-    category,
-    seed: int,
-    epochs: int,
-    mode: str,
-    workdir: Path,
-    device: str,
+@dataclass
+class TestSet:
+    images: np.ndarray  # (N, S, S, 3) uint8
+    labels: np.ndarray  # (N,)
+    masks: np.ndarray | None  # (N, S, S) bool, None without pixel labels
+
+
+def load_test_set(category: Category, size: int) -> TestSet:
+    images, kept, _ = load_images([t.path for t in category.test], size)
+    by_path = {t.path: t for t in category.test}
+    items = [by_path[u] for u in kept]
+    labels = np.array([t.label for t in items], np.int64)
+    with_masks = all(t.mask_path for t in items if t.label == 1)
+    masks = np.stack([load_mask(t.mask_path, size) for t in items]) if with_masks else None
+    return TestSet(images, labels, masks)
+
+
+def score_metrics(
+    test: TestSet, scores: np.ndarray, maps: np.ndarray | None, aupro: bool = True
+) -> dict[str, float | None]:
+    def finite(x: float) -> float | None:
+        return float(x) if np.isfinite(x) else None
+
+    out: dict[str, float | None] = {
+        "image_auroc": finite(metrics.image_auroc(test.labels, scores)),
+        "pixel_auroc": None,
+        "aupro": None,
+        "f1_max": finite(metrics.f1_max(test.labels, scores)),
+    }
+    if maps is not None and test.masks is not None and test.masks.any():
+        out["pixel_auroc"] = finite(metrics.pixel_auroc(test.masks, maps))
+        if aupro:
+            out["aupro"] = finite(metrics.aupro(test.masks, maps, fpr_limit=0.3))
+    return out
+
+
+@torch.inference_mode()
+def cached_levels(
+    model: DSKD, images: np.ndarray, device: torch.device, batch_size: int = 16
+) -> dict[str, list[torch.Tensor]]:
+    """Every student's level maps (native size, CPU) for a stack of images."""
+    chunks: list[dict[str, list[torch.Tensor]]] = []
+    for start in range(0, len(images), batch_size):
+        x = model.normalize(images_to_tensor(images[start : start + batch_size], device))
+        chunks.append({k: [m.cpu() for m in v] for k, v in level_maps(model(x)).items()})
+    return {name: [torch.cat([c[name][k] for c in chunks]) for k in range(3)] for name in chunks[0]}
+
+
+def take(levels: dict[str, list[torch.Tensor]], sl: slice) -> dict[str, list[torch.Tensor]]:
+    return {name: [m[sl] for m in maps] for name, maps in levels.items()}
+
+
+def rule_maps(
+    levels: dict[str, list[torch.Tensor]],
+    size: int,
+    fusion: str,
+    location: torch.Tensor | None,
+    spread: torch.Tensor | None,
+    sigma: float,
+    baseline: torch.Tensor | None = None,
+    top_k: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The product's map arithmetic on cached levels, in chunks: (maps, scores)."""
+    n = len(next(iter(levels.values()))[0])
+    maps, scores = [], []
+    for start in range(0, n, 64):
+        fused = fuse_levels(
+            take(levels, slice(start, start + 64)), (size, size), fusion, location, spread
+        )
+        m = gaussian_blur(fused, sigma)
+        if baseline is not None:
+            m = m / baseline
+        maps.append(m.numpy())
+        scores.append(image_score(m, top_k).numpy())
+    return np.concatenate(maps), np.concatenate(scores)
+
+
+def evaluate_rules(
+    model: DSKD,
+    holdout: np.ndarray,
+    train_images: np.ndarray,
+    test: TestSet,
+    device: torch.device,
+    base: Run,
 ) -> list[Run]:
-    """Train one model, then score it with and without the per-pixel map baseline."""
-    config = base.replace(seed=seed, epochs=epochs, **VARIANTS[variant])
-    ckpt = workdir / f"{category.name}-{abs(hash((variant, seed, mode))) % 10**8}.pt"
-    start = time.perf_counter()
-    result = train(config, category.root, str(ckpt), device=device)
-    train_s = time.perf_counter() - start
-    ckpt.unlink(missing_ok=True)
+    """Every map rule and every single level, from one pass of the network per image."""
+    cfg = model.config
+    size, sigma = cfg.image_size, cfg.blur_sigma
+    normal = cached_levels(model, holdout if len(holdout) else train_images, device)
+    pick = np.unique(np.linspace(0, len(train_images) - 1, min(len(train_images), 256)).round())
+    train_levels = cached_levels(model, train_images[pick.astype(int)], device)
+    test_levels = cached_levels(model, test.images, device)
+    moments = level_moments(normal)
     runs = []
-    for baseline in ("mean", "none"):
-        checkpoint = result.checkpoint
-        checkpoint = replace(checkpoint, config=checkpoint.config.replace(map_baseline=baseline))
-        scorer = Scorer(checkpoint, device=device)
-        start = time.perf_counter()
-        evaluated = evaluate_category(scorer, category)
-        score_s = time.perf_counter() - start
-        runs.append(Run(
-            variant, category.name, seed, epochs, mode, baseline, evaluated.metrics(), train_s,
-            train_s / epochs, evaluated.n_test / score_s,
-        ))  # fmt: skip
-        logging.info("%s", runs[-1])
+    for name, (normalization, fusion, baseline_mode, top_k) in RULES.items():
+        location, spread = level_statistics(moments, normalization)
+        baseline = None
+        if baseline_mode == "mean":
+            train_maps, _ = rule_maps(train_levels, size, fusion, location, spread, sigma)
+            baseline = baseline_from_mean(torch.from_numpy(train_maps).mean(dim=0))
+        maps, scores = rule_maps(
+            test_levels, size, fusion, location, spread, sigma, baseline, top_k
+        )
+        runs.append(
+            dataclasses.replace(
+                base, kind="rule", rule=name, metrics=score_metrics(test, scores, maps)
+            )
+        )
+        logging.info("%s %s %s: %s", base.category, base.method, name, runs[-1].metrics)
+    for student, maps_k in test_levels.items():
+        for k, stride in enumerate((4, 8, 16)):
+            one = {student: [maps_k[k]]}
+            up = F.interpolate(one[student][0].unsqueeze(1), size=(size, size), mode="bilinear")
+            maps = gaussian_blur(up.squeeze(1), sigma).numpy()
+            scores = maps.reshape(len(maps), -1).max(axis=1)
+            runs.append(dataclasses.replace(
+                base, kind="level", rule=f"{student} stride {stride}",
+                metrics=score_metrics(test, scores, maps, aupro=False),
+            ))  # fmt: skip
     return runs
 
 
@@ -114,130 +221,165 @@ def mean_std(values: list[float | None]) -> str:
     return f"{statistics.mean(present):.3f} ± {statistics.stdev(present):.3f}"
 
 
-def markdown(runs: list[Run], mode: str) -> str:
-    rows = [r for r in runs if r.mode == mode]
-    lines = [
-        "| variant | map | category | epochs | seeds | image AUROC | pixel AUROC | AUPRO | F1-max | train s (fastest) | score img/s (best) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    keys = sorted(
-        {(r.variant, r.map_baseline, r.category) for r in rows},
-        key=lambda k: (k[2], k[1] != "mean", list(VARIANTS).index(k[0])),
-    )
-    for variant, baseline, category in keys:
-        group = [
-            r for r in rows
-            if (r.variant, r.map_baseline, r.category) == (variant, baseline, category)
-        ]  # fmt: skip
-        cells = [mean_std([r.metrics[k] for r in group]) for k in METRIC_KEYS]
-        epochs = sorted({r.epochs for r in group})
+def table(runs: list[Run], keys: list[tuple[str, str, str]], columns: tuple[str, ...]) -> list[str]:
+    """Rows (category, method, rule) → mean ± std over seeds of each metric column."""
+    lines = []
+    for category, method, rule in keys:
+        group = [r for r in runs if (r.category, r.method, r.rule) == (category, method, rule)]
+        if not group:
+            continue
+        epochs = "/".join(str(e) for e in sorted({r.epochs for r in group})) or "—"
+        cells = [mean_std([r.metrics.get(k) for r in group]) for k in columns]
         lines.append(
-            f"| {variant} | {'÷ normal mean' if baseline == 'mean' else 'raw'} | {category} | "
-            f"{'/'.join(map(str, epochs))} | {len(group)} | {' | '.join(cells)} | "
-            f"{min(r.train_s for r in group):.0f} | {max(r.score_ips for r in group):.1f} |"
+            f"| {category} | {method} | {rule} | {epochs} | {len(group)} | {' | '.join(cells)} |"
         )
-    return "\n".join(lines)
+    return lines
+
+
+def markdown(runs: list[Run], header: str) -> str:
+    default_rule = rule_of(DSKDConfig())
+    categories = sorted({r.category for r in runs})
+    methods = [m for m in VARIANTS if any(r.method == m for r in runs)]
+    metric_head = "image AUROC | pixel AUROC | AUPRO | F1-max"
+    out = [header, f"Default map rule: **{default_rule}**. Mean ± std over seeds.", ""]
+
+    out += ["### Summary: the default map rule and the training-free reference", ""]
+    out += [
+        f"| category | method | map | epochs | seeds | {metric_head} |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    keys = []
+    for c in categories:
+        keys.append((c, REFERENCE, "kNN"))
+        keys += [(c, m, "product path") for m in methods]
+        keys += [(c, m, default_rule) for m in methods]
+    product = [dataclasses.replace(r, rule="product path") for r in runs if r.kind == "product"]
+    rest = [r for r in runs if r.kind in ("rule", "reference")]
+    out += table(product + rest, keys, METRIC_KEYS)
+
+    out += ["", "### Map rules on the same trained models", ""]
+    out += [
+        f"| category | method | map rule | epochs | seeds | {metric_head} |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    keys = [(c, m, rule) for c in categories for m in methods for rule in RULES]
+    out += table([r for r in runs if r.kind == "rule"], keys, METRIC_KEYS)
+
+    out += ["", "### Diagnostics: each student's each level alone (raw 1 − cos, blurred, max)", ""]
+    out += [
+        "| category | method | level | epochs | seeds | image AUROC | pixel AUROC |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    levels = [f"{s} stride {k}" for s in ("se", "sd") for k in (4, 8, 16)]
+    keys = [(c, m, lv) for c in categories for m in methods for lv in levels]
+    out += table([r for r in runs if r.kind == "level"], keys, ("image_auroc", "pixel_auroc"))
+    return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("root", help="MVTec-layout root (or one category)")
+    parser.add_argument("roots", nargs="+", help="MVTec-layout roots or categories")
+    parser.add_argument("--out", default="bench/out/quality", help="folder for results.md / .json")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
-        "--out", default="bench/out/quality", help="folder for results.md / results.json"
+        "--variants", nargs="+", default=["dskd", "se (≈STFPM)", "sd (≈RD)"], choices=list(VARIANTS)
     )
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--teacher-weights", default="imagenet")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto")
-    parser.add_argument(
-        "--no-equal-time", action="store_true", help="skip the equal-wall-time runs"
-    )
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="keep the runs already in OUT/results.json and add only the missing ones",
-    )
+    parser.add_argument("--no-reference", action="store_true", help="skip the kNN reference")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
     base = DSKDConfig(
         backbone=args.backbone, teacher_weights=args.teacher_weights,
-        image_size=args.image_size, batch_size=args.batch_size,
+        image_size=args.image_size, batch_size=args.batch_size, epochs=args.epochs,
     )  # fmt: skip
-    runs: list[Run] = []
-    if args.resume and (out / "results.json").exists():
-        runs = [Run(**r) for r in json.loads((out / "results.json").read_text())]
-        logging.info("resuming: %d runs already in %s", len(runs), out / "results.json")
-
-    def done(variant: str, category: str, seed: int, mode: str, epochs: int | None = None) -> bool:
-        return any(
-            (r.variant, r.category, r.seed, r.mode) == (variant, category, seed, mode)
-            and (epochs is None or r.epochs == epochs)
-            for r in runs
-        )
+    results = out / "results.json"
+    runs = [Run(**r) for r in json.loads(results.read_text())] if results.exists() else []
+    header = (
+        f"Backbone {args.backbone} ({args.teacher_weights}), {args.image_size}² squashed, batch "
+        f"{args.batch_size}; {torch.get_num_threads()} CPU threads"
+        f"{', CUDA' if device.type == 'cuda' else ''}.\n"
+    )
 
     def save() -> None:
-        (out / "results.json").write_text(json.dumps([vars(r) for r in runs], indent=2) + "\n")
-        header = (
-            f"Backbone {args.backbone} ({args.teacher_weights}), {args.image_size}², batch "
-            f"{args.batch_size}; {torch.get_num_threads()} CPU threads"
-            f"{', CUDA' if torch.cuda.is_available() else ''}. Mean ± std over seeds.\n"
-        )
-        text = f"{header}\n### Equal epochs ({args.epochs})\n\n{markdown(runs, 'equal-epochs')}\n"
-        if any(r.mode == "equal-time" for r in runs):
-            text += (
-                f"\n### Equal wall time (DSKD's fastest {args.epochs}-epoch training)\n\n"
-                f"{markdown(runs, 'equal-time')}\n"
-            )
-        (out / "results.md").write_text(text)
+        results.write_text(json.dumps([vars(r) for r in runs], indent=1) + "\n")
+        (out / "results.md").write_text(markdown(runs, header))
 
-    for category in discover_categories(args.root):
-        for seed in args.seeds:
-            for variant in args.variants:
-                if done(variant, category.name, seed, "equal-epochs", args.epochs):
-                    continue
-                runs += run_one(
-                    base, variant, category, seed, args.epochs, "equal-epochs", out, args.device
-                )
-                save()
-        if args.no_equal_time or REFERENCE not in args.variants:
-            continue
-        # Minima, not means: on a shared machine a run can only be slowed down by others.
-        budget = min(
-            r.train_s
+    def done(category: str, seed: int, method: str, epochs: int) -> bool:
+        return any(
+            (r.category, r.seed, r.method, r.epochs) == (category, seed, method, epochs)
             for r in runs
-            if (r.variant, r.category, r.mode) == (REFERENCE, category.name, "equal-epochs")
         )
+
+    categories = [c for root in args.roots for c in discover_categories(root)]
+    for category in categories:
+        test = load_test_set(category, args.image_size)
         for seed in args.seeds:
-            for variant in args.variants:
-                same = [
-                    r for r in runs
-                    if (r.variant, r.category, r.seed, r.mode) == (variant, category.name, seed, "equal-epochs")
-                ]  # fmt: skip
-                if done(variant, category.name, seed, "equal-time"):
-                    continue
-                if variant == REFERENCE:
-                    runs += [Run(**{**vars(r), "mode": "equal-time"}) for r in same]
-                    continue
-                per_epoch = min(
-                    r.s_per_epoch
-                    for r in runs
-                    if (r.variant, r.category, r.mode) == (variant, category.name, "equal-epochs")
+            if not args.no_reference and not done(category.name, seed, REFERENCE, 0):
+                teacher = DSKD(base.replace(students="se")).to(device).eval()
+                train_all, _, _ = load_images(category.train, args.image_size)
+                maps, scores = knn_maps(teacher, train_all, test.images, device, seed=seed)
+                runs.append(
+                    Run(
+                        category.name,
+                        seed,
+                        REFERENCE,
+                        0,
+                        "reference",
+                        "kNN",
+                        score_metrics(test, scores, maps),
+                    )
                 )
-                epochs = max(1, round(budget / per_epoch))
-                if epochs == args.epochs:  # the same run as its equal-epochs one
-                    runs += [Run(**{**vars(r), "mode": "equal-time"}) for r in same]
+                logging.info("%s reference: %s", category.name, runs[-1].metrics)
+                save()
+            for variant in args.variants:
+                if done(category.name, seed, variant, args.epochs):
                     continue
-                runs += run_one(
-                    base, variant, category, seed, epochs, "equal-time", out, args.device
+                config = base.replace(seed=seed, **VARIANTS[variant])
+                ckpt = out / f"{category.name}-{variant.split()[0]}-{seed}.pt"
+                start = time.perf_counter()
+                result = train(config, category.root, str(ckpt), device=args.device)
+                train_s = time.perf_counter() - start
+                ckpt.unlink(missing_ok=True)
+                checkpoint = result.checkpoint
+                product = evaluate_category(Scorer(checkpoint, device=args.device), category)
+                run = Run(
+                    category.name,
+                    seed,
+                    variant,
+                    args.epochs,
+                    "product",
+                    rule_of(config),
+                    product.metrics(),
+                    train_s,
+                )
+                runs.append(run)
+                logging.info(
+                    "%s %s seed %d product: %s (%.0f s)",
+                    category.name,
+                    variant,
+                    seed,
+                    run.metrics,
+                    train_s,
+                )
+                # The same split `train` made: hold-out for statistics, the rest for baselines.
+                train_all, _, _ = load_images(category.train, args.image_size)
+                train_idx, holdout_idx = split_holdout(
+                    len(train_all), config.holdout_fraction, seed
+                )
+                model = checkpoint.build_model().to(device)
+                runs += evaluate_rules(
+                    model, train_all[holdout_idx], train_all[train_idx], test, device, run
                 )
                 save()
     save()

@@ -193,9 +193,9 @@ def plain_loop(model: Path, paths: list[Path], out: Path, batch_size: int) -> di
         with timers("map"), torch.inference_mode():
             maps = anomaly_map(
                 features, (MODEL_SIZE, MODEL_SIZE), cfg.level_fusion, cfg.blur_sigma,
-                net.map_scales(), net.baseline(),
+                *net.level_statistics(), net.baseline(),
             )  # fmt: skip
-            scores = image_score(maps).numpy()
+            scores = image_score(maps, cfg.score_top_k).numpy()
             maps = maps.numpy()
         with timers("encode"):
             pngs = [encode_map_png(*quantize_map(m)) for m in maps]

@@ -1,4 +1,14 @@
-"""Pixel anomaly maps and image scores from teacher–student discrepancy (DESIGN §1)."""
+"""Pixel anomaly maps and image scores from teacher–student discrepancy (docs/design.md §2).
+
+The map in four steps, each a function here so the quality bench can vary one at a time:
+1. `level_maps`: per student and pyramid level, 1 − cos(T, S) along channels, at the level's
+   own resolution.
+2. `fuse_levels`: each level standardised by statistics fitted on normal images
+   ((m − location) / spread), upsampled to the input size, summed (or multiplied) over levels,
+   averaged over students.
+3. `gaussian_blur`.
+4. `image_score`: the map's maximum, or the mean of its top-k pixels.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from dskd_ray.loss import level_discrepancy
+
+STUDENT_ROWS = {"se": 0, "sd": 1}  # row of each student in the (2, 3) statistics buffers
 
 
 def gaussian_kernel1d(sigma: float, device: torch.device | None = None) -> torch.Tensor:
@@ -34,31 +46,108 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return x.squeeze(1)
 
 
-def student_map(
-    teacher: list[torch.Tensor],
-    student: list[torch.Tensor],
+def level_maps(features: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+    """{student: [(B, h_k, w_k) for each level]}: 1 − cos(T_k, S_k), float32, native size.
+
+    `features` as DSKD.forward gives ({"teacher": [...], "se": [...], "sd": [...]}).
+    """
+    teacher = features["teacher"]
+    return {
+        name: [
+            level_discrepancy(t.float(), s.float()) for t, s in zip(teacher, pyramid, strict=True)
+        ]
+        for name, pyramid in features.items()
+        if name != "teacher"
+    }
+
+
+def level_moments(levels: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+    """(3, 2, 3) float64: pixel count, sum and sum of squares per student row and level.
+
+    Summed over batches, they give the normal statistics of `level_statistics`.
+    """
+    moments = torch.zeros(3, 2, 3, dtype=torch.float64)
+    for name, maps in levels.items():
+        row = STUDENT_ROWS[name]
+        for k, m in enumerate(maps):
+            m = m.detach().double()
+            moments[0, row, k] = m.numel()
+            moments[1, row, k] = m.sum().cpu()
+            moments[2, row, k] = (m * m).sum().cpu()
+    return moments
+
+
+def level_statistics(
+    moments: torch.Tensor, normalization: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(location, spread), each (2, 3) float32, from `level_moments` of normal images.
+
+    "mean": (0, mean), so levels are divided by their normal mean; "standardize": (mean, std);
+    "none": (0, 1). An absent student keeps (0, 1).
+    """
+    count, total, squares = moments
+    present = count > 0
+    mean = torch.where(present, total / count.clamp_min(1), 0.0)
+    std = torch.where(present, (squares / count.clamp_min(1) - mean**2).clamp_min(0).sqrt(), 1.0)
+    location, spread = torch.zeros(2, 3), torch.ones(2, 3)
+    if normalization == "mean":
+        spread = torch.where(present, mean.clamp_min(1e-6), 1.0).float()
+    elif normalization == "standardize":
+        location = mean.float()
+        spread = torch.where(present, std.clamp_min(1e-6), 1.0).float()
+    return location, spread
+
+
+def fuse_levels(
+    levels: dict[str, list[torch.Tensor]],
     size: tuple[int, int],
     fusion: str = "sum",
-    scales: list[float] | None = None,
+    location: torch.Tensor | None = None,
+    spread: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One student's map: per-level 1 − cos, upsampled bilinearly to `size`, fused by sum/product.
+    """(B, H, W): per student, levels standardised, upsampled, fused; then the students' mean.
 
-    `scales` divides each level's discrepancy (its mean on normal images) before fusing.
+    `location`, `spread`: (2, 3) tensors (row per student as STUDENT_ROWS, column per level);
+    None means 0 and 1 (the raw discrepancy).
     """
-    fused: torch.Tensor | None = None
-    for k, (t, s) in enumerate(zip(teacher, student, strict=True)):
-        level = level_discrepancy(t.float(), s.float()).unsqueeze(1)  # (B, 1, h, w)
-        if scales is not None:
-            level = level / scales[k]
-        level = F.interpolate(level, size=size, mode="bilinear", align_corners=False).squeeze(1)
-        if fused is None:
-            fused = level
-        elif fusion == "product":
-            fused = fused * level
-        else:
-            fused = fused + level
-    assert fused is not None
-    return fused
+    if not levels:
+        raise ValueError("no student features to compare with the teacher")
+    per_student = []
+    for name, maps in levels.items():
+        row = STUDENT_ROWS[name]
+        fused: torch.Tensor | None = None
+        for k, level in enumerate(maps):
+            if location is not None:
+                level = level - location[row, k]
+            if spread is not None:
+                level = level / spread[row, k]
+            level = F.interpolate(
+                level.unsqueeze(1), size=size, mode="bilinear", align_corners=False
+            ).squeeze(1)  # (B, H, W)
+            if fused is None:
+                fused = level
+            elif fusion == "product":
+                fused = fused * level
+            else:
+                fused = fused + level
+        assert fused is not None
+        per_student.append(fused)
+    return torch.stack(per_student).mean(dim=0)
+
+
+def baseline_from_mean(mean_map: torch.Tensor) -> torch.Tensor:
+    """The per-pixel divisor from the normal mean map; a floor of 0.1× its mean keeps near-zero
+    pixels from blowing up the ratio."""
+    floor = 0.1 * float(mean_map.mean())
+    return mean_map.clamp_min(max(floor, 1e-12))
+
+
+def image_score(maps: torch.Tensor, top_k: int = 1) -> torch.Tensor:
+    """(B, H, W) → (B,): the map's max (top_k=1) or the mean of its top_k highest pixels."""
+    flat = maps.flatten(1)
+    if top_k <= 1:
+        return flat.amax(dim=1)
+    return flat.topk(min(top_k, flat.shape[1]), dim=1).values.mean(dim=1)
 
 
 def anomaly_map(
@@ -66,26 +155,10 @@ def anomaly_map(
     size: tuple[int, int],
     fusion: str = "sum",
     sigma: float = 4.0,
-    scales: dict[str, list[float]] | None = None,
+    location: torch.Tensor | None = None,
+    spread: torch.Tensor | None = None,
     baseline: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B, H, W) map: the students' maps averaged, blurred, then divided by `baseline` (H, W).
-
-    `features` as DSKD.forward gives.
-    """
-    teacher = features["teacher"]
-    students = [
-        student_map(teacher, v, size, fusion, scales[k] if scales else None)
-        for k, v in features.items()
-        if k != "teacher"
-    ]
-    if not students:
-        raise ValueError("no student features to compare with the teacher")
-    mean = torch.stack(students).mean(dim=0)
-    maps = gaussian_blur(mean, sigma)
+    """(B, H, W) map from the network's pyramids: fused levels, blurred, ÷ `baseline` (H, W)."""
+    maps = gaussian_blur(fuse_levels(level_maps(features), size, fusion, location, spread), sigma)
     return maps if baseline is None else maps / baseline.to(maps.dtype)
-
-
-def image_score(maps: torch.Tensor) -> torch.Tensor:
-    """Image score = max of its map: (B, H, W) → (B,)."""
-    return maps.flatten(1).amax(dim=1)

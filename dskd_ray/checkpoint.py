@@ -26,7 +26,15 @@ from dskd_ray.config import DSKDConfig
 from dskd_ray.errors import CheckpointError
 from dskd_ray.model import DSKD
 
-FORMAT = "dskd_ray.checkpoint/1"
+FORMAT = "dskd_ray.checkpoint/2"
+# /1 → /2: per-level normalisation became (m − location) / spread (was m / scale, named
+# `map_normalization` and `level_scales`); the image score gained `score_top_k`.
+OLDER_FORMATS = ("dskd_ray.checkpoint/1",)
+# The config fields that change what a model computes; with the weights, they make its id.
+MODEL_ID_FIELDS = (
+    "backbone", "students", "df_input", "level_fusion", "level_normalization", "map_baseline",
+    "image_size", "blur_sigma", "score_top_k",
+)  # fmt: skip
 
 
 @dataclass
@@ -96,20 +104,7 @@ class Checkpoint:
 def compute_model_id(config: DSKDConfig, state_dict: dict[str, torch.Tensor]) -> str:
     """Content hash of the weights and the model-defining config: same model, same id."""
     digest = hashlib.sha256()
-    model_fields = {
-        k: v
-        for k, v in config.to_dict().items()
-        if k
-        in (
-            "backbone",
-            "students",
-            "df_input",
-            "level_fusion",
-            "map_normalization",
-            "image_size",
-            "blur_sigma",
-        )  # fmt: skip
-    }
+    model_fields = {k: v for k, v in config.to_dict().items() if k in MODEL_ID_FIELDS}
     digest.update(json.dumps(model_fields, sort_keys=True).encode())
     for key in sorted(state_dict):
         tensor = state_dict[key].detach().cpu().contiguous().reshape(-1)
@@ -197,9 +192,16 @@ def load_checkpoint(uri: str | Path) -> Checkpoint:
         payload = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, pickle with code, wrong file…
         raise CheckpointError(f"{uri} is not a dskd_ray checkpoint (or is corrupt): {e}") from e
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise CheckpointError(f"{uri} is not a {FORMAT} checkpoint (found {found!r})")
+    found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+    if not isinstance(found, str) or not found.startswith("dskd_ray.checkpoint/"):
+        raise CheckpointError(f"{uri} is not a dskd_ray checkpoint (found format {found!r})")
+    if found in OLDER_FORMATS:
+        payload = _upgrade_from_v1(payload)
+    elif found != FORMAT:
+        raise CheckpointError(
+            f"{uri} is a {found!r} checkpoint; this dskd_ray {__version__} reads {FORMAT} "
+            f"and {', '.join(OLDER_FORMATS)}"
+        )
     threshold = payload.get("threshold")
     return Checkpoint(
         config=DSKDConfig.from_dict(payload["config"]),
@@ -209,6 +211,22 @@ def load_checkpoint(uri: str | Path) -> Checkpoint:
         meta=json.loads(payload.get("meta") or "{}"),
         training=payload.get("training"),
     )
+
+
+def _upgrade_from_v1(payload: dict[str, Any]) -> dict[str, Any]:
+    """A /1 checkpoint as /2: same weights, same maps and scores, new names."""
+    config = dict(payload["config"])
+    normalization = config.pop("map_normalization", "none")
+    config["level_normalization"] = "mean" if normalization == "normal" else "none"
+    state = dict(payload["state_dict"])
+    scales = state.pop("level_scales", torch.ones(2, 3))
+    state["level_location"] = torch.zeros_like(scales)
+    state["level_spread"] = scales
+    if "map_baseline" not in state:  # written before the per-pixel baseline existed
+        config["map_baseline"] = "none"
+        size = int(config.get("image_size", 256))
+        state["map_baseline"] = torch.ones(size, size)
+    return {**payload, "format": FORMAT, "config": config, "state_dict": state}
 
 
 def checkpoint_exists(uri: str | Path) -> bool:

@@ -17,6 +17,7 @@ try:  # typer ≥ 0.2x vendors click; older ones use the click package
 except ImportError:  # pragma: no cover
     from click import exceptions as click_errors
 
+from dskd_ray.config import DSKDConfig
 from dskd_ray.errors import DSKDError
 
 app = typer.Typer(
@@ -28,6 +29,7 @@ app = typer.Typer(
 )
 log = logging.getLogger("dskd_ray")
 
+DEFAULTS = DSKDConfig()  # the config owns its defaults; the options show them
 BACKBONE_HELP = "resnet18 | wide_resnet50_2 | efficientnet_lite0"
 WEIGHTS_HELP = "imagenet | random (tests only) | path or s3:// URI to a state dict"
 
@@ -98,9 +100,7 @@ def make_demo_data_cmd(
         _echo(f"{name}: {path}")
 
 
-def _config_from_options(**options: object):  # noqa: ANN202 - DSKDConfig, imported lazily
-    from dskd_ray.config import DSKDConfig
-
+def _config_from_options(**options: object) -> DSKDConfig:
     return DSKDConfig(**{k: v for k, v in options.items() if v is not None})
 
 
@@ -120,14 +120,24 @@ def train(
     teacher_weights: Annotated[str, typer.Option(help=WEIGHTS_HELP)] = "imagenet",
     students: Annotated[str, typer.Option(help="both (DSKD) | se (≈STFPM) | sd (≈RD)")] = "both",
     df_input: Annotated[str, typer.Option(help="What feeds the DF embedding: se | teacher")] = "se",
-    level_fusion: Annotated[str, typer.Option(help="Combine levels by: sum | product")] = "sum",
-    map_normalization: Annotated[
-        str, typer.Option(help="Scale level maps by their normal mean first: none | normal")
-    ] = "none",
+    level_fusion: Annotated[
+        str, typer.Option(help="Combine levels by: sum | product")
+    ] = DEFAULTS.level_fusion,
+    level_normalization: Annotated[
+        str,
+        typer.Option(
+            help="Put each level map on a common scale first, from held-out normal images: "
+            "none | mean (÷ its mean) | standardize ((m − mean) / std)"
+        ),
+    ] = DEFAULTS.level_normalization,
     map_baseline: Annotated[
         str,
         typer.Option(help="Divide each pixel of the map by its mean on normal images: mean | none"),
-    ] = "mean",
+    ] = DEFAULTS.map_baseline,
+    score_top_k: Annotated[
+        int,
+        typer.Option(min=1, help="Image score: mean of the K highest map pixels (1: the max)"),
+    ] = DEFAULTS.score_top_k,
     lr: Annotated[float, typer.Option(help="Adam learning rate")] = 0.005,
     lr_schedule: Annotated[str, typer.Option(help="constant | cosine")] = "cosine",
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
@@ -177,7 +187,8 @@ def train(
     config = _config_from_options(
         epochs=epochs, batch_size=batch_size, image_size=image_size, backbone=backbone,
         teacher_weights=teacher_weights, students=students, df_input=df_input,
-        level_fusion=level_fusion, map_normalization=map_normalization, map_baseline=map_baseline, lr=lr, lr_schedule=lr_schedule, seed=seed,
+        level_fusion=level_fusion, level_normalization=level_normalization, map_baseline=map_baseline,
+        score_top_k=score_top_k, lr=lr, lr_schedule=lr_schedule, seed=seed,
         holdout_fraction=holdout_fraction, threshold_quantile=threshold_quantile,
     )  # fmt: skip
     start = time.perf_counter()

@@ -17,7 +17,7 @@ BACKBONES: tuple[str, ...] = ("resnet18", "wide_resnet50_2", "efficientnet_lite0
 STUDENTS: tuple[str, ...] = ("both", "se", "sd")
 DF_INPUTS: tuple[str, ...] = ("se", "teacher")
 LEVEL_FUSIONS: tuple[str, ...] = ("sum", "product")
-MAP_NORMALIZATIONS: tuple[str, ...] = ("none", "normal")
+LEVEL_NORMALIZATIONS: tuple[str, ...] = ("none", "mean", "standardize")
 MAP_BASELINES: tuple[str, ...] = ("none", "mean")
 
 
@@ -35,9 +35,11 @@ class DSKDConfig:
     students: str = "both"
     df_input: str = "se"
     level_fusion: str = "sum"
-    # "normal": divide each student's level map by its mean on held-out normal images before
-    # fusing, so levels and students of different scales weigh alike.
-    map_normalization: str = "none"
+    # How each student's level map is put on a common scale before the levels are fused, from
+    # statistics of held-out normal images: "none" (raw 1 − cos), "mean" (÷ its normal mean),
+    # "standardize" ((m − normal mean) / normal std). Raw levels differ by up to 10× in scale,
+    # so without it the noisiest level decides the map (docs/design.md §2).
+    level_normalization: str = "none"
     # "mean": divide the final map, pixel by pixel, by its mean over normal training images, so
     # a pixel scores how many times its usual discrepancy it shows. Padding makes the border
     # rows of every image discrepant; without this the image score (the map's max) often
@@ -45,6 +47,8 @@ class DSKDConfig:
     map_baseline: str = "mean"
     image_size: int = 256
     blur_sigma: float = 4.0
+    # Image score: the map's maximum (1) or the mean of its `score_top_k` highest pixels.
+    score_top_k: int = 1
     # training
     epochs: int = 50
     batch_size: int = 16
@@ -70,7 +74,7 @@ class DSKDConfig:
             "students": STUDENTS,
             "df_input": DF_INPUTS,
             "level_fusion": LEVEL_FUSIONS,
-            "map_normalization": MAP_NORMALIZATIONS,
+            "level_normalization": LEVEL_NORMALIZATIONS,
             "map_baseline": MAP_BASELINES,
             "lr_schedule": ("constant", "cosine"),
         }
@@ -81,6 +85,16 @@ class DSKDConfig:
         # Three stride-2 steps below the stride-16 level (the DF embedding) need a multiple of 32.
         if self.image_size < 64 or self.image_size % 32:
             raise ConfigError(f"image_size={self.image_size} must be a multiple of 32, at least 64")
+        if self.level_normalization == "standardize" and (
+            self.level_fusion == "product" or self.map_baseline == "mean"
+        ):
+            # Standardised levels are signed: a product flips sign and a ratio to a mean near
+            # zero explodes.
+            raise ConfigError(
+                "level_normalization='standardize' needs level_fusion='sum' and map_baseline='none'"
+            )
+        if self.score_top_k < 1:
+            raise ConfigError(f"score_top_k={self.score_top_k} must be at least 1")
         if self.epochs < 1:
             raise ConfigError(f"epochs={self.epochs} must be at least 1")
         if self.batch_size < 1:

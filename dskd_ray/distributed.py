@@ -52,6 +52,7 @@ from dskd_ray.errors import ConfigError, DataError, DSKDError
 from dskd_ray.model import DSKD
 from dskd_ray.train import (
     EpochStats,
+    Students,
     TeacherCache,
     TrainResult,
     calibrate,
@@ -122,24 +123,6 @@ def _resolve_storage(path: str | None) -> str | None:
 
 
 # --- pieces the worker loop is made of (pure torch: the DDP test calls them directly) ----------
-
-
-class Students(nn.Module):
-    """The trainable parts of a DSKD, and nothing else, as one module for DDP.
-
-    DDP broadcasts and all-reduces exactly these parameters and buffers; the frozen teacher
-    is not a submodule here, so it is never synchronised (each worker holds its own copy).
-    """
-
-    def __init__(self, model: DSKD) -> None:
-        super().__init__()
-        self.parts = nn.ModuleList(model.student_modules())
-        object.__setattr__(self, "_dskd", model)  # held, not registered
-
-    def forward(
-        self, x: torch.Tensor, teacher: list[torch.Tensor]
-    ) -> dict[str, list[torch.Tensor]]:
-        return self._dskd.student_features(x, teacher)
 
 
 def wrap_students(model: DSKD, device: torch.device) -> nn.Module:

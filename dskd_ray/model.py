@@ -130,9 +130,11 @@ class DSKD(nn.Module):
         self.spec = spec
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
-        # Per student (se, sd) and level: the mean discrepancy on normal images, fitted after
-        # training when config.map_normalization == "normal"; ones otherwise.
-        self.register_buffer("level_scales", torch.ones(2, 3))
+        # Per student (rows se, sd) and level: where each level map sits and how far it spreads
+        # on normal images, fitted after training (config.level_normalization); the map fuses
+        # (m − location) / spread. 0 and 1 until fitted.
+        self.register_buffer("level_location", torch.zeros(2, 3))
+        self.register_buffer("level_spread", torch.ones(2, 3))
         # The final map's per-pixel mean on normal training images (config.map_baseline="mean"),
         # fitted after training; ones until then.
         size = config.image_size
@@ -170,11 +172,11 @@ class DSKD(nn.Module):
     def student_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.student_modules() for p in m.parameters()]
 
-    def map_scales(self) -> dict[str, list[float]] | None:
-        """Level scales for the anomaly map, or None when maps are not normalised."""
-        if self.config.map_normalization == "none":
-            return None
-        return {"se": self.level_scales[0].tolist(), "sd": self.level_scales[1].tolist()}
+    def level_statistics(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(location, spread) for the anomaly map, or (None, None) for raw level maps."""
+        if self.config.level_normalization == "none":
+            return None, None
+        return self.level_location, self.level_spread
 
     def baseline(self) -> torch.Tensor | None:
         """The per-pixel divisor of the anomaly map, or None when maps are not divided."""

@@ -64,11 +64,12 @@ def compute_maps(
     ):
         features = run(model.normalize(x))
     baseline = model.baseline() if divide_baseline else None
+    location, spread = model.level_statistics()
     maps = anomaly_map(
-        features, tuple(x.shape[-2:]), cfg.level_fusion, cfg.blur_sigma, model.map_scales(),
+        features, tuple(x.shape[-2:]), cfg.level_fusion, cfg.blur_sigma, location, spread,
         baseline,
     )  # fmt: skip
-    return maps, image_score(maps)
+    return maps, image_score(maps, cfg.score_top_k)
 
 
 @dataclass

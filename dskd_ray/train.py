@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dskd_ray.anomaly_map import baseline_from_mean, level_maps, level_moments, level_statistics
 from dskd_ray.checkpoint import (
     Checkpoint,
     Threshold,
@@ -28,7 +29,7 @@ from dskd_ray.checkpoint import (
 from dskd_ray.config import DSKDConfig
 from dskd_ray.data import load_images, training_images
 from dskd_ray.errors import CheckpointError, DataError
-from dskd_ray.loss import distillation_loss, level_discrepancy
+from dskd_ray.loss import distillation_loss
 from dskd_ray.model import DSKD
 from dskd_ray.scoring import compute_maps, images_to_tensor, resolve_device
 
@@ -149,7 +150,7 @@ def train_step(
 ) -> torch.Tensor:
     """One optimisation step on a normalised batch; returns the (detached) loss.
 
-    `student_forward` lets a DDP wrapper of the students stand in for the plain call.
+    `student_forward` lets a DDP or torch.compile wrapper of `Students` stand in for it.
     `autocast_dtype` (e.g. torch.bfloat16 on CUDA) runs the forward passes under autocast;
     the loss is always computed in float32 (`distillation_loss` upcasts).
     """
@@ -161,7 +162,7 @@ def train_step(
     with amp:
         if teacher is None:
             teacher = model.teacher_features(x)
-        students = (student_forward or _StudentForward(model))(x, teacher)
+        students = (student_forward or Students(model))(x, teacher)
     loss = distillation_loss(teacher, students)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -171,15 +172,22 @@ def train_step(
     return loss.detach()
 
 
-class _StudentForward(nn.Module):
+class Students(nn.Module):
+    """The trainable parts of a DSKD, and nothing else, as one module for DDP.
+
+    DDP broadcasts and all-reduces exactly these parameters and buffers; the frozen teacher
+    is not a submodule here, so it is never synchronised (each worker holds its own copy).
+    """
+
     def __init__(self, model: DSKD) -> None:
         super().__init__()
-        self.model = model
+        self.parts = nn.ModuleList(model.student_modules())
+        object.__setattr__(self, "_dskd", model)  # held, not registered
 
     def forward(
         self, x: torch.Tensor, teacher: list[torch.Tensor]
     ) -> dict[str, list[torch.Tensor]]:
-        return self.model.student_features(x, teacher)
+        return self._dskd.student_features(x, teacher)
 
 
 def iterate_batches(order: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
@@ -253,25 +261,19 @@ def score_images(
 
 
 @torch.inference_mode()
-def fit_level_scales(
+def fit_level_statistics(
     model: DSKD, images: np.ndarray, device: torch.device, batch_size: int
 ) -> None:
-    """Set model.level_scales to each student's mean per-level discrepancy on normal images."""
+    """Set model.level_location / level_spread from each student's level maps on normal images,
+    pooled over every pixel of every image (see `anomaly_map.level_statistics`)."""
     model.eval()
-    sums = torch.zeros(2, 3, dtype=torch.float64)
-    count = 0
+    moments = torch.zeros(3, 2, 3, dtype=torch.float64)
     for start in range(0, len(images), batch_size):
         x = model.normalize(images_to_tensor(images[start : start + batch_size], device))
-        features = model(x)
-        for row, name in enumerate(("se", "sd")):
-            for k, (t, s) in enumerate(
-                zip(features["teacher"], features.get(name, []), strict=False)
-            ):
-                sums[row, k] += level_discrepancy(t.float(), s.float()).mean(dim=(1, 2)).sum().cpu()
-        count += len(x)
-    scales = (sums / max(count, 1)).clamp_min(1e-6).float()
-    scales[sums == 0] = 1.0  # an absent student keeps scale one
-    model.level_scales.copy_(scales.to(model.level_scales.device))
+        moments += level_moments(level_maps(model(x)))
+    location, spread = level_statistics(moments, model.config.level_normalization)
+    model.level_location.copy_(location.to(model.level_location.device))
+    model.level_spread.copy_(spread.to(model.level_spread.device))
 
 
 @torch.inference_mode()
@@ -298,9 +300,7 @@ def fit_map_baseline(
         batch = np.asarray(images[pick[start : start + batch_size]])
         maps, _ = compute_maps(model, images_to_tensor(batch, device), divide_baseline=False)
         total += maps.double().sum(dim=0)
-    mean = (total / len(pick)).float()
-    floor = 0.1 * float(mean.mean())
-    model.map_baseline.copy_(mean.clamp_min(max(floor, 1e-12)))
+    model.map_baseline.copy_(baseline_from_mean((total / len(pick)).float()))
 
 
 def calibrate(
@@ -310,10 +310,15 @@ def calibrate(
     config: DSKDConfig,
     device: torch.device,
 ) -> Threshold | None:
-    """After training: level scales, then the map baseline, then the threshold, each on the
-    maps the previous step leaves, so the checkpoint scores exactly as it was calibrated."""
-    if config.map_normalization == "normal" and len(holdout):
-        fit_level_scales(model, holdout, device, config.batch_size)
+    """After training: level statistics, then the map baseline, then the threshold, each on the
+    maps the previous step leaves, so the checkpoint scores exactly as it was calibrated.
+
+    Level statistics come from the held-out normal images (training images' maps run low: the
+    students have seen them); without a hold-out, from the training images.
+    """
+    if config.level_normalization != "none":
+        normal = holdout if len(holdout) else np.asarray(train_images)
+        fit_level_statistics(model, normal, device, config.batch_size)
     if config.map_baseline == "mean":
         fit_map_baseline(model, train_images, device, config.batch_size)
     return compute_threshold(model, holdout, config, device)

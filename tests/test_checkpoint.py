@@ -103,3 +103,53 @@ def test_teacher_weights_from_a_state_dict_path(tmp_path: Path) -> None:
     ):
         assert torch.equal(a, b)
     assert model.teacher_identity.startswith("sha256:")
+
+
+def _as_format_1(payload: dict, with_baseline: bool) -> dict:
+    """What dskd_ray wrote under checkpoint/1: `map_normalization` and `level_scales`."""
+    config = dict(payload["config"])
+    normalization = config.pop("level_normalization")
+    config.pop("score_top_k")
+    config["map_normalization"] = "normal" if normalization == "mean" else "none"
+    state = dict(payload["state_dict"])
+    state.pop("level_location")
+    state["level_scales"] = state.pop("level_spread")
+    if not with_baseline:
+        config.pop("map_baseline")
+        state.pop("map_baseline")
+    return {**payload, "format": "dskd_ray.checkpoint/1", "config": config, "state_dict": state}
+
+
+@pytest.mark.parametrize("with_baseline", [True, False])
+def test_a_format_1_checkpoint_loads_and_scores_as_before(
+    tmp_path: Path, tiny_config: DSKDConfig, with_baseline: bool
+) -> None:
+    from dskd_ray.scoring import compute_maps
+
+    config = tiny_config.replace(
+        level_normalization="mean", map_baseline="mean" if with_baseline else "none"
+    )
+    model = DSKD(config).eval()
+    with torch.no_grad():
+        model.level_spread.copy_(torch.tensor([[0.5, 0.2, 0.1], [0.4, 0.3, 0.05]]))
+        model.map_baseline.uniform_(0.5, 2.0)
+    save_checkpoint(make_checkpoint(model), tmp_path / "v2.pt")
+    payload = torch.load(tmp_path / "v2.pt", weights_only=True)
+    torch.save(_as_format_1(payload, with_baseline), tmp_path / "v1.pt")
+
+    old = load_checkpoint(tmp_path / "v1.pt")
+    assert old.config.level_normalization == "mean"
+    assert old.config.map_baseline == ("mean" if with_baseline else "none")
+    x = torch.rand(2, 3, 64, 64)
+    expected, expected_scores = compute_maps(model, x)
+    maps, scores = compute_maps(old.build_model(), x)
+    torch.testing.assert_close(maps, expected)
+    torch.testing.assert_close(scores, expected_scores)
+
+
+def test_an_unknown_format_names_both_versions(tmp_path: Path, tiny_config: DSKDConfig) -> None:
+    save_checkpoint(make_checkpoint(DSKD(tiny_config)), tmp_path / "m.pt")
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    torch.save({**payload, "format": "dskd_ray.checkpoint/9"}, tmp_path / "future.pt")
+    with pytest.raises(CheckpointError, match=r"checkpoint/9.*reads dskd_ray\.checkpoint/2"):
+        load_checkpoint(tmp_path / "future.pt")

@@ -5,10 +5,13 @@ import torch
 
 from dskd_ray.anomaly_map import (
     anomaly_map,
+    fuse_levels,
     gaussian_blur,
     gaussian_kernel1d,
     image_score,
-    student_map,
+    level_maps,
+    level_moments,
+    level_statistics,
 )
 from dskd_ray.loss import distillation_loss
 
@@ -31,19 +34,47 @@ def test_loss_averages_over_pixels_and_sums_levels() -> None:
     assert loss.item() == pytest.approx(0.5 + 2.0, abs=1e-6)
 
 
-def test_student_map_upsamples_and_fuses_levels() -> None:
+def test_fuse_levels_upsamples_and_fuses_levels() -> None:
     t = [torch.ones(1, 2, 2, 2), torch.ones(1, 2, 1, 1)]
     s = [torch.ones(1, 2, 2, 2), torch.ones(1, 2, 1, 1)]
     s[0][0, :, 0, 0] = torch.tensor([1.0, -1.0])  # cos 0 at one pixel of level 1 → 1
     s[1][0] = -1  # level 2: opposite everywhere → 2
-    summed = student_map(t, s, (4, 4), "sum")
-    product = student_map(t, s, (4, 4), "product")
+    levels = level_maps({"teacher": t, "se": s})
+    summed = fuse_levels(levels, (4, 4), "sum")
+    product = fuse_levels(levels, (4, 4), "product")
     assert summed.shape == (1, 4, 4)
     # Level 2 is a constant 2; level 1 upsampled bilinearly is 1 at its top-left corner pixel.
     assert summed[0, 0, 0].item() == pytest.approx(3.0)
     assert summed[0, 3, 3].item() == pytest.approx(2.0)
     assert product[0, 0, 0].item() == pytest.approx(2.0)
     assert product[0, 3, 3].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_fuse_levels_standardises_each_student_and_level_by_its_own_statistics() -> None:
+    levels = {"se": [torch.full((1, 2, 2), 3.0), torch.full((1, 2, 2), 5.0)],
+              "sd": [torch.full((1, 2, 2), 7.0), torch.full((1, 2, 2), 9.0)]}  # fmt: skip
+    location = torch.tensor([[1.0, 2.0, 0.0], [3.0, 4.0, 0.0]])
+    spread = torch.tensor([[2.0, 3.0, 1.0], [4.0, 5.0, 1.0]])
+    fused = fuse_levels(levels, (2, 2), "sum", location, spread)
+    # se: (3−1)/2 + (5−2)/3 = 2; sd: (7−3)/4 + (9−4)/5 = 2; mean 2.
+    assert torch.allclose(fused, torch.full((1, 2, 2), 2.0))
+
+
+def test_level_statistics_pool_every_pixel_of_every_batch() -> None:
+    a = {"se": [torch.tensor([[[1.0, 3.0]]]), torch.zeros(1, 1, 1), torch.zeros(1, 1, 1)]}
+    b = {"se": [torch.tensor([[[5.0, 7.0]]]), torch.zeros(1, 1, 1), torch.zeros(1, 1, 1)]}
+    moments = level_moments(a) + level_moments(b)
+    location, spread = level_statistics(moments, "standardize")
+    values = torch.tensor([1.0, 3.0, 5.0, 7.0])
+    assert location[0, 0].item() == pytest.approx(values.mean().item())
+    assert spread[0, 0].item() == pytest.approx(values.std(unbiased=False).item())
+    # An absent student (sd) and a constant level keep a usable (0, 1) / floor.
+    assert location[1].tolist() == [0.0, 0.0, 0.0] and spread[1].tolist() == [1.0, 1.0, 1.0]
+    assert spread[0, 1].item() == pytest.approx(1e-6)
+    location, spread = level_statistics(moments, "mean")
+    assert location[0, 0].item() == 0.0 and spread[0, 0].item() == pytest.approx(4.0)
+    location, spread = level_statistics(moments, "none")
+    assert torch.equal(location, torch.zeros(2, 3)) and torch.equal(spread, torch.ones(2, 3))
 
 
 def test_students_are_averaged_and_score_is_max() -> None:

@@ -147,27 +147,57 @@ def test_too_few_readable_images_is_a_clear_error(tmp_path: Path, tiny_config: D
         train(tiny_config, str(tmp_path / "imgs"), str(tmp_path / "m.pt"))
 
 
-def test_map_normalization_fits_level_scales_on_normal_images(tiny_config: DSKDConfig) -> None:
-    from dskd_ray.loss import level_discrepancy
+@pytest.mark.parametrize("normalization", ["mean", "standardize"])
+def test_level_normalization_fits_statistics_on_held_out_normal_images(
+    tiny_config: DSKDConfig, normalization: str
+) -> None:
+    from dskd_ray.anomaly_map import level_maps
     from dskd_ray.scoring import images_to_tensor
     from dskd_ray.train import calibrate
 
-    config = tiny_config.replace(map_normalization="normal")
+    config = tiny_config.replace(level_normalization=normalization, map_baseline="none")
     model = DSKD(config)
-    assert model.map_scales() is not None
-    holdout = np.random.default_rng(0).integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)
-    threshold = calibrate(model, holdout[:2], holdout, config, torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    train_images = rng.integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
+    holdout = rng.integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)
+    threshold = calibrate(model, train_images, holdout, config, torch.device("cpu"))
     assert threshold is not None
-    scales = model.level_scales
-    assert not torch.equal(scales, torch.ones(2, 3))
+    location, spread = model.level_statistics()
+    assert location is not None and spread is not None
     with torch.no_grad():
         features = model(model.normalize(images_to_tensor(holdout, torch.device("cpu"))))
     for row, name in enumerate(("se", "sd")):
-        for k in range(3):
-            mean = level_discrepancy(features["teacher"][k], features[name][k]).mean()
-            # Each level, divided by its scale, averages one on the normal images it was fitted on.
-            assert (mean / scales[row, k]).item() == pytest.approx(1.0, rel=1e-4)
-    assert DSKD(tiny_config).map_scales() is None
+        for k, m in enumerate(level_maps(features)[name]):
+            z = (m - location[row, k]) / spread[row, k]
+            if normalization == "mean":
+                # Divided by its normal mean, each level averages one on the hold-out.
+                assert location[row, k].item() == 0.0
+                assert z.mean().item() == pytest.approx(1.0, rel=1e-4)
+            else:
+                # Standardised: mean 0, std 1 over the hold-out's pixels.
+                assert z.mean().item() == pytest.approx(0.0, abs=1e-4)
+                assert z.std(unbiased=False).item() == pytest.approx(1.0, rel=1e-3)
+    assert DSKD(tiny_config).level_statistics() == (None, None)
+
+
+def test_standardize_refuses_signed_maps_in_a_product_or_a_ratio(tiny_config: DSKDConfig) -> None:
+    from dskd_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="standardize"):
+        tiny_config.replace(level_normalization="standardize", level_fusion="product")
+    with pytest.raises(ConfigError, match="standardize"):
+        tiny_config.replace(level_normalization="standardize", map_baseline="mean")
+
+
+def test_top_k_image_score_is_the_mean_of_the_k_highest_pixels() -> None:
+    from dskd_ray.anomaly_map import image_score
+
+    maps = torch.zeros(2, 8, 8)
+    maps[0, 0, :4] = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    maps[1, 5, 5] = 7.0
+    assert image_score(maps).tolist() == [4.0, 7.0]
+    assert image_score(maps, top_k=2).tolist() == [3.5, 3.5]
+    assert image_score(maps, top_k=4).tolist() == [2.5, 1.75]
 
 
 def test_map_baseline_is_the_normal_mean_map_and_divides_it_out(tiny_config: DSKDConfig) -> None:
