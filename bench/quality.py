@@ -55,9 +55,9 @@ from dskd_ray.train import split_holdout, train  # noqa: E402
 # name → config changes for training. `sd` alone reads the teacher's pyramid (there is no Se).
 VARIANTS: dict[str, dict[str, str]] = {
     "dskd": {"students": "both", "df_input": "se"},
-    "dskd (df=teacher)": {"students": "both", "df_input": "teacher"},
-    "se (≈STFPM)": {"students": "se"},
-    "sd (≈RD)": {"students": "sd", "df_input": "teacher"},
+    "dskd-df-teacher": {"students": "both", "df_input": "teacher"},
+    "se": {"students": "se"},  # ≈ STFPM
+    "sd": {"students": "sd", "df_input": "teacher"},  # ≈ Reverse Distillation
 }
 # name → (level_normalization, level_fusion, map_baseline, score_top_k): how the map is made
 # from the same trained pyramids.
@@ -84,7 +84,7 @@ class Run:
     seed: int
     method: str  # a VARIANTS name or REFERENCE
     epochs: int
-    kind: str  # "product" (the checkpoint's own path), "rule", "level", "reference"
+    kind: str  # "product" (the checkpoint's own path), "rule", "student", "level", "reference"
     rule: str  # the map rule, or "<student> stride <s>" for a level
     metrics: dict[str, float | None]
     train_s: float = 0.0
@@ -199,6 +199,17 @@ def evaluate_rules(
             )
         )
         logging.info("%s %s %s: %s", base.category, base.method, name, runs[-1].metrics)
+    if len(test_levels) > 1:  # each student of a two-student model on its own
+        for student in test_levels:
+            for name in ("raw sum", "standardised sum"):
+                normalization, fusion, _, top_k = RULES[name]
+                location, spread = level_statistics(moments, normalization)
+                one = {student: test_levels[student]}
+                maps, scores = rule_maps(one, size, fusion, location, spread, sigma, None, top_k)
+                runs.append(dataclasses.replace(
+                    base, kind="student", rule=f"{student} alone, {name}",
+                    metrics=score_metrics(test, scores, maps, aupro=False),
+                ))  # fmt: skip
     for student, maps_k in test_levels.items():
         for k, stride in enumerate((4, 8, 16)):
             one = {student: [maps_k[k]]}
@@ -265,14 +276,20 @@ def markdown(runs: list[Run], header: str) -> str:
     keys = [(c, m, rule) for c in categories for m in methods for rule in RULES]
     out += table([r for r in runs if r.kind == "rule"], keys, METRIC_KEYS)
 
-    out += ["", "### Diagnostics: each student's each level alone (raw 1 − cos, blurred, max)", ""]
+    out += [
+        "",
+        "### Diagnostics: each student alone, and each student's each level alone (raw 1 − cos, blurred, max)",
+        "",
+    ]
     out += [
         "| category | method | level | epochs | seeds | image AUROC | pixel AUROC |",
         "|---|---|---|---|---|---|---|",
     ]
-    levels = [f"{s} stride {k}" for s in ("se", "sd") for k in (4, 8, 16)]
+    levels = [f"{s} alone, {r}" for s in ("se", "sd") for r in ("raw sum", "standardised sum")]
+    levels += [f"{s} stride {k}" for s in ("se", "sd") for k in (4, 8, 16)]
     keys = [(c, m, lv) for c in categories for m in methods for lv in levels]
-    out += table([r for r in runs if r.kind == "level"], keys, ("image_auroc", "pixel_auroc"))
+    diagnostics = [r for r in runs if r.kind in ("level", "student")]
+    out += table(diagnostics, keys, ("image_auroc", "pixel_auroc"))
     return "\n".join(out) + "\n"
 
 
@@ -285,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
-        "--variants", nargs="+", default=["dskd", "se (≈STFPM)", "sd (≈RD)"], choices=list(VARIANTS)
+        "--variants", nargs="+", default=["dskd", "se", "sd"], choices=list(VARIANTS)
     )
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--teacher-weights", default="imagenet")
@@ -346,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                 if done(category.name, seed, variant, args.epochs):
                     continue
                 config = base.replace(seed=seed, **VARIANTS[variant])
-                ckpt = out / f"{category.name}-{variant.split()[0]}-{seed}.pt"
+                ckpt = out / f"{category.name}-{variant}-{seed}.pt"
                 start = time.perf_counter()
                 result = train(config, category.root, str(ckpt), device=args.device)
                 train_s = time.perf_counter() - start

@@ -206,9 +206,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 
     seed_everything(config.seed)
     model = state.build_model() if state is not None else DSKD(config)
-    model = model.to(device)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
+    # channels_last on every device: 2x the training step on the reference CPU (bench/train_step.py).
+    model = model.to(device).to(memory_format=torch.channels_last)
     student_forward = wrap_students(model, device)
 
     # This worker's shard, decoded once; every rank takes the same number of steps.
@@ -256,7 +255,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         start = time.perf_counter()
         stats = run_epoch(
             model, optimizer, scheduler, shard_images, order, worker_config, device, cache,
-            epoch + 1, None, student_forward, amp, cuda,
+            epoch + 1, None, student_forward, amp, channels_last=True,
         )  # fmt: skip
         loss_sum, seen = _all_reduce([stats.loss * stats.images, float(stats.images)])
         seconds = time.perf_counter() - start
