@@ -240,6 +240,8 @@ class ScoringActor:
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from dskd_ray.scoring import not_finite_reason
+
         images = batch.pop("image")
         status = np.array(batch["status"], dtype=object)
         error = np.array(batch["error"], dtype=object)
@@ -262,8 +264,15 @@ class ScoringActor:
                 flags = self.scorer.is_anomalous(result.scores)
                 if flags is not None:
                     anomalous[ok] = flags.astype(np.int8)
+                finite = result.finite
                 for j, i in enumerate(ok):
-                    quantized[i], scale[i] = quantize_map(result.maps[j])
+                    if finite[j]:
+                        quantized[i], scale[i] = quantize_map(result.maps[j])
+                    else:
+                        # Final for this model (its id is in done_keys); another model, with
+                        # another id, scores the image again.
+                        status[i], retryable[i] = "error", False
+                        error[i] = not_finite_reason(float(result.scores[j]))
         return {
             **batch,
             "status": status,

@@ -201,7 +201,7 @@ def load_checkpoint(uri: str | Path) -> Checkpoint:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"{uri} is not a {FORMAT} checkpoint (found {found!r})")
     threshold = payload.get("threshold")
-    return Checkpoint(
+    ckpt = Checkpoint(
         config=DSKDConfig.from_dict(payload["config"]),
         state_dict=payload["state_dict"],
         threshold=Threshold.from_dict(threshold) if threshold else None,
@@ -209,6 +209,24 @@ def load_checkpoint(uri: str | Path) -> Checkpoint:
         meta=json.loads(payload.get("meta") or "{}"),
         training=payload.get("training"),
     )
+    return _verified(uri, ckpt)
+
+
+def _verified(uri: str, ckpt: Checkpoint) -> Checkpoint:
+    """The checkpoint, once its weights are shown to be the ones its model id was made from.
+
+    The id names the model in every result row and decides what incremental scoring skips, so
+    a flipped bit in the weights must not borrow the id of the good model it came from.
+    """
+    stored = ckpt.meta.get("model_id")
+    if stored is not None:
+        recomputed = compute_model_id(ckpt.config, ckpt.state_dict)
+        if recomputed != stored:
+            raise CheckpointError(
+                f"{uri} is corrupt: its weights do not match its model id (stored {stored}, "
+                f"recomputed {recomputed}); copy it again or retrain"
+            )
+    return ckpt
 
 
 def checkpoint_exists(uri: str | Path) -> bool:

@@ -76,6 +76,24 @@ class ScoreResult:
     maps: np.ndarray  # (B, H, W) float32
     scores: np.ndarray  # (B,) float32
 
+    @property
+    def finite(self) -> np.ndarray:
+        """(B,) bool: the score and every pixel of the map are finite numbers.
+
+        A NaN or inf comes from broken weights (or an overflow), never from a valid image; it
+        compares as "not above the threshold", so unchecked it would read as a normal image.
+        """
+        maps_ok = np.isfinite(self.maps).reshape(len(self.maps), -1).all(axis=1)
+        return np.isfinite(self.scores) & maps_ok
+
+
+def not_finite_reason(score: float) -> str:
+    """The error a row or a message gives for a score that is not a finite number."""
+    return (
+        f"score not finite (score {score}; NaN or inf in the map): the model's weights are "
+        "broken; retrain or use another checkpoint"
+    )
+
 
 class Scorer:
     """A checkpoint loaded once, ready to score batches of decoded images.

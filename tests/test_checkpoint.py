@@ -50,6 +50,29 @@ def test_corrupt_or_foreign_files_are_clear_errors(tmp_path: Path, tiny_config: 
         load_checkpoint(tmp_path / "missing.pt")
 
 
+def test_a_flipped_bit_in_the_weights_is_refused_on_load(
+    tmp_path: Path, tiny_config: DSKDConfig
+) -> None:
+    """A checkpoint with one exponent bit flipped in each weight tensor used to load silently,
+    score NaN under the good model's id, and so block that model from scoring again."""
+    good = make_checkpoint(DSKD(tiny_config))
+    save_checkpoint(good, tmp_path / "good.pt")
+    payload = torch.load(tmp_path / "good.pt", weights_only=True)
+    flipped = 0
+    for tensor in payload["state_dict"].values():
+        if tensor.dtype == torch.float32 and tensor.numel():
+            tensor.view(torch.int32).view(-1)[0] ^= 1 << 30  # the exponent's top bit
+            flipped += 1
+    assert flipped > 10
+    torch.save(payload, tmp_path / "flipped.pt")
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(tmp_path / "flipped.pt")
+    message = str(refused.value)
+    assert "corrupt" in message and f"stored {good.model_id}, recomputed " in message
+    assert "\n" not in message
+    assert load_checkpoint(tmp_path / "good.pt").model_id == good.model_id  # the good one loads
+
+
 class _Evil:
     def __reduce__(self):  # noqa: ANN204 - pickle protocol
         return (Path("/tmp/dskd-evil-was-here").touch, ())
