@@ -74,6 +74,22 @@ class ScoringOptions:
     compile: bool = False  # torch.compile the model in each actor
     run_id: str | None = None  # default: start time + random suffix
 
+    def validate(self) -> None:
+        """Refuse what cannot work before anything is listed or started (a Ray start is slow)."""
+        from dskd_ray.config import check_device
+        from dskd_ray.scoring import PRECISIONS
+
+        check_device(self.device)
+        for name in ("batch_size", "actors", "actor_threads", "rows_per_file", "io_threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                flag = name.replace("_", "-")
+                raise ConfigError(f"--{flag} {value} must be at least 1")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}"
+            )
+
 
 @dataclass
 class RunSummary:

@@ -7,8 +7,9 @@ import json
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -17,7 +18,11 @@ try:  # typer ≥ 0.2x vendors click; older ones use the click package
 except ImportError:  # pragma: no cover
     from click import exceptions as click_errors
 
-from dskd_ray.errors import DSKDError
+from dskd_ray.config import MAX_IMAGE_SIZE, check_device
+from dskd_ray.errors import ConfigError, DSKDError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 app = typer.Typer(
     add_completion=False,
@@ -30,9 +35,23 @@ log = logging.getLogger("dskd_ray")
 
 BACKBONE_HELP = "resnet18 | wide_resnet50_2 | efficientnet_lite0"
 WEIGHTS_HELP = "imagenet | random (tests only) | path or s3:// URI to a state dict"
+DEVICE_HELP = "auto | cpu | cuda | cuda:N"
+
+# Set by each command's --verbose: `main` then shows the traceback behind a one-line error.
+_verbose = False
+
+
+def _device(value: str) -> str:
+    """--device checked as it is parsed: before data is read or Ray starts."""
+    try:
+        return check_device(value)
+    except ConfigError as e:
+        raise typer.BadParameter(str(e)) from e
 
 
 def _setup_logging(verbose: bool = False) -> None:
+    global _verbose
+    _verbose = verbose
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="dskd: %(levelname)s: %(message)s",
@@ -111,11 +130,17 @@ def train(
         typer.Argument(help="MVTec category folder or folder of normal images (local or s3://)"),
     ],
     out: Annotated[str, typer.Option("--out", "-o", help="Checkpoint to write (local or s3://)")],
-    epochs: Annotated[int, typer.Option(help="Training epochs")] = 50,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs")] = 50,
     batch_size: Annotated[
-        int, typer.Option(help="Images per step; with --workers, the global batch split over them")
+        int,
+        typer.Option(
+            min=1, help="Images per step; with --workers, the global batch split over them"
+        ),
     ] = 16,
-    image_size: Annotated[int, typer.Option(help="Square input size, a multiple of 32")] = 256,
+    image_size: Annotated[
+        int,
+        typer.Option(min=64, max=MAX_IMAGE_SIZE, help="Square input size, a multiple of 32"),
+    ] = 256,
     backbone: Annotated[str, typer.Option(help=BACKBONE_HELP)] = "resnet18",
     teacher_weights: Annotated[str, typer.Option(help=WEIGHTS_HELP)] = "imagenet",
     students: Annotated[str, typer.Option(help="both (DSKD) | se (≈STFPM) | sd (≈RD)")] = "both",
@@ -128,24 +153,31 @@ def train(
         str,
         typer.Option(help="Divide each pixel of the map by its mean on normal images: mean | none"),
     ] = "mean",
-    lr: Annotated[float, typer.Option(help="Adam learning rate")] = 0.005,
+    lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate (> 0)")] = 0.005,
     lr_schedule: Annotated[str, typer.Option(help="constant | cosine")] = "cosine",
-    seed: Annotated[int, typer.Option(help="Random seed")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Random seed")] = 0,
     holdout_fraction: Annotated[
-        float, typer.Option(help="Normal images held out for the threshold")
+        float,
+        typer.Option(min=0.0, max=1.0, help="Normal images held out for the threshold (< 1)"),
     ] = 0.1,
     threshold_quantile: Annotated[
-        float, typer.Option(help="Quantile of held-out scores used as threshold")
+        float,
+        typer.Option(min=0.0, max=1.0, help="Quantile of held-out scores used as threshold (> 0)"),
     ] = 0.99,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    device: Annotated[str, typer.Option(callback=_device, help=DEVICE_HELP)] = "auto",
     resume: Annotated[
         bool, typer.Option(help="Continue an interrupted local run from --out (Ray: --run-name)")
     ] = False,
     workers: Annotated[
-        int | None, typer.Option(help="Train on Ray Train with N DDP workers (default: local)")
+        int | None,
+        typer.Option(min=1, help="Train on Ray Train with N DDP workers (default: local)"),
     ] = None,
-    gpus_per_worker: Annotated[float, typer.Option(help="Ray: GPUs per worker (0: CPU)")] = 0,
-    cpus_per_worker: Annotated[int, typer.Option(help="Ray: CPUs (torch threads) per worker")] = 1,
+    gpus_per_worker: Annotated[
+        float, typer.Option(min=0.0, help="Ray: GPUs per worker (0: CPU)")
+    ] = 0,
+    cpus_per_worker: Annotated[
+        int, typer.Option(min=1, help="Ray: CPUs (torch threads) per worker")
+    ] = 1,
     address: Annotated[
         str | None, typer.Option(help="Ray: cluster address (default: RAY_ADDRESS or local)")
     ] = None,
@@ -156,9 +188,15 @@ def train(
     run_name: Annotated[
         str | None, typer.Option(help="Ray: run name; same storage + name resumes")
     ] = None,
-    checkpoint_every: Annotated[int, typer.Option(help="Ray: epochs between checkpoints")] = 1,
-    keep_checkpoints: Annotated[int, typer.Option(help="Ray: checkpoints kept in storage")] = 2,
-    max_failures: Annotated[int, typer.Option(help="Ray: worker-group restarts allowed")] = 3,
+    checkpoint_every: Annotated[
+        int, typer.Option(min=1, help="Ray: epochs between checkpoints")
+    ] = 1,
+    keep_checkpoints: Annotated[
+        int, typer.Option(min=1, help="Ray: checkpoints kept in storage")
+    ] = 2,
+    max_failures: Annotated[
+        int, typer.Option(min=-1, help="Ray: worker-group restarts allowed (-1: no limit)")
+    ] = 3,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
 ) -> None:
     """Train the students on normal images; write a checkpoint with its threshold.
@@ -247,8 +285,8 @@ def evaluate(
             help="Write an HTML report here: index.html with curves and the worst images",
         ),
     ] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass")] = 16,
+    device: Annotated[str, typer.Option(callback=_device, help=DEVICE_HELP)] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass")] = 16,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
 ) -> None:
     """Image/pixel AUROC, AUPRO (FPR ≤ 0.3) and F1-max per category and their mean.
@@ -283,12 +321,29 @@ def evaluate(
         _echo(f"report: {html_report.write(table)}")
 
 
+OVERLAY_MAX_SIDE = 4096
+
+
+def _overlay_base(image: np.ndarray) -> np.ndarray:
+    """The image an overlay is drawn on, at most OVERLAY_MAX_SIDE a side: the overlay's float
+    arithmetic takes ~60 bytes a pixel, 24 GB at the decompression limit."""
+    import numpy as np
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    if max(h, w) <= OVERLAY_MAX_SIDE:
+        return image
+    small = Image.fromarray(image)
+    small.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE), Image.BILINEAR)
+    return np.asarray(small)
+
+
 @app.command()
 def predict(
     images: Annotated[list[str], typer.Argument(help="Image files (local or s3://)")],
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint (local or s3://)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for overlays and scores.csv")],
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    device: Annotated[str, typer.Option(callback=_device, help=DEVICE_HELP)] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
 ) -> None:
     """Score images; write each one's overlay PNG (heat map over the image) and scores.csv."""
@@ -356,11 +411,14 @@ def demo(
     directory: Annotated[
         Path, typer.Option("--dir", help="Where the data, models and metrics go")
     ] = Path("dskd-demo"),
-    epochs: Annotated[int, typer.Option(help="Training epochs per category")] = 12,
-    batch_size: Annotated[int, typer.Option(help="Images per step")] = 8,
-    image_size: Annotated[int, typer.Option(help="Square input size")] = 256,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs per category")] = 12,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per step")] = 8,
+    image_size: Annotated[
+        int,
+        typer.Option(min=64, max=MAX_IMAGE_SIZE, help="Square input size, a multiple of 32"),
+    ] = 256,
     backbone: Annotated[str, typer.Option(help=BACKBONE_HELP)] = "efficientnet_lite0",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    device: Annotated[str, typer.Option(callback=_device, help=DEVICE_HELP)] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
 ) -> None:
     """Demo data → train one model per category → evaluate → a metrics table."""
@@ -423,19 +481,24 @@ def score(
         typer.Option(help="Ray cluster to run on; default RAY_ADDRESS, else a new local Ray"),
     ] = None,
     device: Annotated[
-        str, typer.Option(help="auto (GPU actors where the cluster has GPUs) | cpu | cuda")
+        str,
+        typer.Option(
+            callback=_device, help="auto (GPU actors where the cluster has GPUs) | cpu | cuda"
+        ),
     ] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Images per model call")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per model call")] = 32,
     actors: Annotated[
-        int | None, typer.Option(help="Most scoring actors; default from the cluster's CPUs/GPUs")
+        int | None,
+        typer.Option(min=1, help="Most scoring actors; default from the cluster's CPUs/GPUs"),
     ] = None,
     actor_threads: Annotated[
-        int | None, typer.Option(help="Torch threads per CPU actor; default from the cluster")
+        int | None,
+        typer.Option(min=1, help="Torch threads per CPU actor; default from the cluster"),
     ] = None,
     rescore: Annotated[
         bool, typer.Option(help="Score every image again, even those this model already scored")
     ] = False,
-    rows_per_file: Annotated[int, typer.Option(help="Parquet rows per part file")] = 100_000,
+    rows_per_file: Annotated[int, typer.Option(min=1, help="Parquet rows per part file")] = 100_000,
     precision: Annotated[
         str,
         typer.Option(

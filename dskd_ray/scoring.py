@@ -16,6 +16,7 @@ import torch
 
 from dskd_ray.anomaly_map import anomaly_map, image_score
 from dskd_ray.checkpoint import Checkpoint, load_checkpoint
+from dskd_ray.config import check_device
 from dskd_ray.errors import ConfigError
 from dskd_ray.model import DSKD
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    check_device(device)  # "foo" is a ConfigError here, not torch's RuntimeError
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
