@@ -23,8 +23,9 @@ from fsspec.core import url_to_fs
 
 from dskd_ray import __version__
 from dskd_ray.config import DSKDConfig
-from dskd_ray.errors import CheckpointError
+from dskd_ray.errors import CheckpointError, StorageError
 from dskd_ray.model import DSKD
+from dskd_ray.storage import describe_failure, storage_errors
 
 FORMAT = "dskd_ray.checkpoint/1"
 
@@ -181,7 +182,8 @@ def save_checkpoint(ckpt: Checkpoint, uri: str | Path) -> None:
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    _atomic_write(str(uri), buffer.getvalue())
+    with storage_errors(str(uri)):
+        _atomic_write(str(uri), buffer.getvalue())
 
 
 def load_checkpoint(uri: str | Path) -> Checkpoint:
@@ -191,8 +193,8 @@ def load_checkpoint(uri: str | Path) -> Checkpoint:
             blob = f.read()
     except FileNotFoundError as e:
         raise CheckpointError(f"checkpoint not found: {uri}") from e
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {uri}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - an unreachable store: one line, not a traceback
+        raise StorageError(f"cannot read checkpoint {uri}: {describe_failure(e)}") from e
     try:
         payload = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, pickle with code, wrong file…

@@ -84,11 +84,11 @@ class _ProgressBar:
         self.task = None
 
     def __enter__(self) -> _ProgressBar:
-        self.progress.__enter__()
-        return self
+        return self  # the bar starts with the first step: a run that fails first prints none
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)
+        if self.task is not None:
+            self.progress.__exit__(*exc)
 
     def __call__(self, p: object) -> None:
         total = p.steps * p.epochs  # type: ignore[attr-defined]
@@ -99,6 +99,7 @@ class _ProgressBar:
             "ips": f"{p.images_per_s:.1f}",  # type: ignore[attr-defined]
         }
         if self.task is None:
+            self.progress.__enter__()
             self.task = self.progress.add_task("train", total=total, **fields)
         self.progress.update(self.task, completed=done, total=total, **fields)
 
@@ -250,14 +251,19 @@ def _models_for(data: str, model: str) -> list[tuple[object, str]]:
 
     from dskd_ray.data import discover_categories
     from dskd_ray.errors import DataError
+    from dskd_ray.storage import storage_errors
 
     categories = discover_categories(data)
     fs, path = url_to_fs(model)
-    if fs.isdir(path):
+    with storage_errors(model):
+        is_folder = fs.isdir(path)
+    if is_folder:
         pairs = []
         for c in categories:
             ckpt = f"{model.rstrip('/')}/{c.name}.pt"
-            if not fs.exists(url_to_fs(ckpt)[1]):
+            with storage_errors(ckpt):
+                found = fs.exists(url_to_fs(ckpt)[1])
+            if not found:
                 raise DataError(f"no checkpoint for category {c.name!r}: expected {ckpt}")
             pairs.append((c, ckpt))
         return pairs
@@ -551,14 +557,27 @@ def main() -> None:
         typer.echo(f"dskd: error: {e.format_message()} (see '{command} --help')", err=True)
         sys.exit(2)
     except DSKDError as e:
-        typer.echo(f"dskd: error: {e}", err=True)
-        sys.exit(1)
+        _fail(e, str(e))
     except FileExistsError as e:
-        typer.echo(f"dskd: error: {e}", err=True)
-        sys.exit(1)
+        _fail(e, str(e))
     except KeyboardInterrupt:
         typer.echo("dskd: interrupted", err=True)
         sys.exit(130)
+    except Exception as e:
+        from dskd_ray.storage import describe_failure, is_storage_failure
+
+        if not is_storage_failure(e):
+            raise
+        # A storage failure the library did not name a URI for: still one line.
+        _fail(e, f"storage failure: {describe_failure(e)}")
+
+
+def _fail(error: BaseException, message: str) -> None:
+    """One line on stderr and exit 1; with --verbose the traceback first."""
+    if _verbose:
+        traceback.print_exception(error, file=sys.stderr)
+    typer.echo(f"dskd: error: {message}", err=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dskd_ray.storage import filesystem, join_uri, read_object, to_uri, with_retries, write_object
+from dskd_ray.errors import DataError
+from dskd_ray.storage import (
+    filesystem,
+    join_uri,
+    read_object,
+    storage_errors,
+    to_uri,
+    with_retries,
+    write_object,
+)
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +147,11 @@ class CommittedRun:
 
 def committed_runs(output: str) -> list[CommittedRun]:
     """The runs whose manifest exists, oldest first."""
+    with storage_errors(output):
+        return _committed_runs(output)
+
+
+def _committed_runs(output: str) -> list[CommittedRun]:
     fs, root = filesystem(output)
     folder = f"{root}/{MANIFESTS_DIR}"
     try:

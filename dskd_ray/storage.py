@@ -4,6 +4,8 @@ and the 16-bit PNG map format. Local folders and s3:// prefixes alike (fsspec). 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import io
 import logging
@@ -23,7 +25,7 @@ import numpy as np
 from fsspec.core import url_to_fs
 from PIL import Image, PngImagePlugin
 
-from dskd_ray.errors import DataError
+from dskd_ray.errors import ConfigError, DataError, DSKDError, StorageError
 from dskd_ray.images import is_image_path
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,70 @@ def with_retries(
             )
             sleep(delay)
     raise AssertionError("unreachable")
+
+
+def is_storage_failure(error: BaseException) -> bool:
+    """An error from reaching or asking the storage: OS errors, and the S3 client's own."""
+    return isinstance(error, OSError) or is_transient(error)
+
+
+def describe_failure(error: BaseException) -> str:
+    """One line: the error's message and, when it differs, its root cause's.
+
+    S3 client errors arrive chained four or five deep (s3fs, aiobotocore, aiohttp, the
+    socket); the outermost says what was asked, the innermost why it failed.
+    """
+    root, seen = error, {id(error)}
+    while (nxt := root.__cause__ or root.__context__) is not None and id(nxt) not in seen:
+        root = nxt
+        seen.add(id(root))
+    text = " ".join((str(error) or type(error).__name__).split())
+    if root is not error:
+        cause = " ".join(str(root).split())
+        if cause and cause not in text:
+            text += f" ({type(root).__name__}: {cause})"
+    return text
+
+
+@contextlib.contextmanager
+def storage_errors(uri: str) -> Iterator[None]:
+    """Turn a failure to reach `uri` into one StorageError naming it and the cause."""
+    try:
+        yield
+    except DSKDError:
+        raise
+    except Exception as e:
+        if not is_storage_failure(e):
+            raise
+        raise StorageError(f"storage error on {uri}: {describe_failure(e)}") from e
+
+
+def names_storage_failures(fn: Callable[..., T]) -> Callable[..., T]:
+    """`storage_errors` around a function whose first argument is the URI it reads."""
+
+    @functools.wraps(fn)
+    def wrapper(uri: str, *args: object, **kwargs: object) -> T:
+        with storage_errors(str(uri)):
+            return fn(uri, *args, **kwargs)
+
+    return wrapper
+
+
+def printable_name(name: str) -> str:
+    """`name` as valid UTF-8: bytes of a file name that are not UTF-8 become \\xNN escapes.
+
+    Linux file names are bytes; Python hands undecodable ones over as lone surrogates, which
+    Parquet, JSON and a terminal all refuse.
+    """
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        try:
+            raw = name.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raw = name.encode("utf-8", "surrogatepass")
+        return raw.decode("utf-8", "backslashreplace")
 
 
 def read_object(uri: str) -> bytes:

@@ -6,7 +6,7 @@ import torch
 
 from dskd_ray.checkpoint import Threshold, load_checkpoint, make_checkpoint, save_checkpoint
 from dskd_ray.config import DSKDConfig
-from dskd_ray.errors import CheckpointError, WeightsError
+from dskd_ray.errors import CheckpointError, StorageError, WeightsError
 from dskd_ray.model import DSKD
 
 
@@ -100,7 +100,7 @@ def test_failed_save_leaves_the_previous_checkpoint(
         raise OSError("disk full")
 
     monkeypatch.setattr("os.fsync", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(StorageError, match=f"{path}: disk full"):  # one line, naming the file
         save_checkpoint(make_checkpoint(DSKD(tiny_config.replace(seed=1))), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temp file left behind
