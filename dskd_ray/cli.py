@@ -358,7 +358,8 @@ def predict(
 
     from dskd_ray.data import read_bytes
     from dskd_ray.images import ImageDecodeError, decode_image
-    from dskd_ray.scoring import Scorer
+    from dskd_ray.scoring import Scorer, not_finite_reason
+    from dskd_ray.storage import describe_failure, is_storage_failure, printable_name
     from dskd_ray.visualize import overlay
 
     scorer = Scorer(model, device=device)
@@ -366,7 +367,8 @@ def predict(
     rows, failures = [], 0
     used: set[str] = set()
     for uri in images:
-        stem = Path(uri).stem
+        shown = printable_name(uri)  # a name that is not UTF-8 is printed and stored escaped
+        stem = Path(shown).stem
         name = stem
         n = 1
         while name in used:  # two inputs with the same file name keep both overlays
@@ -376,22 +378,33 @@ def predict(
         try:
             data = read_bytes(uri)
             rgb, (w, h) = decode_image(data, scorer.image_size)
-            full, _ = decode_image(data, None)
-        except (ImageDecodeError, OSError) as e:
+            full = _overlay_base(decode_image(data, None)[0])
+        except Exception as e:
+            if not isinstance(e, ImageDecodeError) and not is_storage_failure(e):
+                raise
             failures += 1
+            why = printable_name(describe_failure(e))
             rows.append(
-                {"image": uri, "score": "", "is_anomalous": "", "overlay": "", "error": str(e)}
+                {"image": shown, "score": "", "is_anomalous": "", "overlay": "", "error": why}
             )
-            typer.echo(f"dskd: error: {uri}: {e}", err=True)
+            typer.echo(f"dskd: error: {shown}: {why}", err=True)
             continue
         result = scorer.score_batch(rgb[None])
         score = float(result.scores[0])
+        if not result.finite[0]:  # never "nan normal": a broken model is an error
+            failures += 1
+            why = not_finite_reason(score)
+            rows.append(
+                {"image": shown, "score": "", "is_anomalous": "", "overlay": "", "error": why}
+            )
+            typer.echo(f"dskd: error: {shown}: {why}", err=True)
+            continue
         flagged = None if scorer.threshold is None else score > scorer.threshold
         path = out / f"{name}_overlay.png"
         Image.fromarray(overlay(full, result.maps[0], scorer.threshold)).save(path)
         rows.append(
             {
-                "image": uri,
+                "image": shown,
                 "score": f"{score:.6f}",
                 "is_anomalous": "" if flagged is None else str(flagged).lower(),
                 "overlay": str(path),
@@ -399,8 +412,8 @@ def predict(
             }
         )
         verdict = "" if flagged is None else ("  ANOMALOUS" if flagged else "  normal")
-        _echo(f"{uri}: {score:.4f}{verdict}")
-    with open(out / "scores.csv", "w", newline="") as f:
+        _echo(f"{shown}: {score:.4f}{verdict}")
+    with open(out / "scores.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(
             f, fieldnames=["image", "score", "is_anomalous", "overlay", "error"]
         )
@@ -409,7 +422,9 @@ def predict(
     threshold = "none" if scorer.threshold is None else f"{scorer.threshold:.4f}"
     _echo(f"threshold {threshold}; overlays and scores.csv in {out}")
     if failures:
-        raise DSKDError(f"{failures} of {len(images)} image(s) could not be read (see scores.csv)")
+        raise DSKDError(
+            f"{failures} of {len(images)} image(s) could not be scored (see scores.csv)"
+        )
 
 
 @app.command()
@@ -536,12 +551,17 @@ def score(
     )
     if summary.errors:
         _echo(f"{summary.errors} image(s) could not be scored: rows with status = 'error' say why")
+    if summary.gone:
+        _echo(f"{summary.gone} image(s) scored before are gone from INPUT: rows with status 'gone'")
+    if summary.symlinks:
+        _echo(summary.format_symlinks())
     _echo(f"run {summary.run_id}: {summary.partition}")
     _echo(f"committed: {summary.manifest}")
 
 
 def main() -> None:
-    """Entry point: usage errors and DSKDError become one line on stderr and exit code 2 / 1."""
+    """Entry point: usage errors, DSKDError and storage failures become one line on stderr and
+    exit code 2 / 1 (with --verbose, after the traceback)."""
     try:
         app(standalone_mode=False)
     except typer.Exit as e:
