@@ -186,10 +186,10 @@ def test_score_bad_device_is_checked_before_listing(tmp_path: Path) -> None:
 def test_score_output_equal_to_input_is_refused_whatever_its_spelling(tmp_path: Path) -> None:
     write_textures(tmp_path / "imgs", 2)
     os.symlink(tmp_path / "imgs", tmp_path / "alias")
-    for out in (tmp_path / "imgs", tmp_path / "alias", tmp_path / "imgs" / "sub" / ".."):
-        result = dskd("score", str(tmp_path / "imgs"), "--model", str(tmp_path / "absent.pt"),
-                      "--out", str(out) + "/")  # fmt: skip
-        one_line_error(result, 1, "is INPUT itself")
+    # One spelling here (each is a process start); tests/test_storage.py tries the others.
+    result = dskd("score", str(tmp_path / "imgs"), "--model", str(tmp_path / "absent.pt"),
+                  "--out", str(tmp_path / "alias") + "/")  # fmt: skip
+    one_line_error(result, 1, "is INPUT itself")
     assert sorted(p.name for p in (tmp_path / "imgs").iterdir()) == ["000.png", "001.png"]
 
 
@@ -249,3 +249,55 @@ def test_verbose_shows_the_traceback_behind_the_one_line(tmp_path: Path) -> None
     assert result.returncode == 1
     assert "Traceback" in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("dskd: error: storage error on ")
+
+
+# --- predict and evaluate on a broken model and an odd name (issue 11) -------------------------
+
+
+def save_tiny_models(folder: Path) -> tuple[Path, Path]:
+    """(good, nan): tiny random-teacher checkpoints; the second's students give NaN, and its
+    model id matches those weights, so only its scores can tell."""
+    import torch
+
+    from dskd_ray.checkpoint import Threshold, make_checkpoint, save_checkpoint
+    from dskd_ray.config import DSKDConfig
+    from dskd_ray.model import DSKD
+
+    torch.manual_seed(0)
+    model = DSKD(DSKDConfig(teacher_weights="random", image_size=64))
+    threshold = Threshold(1.0, "quantile", 0.5, [])
+    save_checkpoint(make_checkpoint(model, threshold), folder / "good.pt")
+    with torch.no_grad():
+        for p in model.student_parameters():
+            p.fill_(float("nan"))
+    save_checkpoint(make_checkpoint(model, threshold), folder / "nan.pt")
+    return folder / "good.pt", folder / "nan.pt"
+
+
+def test_predict_and_evaluate_say_so_on_nan_scores_and_odd_names(tmp_path: Path) -> None:
+    good, nan = save_tiny_models(tmp_path)
+    cat = tmp_path / "tex"
+    write_textures(cat / "train" / "good", 2)
+    write_textures(cat / "test" / "good", 2, seed=5)
+    write_textures(cat / "test" / "odd", 2, seed=9)
+    image = cat / "test" / "good" / "000.png"
+    odd = os.fsencode(tmp_path) + b"/caf\xe9.png"  # not UTF-8: made through the bytes API
+    with open(odd, "wb") as f:
+        f.write(image.read_bytes())
+    odd_arg = os.fsdecode(odd)
+
+    result = dskd("predict", str(image), odd_arg, "--model", str(nan), "--out", str(tmp_path / "p"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.count("score not finite") == 2 and "nan normal" not in result.stdout
+    with open(tmp_path / "p" / "scores.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["score"] for r in rows] == ["", ""] and all("not finite" in r["error"] for r in rows)
+    assert rows[1]["image"] == f"{tmp_path}/caf\\xe9.png"  # escaped, not a crash
+
+    result = dskd("predict", odd_arg, "--model", str(good), "--out", str(tmp_path / "q"))
+    assert result.returncode == 0, result.stderr
+    assert f"{tmp_path}/caf\\xe9.png: " in result.stdout
+    assert (tmp_path / "q" / "caf\\xe9_overlay.png").is_file()
+
+    result = dskd("evaluate", str(cat), "--model", str(nan))
+    one_line_error(result, 1, "non-finite score on 4 of 4", "score not finite")
