@@ -31,19 +31,25 @@ from dskd_ray.results import (
     PartWriter,
     commit_run,
     done_keys,
+    gone_rows,
     image_keys,
     manifest_path,
     new_run_id,
+    read_results,
     run_partition,
     utc_now,
 )
 from dskd_ray.storage import (
+    ListingStats,
+    check_output,
     encode_map_png,
+    filesystem,
     iter_images,
     join_uri,
     map_uri,
     quantize_map,
     read_object,
+    to_uri,
     write_object,
 )
 
@@ -53,7 +59,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LISTING_SCHEMA = pa.schema(
-    [("image_uri", pa.string()), ("image_version", pa.string()), ("image_bytes", pa.int64())]
+    [
+        ("image_uri", pa.string()),
+        ("image_version", pa.string()),
+        ("image_bytes", pa.int64()),
+        ("listing_error", pa.string()),  # set when the file is not to be read (its name)
+    ]
 )
 
 
@@ -74,6 +85,22 @@ class ScoringOptions:
     compile: bool = False  # torch.compile the model in each actor
     run_id: str | None = None  # default: start time + random suffix
 
+    def validate(self) -> None:
+        """Refuse what cannot work before anything is listed or started (a Ray start is slow)."""
+        from dskd_ray.config import check_device
+        from dskd_ray.scoring import PRECISIONS
+
+        check_device(self.device)
+        for name in ("batch_size", "actors", "actor_threads", "rows_per_file", "io_threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                flag = name.replace("_", "-")
+                raise ConfigError(f"--{flag} {value} must be at least 1")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}"
+            )
+
 
 @dataclass
 class RunSummary:
@@ -85,6 +112,9 @@ class RunSummary:
     errors: int  # rows with status "error" in this run
     other_files: int  # files without an image extension, not listed
     seconds: float  # the whole run, listing and commit included
+    symlinks: int = 0  # symlinks met under the input (local folders)
+    symlinks_skipped: int = 0  # of those, not listed: pointing outside the input, nowhere…
+    gone: int = 0  # images scored before and no longer under the input: a "gone" row each
     pipeline_seconds: float = 0.0  # Ray Data: first block in → last row out
     startup_seconds: float = 0.0  # pipeline start → first rows out (actor start, model load)
     startup_rows: int = 0  # rows in that first batch out
@@ -106,8 +136,18 @@ class RunSummary:
     def format(self) -> str:
         return (
             f"run {self.run_id}: listed {self.listed}, scored {self.scored}, errors {self.errors}, "
-            f"skipped {self.skipped} (already scored), {self.images_per_s:.1f} images/s "
-            f"({self.seconds:.1f} s in all)"
+            f"skipped {self.skipped} (already scored), gone {self.gone}, "
+            f"{self.images_per_s:.1f} images/s ({self.seconds:.1f} s in all)"
+        )
+
+    def format_symlinks(self) -> str:
+        """A line on the symlinks met, or "" when there were none."""
+        if not self.symlinks:
+            return ""
+        return (
+            f"{self.symlinks} symlink(s) under INPUT: {self.symlinks - self.symlinks_skipped} to "
+            f"images inside INPUT listed, {self.symlinks_skipped} not followed (pointing outside "
+            "INPUT, into the output, nowhere, or to a folder whose images are listed anyway)"
         )
 
 
@@ -184,9 +224,16 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, io_threads: int)
     def fail(i: int, why: str, retry: bool) -> None:
         status[i], error[i], retryable[i] = "error", why, retry
 
-    if n:
-        with ThreadPoolExecutor(max(1, min(io_threads, n))) as pool:
-            for i, future in enumerate([pool.submit(read_object, u) for u in uris]):
+    # A file the listing refused (a name that is not UTF-8) is not read: its row says why.
+    refused = batch.get("listing_error")
+    for i in range(n):
+        if refused is not None and refused[i]:
+            fail(i, str(refused[i]), retry=False)
+    readable = [i for i in range(n) if status[i] == "ok"]
+    if readable:
+        with ThreadPoolExecutor(max(1, min(io_threads, len(readable)))) as pool:
+            futures = [(i, pool.submit(read_object, uris[i])) for i in readable]
+            for i, future in futures:
                 try:
                     data = future.result()
                 except Exception as e:  # noqa: BLE001 - any read failure: the next run retries
@@ -240,6 +287,8 @@ class ScoringActor:
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from dskd_ray.scoring import not_finite_reason
+
         images = batch.pop("image")
         status = np.array(batch["status"], dtype=object)
         error = np.array(batch["error"], dtype=object)
@@ -262,8 +311,15 @@ class ScoringActor:
                 flags = self.scorer.is_anomalous(result.scores)
                 if flags is not None:
                     anomalous[ok] = flags.astype(np.int8)
+                finite = result.finite
                 for j, i in enumerate(ok):
-                    quantized[i], scale[i] = quantize_map(result.maps[j])
+                    if finite[j]:
+                        quantized[i], scale[i] = quantize_map(result.maps[j])
+                    else:
+                        # Final for this model (its id is in done_keys); another model, with
+                        # another id, scores the image again.
+                        status[i], retryable[i] = "error", False
+                        error[i] = not_finite_reason(float(result.scores[j]))
         return {
             **batch,
             "status": status,
@@ -294,7 +350,11 @@ def write_maps_batch(
     with ThreadPoolExecutor(max(1, min(io_threads, n))) as pool:
         for i in np.flatnonzero(status == "ok"):
             key = map_uri(
-                maps_root, str(batch["image_uri"][i]), str(batch["image_version"][i]), model_id
+                maps_root,
+                str(batch["image_uri"][i]),
+                str(batch["image_version"][i]),
+                model_id,
+                run_id,  # a run never overwrites a map that an earlier run's row points at
             )
             png = encode_map_png(batch["map_q"][i], float(batch["map_scale"][i]))
             futures[i] = (key, pool.submit(write_object, key, png))
@@ -341,14 +401,14 @@ def _describe(error: BaseException) -> str:
 @dataclass
 class _Listing:
     table: pa.Table
-    other_files: int = 0
+    stats: ListingStats
 
 
 def list_inputs(input_uri: str, output: str) -> _Listing:
     """Every image under `input_uri` with its version; built in Arrow chunks, not Python objects."""
     chunks: list[pa.RecordBatch] = []
-    rows: dict[str, list] = {"image_uri": [], "image_version": [], "image_bytes": []}
-    other = 0
+    rows: dict[str, list] = {name: [] for name in LISTING_SCHEMA.names}
+    stats = ListingStats()
 
     def flush() -> None:
         if rows["image_uri"]:
@@ -356,18 +416,19 @@ def list_inputs(input_uri: str, output: str) -> _Listing:
             for column in rows.values():
                 column.clear()
 
-    for entry in iter_images(input_uri, exclude=output):
+    for entry in iter_images(input_uri, exclude=output, stats=stats):
         if entry is None:
-            other += 1
+            stats.other_files += 1
             continue
         rows["image_uri"].append(entry.uri)
         rows["image_version"].append(entry.version)
         rows["image_bytes"].append(entry.size)
+        rows["listing_error"].append(entry.error)
         if len(rows["image_uri"]) >= 50_000:
             flush()
     flush()
     table = pa.Table.from_batches(chunks, schema=LISTING_SCHEMA)
-    return _Listing(table.sort_by("image_uri"), other)
+    return _Listing(table.sort_by("image_uri"), stats)
 
 
 @dataclass
@@ -404,13 +465,10 @@ def score_images(
     # torch is imported here and in the actors, not at module level: the read/decode and
     # map-writing tasks import this module too, and start seconds sooner without it.
     from dskd_ray.checkpoint import library_versions, load_checkpoint
-    from dskd_ray.scoring import PRECISIONS
 
     options = options or ScoringOptions()
-    if options.precision not in PRECISIONS:  # before Ray starts, not inside an actor
-        raise ConfigError(
-            f"--precision {options.precision!r} is not one of {', '.join(PRECISIONS)}"
-        )
+    options.validate()  # before Ray starts, not inside an actor
+    check_output(input_uri, output)
     start = time.perf_counter()
     started_at = utc_now()
     checkpoint = load_checkpoint(model)
@@ -418,11 +476,18 @@ def score_images(
 
     listing = list_inputs(input_uri, output)
     table = listing.table
+    # This model's latest row per image: what is done, and what was scored and is now gone.
+    prior = read_results(
+        output,
+        model_id,
+        ["image_uri", "image_version", "status", "retryable"],
+        latest=True,
+        missing_ok=True,
+    )
     skipped = 0
     if not options.rescore and table.num_rows:
         done = pc.is_in(
-            image_keys(table["image_uri"], table["image_version"]),
-            value_set=done_keys(output, model_id),
+            image_keys(table["image_uri"], table["image_version"]), value_set=done_keys(prior)
         )
         skipped = int(pc.sum(done).as_py() or 0)
         table = table.filter(pc.invert(done))
@@ -436,6 +501,13 @@ def score_images(
 
     run_id = options.run_id or new_run_id()
     writer = PartWriter(output, run_id, options.rows_per_file)
+    in_fs, in_path = filesystem(input_uri)
+    gone = gone_rows(
+        prior, listing.table["image_uri"].combine_chunks(), to_uri(in_fs, in_path), model_id, run_id
+    )
+    if gone.num_rows:
+        log.info("%d image(s) scored before are no longer under %s", gone.num_rows, input_uri)
+        writer.write(gone)
     counts = {"ok": 0, "error": 0}
     pipeline_s = startup_s = 0.0
     startup_rows = 0
@@ -463,7 +535,10 @@ def score_images(
         skipped=skipped,
         scored=counts["ok"],
         errors=counts["error"],
-        other_files=listing.other_files,
+        other_files=listing.stats.other_files,
+        symlinks=listing.stats.symlinks,
+        symlinks_skipped=listing.stats.symlinks_skipped,
+        gone=gone.num_rows,
         seconds=0.0,
         pipeline_seconds=pipeline_s,
         startup_seconds=startup_s,

@@ -23,13 +23,18 @@ from fsspec.core import url_to_fs
 
 from dskd_ray import __version__
 from dskd_ray.config import DSKDConfig
-from dskd_ray.errors import CheckpointError
+from dskd_ray.errors import CheckpointError, StorageError
 from dskd_ray.model import DSKD
+from dskd_ray.storage import describe_failure, storage_errors
 
 FORMAT = "dskd_ray.checkpoint/2"
 # /1 → /2: per-level normalisation became (m − location) / spread (was m / scale, named
 # `map_normalization` and `level_scales`); the image score gained `score_top_k`.
 OLDER_FORMATS = ("dskd_ray.checkpoint/1",)
+V1_MODEL_ID_FIELDS = (
+    "backbone", "students", "df_input", "level_fusion", "map_normalization", "image_size",
+    "blur_sigma",
+)  # fmt: skip
 # The config fields that change what a model computes; with the weights, they make its id.
 MODEL_ID_FIELDS = (
     "backbone", "students", "df_input", "level_fusion", "level_normalization", "map_baseline",
@@ -103,8 +108,14 @@ class Checkpoint:
 
 def compute_model_id(config: DSKDConfig, state_dict: dict[str, torch.Tensor]) -> str:
     """Content hash of the weights and the model-defining config: same model, same id."""
+    return _content_hash(config.to_dict(), MODEL_ID_FIELDS, state_dict)
+
+
+def _content_hash(
+    config: dict[str, Any], fields: tuple[str, ...], state_dict: dict[str, torch.Tensor]
+) -> str:
     digest = hashlib.sha256()
-    model_fields = {k: v for k, v in config.to_dict().items() if k in MODEL_ID_FIELDS}
+    model_fields = {k: v for k, v in config.items() if k in fields}
     digest.update(json.dumps(model_fields, sort_keys=True).encode())
     for key in sorted(state_dict):
         tensor = state_dict[key].detach().cpu().contiguous().reshape(-1)
@@ -176,7 +187,8 @@ def save_checkpoint(ckpt: Checkpoint, uri: str | Path) -> None:
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    _atomic_write(str(uri), buffer.getvalue())
+    with storage_errors(str(uri)):
+        _atomic_write(str(uri), buffer.getvalue())
 
 
 def load_checkpoint(uri: str | Path) -> Checkpoint:
@@ -186,8 +198,8 @@ def load_checkpoint(uri: str | Path) -> Checkpoint:
             blob = f.read()
     except FileNotFoundError as e:
         raise CheckpointError(f"checkpoint not found: {uri}") from e
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {uri}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - an unreachable store: one line, not a traceback
+        raise StorageError(f"cannot read checkpoint {uri}: {describe_failure(e)}") from e
     try:
         payload = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, pickle with code, wrong file…
@@ -195,22 +207,44 @@ def load_checkpoint(uri: str | Path) -> Checkpoint:
     found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
     if not isinstance(found, str) or not found.startswith("dskd_ray.checkpoint/"):
         raise CheckpointError(f"{uri} is not a dskd_ray checkpoint (found format {found!r})")
+    meta = json.loads(payload.get("meta") or "{}")
     if found in OLDER_FORMATS:
+        # Verified as written, then renamed; it keeps its id (it scores exactly as before).
+        _verify(
+            uri, meta, _content_hash(payload["config"], V1_MODEL_ID_FIELDS, payload["state_dict"])
+        )
         payload = _upgrade_from_v1(payload)
     elif found != FORMAT:
         raise CheckpointError(
             f"{uri} is a {found!r} checkpoint; this dskd_ray {__version__} reads {FORMAT} "
             f"and {', '.join(OLDER_FORMATS)}"
         )
+    config = DSKDConfig.from_dict(payload["config"])
+    if found == FORMAT:
+        _verify(uri, meta, compute_model_id(config, payload["state_dict"]))
     threshold = payload.get("threshold")
     return Checkpoint(
-        config=DSKDConfig.from_dict(payload["config"]),
+        config=config,
         state_dict=payload["state_dict"],
         threshold=Threshold.from_dict(threshold) if threshold else None,
         teacher_identity=payload.get("teacher_identity", "unknown"),
-        meta=json.loads(payload.get("meta") or "{}"),
+        meta=meta,
         training=payload.get("training"),
     )
+
+
+def _verify(uri: str, meta: dict[str, Any], recomputed: str) -> None:
+    """Refuse weights that are not the ones the stored model id was made from.
+
+    The id names the model in every result row and decides what incremental scoring skips, so
+    a flipped bit in the weights must not borrow the id of the good model it came from.
+    """
+    stored = meta.get("model_id")
+    if stored is not None and recomputed != stored:
+        raise CheckpointError(
+            f"{uri} is corrupt: its weights do not match its model id (stored {stored}, "
+            f"recomputed {recomputed}); copy it again or retrain"
+        )
 
 
 def _upgrade_from_v1(payload: dict[str, Any]) -> dict[str, Any]:

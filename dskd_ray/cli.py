@@ -7,8 +7,9 @@ import json
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -17,8 +18,11 @@ try:  # typer ≥ 0.2x vendors click; older ones use the click package
 except ImportError:  # pragma: no cover
     from click import exceptions as click_errors
 
-from dskd_ray.config import DSKDConfig
-from dskd_ray.errors import DSKDError
+from dskd_ray.config import MAX_IMAGE_SIZE, DSKDConfig, check_device
+from dskd_ray.errors import ConfigError, DSKDError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 app = typer.Typer(
     add_completion=False,
@@ -32,9 +36,23 @@ log = logging.getLogger("dskd_ray")
 DEFAULTS = DSKDConfig()  # the config owns its defaults; the options show them
 BACKBONE_HELP = "resnet18 | wide_resnet50_2 | efficientnet_lite0"
 WEIGHTS_HELP = "imagenet | random (tests only) | path or s3:// URI to a state dict"
+DEVICE_HELP = "auto | cpu | cuda | cuda:N"
+
+# Set by each command's --verbose: `main` then shows the traceback behind a one-line error.
+_verbose = False
+
+
+def _device(value: str) -> str:
+    """--device checked as it is parsed: before data is read or Ray starts."""
+    try:
+        return check_device(value)
+    except ConfigError as e:
+        raise typer.BadParameter(str(e)) from e
 
 
 def _setup_logging(verbose: bool = False) -> None:
+    global _verbose
+    _verbose = verbose
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="dskd: %(levelname)s: %(message)s",
@@ -67,11 +85,11 @@ class _ProgressBar:
         self.task = None
 
     def __enter__(self) -> _ProgressBar:
-        self.progress.__enter__()
-        return self
+        return self  # the bar starts with the first step: a run that fails first prints none
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)
+        if self.task is not None:
+            self.progress.__exit__(*exc)
 
     def __call__(self, p: object) -> None:
         total = p.steps * p.epochs  # type: ignore[attr-defined]
@@ -82,6 +100,7 @@ class _ProgressBar:
             "ips": f"{p.images_per_s:.1f}",  # type: ignore[attr-defined]
         }
         if self.task is None:
+            self.progress.__enter__()
             self.task = self.progress.add_task("train", total=total, **fields)
         self.progress.update(self.task, completed=done, total=total, **fields)
 
@@ -111,11 +130,17 @@ def train(
         typer.Argument(help="MVTec category folder or folder of normal images (local or s3://)"),
     ],
     out: Annotated[str, typer.Option("--out", "-o", help="Checkpoint to write (local or s3://)")],
-    epochs: Annotated[int, typer.Option(help="Training epochs")] = 50,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs")] = 50,
     batch_size: Annotated[
-        int, typer.Option(help="Images per step; with --workers, the global batch split over them")
+        int,
+        typer.Option(
+            min=1, help="Images per step; with --workers, the global batch split over them"
+        ),
     ] = 16,
-    image_size: Annotated[int, typer.Option(help="Square input size, a multiple of 32")] = 256,
+    image_size: Annotated[
+        int,
+        typer.Option(min=64, max=MAX_IMAGE_SIZE, help="Square input size, a multiple of 32"),
+    ] = 256,
     backbone: Annotated[str, typer.Option(help=BACKBONE_HELP)] = "resnet18",
     teacher_weights: Annotated[str, typer.Option(help=WEIGHTS_HELP)] = "imagenet",
     students: Annotated[str, typer.Option(help="both (DSKD) | se (≈STFPM) | sd (≈RD)")] = "both",
@@ -138,24 +163,31 @@ def train(
         int,
         typer.Option(min=1, help="Image score: mean of the K highest map pixels (1: the max)"),
     ] = DEFAULTS.score_top_k,
-    lr: Annotated[float, typer.Option(help="Adam learning rate")] = 0.005,
+    lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate (> 0)")] = 0.005,
     lr_schedule: Annotated[str, typer.Option(help="constant | cosine")] = "cosine",
-    seed: Annotated[int, typer.Option(help="Random seed")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Random seed")] = 0,
     holdout_fraction: Annotated[
-        float, typer.Option(help="Normal images held out for the threshold")
+        float,
+        typer.Option(min=0.0, max=1.0, help="Normal images held out for the threshold (< 1)"),
     ] = 0.1,
     threshold_quantile: Annotated[
-        float, typer.Option(help="Quantile of held-out scores used as threshold")
+        float,
+        typer.Option(min=0.0, max=1.0, help="Quantile of held-out scores used as threshold (> 0)"),
     ] = 0.99,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    device: Annotated[str, typer.Option(callback=_device, help=DEVICE_HELP)] = "auto",
     resume: Annotated[
         bool, typer.Option(help="Continue an interrupted local run from --out (Ray: --run-name)")
     ] = False,
     workers: Annotated[
-        int | None, typer.Option(help="Train on Ray Train with N DDP workers (default: local)")
+        int | None,
+        typer.Option(min=1, help="Train on Ray Train with N DDP workers (default: local)"),
     ] = None,
-    gpus_per_worker: Annotated[float, typer.Option(help="Ray: GPUs per worker (0: CPU)")] = 0,
-    cpus_per_worker: Annotated[int, typer.Option(help="Ray: CPUs (torch threads) per worker")] = 1,
+    gpus_per_worker: Annotated[
+        float, typer.Option(min=0.0, help="Ray: GPUs per worker (0: CPU)")
+    ] = 0,
+    cpus_per_worker: Annotated[
+        int, typer.Option(min=1, help="Ray: CPUs (torch threads) per worker")
+    ] = 1,
     address: Annotated[
         str | None, typer.Option(help="Ray: cluster address (default: RAY_ADDRESS or local)")
     ] = None,
@@ -166,9 +198,15 @@ def train(
     run_name: Annotated[
         str | None, typer.Option(help="Ray: run name; same storage + name resumes")
     ] = None,
-    checkpoint_every: Annotated[int, typer.Option(help="Ray: epochs between checkpoints")] = 1,
-    keep_checkpoints: Annotated[int, typer.Option(help="Ray: checkpoints kept in storage")] = 2,
-    max_failures: Annotated[int, typer.Option(help="Ray: worker-group restarts allowed")] = 3,
+    checkpoint_every: Annotated[
+        int, typer.Option(min=1, help="Ray: epochs between checkpoints")
+    ] = 1,
+    keep_checkpoints: Annotated[
+        int, typer.Option(min=1, help="Ray: checkpoints kept in storage")
+    ] = 2,
+    max_failures: Annotated[
+        int, typer.Option(min=-1, help="Ray: worker-group restarts allowed (-1: no limit)")
+    ] = 3,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
 ) -> None:
     """Train the students on normal images; write a checkpoint with its threshold.
@@ -223,14 +261,19 @@ def _models_for(data: str, model: str) -> list[tuple[object, str]]:
 
     from dskd_ray.data import discover_categories
     from dskd_ray.errors import DataError
+    from dskd_ray.storage import storage_errors
 
     categories = discover_categories(data)
     fs, path = url_to_fs(model)
-    if fs.isdir(path):
+    with storage_errors(model):
+        is_folder = fs.isdir(path)
+    if is_folder:
         pairs = []
         for c in categories:
             ckpt = f"{model.rstrip('/')}/{c.name}.pt"
-            if not fs.exists(url_to_fs(ckpt)[1]):
+            with storage_errors(ckpt):
+                found = fs.exists(url_to_fs(ckpt)[1])
+            if not found:
                 raise DataError(f"no checkpoint for category {c.name!r}: expected {ckpt}")
             pairs.append((c, ckpt))
         return pairs
@@ -258,8 +301,8 @@ def evaluate(
             help="Write an HTML report here: index.html with curves and the worst images",
         ),
     ] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass")] = 16,
+    device: Annotated[str, typer.Option(callback=_device, help=DEVICE_HELP)] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass")] = 16,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
 ) -> None:
     """Image/pixel AUROC, AUPRO (FPR ≤ 0.3) and F1-max per category and their mean.
@@ -294,12 +337,29 @@ def evaluate(
         _echo(f"report: {html_report.write(table)}")
 
 
+OVERLAY_MAX_SIDE = 4096
+
+
+def _overlay_base(image: np.ndarray) -> np.ndarray:
+    """The image an overlay is drawn on, at most OVERLAY_MAX_SIDE a side: the overlay's float
+    arithmetic takes ~60 bytes a pixel, 24 GB at the decompression limit."""
+    import numpy as np
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    if max(h, w) <= OVERLAY_MAX_SIDE:
+        return image
+    small = Image.fromarray(image)
+    small.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE), Image.BILINEAR)
+    return np.asarray(small)
+
+
 @app.command()
 def predict(
     images: Annotated[list[str], typer.Argument(help="Image files (local or s3://)")],
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint (local or s3://)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for overlays and scores.csv")],
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    device: Annotated[str, typer.Option(callback=_device, help=DEVICE_HELP)] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
 ) -> None:
     """Score images; write each one's overlay PNG (heat map over the image) and scores.csv."""
@@ -308,7 +368,8 @@ def predict(
 
     from dskd_ray.data import read_bytes
     from dskd_ray.images import ImageDecodeError, decode_image
-    from dskd_ray.scoring import Scorer
+    from dskd_ray.scoring import Scorer, not_finite_reason
+    from dskd_ray.storage import describe_failure, is_storage_failure, printable_name
     from dskd_ray.visualize import overlay
 
     scorer = Scorer(model, device=device)
@@ -316,7 +377,8 @@ def predict(
     rows, failures = [], 0
     used: set[str] = set()
     for uri in images:
-        stem = Path(uri).stem
+        shown = printable_name(uri)  # a name that is not UTF-8 is printed and stored escaped
+        stem = Path(shown).stem
         name = stem
         n = 1
         while name in used:  # two inputs with the same file name keep both overlays
@@ -326,22 +388,33 @@ def predict(
         try:
             data = read_bytes(uri)
             rgb, (w, h) = decode_image(data, scorer.image_size)
-            full, _ = decode_image(data, None)
-        except (ImageDecodeError, OSError) as e:
+            full = _overlay_base(decode_image(data, None)[0])
+        except Exception as e:
+            if not isinstance(e, ImageDecodeError) and not is_storage_failure(e):
+                raise
             failures += 1
+            why = printable_name(describe_failure(e))
             rows.append(
-                {"image": uri, "score": "", "is_anomalous": "", "overlay": "", "error": str(e)}
+                {"image": shown, "score": "", "is_anomalous": "", "overlay": "", "error": why}
             )
-            typer.echo(f"dskd: error: {uri}: {e}", err=True)
+            typer.echo(f"dskd: error: {shown}: {why}", err=True)
             continue
         result = scorer.score_batch(rgb[None])
         score = float(result.scores[0])
+        if not result.finite[0]:  # never "nan normal": a broken model is an error
+            failures += 1
+            why = not_finite_reason(score)
+            rows.append(
+                {"image": shown, "score": "", "is_anomalous": "", "overlay": "", "error": why}
+            )
+            typer.echo(f"dskd: error: {shown}: {why}", err=True)
+            continue
         flagged = None if scorer.threshold is None else score > scorer.threshold
         path = out / f"{name}_overlay.png"
         Image.fromarray(overlay(full, result.maps[0], scorer.threshold)).save(path)
         rows.append(
             {
-                "image": uri,
+                "image": shown,
                 "score": f"{score:.6f}",
                 "is_anomalous": "" if flagged is None else str(flagged).lower(),
                 "overlay": str(path),
@@ -349,8 +422,8 @@ def predict(
             }
         )
         verdict = "" if flagged is None else ("  ANOMALOUS" if flagged else "  normal")
-        _echo(f"{uri}: {score:.4f}{verdict}")
-    with open(out / "scores.csv", "w", newline="") as f:
+        _echo(f"{shown}: {score:.4f}{verdict}")
+    with open(out / "scores.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(
             f, fieldnames=["image", "score", "is_anomalous", "overlay", "error"]
         )
@@ -359,7 +432,9 @@ def predict(
     threshold = "none" if scorer.threshold is None else f"{scorer.threshold:.4f}"
     _echo(f"threshold {threshold}; overlays and scores.csv in {out}")
     if failures:
-        raise DSKDError(f"{failures} of {len(images)} image(s) could not be read (see scores.csv)")
+        raise DSKDError(
+            f"{failures} of {len(images)} image(s) could not be scored (see scores.csv)"
+        )
 
 
 @app.command()
@@ -367,11 +442,14 @@ def demo(
     directory: Annotated[
         Path, typer.Option("--dir", help="Where the data, models and metrics go")
     ] = Path("dskd-demo"),
-    epochs: Annotated[int, typer.Option(help="Training epochs per category")] = 12,
-    batch_size: Annotated[int, typer.Option(help="Images per step")] = 8,
-    image_size: Annotated[int, typer.Option(help="Square input size")] = 256,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs per category")] = 12,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per step")] = 8,
+    image_size: Annotated[
+        int,
+        typer.Option(min=64, max=MAX_IMAGE_SIZE, help="Square input size, a multiple of 32"),
+    ] = 256,
     backbone: Annotated[str, typer.Option(help=BACKBONE_HELP)] = "efficientnet_lite0",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    device: Annotated[str, typer.Option(callback=_device, help=DEVICE_HELP)] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
 ) -> None:
     """Demo data → train one model per category → evaluate → a metrics table."""
@@ -434,19 +512,24 @@ def score(
         typer.Option(help="Ray cluster to run on; default RAY_ADDRESS, else a new local Ray"),
     ] = None,
     device: Annotated[
-        str, typer.Option(help="auto (GPU actors where the cluster has GPUs) | cpu | cuda")
+        str,
+        typer.Option(
+            callback=_device, help="auto (GPU actors where the cluster has GPUs) | cpu | cuda"
+        ),
     ] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Images per model call")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per model call")] = 32,
     actors: Annotated[
-        int | None, typer.Option(help="Most scoring actors; default from the cluster's CPUs/GPUs")
+        int | None,
+        typer.Option(min=1, help="Most scoring actors; default from the cluster's CPUs/GPUs"),
     ] = None,
     actor_threads: Annotated[
-        int | None, typer.Option(help="Torch threads per CPU actor; default from the cluster")
+        int | None,
+        typer.Option(min=1, help="Torch threads per CPU actor; default from the cluster"),
     ] = None,
     rescore: Annotated[
         bool, typer.Option(help="Score every image again, even those this model already scored")
     ] = False,
-    rows_per_file: Annotated[int, typer.Option(help="Parquet rows per part file")] = 100_000,
+    rows_per_file: Annotated[int, typer.Option(min=1, help="Parquet rows per part file")] = 100_000,
     precision: Annotated[
         str,
         typer.Option(
@@ -478,12 +561,17 @@ def score(
     )
     if summary.errors:
         _echo(f"{summary.errors} image(s) could not be scored: rows with status = 'error' say why")
+    if summary.gone:
+        _echo(f"{summary.gone} image(s) scored before are gone from INPUT: rows with status 'gone'")
+    if summary.symlinks:
+        _echo(summary.format_symlinks())
     _echo(f"run {summary.run_id}: {summary.partition}")
     _echo(f"committed: {summary.manifest}")
 
 
 def main() -> None:
-    """Entry point: usage errors and DSKDError become one line on stderr and exit code 2 / 1."""
+    """Entry point: usage errors, DSKDError and storage failures become one line on stderr and
+    exit code 2 / 1 (with --verbose, after the traceback)."""
     try:
         app(standalone_mode=False)
     except typer.Exit as e:
@@ -499,14 +587,27 @@ def main() -> None:
         typer.echo(f"dskd: error: {e.format_message()} (see '{command} --help')", err=True)
         sys.exit(2)
     except DSKDError as e:
-        typer.echo(f"dskd: error: {e}", err=True)
-        sys.exit(1)
+        _fail(e, str(e))
     except FileExistsError as e:
-        typer.echo(f"dskd: error: {e}", err=True)
-        sys.exit(1)
+        _fail(e, str(e))
     except KeyboardInterrupt:
         typer.echo("dskd: interrupted", err=True)
         sys.exit(130)
+    except Exception as e:
+        from dskd_ray.storage import describe_failure, is_storage_failure
+
+        if not is_storage_failure(e):
+            raise
+        # A storage failure the library did not name a URI for: still one line.
+        _fail(e, f"storage failure: {describe_failure(e)}")
+
+
+def _fail(error: BaseException, message: str) -> None:
+    """One line on stderr and exit 1; with --verbose the traceback first."""
+    if _verbose:
+        traceback.print_exception(error, file=sys.stderr)
+    typer.echo(f"dskd: error: {message}", err=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

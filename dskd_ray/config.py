@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -19,6 +20,20 @@ DF_INPUTS: tuple[str, ...] = ("se", "teacher")
 LEVEL_FUSIONS: tuple[str, ...] = ("sum", "product")
 LEVEL_NORMALIZATIONS: tuple[str, ...] = ("none", "mean", "standardize")
 MAP_BASELINES: tuple[str, ...] = ("none", "mean")
+# 4096² is 16x the default's pixels, and the map arithmetic and activations grow with them; a
+# larger size only finds the end of the memory, slowly.
+MAX_IMAGE_SIZE = 4096
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_device(device: str) -> str:
+    """`device` if it is one this library runs on (auto, cpu, cuda, cuda:N), else ConfigError.
+
+    A pure check, no torch: the CLI calls it before it imports or starts anything.
+    """
+    if not _DEVICE.fullmatch(device):
+        raise ConfigError(f"device {device!r} is not one of auto, cpu, cuda or cuda:N")
+    return device
 
 
 @dataclass
@@ -83,8 +98,11 @@ class DSKDConfig:
             if value not in allowed:
                 raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")
         # Three stride-2 steps below the stride-16 level (the DF embedding) need a multiple of 32.
-        if self.image_size < 64 or self.image_size % 32:
-            raise ConfigError(f"image_size={self.image_size} must be a multiple of 32, at least 64")
+        if self.image_size < 64 or self.image_size % 32 or self.image_size > MAX_IMAGE_SIZE:
+            raise ConfigError(
+                f"image_size={self.image_size} must be a multiple of 32, from 64 to "
+                f"{MAX_IMAGE_SIZE}"
+            )
         if self.level_normalization == "standardize" and (
             self.level_fusion == "product" or self.map_baseline == "mean"
         ):

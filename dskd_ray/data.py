@@ -12,6 +12,7 @@ from fsspec.core import url_to_fs
 
 from dskd_ray.errors import DataError
 from dskd_ray.images import ImageDecodeError, decode_image, decode_mask, is_image_path
+from dskd_ray.storage import names_storage_failures
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ def _images_in(fs: fsspec.AbstractFileSystem, folder: str, recursive: bool = Fal
     return sorted(p for p in paths if is_image_path(p))
 
 
+@names_storage_failures
 def list_images(root: str, recursive: bool = True) -> list[str]:
     """All image files under `root` (local folder or s3:// prefix), sorted, as URIs."""
     fs, path = _fs(root)
@@ -75,6 +77,7 @@ def _is_category(fs: fsspec.AbstractFileSystem, path: str) -> bool:
     return fs.isdir(posixpath.join(path, "train"))
 
 
+@names_storage_failures
 def discover_categories(root: str) -> list[Category]:
     """Categories under an MVTec-layout root, or the root itself if it is one category."""
     fs, path = _fs(root)
@@ -92,6 +95,7 @@ def discover_categories(root: str) -> list[Category]:
     return [load_category(c) for c in found]
 
 
+@names_storage_failures
 def load_category(root: str) -> Category:
     """One MVTec-layout category: train/good, test/<type>, ground_truth/<type>/<stem>_mask.*."""
     fs, path = _fs(root)
@@ -130,6 +134,7 @@ def _ext_hint() -> list[str]:
     return ["png", "jpg", "bmp", "tif"]
 
 
+@names_storage_failures
 def training_images(root: str) -> tuple[str, list[str]]:
     """(name, normal image URIs) for training: one MVTec category or a plain folder of images."""
     fs, path = _fs(root)

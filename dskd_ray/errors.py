@@ -19,3 +19,11 @@ class CheckpointError(DSKDError):
 
 class ConfigError(DSKDError):
     """An option has a value the library does not support."""
+
+
+class StorageError(DSKDError):
+    """Object storage or a file system could not be reached, or refused a request."""
+
+
+class ScoreError(DSKDError):
+    """The model gave a score that is not a finite number: its weights are broken."""

@@ -10,8 +10,8 @@ import numpy as np
 
 from dskd_ray import metrics
 from dskd_ray.data import Category, load_images, load_mask
-from dskd_ray.errors import DataError
-from dskd_ray.scoring import Scorer
+from dskd_ray.errors import DataError, ScoreError
+from dskd_ray.scoring import Scorer, not_finite_reason
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,14 @@ def evaluate_category(
         skipped += bad
         by_path = {t.path: t for t in items}
         result = scorer.score_batch(images)
+        broken = np.flatnonzero(~result.finite)
+        if len(broken):
+            # Metrics over NaN scores would be numbers that mean nothing: refuse them.
+            raise ScoreError(
+                f"{category.name}: model {scorer.model_id} gives a non-finite score on "
+                f"{len(broken)} of {len(kept)} image(s), first {kept[broken[0]]}: "
+                f"{not_finite_reason(float(result.scores[broken[0]]))}"
+            )
         for i, uri in enumerate(kept):
             item = by_path[uri]
             scores.append(result.scores[i])

@@ -27,7 +27,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dskd_ray.storage import filesystem, join_uri, read_object, to_uri, with_retries, write_object
+from dskd_ray.errors import DataError
+from dskd_ray.storage import (
+    filesystem,
+    join_uri,
+    read_object,
+    storage_errors,
+    to_uri,
+    with_retries,
+    write_object,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +60,7 @@ RESULT_SCHEMA = pa.schema(
         ("model_id", pa.string()),
         ("run_id", pa.string()),
         ("scored_at", pa.timestamp("ms", tz="UTC")),
-        ("status", pa.string()),  # "ok" | "error"
+        ("status", pa.string()),  # "ok" | "error" | "gone" (no longer under the input)
         ("error", pa.string()),  # why, when status is "error"
         ("retryable", pa.bool_()),  # a read/write/system failure: the next run tries again
     ]
@@ -138,6 +147,11 @@ class CommittedRun:
 
 def committed_runs(output: str) -> list[CommittedRun]:
     """The runs whose manifest exists, oldest first."""
+    with storage_errors(output):
+        return _committed_runs(output)
+
+
+def _committed_runs(output: str) -> list[CommittedRun]:
     fs, root = filesystem(output)
     folder = f"{root}/{MANIFESTS_DIR}"
     try:
@@ -166,22 +180,41 @@ def read_results(
     model_id: str | None = None,
     columns: list[str] | None = None,
     latest: bool = False,
+    missing_ok: bool = False,
 ) -> pa.Table:
     """All rows of committed runs under `output` (RESULT_SCHEMA), oldest run first.
 
     model_id keeps one model's rows. latest=True keeps one row per (image_uri, model_id), the
     most recent run's: the image's current state (a changed image, a --rescore, or two runs that
-    overlapped each write a second row).
-    Uncommitted runs, killed or still going, are never read.
+    overlapped each write a second row). An image deleted from the input since it was scored
+    has, as its latest row, one with status "gone", written by the model's next run.
+    Uncommitted runs, killed or still going, are never read. An `output` that does not exist
+    raises DataError (a mistyped path must not read as "no results"), unless `missing_ok`.
+    Storage that cannot be reached raises StorageError.
     """
+    with storage_errors(output):
+        return _read_results(output, model_id, columns, latest, missing_ok)
+
+
+def _read_results(
+    output: str,
+    model_id: str | None,
+    columns: list[str] | None,
+    latest: bool,
+    missing_ok: bool,
+) -> pa.Table:
     wanted = list(columns) if columns else list(RESULT_SCHEMA.names)
     extra = ["model_id"] if model_id is not None else []
     if latest:
         extra += ["image_uri", "model_id", "run_id"]
     read_cols = list(dict.fromkeys(wanted + extra))
     schema = pa.schema([RESULT_SCHEMA.field(c) for c in read_cols])
+    if not missing_ok:
+        fs, root = filesystem(output)
+        if not with_retries(lambda: fs.exists(root), f"list {output}"):
+            raise DataError(f"{output} does not exist: no scoring run has written there")
     tables = []
-    for run in committed_runs(output):
+    for run in _committed_runs(output):
         if model_id is not None and run.model_id not in (None, model_id):
             continue
         for relative in run.files:
@@ -210,15 +243,53 @@ def image_keys(uris: pa.ChunkedArray | pa.Array, versions: pa.ChunkedArray | pa.
     return joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined
 
 
-def done_keys(output: str, model_id: str) -> pa.Array:
-    """(URI, version) keys this model has a final row for: scored, or failed for a reason that
-    another try would not change (a corrupt file). Retryable failures are not done."""
-    table = read_results(output, model_id, ["image_uri", "image_version", "status", "retryable"])
+def done_keys(latest: pa.Table) -> pa.Array:
+    """(URI, version) keys with a final latest row: scored, or failed for a reason another try
+    would not change (a corrupt file, a model that gives NaN). Retryable failures are not done,
+    nor are images marked gone (one that comes back is scored again).
+
+    `latest`: read_results(output, model_id, latest=True) with image_uri, image_version,
+    status and retryable. Rows are per model, so another model never inherits them.
+    """
     final = pc.or_(
-        pc.equal(table["status"], "ok"), pc.invert(pc.fill_null(table["retryable"], True))
+        pc.equal(latest["status"], "ok"),
+        pc.and_(
+            pc.equal(latest["status"], "error"),
+            pc.invert(pc.fill_null(latest["retryable"], True)),
+        ),
     )
-    table = table.filter(final)
+    table = latest.filter(final)
     return pc.unique(image_keys(table["image_uri"], table["image_version"]))
+
+
+def gone_rows(
+    latest: pa.Table, listed: pa.Array, prefix: str, model_id: str, run_id: str
+) -> pa.Table:
+    """Rows saying "gone" for images under `prefix` whose latest row is not yet "gone" and that
+    the listing no longer finds (deleted or moved): the latest view then says so."""
+    under = pc.or_(
+        pc.equal(latest["image_uri"], prefix),
+        pc.starts_with(latest["image_uri"], prefix.rstrip("/") + "/"),
+    )
+    missing = pc.invert(pc.is_in(latest["image_uri"], value_set=listed))
+    keep = pc.and_(pc.and_(under, missing), pc.not_equal(latest["status"], "gone"))
+    rows = latest.filter(keep)
+    n = rows.num_rows
+    columns = {name: pa.nulls(n, RESULT_SCHEMA.field(name).type) for name in RESULT_SCHEMA.names}
+    columns |= {
+        "image_uri": rows["image_uri"].combine_chunks(),
+        "image_version": rows["image_version"].combine_chunks(),
+        "model_id": pa.array([model_id] * n, pa.string()),
+        "run_id": pa.array([run_id] * n, pa.string()),
+        "scored_at": pa.array([utc_now()] * n, RESULT_SCHEMA.field("scored_at").type),
+        "status": pa.array(["gone"] * n, pa.string()),
+        "error": pa.array([GONE] * n, pa.string()),
+        "retryable": pa.array([False] * n, pa.bool_()),
+    }
+    return pa.table(columns, schema=RESULT_SCHEMA)
+
+
+GONE = "no longer under the input (deleted or moved since it was scored)"
 
 
 def utc_now() -> datetime:

@@ -16,6 +16,7 @@ import torch
 
 from dskd_ray.anomaly_map import anomaly_map, image_score
 from dskd_ray.checkpoint import Checkpoint, load_checkpoint
+from dskd_ray.config import check_device
 from dskd_ray.errors import ConfigError
 from dskd_ray.model import DSKD
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    check_device(device)  # "foo" is a ConfigError here, not torch's RuntimeError
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
@@ -76,6 +78,24 @@ def compute_maps(
 class ScoreResult:
     maps: np.ndarray  # (B, H, W) float32
     scores: np.ndarray  # (B,) float32
+
+    @property
+    def finite(self) -> np.ndarray:
+        """(B,) bool: the score and every pixel of the map are finite numbers.
+
+        A NaN or inf comes from broken weights (or an overflow), never from a valid image; it
+        compares as "not above the threshold", so unchecked it would read as a normal image.
+        """
+        maps_ok = np.isfinite(self.maps).reshape(len(self.maps), -1).all(axis=1)
+        return np.isfinite(self.scores) & maps_ok
+
+
+def not_finite_reason(score: float) -> str:
+    """The error a row or a message gives for a score that is not a finite number."""
+    return (
+        f"score not finite (score {score}; NaN or inf in the map): the model's weights are "
+        "broken; retrain or use another checkpoint"
+    )
 
 
 class Scorer:

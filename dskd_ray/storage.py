@@ -4,6 +4,8 @@ and the 16-bit PNG map format. Local folders and s3:// prefixes alike (fsspec). 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import io
 import logging
@@ -23,7 +25,7 @@ import numpy as np
 from fsspec.core import url_to_fs
 from PIL import Image, PngImagePlugin
 
-from dskd_ray.errors import DataError
+from dskd_ray.errors import ConfigError, DataError, DSKDError, StorageError
 from dskd_ray.images import is_image_path
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,70 @@ def with_retries(
     raise AssertionError("unreachable")
 
 
+def is_storage_failure(error: BaseException) -> bool:
+    """An error from reaching or asking the storage: OS errors, and the S3 client's own."""
+    return isinstance(error, OSError) or is_transient(error)
+
+
+def describe_failure(error: BaseException) -> str:
+    """One line: the error's message and, when it differs, its root cause's.
+
+    S3 client errors arrive chained four or five deep (s3fs, aiobotocore, aiohttp, the
+    socket); the outermost says what was asked, the innermost why it failed.
+    """
+    root, seen = error, {id(error)}
+    while (nxt := root.__cause__ or root.__context__) is not None and id(nxt) not in seen:
+        root = nxt
+        seen.add(id(root))
+    text = " ".join((str(error) or type(error).__name__).split())
+    if root is not error:
+        cause = " ".join(str(root).split())
+        if cause and cause not in text:
+            text += f" ({type(root).__name__}: {cause})"
+    return text
+
+
+@contextlib.contextmanager
+def storage_errors(uri: str) -> Iterator[None]:
+    """Turn a failure to reach `uri` into one StorageError naming it and the cause."""
+    try:
+        yield
+    except DSKDError:
+        raise
+    except Exception as e:
+        if not is_storage_failure(e):
+            raise
+        raise StorageError(f"storage error on {uri}: {describe_failure(e)}") from e
+
+
+def names_storage_failures(fn: Callable[..., T]) -> Callable[..., T]:
+    """`storage_errors` around a function whose first argument is the URI it reads."""
+
+    @functools.wraps(fn)
+    def wrapper(uri: str, *args: object, **kwargs: object) -> T:
+        with storage_errors(str(uri)):
+            return fn(uri, *args, **kwargs)
+
+    return wrapper
+
+
+def printable_name(name: str) -> str:
+    """`name` as valid UTF-8: bytes of a file name that are not UTF-8 become \\xNN escapes.
+
+    Linux file names are bytes; Python hands undecodable ones over as lone surrogates, which
+    Parquet, JSON and a terminal all refuse.
+    """
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        try:
+            raw = name.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raw = name.encode("utf-8", "surrogatepass")
+        return raw.decode("utf-8", "backslashreplace")
+
+
 def read_object(uri: str) -> bytes:
     """The bytes of one object, transient errors retried."""
     fs, path = filesystem(uri)
@@ -131,6 +197,19 @@ class ListedObject:
     uri: str
     version: str  # ETag remotely; size and mtime locally
     size: int
+    error: str | None = None  # listed, but not to be read (a name that is not UTF-8)
+
+
+@dataclass
+class ListingStats:
+    """What a listing met besides images: counted so that nothing is left out unsaid."""
+
+    other_files: int = 0  # files without an image extension
+    symlinks: int = 0  # symbolic links met under the input (local folders only)
+    symlinks_skipped: int = 0  # of those, not listed (see `_walk_local`)
+
+
+NOT_UTF8 = "file name is not valid UTF-8 (shown here with \\x escapes): rename it to have it scored"
 
 
 def object_version(fs: fsspec.AbstractFileSystem, info: dict) -> str:
@@ -147,55 +226,151 @@ def object_version(fs: fsspec.AbstractFileSystem, info: dict) -> str:
     return f"size={info.get('size')};mtime={mtime}"
 
 
-def iter_images(root: str, exclude: str | None = None) -> Iterator[ListedObject | None]:
+def _resolved(uri: str) -> tuple[type, str]:
+    """(file system type, path) with every spelling of one place made equal.
+
+    Locally the real path (symlinks, "..", "//" resolved); on object stores the key with empty
+    segments and trailing slashes dropped, since a prefix is all a key has.
+    """
+    fs, path = filesystem(uri)
+    if is_local(fs):
+        return type(fs), os.path.realpath(path)
+    return type(fs), "/".join(p for p in path.split("/") if p)
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def check_output(input_uri: str, output: str) -> None:
+    """Refuse an output that is the input itself, whatever its spelling.
+
+    Its maps would be listed as images (and every run would add more), and its results would
+    mix with the images. An output inside the input is allowed: the listing leaves it out.
+    """
+    in_type, in_path = _resolved(input_uri)
+    out_type, out_path = _resolved(output)
+    if in_type is out_type and in_path == out_path:
+        raise ConfigError(
+            f"--out {output} is INPUT itself ({in_path}): choose a folder outside INPUT, "
+            "or a subfolder of it (which the listing leaves out)"
+        )
+
+
+def iter_images(
+    root: str, exclude: str | None = None, stats: ListingStats | None = None
+) -> Iterator[ListedObject | None]:
     """Walk `root` one folder at a time, yielding each image (and None for each other file).
 
     The listing holds one folder's entries at a time, not the whole tree's. Objects under
-    `exclude` (the scoring output, when it lies inside the input) are left out.
+    `exclude` (the scoring output, when it lies inside the input) are left out, however either
+    is spelled. `stats` counts the symlinks met. A name that is not UTF-8 is yielded escaped,
+    with an error: listing never stops on a name.
     """
+    with storage_errors(root):
+        yield from _iter_images(root, exclude, stats if stats is not None else ListingStats())
+
+
+def _iter_images(
+    root: str, exclude: str | None, stats: ListingStats
+) -> Iterator[ListedObject | None]:
     fs, path = filesystem(root, use_listings_cache=False, skip_instance_cache=True)
     if not with_retries(lambda: fs.exists(path), f"list {root}"):
         raise DataError(f"{root} does not exist")
     excluded = None
     if exclude is not None:
-        ex_fs, ex_path = filesystem(exclude)
-        if type(ex_fs) is type(fs):
-            excluded = ex_path.rstrip("/") + "/"
+        in_type, in_path = _resolved(root)
+        ex_type, ex_path = _resolved(exclude)
+        if ex_type is in_type and _inside(ex_path, in_path):
+            excluded = ex_path
     if fs.isfile(path):
         info = fs.info(path)
         if is_image_path(path):
             size = int(info.get("size") or 0)
-            yield ListedObject(to_uri(fs, path), object_version(fs, info), size)
+            yield _listed(to_uri(fs, path), object_version(fs, info), size)
         else:
             yield None
         return
-    for full, info in _walk_files(fs, path):
-        if excluded and full.startswith(excluded):
-            continue
+    local = is_local(fs)
+    found = _walk_local(path, excluded, stats) if local else _walk_remote(fs, path, excluded)
+    for full, info in found:
         if not is_image_path(full):
             yield None
             continue
-        yield ListedObject(to_uri(fs, full), object_version(fs, info), int(info.get("size") or 0))
+        yield _listed(to_uri(fs, full), object_version(fs, info), int(info.get("size") or 0))
 
 
-def _walk_files(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[tuple[str, dict]]:
-    """(path, info) of every file under `path`.
+def _listed(uri: str, version: str, size: int) -> ListedObject:
+    shown = printable_name(uri)
+    return ListedObject(shown, version, size, None if shown == uri else NOT_UTF8)
 
-    Locally one folder at a time. On object stores one flat listing of the prefix: walking
-    "folders" there would miss keys with an empty segment (a//b.png), which S3 allows.
+
+def _walk_local(path: str, excluded: str | None, stats: ListingStats) -> Iterator[tuple[str, dict]]:
+    """(path, info) of every file under a local folder, one folder at a time.
+
+    Symlinks are counted. A link to a file inside the input (its real path) is listed under
+    the link's own name; a link that points outside the input, into the excluded output, or
+    nowhere is skipped. A link to a folder is skipped too: when the folder is inside the input
+    its files are listed once, under their real path (following the link would list them
+    twice, or forever in a loop); when it is outside, it is not the input.
     """
-    if is_local(fs):
-        for folder, _dirs, files in fs.walk(path, detail=True):
-            for name in sorted(files):
-                info = files[name]
-                if info.get("type", "file") == "file":
-                    yield info.get("name") or posixpath.join(folder, name), info
-        return
+    root_real = os.path.realpath(path)
+    stack = [(path, root_real)]
+    while stack:
+        folder, real_folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:  # an unreadable folder: said, and the rest is still listed
+            log.warning("cannot list %s: %s", printable_name(folder), e)
+            continue
+        subfolders = []
+        for entry in entries:
+            full = os.path.join(folder, entry.name)
+            try:
+                if entry.is_symlink():
+                    stats.symlinks += 1
+                    target = os.path.realpath(full)
+                    if (
+                        not os.path.isfile(target)
+                        or not _inside(target, root_real)
+                        or (excluded is not None and _inside(target, excluded))
+                    ):
+                        stats.symlinks_skipped += 1
+                        continue
+                    st = os.stat(full)
+                elif entry.is_dir(follow_symlinks=False):
+                    real = os.path.join(real_folder, entry.name)
+                    if excluded is None or not _inside(real, excluded):
+                        subfolders.append((full, real))
+                    continue
+                elif entry.is_file(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                else:
+                    continue  # a socket or a pipe: not a file to read
+            except OSError as e:  # gone between the listing and the stat
+                log.warning("cannot stat %s: %s", printable_name(full), e)
+                continue
+            yield full, {"size": st.st_size, "mtime": st.st_mtime}
+        stack.extend(reversed(subfolders))
+
+
+def _walk_remote(
+    fs: fsspec.AbstractFileSystem, path: str, excluded: str | None
+) -> Iterator[tuple[str, dict]]:
+    """(path, info) of every object under an object-store prefix.
+
+    One flat listing of the prefix: walking "folders" there would miss keys with an empty
+    segment (a//b.png), which S3 allows.
+    """
     found = with_retries(lambda: fs.find(path, detail=True, withdirs=False), f"list {path}")
     for full in sorted(found):
         info = found[full]
-        if info.get("type", "file") == "file":
-            yield full, info
+        if info.get("type", "file") != "file":
+            continue
+        if excluded is not None and _inside("/".join(p for p in full.split("/") if p), excluded):
+            continue
+        yield full, info
 
 
 # --- anomaly-map keys and format ---------------------------------------------------------------
@@ -210,18 +385,23 @@ def _safe_segment(segment: str) -> str:
     return "_" + segment.lstrip(".") if segment.startswith(".") or not segment else segment
 
 
-def map_uri(maps_root: str, image_uri: str, image_version: str, model_id: str) -> str:
-    """Where the anomaly map of (image, version, model) lives: maps_root/<model>/<path>.<hash>.png.
+def map_uri(
+    maps_root: str, image_uri: str, image_version: str, model_id: str, run_id: str = ""
+) -> str:
+    """Where the anomaly map of (image, version, model[, run]) lives:
+    maps_root/<model>/<path>.<hash>.png.
 
     The key mirrors the image's bucket and path (so a person finds it), each segment reduced to
     [A-Za-z0-9._-] with no "." or ".." segments (so no name escapes maps_root), and ends in a
-    hash of the exact URI, version and model (so names that sanitise alike never collide and a
-    changed image never overwrites the map a committed row points at).
+    hash of the exact URI, version, model and run (so names that sanitise alike never collide,
+    and neither a changed image nor a later run, --rescore included, ever overwrites the map a
+    committed row points at).
     """
     bare = image_uri.split("://", 1)[-1]
     segments = [_safe_segment(s) for s in bare.split("/") if s not in ("", ".")]
     stem = posixpath.splitext(segments[-1])[0] if segments else "image"
-    digest = hashlib.sha256(f"{image_uri}\n{image_version}\n{model_id}".encode()).hexdigest()[:16]
+    identity = f"{image_uri}\n{image_version}\n{model_id}" + (f"\n{run_id}" if run_id else "")
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
     folders = segments[:-1][-12:]  # bounded depth keeps keys under S3's 1024-byte limit
     name = f"{_safe_segment(stem)}.{digest}.png"
     return join_uri(maps_root, f"model={_safe_segment(model_id)}", *folders, name)

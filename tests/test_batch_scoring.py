@@ -8,6 +8,7 @@ only the images added or changed since.
 from __future__ import annotations
 
 import io
+import os
 import signal
 import struct
 import subprocess
@@ -28,6 +29,7 @@ from conftest import make_bucket
 from dskd_ray.batch_scoring import ScoringOptions, plan_pool, score_images
 from dskd_ray.checkpoint import Threshold, make_checkpoint, save_checkpoint
 from dskd_ray.config import DSKDConfig
+from dskd_ray.errors import DataError, StorageError
 from dskd_ray.images import decode_image
 from dskd_ray.model import DSKD
 from dskd_ray.results import PartWriter, commit_run, committed_runs, read_results
@@ -409,6 +411,34 @@ def test_uncommitted_runs_are_invisible(tmp_path: Path) -> None:
     assert read_results(out, model_id="other").num_rows == 0
 
 
+def test_read_results_on_a_missing_path_says_so(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        read_results(str(tmp_path / "typo"))
+    (tmp_path / "fresh").mkdir()
+    assert read_results(str(tmp_path / "fresh")).num_rows == 0  # there, but no run yet
+    assert read_results(str(tmp_path / "typo"), missing_ok=True).num_rows == 0
+
+
+def test_read_results_on_an_unreachable_store_raises_a_project_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from conftest import _free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # refused
+    # One botocore attempt per call: its own 5 under our 5 take ~40 s to say the same thing.
+    for name, value in [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_EC2_METADATA_DISABLED", "true"),
+                        ("AWS_MAX_ATTEMPTS", "1")]:  # fmt: skip
+        monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()  # an instance made for moto would answer
+    try:
+        with pytest.raises(StorageError, match="s3://bs-nowhere/out: .*127.0.0.1") as failed:
+            read_results("s3://bs-nowhere/out")
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert "\n" not in str(failed.value)
+
+
 def test_pool_never_claims_every_cpu() -> None:
     for cpus in (1, 2, 4, 8, 16, 64):
         plan = plan_pool({"CPU": float(cpus)}, ScoringOptions())
@@ -432,3 +462,127 @@ def test_cli_error_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.strip() == f"dskd: error: {missing} does not exist"
     assert not (tmp_path / "out").exists()  # nothing written for a run that never started
+
+
+# --- bad inputs, local folders -----------------------------------------------------------------
+
+
+def make_nan_model(folder: Path) -> Path:
+    """A checkpoint whose weights give NaN and whose model id matches them (re-saved whole):
+    loading accepts it, so only the scores can tell."""
+    torch.manual_seed(0)
+    model = DSKD(DSKDConfig(backbone="resnet18", teacher_weights="random", image_size=64))
+    with torch.no_grad():
+        for p in model.student_parameters():
+            p.fill_(float("nan"))
+    ckpt = make_checkpoint(model)
+    ckpt.threshold = Threshold(1.0, "quantile", 0.5, [])
+    path = folder / "nan.pt"
+    save_checkpoint(ckpt, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def hostile_folder(ray_cluster, tmp_path_factory: pytest.TempPathFactory) -> dict:  # noqa: ANN001
+    """One input folder with every kind of bad entry, scored three times into an output that
+    lies inside it but is spelled through a symlink:
+
+    1. a model whose weights give NaN; 2. the good model; 3. the good model with --rescore,
+    after one image was deleted.
+    """
+    tmp = tmp_path_factory.mktemp("hostile")
+    images = tmp / "images"
+    rng = np.random.default_rng(5)
+    good = {f"good/img_{i}.png": texture(rng) for i in range(4)}
+    for name, data in good.items():
+        (images / name).parent.mkdir(parents=True, exist_ok=True)
+        (images / name).write_bytes(data)
+    # A name that is not UTF-8 (Linux names are bytes): made through the bytes API.
+    bad_name = os.fsencode(images / "good") + b"/caf\xe9-\xff.png"
+    with open(bad_name, "wb") as f:
+        f.write(texture(rng))
+    outside = tmp / "elsewhere"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(texture(rng))
+    (images / "links").mkdir()
+    os.symlink(images / "good" / "img_0.png", images / "links" / "inside.png")  # followed
+    os.symlink(outside / "secret.png", images / "links" / "outside.png")  # not: outside INPUT
+    os.symlink(images / "nowhere.png", images / "links" / "broken.png")  # not: nowhere
+    os.symlink(images / "good", images / "links" / "folder")  # not: listed under good/ anyway
+    os.symlink(images, tmp / "alias")  # the output, spelled through this, is inside INPUT
+    out = tmp / "alias" / "scores"
+
+    good_model, _ = make_model(tmp)
+    nan_model = make_nan_model(tmp)
+    first = score_images(str(images), str(nan_model), str(out), ScoringOptions(batch_size=8))
+    second = score_images(str(images), str(good_model), str(out), ScoringOptions(batch_size=8))
+    second_rows = read_results(str(out), second.model_id).to_pydict()
+    second_maps = {u: Path(u).read_bytes() for u in second_rows["map_uri"] if u}
+    (images / "good" / "img_3.png").unlink()
+    third = score_images(
+        str(images), str(good_model), str(out), ScoringOptions(batch_size=8, rescore=True)
+    )
+    return {
+        "images": images, "out": out, "good": good, "first": first, "second": second,
+        "third": third, "second_maps": second_maps,
+    }  # fmt: skip
+
+
+def test_nan_scores_are_error_rows_and_a_good_model_scores_them_again(hostile_folder: dict) -> None:
+    first, second = hostile_folder["first"], hostile_folder["second"]
+    n = len(hostile_folder["good"]) + 2  # the four images, the non-UTF-8 name, the inside link
+    assert (first.listed, first.scored, first.errors) == (n, 0, n)
+    rows = read_results(str(hostile_folder["out"]), first.model_id).to_pylist()
+    nan_rows = [r for r in rows if "not finite" in (r["error"] or "")]
+    assert len(nan_rows) == n - 1  # all but the unreadable name
+    assert all(r["status"] == "error" and r["retryable"] is False for r in nan_rows)
+    assert all(r["score"] is None and r["is_anomalous"] is None for r in nan_rows)
+    # Another model is another id: the NaN rows do not mark the images as done for it.
+    assert second.model_id != first.model_id
+    assert (second.listed, second.skipped, second.scored, second.errors) == (n, 0, n - 1, 1)
+
+
+def test_a_name_that_is_not_utf8_is_an_error_row_not_a_failed_night(hostile_folder: dict) -> None:
+    second = hostile_folder["second"]
+    rows = read_results(str(hostile_folder["out"]), second.model_id).to_pylist()
+    [row] = [r for r in rows if "caf" in r["image_uri"] and r["run_id"] == second.run_id]
+    assert row["image_uri"].endswith("/good/caf\\xe9-\\xff.png")  # escaped, valid UTF-8
+    assert row["status"] == "error" and "not valid UTF-8" in row["error"]
+    assert row["retryable"] is False
+
+
+def test_symlinks_are_counted_and_followed_only_inside_input(hostile_folder: dict) -> None:
+    second = hostile_folder["second"]
+    assert (second.symlinks, second.symlinks_skipped) == (4, 3)
+    rows = read_results(str(hostile_folder["out"]), second.model_id).to_pylist()
+    uris = {r["image_uri"] for r in rows}
+    links = hostile_folder["images"] / "links"
+    assert str(links / "inside.png") in uris
+    assert not any("secret" in u or "/links/folder/" in u or "broken" in u for u in uris)
+    manifest = committed_runs(str(hostile_folder["out"]))[-2].manifest
+    assert manifest["summary"]["symlinks"] == 4 and manifest["summary"]["symlinks_skipped"] == 3
+
+
+def test_output_inside_input_through_a_symlink_is_never_listed(hostile_folder: dict) -> None:
+    # The second run wrote maps into INPUT/scores (spelled alias/scores); the third lists no
+    # more images than the second did, less the one deleted.
+    second, third = hostile_folder["second"], hostile_folder["third"]
+    assert second.scored > 0 and (hostile_folder["images"] / "scores" / "maps").is_dir()
+    assert third.listed == second.listed - 1
+    rows = read_results(str(hostile_folder["out"])).to_pylist()
+    assert not any("/scores/" in r["image_uri"] for r in rows)
+
+
+def test_a_deleted_image_reads_as_gone_and_rescore_keeps_old_maps(hostile_folder: dict) -> None:
+    out, third = str(hostile_folder["out"]), hostile_folder["third"]
+    assert third.gone == 1
+    latest = read_results(out, third.model_id, latest=True).to_pylist()
+    deleted = str(hostile_folder["images"] / "good" / "img_3.png")
+    [row] = [r for r in latest if r["image_uri"] == deleted]
+    assert row["status"] == "gone" and row["run_id"] == third.run_id and row["score"] is None
+    assert len(latest) == third.listed + 1
+    # --rescore wrote new maps; every map an earlier committed row points at is untouched.
+    for uri, data in hostile_folder["second_maps"].items():
+        assert Path(uri).read_bytes() == data
+    new_maps = {r["map_uri"] for r in latest if r["run_id"] == third.run_id and r["map_uri"]}
+    assert new_maps and not new_maps & set(hostile_folder["second_maps"])

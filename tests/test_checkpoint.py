@@ -1,12 +1,20 @@
+import json
 import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
-from dskd_ray.checkpoint import Threshold, load_checkpoint, make_checkpoint, save_checkpoint
+from dskd_ray.checkpoint import (
+    V1_MODEL_ID_FIELDS,
+    Threshold,
+    _content_hash,
+    load_checkpoint,
+    make_checkpoint,
+    save_checkpoint,
+)
 from dskd_ray.config import DSKDConfig
-from dskd_ray.errors import CheckpointError, WeightsError
+from dskd_ray.errors import CheckpointError, StorageError, WeightsError
 from dskd_ray.model import DSKD
 
 
@@ -50,6 +58,29 @@ def test_corrupt_or_foreign_files_are_clear_errors(tmp_path: Path, tiny_config: 
         load_checkpoint(tmp_path / "missing.pt")
 
 
+def test_a_flipped_bit_in_the_weights_is_refused_on_load(
+    tmp_path: Path, tiny_config: DSKDConfig
+) -> None:
+    """A checkpoint with one exponent bit flipped in each weight tensor used to load silently,
+    score NaN under the good model's id, and so block that model from scoring again."""
+    good = make_checkpoint(DSKD(tiny_config))
+    save_checkpoint(good, tmp_path / "good.pt")
+    payload = torch.load(tmp_path / "good.pt", weights_only=True)
+    flipped = 0
+    for tensor in payload["state_dict"].values():
+        if tensor.dtype == torch.float32 and tensor.numel():
+            tensor.view(torch.int32).view(-1)[0] ^= 1 << 30  # the exponent's top bit
+            flipped += 1
+    assert flipped > 10
+    torch.save(payload, tmp_path / "flipped.pt")
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(tmp_path / "flipped.pt")
+    message = str(refused.value)
+    assert "corrupt" in message and f"stored {good.model_id}, recomputed " in message
+    assert "\n" not in message
+    assert load_checkpoint(tmp_path / "good.pt").model_id == good.model_id  # the good one loads
+
+
 class _Evil:
     def __reduce__(self):  # noqa: ANN204 - pickle protocol
         return (Path("/tmp/dskd-evil-was-here").touch, ())
@@ -77,7 +108,7 @@ def test_failed_save_leaves_the_previous_checkpoint(
         raise OSError("disk full")
 
     monkeypatch.setattr("os.fsync", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(StorageError, match=f"{path}: disk full"):  # one line, naming the file
         save_checkpoint(make_checkpoint(DSKD(tiny_config.replace(seed=1))), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temp file left behind
@@ -117,7 +148,13 @@ def _as_format_1(payload: dict, with_baseline: bool) -> dict:
     if not with_baseline:
         config.pop("map_baseline")
         state.pop("map_baseline")
-    return {**payload, "format": "dskd_ray.checkpoint/1", "config": config, "state_dict": state}
+    # /1 hashed the same way over its own fields.
+    meta = json.loads(payload["meta"])
+    meta["model_id"] = _content_hash(config, V1_MODEL_ID_FIELDS, state)
+    return {
+        **payload, "format": "dskd_ray.checkpoint/1", "config": config, "state_dict": state,
+        "meta": json.dumps(meta),
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("with_baseline", [True, False])
@@ -138,6 +175,10 @@ def test_a_format_1_checkpoint_loads_and_scores_as_before(
     torch.save(_as_format_1(payload, with_baseline), tmp_path / "v1.pt")
 
     old = load_checkpoint(tmp_path / "v1.pt")
+    assert (
+        old.model_id
+        == json.loads(torch.load(tmp_path / "v1.pt", weights_only=True)["meta"])["model_id"]
+    )  # results written under /1 keep naming this model
     assert old.config.level_normalization == "mean"
     assert old.config.map_baseline == ("mean" if with_baseline else "none")
     x = torch.rand(2, 3, 64, 64)
@@ -145,6 +186,13 @@ def test_a_format_1_checkpoint_loads_and_scores_as_before(
     maps, scores = compute_maps(old.build_model(), x)
     torch.testing.assert_close(maps, expected)
     torch.testing.assert_close(scores, expected_scores)
+    # A /1 checkpoint is verified too: one changed weight and it is refused.
+    v1 = torch.load(tmp_path / "v1.pt", weights_only=True)
+    key = next(k for k in v1["state_dict"] if k.endswith("weight"))
+    v1["state_dict"][key] = v1["state_dict"][key] * 2
+    torch.save(v1, tmp_path / "v1-bad.pt")
+    with pytest.raises(CheckpointError, match="do not match its model id"):
+        load_checkpoint(tmp_path / "v1-bad.pt")
 
 
 def test_an_unknown_format_names_both_versions(tmp_path: Path, tiny_config: DSKDConfig) -> None:

@@ -2,10 +2,13 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from conftest import write_textures
@@ -128,3 +131,173 @@ def test_bad_precision_is_one_line_before_anything_runs(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.strip() == "dskd: error: --precision 'fp16' is not one of fp32, bf16"
     assert not (tmp_path / "out").exists()
+
+
+# --- every numeric flag checked before anything runs (issue 11) --------------------------------
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
+    assert result.returncode == code, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert all(w in result.stderr for w in words), result.stderr
+
+
+def test_train_bad_device_is_one_line(tmp_path: Path) -> None:
+    result = dskd("train", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m.pt"),
+                  "--device", "foo")  # fmt: skip
+    one_line_error(result, 2, "--device", "'foo'", "auto, cpu, cuda or cuda:N")
+
+
+def test_image_size_has_an_upper_bound_shown_in_help(tmp_path: Path) -> None:
+    result = dskd("train", str(tmp_path), "--out", str(tmp_path / "m.pt"),
+                  "--image-size", "100000")  # fmt: skip
+    one_line_error(result, 2, "--image-size", "4096")
+    assert "64<=x<=4096" in dskd("train", "--help").stdout
+
+
+SCORE_FLAGS = ["--rows-per-file", "--actors", "--actor-threads", "--batch-size"]
+
+
+@pytest.mark.parametrize("flag", SCORE_FLAGS)
+def test_score_zero_counts_are_refused_at_once(tmp_path: Path, flag: str) -> None:
+    start = time.perf_counter()
+    result = dskd("score", str(tmp_path / "nowhere"), "--model", str(tmp_path / "absent.pt"),
+                  "--out", str(tmp_path / "out"), flag, "0")  # fmt: skip
+    one_line_error(result, 2, flag, "greater than or equal to 1")
+    assert time.perf_counter() - start < 20  # no Ray start, no listing
+    assert not (tmp_path / "out").exists()
+
+
+def test_score_help_shows_the_bounds() -> None:
+    text = " ".join(dskd("score", "--help").stdout.split())
+    for flag in SCORE_FLAGS:
+        assert flag in text
+    assert text.count("x>=1") >= len(SCORE_FLAGS)
+
+
+def test_score_bad_device_is_checked_before_listing(tmp_path: Path) -> None:
+    # INPUT does not exist either: the device error must come first, before any listing.
+    result = dskd("score", str(tmp_path / "nowhere"), "--model", str(tmp_path / "absent.pt"),
+                  "--out", str(tmp_path / "out"), "--device", "foo")  # fmt: skip
+    one_line_error(result, 2, "--device", "'foo'")
+    assert "does not exist" not in result.stderr
+
+
+def test_score_output_equal_to_input_is_refused_whatever_its_spelling(tmp_path: Path) -> None:
+    write_textures(tmp_path / "imgs", 2)
+    os.symlink(tmp_path / "imgs", tmp_path / "alias")
+    # One spelling here (each is a process start); tests/test_storage.py tries the others.
+    result = dskd("score", str(tmp_path / "imgs"), "--model", str(tmp_path / "absent.pt"),
+                  "--out", str(tmp_path / "alias") + "/")  # fmt: skip
+    one_line_error(result, 1, "is INPUT itself")
+    assert sorted(p.name for p in (tmp_path / "imgs").iterdir()) == ["000.png", "001.png"]
+
+
+# --- storage that cannot be reached: one line naming the URI (issue 11) ------------------------
+
+
+def refused_endpoint_env() -> dict[str, str]:
+    from conftest import _free_port
+
+    return {
+        **os.environ,
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}",  # nothing listens there
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_MAX_ATTEMPTS": "1",  # botocore's own retries, under ours, only add time here
+    }
+
+
+def test_an_unreachable_object_store_is_one_line_from_every_command(tmp_path: Path) -> None:
+    env = refused_endpoint_env()
+    commands = {
+        "score": (["score", "s3://b/images/", "--model", "s3://b/m.pt", "--out", "s3://b/out/"],
+                  "s3://b/m.pt"),
+        "train": (["train", "s3://b/data/tile", "--out", str(tmp_path / "m.pt")],
+                  "s3://b/data/tile"),
+        "evaluate": (["evaluate", "s3://b/data/tile", "--model", "s3://b/m.pt"],
+                     "s3://b/data/tile"),
+        "predict": (["predict", "s3://b/x.png", "--model", "s3://b/m.pt", "--out",
+                     str(tmp_path / "pred")], "s3://b/m.pt"),
+    }  # fmt: skip
+    # Started together: each spends most of its time in retries, not on the CPU.
+    running = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "dskd_ray.cli", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )  # fmt: skip
+        for name, (args, _) in commands.items()
+    }
+    for name, proc in running.items():
+        _, stderr = proc.communicate(timeout=300)
+        result = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
+        one_line_error(result, 1, commands[name][1], "127.0.0.1")
+        assert stderr.startswith("dskd: error: "), (name, stderr)
+
+
+def test_verbose_shows_the_traceback_behind_the_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "dskd_ray.cli", "train", "s3://b/data/tile",
+         "--out", str(tmp_path / "m.pt"), "-v"],
+        capture_output=True, text=True, env=refused_endpoint_env(), timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("dskd: error: storage error on ")
+
+
+# --- predict and evaluate on a broken model and an odd name (issue 11) -------------------------
+
+
+def save_tiny_models(folder: Path) -> tuple[Path, Path]:
+    """(good, nan): tiny random-teacher checkpoints; the second's students give NaN, and its
+    model id matches those weights, so only its scores can tell."""
+    import torch
+
+    from dskd_ray.checkpoint import Threshold, make_checkpoint, save_checkpoint
+    from dskd_ray.config import DSKDConfig
+    from dskd_ray.model import DSKD
+
+    torch.manual_seed(0)
+    model = DSKD(DSKDConfig(teacher_weights="random", image_size=64))
+    threshold = Threshold(1.0, "quantile", 0.5, [])
+    save_checkpoint(make_checkpoint(model, threshold), folder / "good.pt")
+    with torch.no_grad():
+        for p in model.student_parameters():
+            p.fill_(float("nan"))
+    save_checkpoint(make_checkpoint(model, threshold), folder / "nan.pt")
+    return folder / "good.pt", folder / "nan.pt"
+
+
+def test_predict_and_evaluate_say_so_on_nan_scores_and_odd_names(tmp_path: Path) -> None:
+    good, nan = save_tiny_models(tmp_path)
+    cat = tmp_path / "tex"
+    write_textures(cat / "train" / "good", 2)
+    write_textures(cat / "test" / "good", 2, seed=5)
+    write_textures(cat / "test" / "odd", 2, seed=9)
+    image = cat / "test" / "good" / "000.png"
+    odd = os.fsencode(tmp_path) + b"/caf\xe9.png"  # not UTF-8: made through the bytes API
+    with open(odd, "wb") as f:
+        f.write(image.read_bytes())
+    odd_arg = os.fsdecode(odd)
+
+    result = dskd("predict", str(image), odd_arg, "--model", str(nan), "--out", str(tmp_path / "p"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.count("score not finite") == 2 and "nan normal" not in result.stdout
+    with open(tmp_path / "p" / "scores.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["score"] for r in rows] == ["", ""] and all("not finite" in r["error"] for r in rows)
+    assert rows[1]["image"] == f"{tmp_path}/caf\\xe9.png"  # escaped, not a crash
+
+    result = dskd("predict", odd_arg, "--model", str(good), "--out", str(tmp_path / "q"))
+    assert result.returncode == 0, result.stderr
+    assert f"{tmp_path}/caf\\xe9.png: " in result.stdout
+    assert (tmp_path / "q" / "caf\\xe9_overlay.png").is_file()
+
+    result = dskd("evaluate", str(cat), "--model", str(nan))
+    one_line_error(result, 1, "non-finite score on 4 of 4", "score not finite")

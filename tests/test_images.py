@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dskd_ray.images import ImageDecodeError, decode_image
+from dskd_ray.images import MAX_PIXELS, ImageDecodeError, decode_image, decode_mask
 
 
 def _encode(img: Image.Image, fmt: str) -> bytes:
@@ -74,3 +74,21 @@ def png_claiming(width: int, height: int) -> bytes:
 def test_decompression_bomb_is_refused_before_decoding() -> None:
     with pytest.raises(ImageDecodeError, match="bomb"):
         decode_image(png_claiming(60_000, 60_000), 32)
+
+
+def test_one_decompression_limit_in_pixels_with_a_memory_estimate() -> None:
+    # Over Pillow's default 89.5 Mpx guard but under ours: not refused as a bomb (the bytes are
+    # a fake header, so it fails as truncated instead, after the size check let it through).
+    with pytest.raises(ImageDecodeError) as under:
+        decode_image(png_claiming(10_000, 10_000), 32)
+    assert "bomb" not in str(under.value) and "truncated" in str(under.value)
+    # Just over ours, and far over (where Pillow's own raised guard speaks first): the same words.
+    over = 20_001 * 20_000
+    assert over > MAX_PIXELS
+    for width, height in ((20_001, 20_000), (60_000, 60_000)):
+        with pytest.raises(ImageDecodeError, match="decompression limit") as refused:
+            decode_image(png_claiming(width, height), 32)
+        message = str(refused.value)
+        assert f"{width * height:,} px" in message and "GB of memory" in message
+    with pytest.raises(ImageDecodeError, match="decompression limit"):
+        decode_mask(png_claiming(20_001, 20_000), 32)  # masks take the same path
