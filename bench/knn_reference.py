@@ -4,7 +4,7 @@ Not a product mode: it is the row every quality table carries, so the table show
 teacher's features give with no training at all, and whether distillation adds anything.
 
 Recipe (as measured in issue 10): the teacher's stride-8 and stride-16 levels, each averaged
-over a 3×3 neighbourhood, the stride-16 level upsampled to stride 8, concatenated; the memory
+over a 3×3 neighbourhood (zero padding counted, as PatchCore's AvgPool2d does), the stride-16 level upsampled to stride 8, concatenated; the memory
 bank is a random 2% of all training patches; a test patch's anomaly is its distance to the
 nearest bank patch. Image score = the largest patch distance; the pixel map = the patch map
 upsampled bilinearly to the input size and blurred like DSKD's (σ = 4).
@@ -30,8 +30,10 @@ def patch_features(
     for start in range(0, len(images), batch_size):
         x = model.normalize(images_to_tensor(images[start : start + batch_size], device))
         _, f8, f16 = model.teacher_features(x)
-        f8 = F.avg_pool2d(f8, 3, stride=1, padding=1, count_include_pad=False)
-        f16 = F.avg_pool2d(f16, 3, stride=1, padding=1, count_include_pad=False)
+        # PatchCore's AvgPool2d(3, 1, 1), zero padding counted: border patches are damped alike in
+        # bank and query. Not counting the padding cost MTD 0.737 vs 0.872 image AUROC (seed 0).
+        f8 = F.avg_pool2d(f8, 3, stride=1, padding=1)
+        f16 = F.avg_pool2d(f16, 3, stride=1, padding=1)
         f16 = F.interpolate(f16, size=f8.shape[-2:], mode="bilinear", align_corners=False)
         out.append(torch.cat([f8, f16], dim=1).permute(0, 2, 3, 1).float().cpu())
     return torch.cat(out)

@@ -247,6 +247,51 @@ def table(runs: list[Run], keys: list[tuple[str, str, str]], columns: tuple[str,
     return lines
 
 
+def verdict(runs: list[Run], incumbent: str, method: str = "dskd") -> list[str]:
+    """Image AUROC of every rule on every category against the incumbent default rule.
+
+    The rule for a default (docs/design.md): at least as good on every set, where "as good"
+    means a mean no lower than the incumbent's by more than the larger of the two seed stds.
+    """
+    categories = sorted({r.category for r in runs if r.method == method and r.kind == "rule"})
+    if not categories:
+        return ["(no trained DSKD model yet)"]
+
+    def stats(category: str, rule: str) -> tuple[float, float] | None:
+        values = [
+            r.metrics["image_auroc"]
+            for r in runs
+            if (r.category, r.method, r.kind, r.rule) == (category, method, "rule", rule)
+            and r.metrics["image_auroc"] is not None
+        ]
+        if not values:
+            return None
+        return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    lines = [
+        f"DSKD image AUROC per category under each rule; ✓ = no worse than the incumbent "
+        f"(**{incumbent}**) by more than the seeds' spread.",
+        "",
+        f"| rule | {' | '.join(categories)} | mean | ✓ on every set |",
+        f"|---|{'---|' * len(categories)}---|---|",
+    ]
+    for rule in RULES:
+        cells, means, ok = [], [], True
+        for c in categories:
+            mine, theirs = stats(c, rule), stats(c, incumbent)
+            if mine is None or theirs is None:
+                cells.append("—")
+                ok = False
+                continue
+            passed = mine[0] >= theirs[0] - max(mine[1], theirs[1])
+            ok &= passed
+            means.append(mine[0])
+            cells.append(f"{mine[0]:.3f}{' ✓' if passed else ''}")
+        mean = f"{statistics.mean(means):.3f}" if means else "—"
+        lines.append(f"| {rule} | {' | '.join(cells)} | {mean} | {'yes' if ok else 'no'} |")
+    return lines
+
+
 def markdown(runs: list[Run], header: str) -> str:
     default_rule = rule_of(DSKDConfig())
     categories = sorted({r.category for r in runs})
@@ -267,6 +312,9 @@ def markdown(runs: list[Run], header: str) -> str:
     product = [dataclasses.replace(r, rule="product path") for r in runs if r.kind == "product"]
     rest = [r for r in runs if r.kind in ("rule", "reference")]
     out += table(product + rest, keys, METRIC_KEYS)
+
+    out += ["", "### Which map rule may be the default", ""]
+    out += verdict(runs, default_rule)
 
     out += ["", "### Map rules on the same trained models", ""]
     out += [
@@ -310,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-reference", action="store_true", help="skip the kNN reference")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite OUT/results.md from OUT/results.json"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 
@@ -338,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
             for r in runs
         )
 
+    if args.report_only:
+        save()
+        print((out / "results.md").read_text())
+        return 0
     categories = [c for root in args.roots for c in discover_categories(root)]
     for category in categories:
         test = load_test_set(category, args.image_size)
