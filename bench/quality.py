@@ -37,6 +37,7 @@ from knn_reference import knn_maps  # noqa: E402
 
 from dskd_ray import metrics  # noqa: E402
 from dskd_ray.anomaly_map import (  # noqa: E402
+    apply_baseline,
     baseline_from_mean,
     fuse_levels,
     gaussian_blur,
@@ -45,12 +46,16 @@ from dskd_ray.anomaly_map import (  # noqa: E402
     level_moments,
     level_statistics,
 )
+from dskd_ray.checkpoint import load_checkpoint  # noqa: E402
 from dskd_ray.config import DSKDConfig  # noqa: E402
 from dskd_ray.data import Category, discover_categories, load_images, load_mask  # noqa: E402
 from dskd_ray.evaluate import METRIC_KEYS, evaluate_category  # noqa: E402
 from dskd_ray.model import DSKD  # noqa: E402
 from dskd_ray.scoring import Scorer, images_to_tensor, resolve_device  # noqa: E402
 from dskd_ray.train import split_holdout, train  # noqa: E402
+
+# Every trained model is kept in OUT/models, so a new map rule is measured with --remap, not
+# by training again.
 
 # name → config changes for training. `sd` alone reads the teacher's pyramid (there is no Se).
 VARIANTS: dict[str, dict[str, str]] = {
@@ -64,9 +69,11 @@ VARIANTS: dict[str, dict[str, str]] = {
 RULES: dict[str, tuple[str, str, str, int]] = {
     "raw sum": ("none", "sum", "none", 1),
     "raw sum ÷ pixel mean": ("none", "sum", "mean", 1),
+    "raw sum − pixel mean": ("none", "sum", "subtract", 1),
     "raw product": ("none", "product", "none", 1),
     "÷ level mean, sum": ("mean", "sum", "none", 1),
     "standardised sum": ("standardize", "sum", "none", 1),
+    "standardised sum − pixel mean": ("standardize", "sum", "subtract", 1),
     "raw sum, top-100": ("none", "sum", "none", 100),
     "standardised sum, top-100": ("standardize", "sum", "none", 100),
 }
@@ -151,6 +158,7 @@ def rule_maps(
     sigma: float,
     baseline: torch.Tensor | None = None,
     top_k: int = 1,
+    baseline_mode: str = "mean",
 ) -> tuple[np.ndarray, np.ndarray]:
     """The product's map arithmetic on cached levels, in chunks: (maps, scores)."""
     n = len(next(iter(levels.values()))[0])
@@ -159,9 +167,7 @@ def rule_maps(
         fused = fuse_levels(
             take(levels, slice(start, start + 64)), (size, size), fusion, location, spread
         )
-        m = gaussian_blur(fused, sigma)
-        if baseline is not None:
-            m = m / baseline
+        m = apply_baseline(gaussian_blur(fused, sigma), baseline, baseline_mode)
         maps.append(m.numpy())
         scores.append(image_score(m, top_k).numpy())
     return np.concatenate(maps), np.concatenate(scores)
@@ -187,11 +193,13 @@ def evaluate_rules(
     for name, (normalization, fusion, baseline_mode, top_k) in RULES.items():
         location, spread = level_statistics(moments, normalization)
         baseline = None
-        if baseline_mode == "mean":
+        if baseline_mode != "none":
             train_maps, _ = rule_maps(train_levels, size, fusion, location, spread, sigma)
-            baseline = baseline_from_mean(torch.from_numpy(train_maps).mean(dim=0))
+            baseline = torch.from_numpy(train_maps).mean(dim=0)
+            if baseline_mode == "mean":
+                baseline = baseline_from_mean(baseline)
         maps, scores = rule_maps(
-            test_levels, size, fusion, location, spread, sigma, baseline, top_k
+            test_levels, size, fusion, location, spread, sigma, baseline, top_k, baseline_mode
         )
         runs.append(
             dataclasses.replace(
@@ -221,6 +229,21 @@ def evaluate_rules(
                 metrics=score_metrics(test, scores, maps, aupro=False),
             ))  # fmt: skip
     return runs
+
+
+def model_path(out: Path, category: str, variant: str, seed: int, epochs: int) -> Path:
+    return out / "models" / f"{category}-{variant}-seed{seed}-{epochs}ep.pt"
+
+
+def remap(
+    checkpoint, category: Category, test: TestSet, device: torch.device, run: Run
+) -> list[Run]:
+    """Every map rule and level diagnostic of one trained model, on the hold-out `train` made."""
+    config = checkpoint.config
+    train_all, _, _ = load_images(category.train, config.image_size)
+    train_idx, holdout_idx = split_holdout(len(train_all), config.holdout_fraction, config.seed)
+    model = checkpoint.build_model().to(device)
+    return evaluate_rules(model, train_all[holdout_idx], train_all[train_idx], test, device, run)
 
 
 def mean_std(values: list[float | None]) -> str:
@@ -361,6 +384,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--report-only", action="store_true", help="rewrite OUT/results.md from OUT/results.json"
     )
+    parser.add_argument(
+        "--remap",
+        action="store_true",
+        help="recompute every map rule from the models kept in OUT/models (no training)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 
@@ -394,6 +422,23 @@ def main(argv: list[str] | None = None) -> int:
         print((out / "results.md").read_text())
         return 0
     categories = [c for root in args.roots for c in discover_categories(root)]
+    if args.remap:  # every rule again, from the kept models; nothing is trained
+        for category in categories:
+            test = load_test_set(category, args.image_size)
+            for run in [r for r in runs if r.kind == "product" and r.category == category.name]:
+                ckpt = model_path(out, run.category, run.method, run.seed, run.epochs)
+                if not ckpt.exists():
+                    logging.warning("%s: not kept, cannot remap", ckpt)
+                    continue
+                same = (run.category, run.seed, run.method, run.epochs)
+                runs = [
+                    r for r in runs
+                    if r.kind not in ("rule", "student", "level") or (r.category, r.seed, r.method, r.epochs) != same
+                ]  # fmt: skip
+                runs += remap(load_checkpoint(str(ckpt)), category, test, device, run)
+                save()
+        print((out / "results.md").read_text())
+        return 0
     for category in categories:
         test = load_test_set(category, args.image_size)
         for seed in args.seeds:
@@ -418,11 +463,10 @@ def main(argv: list[str] | None = None) -> int:
                 if done(category.name, seed, variant, args.epochs):
                     continue
                 config = base.replace(seed=seed, **VARIANTS[variant])
-                ckpt = out / f"{category.name}-{variant}-{seed}.pt"
+                ckpt = model_path(out, category.name, variant, seed, args.epochs)
                 start = time.perf_counter()
                 result = train(config, category.root, str(ckpt), device=args.device)
                 train_s = time.perf_counter() - start
-                ckpt.unlink(missing_ok=True)
                 checkpoint = result.checkpoint
                 product = evaluate_category(Scorer(checkpoint, device=args.device), category)
                 run = Run(
@@ -444,15 +488,7 @@ def main(argv: list[str] | None = None) -> int:
                     run.metrics,
                     train_s,
                 )
-                # The same split `train` made: hold-out for statistics, the rest for baselines.
-                train_all, _, _ = load_images(category.train, args.image_size)
-                train_idx, holdout_idx = split_holdout(
-                    len(train_all), config.holdout_fraction, seed
-                )
-                model = checkpoint.build_model().to(device)
-                runs += evaluate_rules(
-                    model, train_all[holdout_idx], train_all[train_idx], test, device, run
-                )
+                runs += remap(checkpoint, category, test, device, run)
                 save()
     save()
     print((out / "results.md").read_text())

@@ -158,7 +158,19 @@ def anomaly_map(
     location: torch.Tensor | None = None,
     spread: torch.Tensor | None = None,
     baseline: torch.Tensor | None = None,
+    baseline_mode: str = "mean",
 ) -> torch.Tensor:
-    """(B, H, W) map from the network's pyramids: fused levels, blurred, ÷ `baseline` (H, W)."""
+    """(B, H, W) map from the network's pyramids: fused levels, blurred, then the per-pixel
+    `baseline` (H, W) divided out ("mean") or subtracted ("subtract")."""
     maps = gaussian_blur(fuse_levels(level_maps(features), size, fusion, location, spread), sigma)
-    return maps if baseline is None else maps / baseline.to(maps.dtype)
+    return apply_baseline(maps, baseline, baseline_mode)
+
+
+def apply_baseline(
+    maps: torch.Tensor, baseline: torch.Tensor | None, mode: str = "mean"
+) -> torch.Tensor:
+    """(B, H, W) maps with the per-pixel normal map removed: ÷ ("mean") or − ("subtract")."""
+    if baseline is None:
+        return maps
+    baseline = baseline.to(maps.dtype)
+    return maps - baseline if mode == "subtract" else maps / baseline

@@ -19,7 +19,7 @@ STUDENTS: tuple[str, ...] = ("both", "se", "sd")
 DF_INPUTS: tuple[str, ...] = ("se", "teacher")
 LEVEL_FUSIONS: tuple[str, ...] = ("sum", "product")
 LEVEL_NORMALIZATIONS: tuple[str, ...] = ("none", "mean", "standardize")
-MAP_BASELINES: tuple[str, ...] = ("none", "mean")
+MAP_BASELINES: tuple[str, ...] = ("none", "mean", "subtract")
 # 4096² is 16x the default's pixels, and the map arithmetic and activations grow with them; a
 # larger size only finds the end of the memory, slowly.
 MAX_IMAGE_SIZE = 4096
@@ -107,9 +107,10 @@ class DSKDConfig:
             self.level_fusion == "product" or self.map_baseline == "mean"
         ):
             # Standardised levels are signed: a product flips sign and a ratio to a mean near
-            # zero explodes.
+            # zero explodes (a subtracted baseline is fine).
             raise ConfigError(
-                "level_normalization='standardize' needs level_fusion='sum' and map_baseline='none'"
+                "level_normalization='standardize' needs level_fusion='sum' and a map_baseline "
+                "of 'none' or 'subtract'"
             )
         if self.score_top_k < 1:
             raise ConfigError(f"score_top_k={self.score_top_k} must be at least 1")

@@ -135,8 +135,8 @@ class DSKD(nn.Module):
         # (m − location) / spread. 0 and 1 until fitted.
         self.register_buffer("level_location", torch.zeros(2, 3))
         self.register_buffer("level_spread", torch.ones(2, 3))
-        # The final map's per-pixel mean on normal training images (config.map_baseline="mean"),
-        # fitted after training; ones until then.
+        # The final map's per-pixel mean on normal training images, divided out
+        # (config.map_baseline="mean") or subtracted ("subtract"); fitted after training.
         size = config.image_size
         self.register_buffer("map_baseline", torch.ones(size, size))
 

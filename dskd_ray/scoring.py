@@ -69,7 +69,7 @@ def compute_maps(
     location, spread = model.level_statistics()
     maps = anomaly_map(
         features, tuple(x.shape[-2:]), cfg.level_fusion, cfg.blur_sigma, location, spread,
-        baseline,
+        baseline, cfg.map_baseline,
     )  # fmt: skip
     return maps, image_score(maps, cfg.score_top_k)
 

@@ -302,7 +302,10 @@ def fit_map_baseline(
         batch = np.asarray(images[pick[start : start + batch_size]])
         maps, _ = compute_maps(model, images_to_tensor(batch, device), divide_baseline=False)
         total += maps.double().sum(dim=0)
-    model.map_baseline.copy_(baseline_from_mean((total / len(pick)).float()))
+    mean = (total / len(pick)).float()
+    # A divisor needs a floor; a subtrahend does not.
+    divisor = model.config.map_baseline == "mean"
+    model.map_baseline.copy_(baseline_from_mean(mean) if divisor else mean)
 
 
 def calibrate(
@@ -321,7 +324,7 @@ def calibrate(
     if config.level_normalization != "none":
         normal = holdout if len(holdout) else np.asarray(train_images)
         fit_level_statistics(model, normal, device, config.batch_size)
-    if config.map_baseline == "mean":
+    if config.map_baseline != "none":
         fit_map_baseline(model, train_images, device, config.batch_size)
     return compute_threshold(model, holdout, config, device)
 
