@@ -226,3 +226,24 @@ def test_map_baseline_is_the_normal_mean_map_and_divides_it_out(tiny_config: DSK
     model.config = tiny_config.replace(map_baseline="none")
     assert model.baseline() is None
     torch.testing.assert_close(compute_maps(model, x)[0], raw)
+
+
+def test_subtracted_baseline_is_the_raw_normal_mean_map(tiny_config: DSKDConfig) -> None:
+    from dskd_ray.scoring import compute_maps, images_to_tensor
+    from dskd_ray.train import calibrate
+
+    config = tiny_config.replace(level_normalization="standardize", map_baseline="subtract")
+    model = DSKD(config).eval()
+    rng = np.random.default_rng(2)
+    normal = rng.integers(0, 255, (6, 64, 64, 3), dtype=np.uint8)
+    holdout = rng.integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
+    calibrate(model, normal, holdout, config, torch.device("cpu"))
+    x = images_to_tensor(normal, torch.device("cpu"))
+    before, _ = compute_maps(model, x, divide_baseline=False)
+    # Standardised maps are signed, so no floor: the baseline is exactly their mean.
+    torch.testing.assert_close(model.map_baseline, before.mean(dim=0))
+    after, scores = compute_maps(model, x)
+    torch.testing.assert_close(after, before - model.map_baseline)
+    # Over the images the baseline was fitted on, every pixel now averages zero.
+    assert after.mean(dim=0).abs().max().item() < 1e-4
+    assert torch.equal(scores, after.flatten(1).amax(dim=1))
