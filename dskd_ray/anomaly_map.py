@@ -82,8 +82,12 @@ def level_statistics(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(location, spread), each (2, 3) float32, from `level_moments` of normal images.
 
-    "mean": (0, mean), so levels are divided by their normal mean; "standardize": (mean, std);
-    "none": (0, 1). An absent student keeps (0, 1).
+    "mean": (0, mean), so levels are divided by their normal mean; "standardize": (0, std), so
+    each level is in units of its normal spread; "none": (0, 1). An absent student keeps (0, 1).
+
+    Standardising keeps location 0 on purpose: subtracting each level's normal mean would only
+    shift the fused map by a constant (ranks, AUROC and AUPRO unchanged) and make it signed,
+    which the 16-bit map files and a divided baseline cannot hold.
     """
     count, total, squares = moments
     present = count > 0
@@ -93,7 +97,6 @@ def level_statistics(
     if normalization == "mean":
         spread = torch.where(present, mean.clamp_min(1e-6), 1.0).float()
     elif normalization == "standardize":
-        location = mean.float()
         spread = torch.where(present, std.clamp_min(1e-6), 1.0).float()
     return location, spread
 
@@ -169,8 +172,10 @@ def anomaly_map(
 def apply_baseline(
     maps: torch.Tensor, baseline: torch.Tensor | None, mode: str = "mean"
 ) -> torch.Tensor:
-    """(B, H, W) maps with the per-pixel normal map removed: ÷ ("mean") or − ("subtract")."""
+    """(B, H, W) maps with the per-pixel normal map removed: ÷ ("mean"), or − ("subtract") and
+    what is left below zero cut off — the map then says how far above its usual discrepancy
+    each pixel is, and stays non-negative like every map this library writes."""
     if baseline is None:
         return maps
     baseline = baseline.to(maps.dtype)
-    return maps - baseline if mode == "subtract" else maps / baseline
+    return (maps - baseline).clamp_min(0) if mode == "subtract" else maps / baseline

@@ -152,7 +152,7 @@ def train(
         str,
         typer.Option(
             help="Put each level map on a common scale first, from held-out normal images: "
-            "none | mean (÷ its mean) | standardize ((m − mean) / std)"
+            "none | mean (÷ its mean) | standardize (÷ its std)"
         ),
     ] = DEFAULTS.level_normalization,
     map_baseline: Annotated[

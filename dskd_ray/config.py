@@ -52,7 +52,7 @@ class DSKDConfig:
     level_fusion: str = "sum"
     # How each student's level map is put on a common scale before the levels are fused, from
     # statistics of held-out normal images: "none" (raw 1 − cos), "mean" (÷ its normal mean),
-    # "standardize" ((m − normal mean) / normal std). Raw levels differ by up to 10× in scale,
+    # "standardize" (÷ its normal standard deviation). Raw levels differ by up to 10× in scale,
     # so without it the noisiest level decides the map (docs/design.md §2).
     level_normalization: str = "none"
     # "mean": divide the final map, pixel by pixel, by its mean over normal training images, so
@@ -102,15 +102,6 @@ class DSKDConfig:
             raise ConfigError(
                 f"image_size={self.image_size} must be a multiple of 32, from 64 to "
                 f"{MAX_IMAGE_SIZE}"
-            )
-        if self.level_normalization == "standardize" and (
-            self.level_fusion == "product" or self.map_baseline == "mean"
-        ):
-            # Standardised levels are signed: a product flips sign and a ratio to a mean near
-            # zero explodes (a subtracted baseline is fine).
-            raise ConfigError(
-                "level_normalization='standardize' needs level_fusion='sum' and a map_baseline "
-                "of 'none' or 'subtract'"
             )
         if self.score_top_k < 1:
             raise ConfigError(f"score_top_k={self.score_top_k} must be at least 1")
