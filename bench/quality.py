@@ -315,7 +315,7 @@ def verdict(runs: list[Run], incumbent: str, method: str = "dskd") -> list[str]:
     return lines
 
 
-def markdown(runs: list[Run], header: str) -> str:
+def markdown(runs: list[Run], header: str, incumbent: str | None = None) -> str:
     default_rule = rule_of(DSKDConfig())
     categories = sorted({r.category for r in runs})
     methods = [m for m in VARIANTS if any(r.method == m for r in runs)]
@@ -337,7 +337,7 @@ def markdown(runs: list[Run], header: str) -> str:
     out += table(product + rest, keys, METRIC_KEYS)
 
     out += ["", "### Which map rule may be the default", ""]
-    out += verdict(runs, default_rule)
+    out += verdict(runs, incumbent or default_rule)
 
     out += ["", "### Map rules on the same trained models", ""]
     out += [
@@ -385,6 +385,11 @@ def main(argv: list[str] | None = None) -> int:
         "--report-only", action="store_true", help="rewrite OUT/results.md from OUT/results.json"
     )
     parser.add_argument(
+        "--incumbent",
+        choices=list(RULES),
+        help="the rule a candidate default is judged against (default: the current default)",
+    )
+    parser.add_argument(
         "--remap",
         action="store_true",
         help="recompute every map rule from the models kept in OUT/models (no training)",
@@ -409,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:
         results.write_text(json.dumps([vars(r) for r in runs], indent=1) + "\n")
-        (out / "results.md").write_text(markdown(runs, header))
+        (out / "results.md").write_text(markdown(runs, header, args.incumbent))
 
     def done(category: str, seed: int, method: str, epochs: int) -> bool:
         return any(
