@@ -27,10 +27,13 @@ from dskd_ray.errors import CheckpointError, StorageError
 from dskd_ray.model import DSKD
 from dskd_ray.storage import describe_failure, storage_errors
 
-FORMAT = "dskd_ray.checkpoint/2"
+FORMAT = "dskd_ray.checkpoint/3"
+# /2 → /3: the per-pixel baseline buffer `map_baseline` became `pixel_baseline` (the config's
+# `map_baseline` names the rule, the buffer holds the fitted values).
 # /1 → /2: per-level normalisation became (m − location) / spread (was m / scale, named
 # `map_normalization` and `level_scales`); the image score gained `score_top_k`.
-OLDER_FORMATS = ("dskd_ray.checkpoint/1",)
+V1, V2 = "dskd_ray.checkpoint/1", "dskd_ray.checkpoint/2"
+OLDER_FORMATS = (V1, V2)
 V1_MODEL_ID_FIELDS = (
     "backbone", "students", "df_input", "level_fusion", "map_normalization", "image_size",
     "blur_sigma",
@@ -208,20 +211,19 @@ def load_checkpoint(uri: str | Path) -> Checkpoint:
     if not isinstance(found, str) or not found.startswith("dskd_ray.checkpoint/"):
         raise CheckpointError(f"{uri} is not a dskd_ray checkpoint (found format {found!r})")
     meta = json.loads(payload.get("meta") or "{}")
-    if found in OLDER_FORMATS:
-        # Verified as written, then renamed; it keeps its id (it scores exactly as before).
-        _verify(
-            uri, meta, _content_hash(payload["config"], V1_MODEL_ID_FIELDS, payload["state_dict"])
-        )
-        payload = _upgrade_from_v1(payload)
-    elif found != FORMAT:
+    if found != FORMAT and found not in OLDER_FORMATS:
         raise CheckpointError(
             f"{uri} is a {found!r} checkpoint; this dskd_ray {__version__} reads {FORMAT} "
             f"and {', '.join(OLDER_FORMATS)}"
         )
+    # Verified as written, then renamed; an older one keeps its id (it scores exactly as before).
+    fields = V1_MODEL_ID_FIELDS if found == V1 else MODEL_ID_FIELDS
+    _verify(uri, meta, _content_hash(payload["config"], fields, payload["state_dict"]))
+    if found == V1:
+        payload = _upgrade_from_v1(payload)
+    if payload["format"] == V2:
+        payload = _upgrade_from_v2(payload)
     config = DSKDConfig.from_dict(payload["config"])
-    if found == FORMAT:
-        _verify(uri, meta, compute_model_id(config, payload["state_dict"]))
     threshold = payload.get("threshold")
     return Checkpoint(
         config=config,
@@ -260,7 +262,14 @@ def _upgrade_from_v1(payload: dict[str, Any]) -> dict[str, Any]:
         config["map_baseline"] = "none"
         size = int(config.get("image_size", 256))
         state["map_baseline"] = torch.ones(size, size)
-    return {**payload, "format": FORMAT, "config": config, "state_dict": state}
+    return {**payload, "format": V2, "config": config, "state_dict": state}
+
+
+def _upgrade_from_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """A /2 checkpoint as /3: the baseline buffer renamed, nothing else."""
+    state = dict(payload["state_dict"])
+    state["pixel_baseline"] = state.pop("map_baseline")
+    return {**payload, "format": FORMAT, "state_dict": state}
 
 
 def checkpoint_exists(uri: str | Path) -> bool:

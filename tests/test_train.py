@@ -214,9 +214,9 @@ def test_map_baseline_is_the_normal_mean_map_and_divides_it_out(tiny_config: DSK
     threshold = calibrate(model, normal, holdout, tiny_config, torch.device("cpu"))
     mean = raw.mean(dim=0)
     floor = 0.1 * mean.mean()
-    torch.testing.assert_close(model.map_baseline, mean.clamp_min(floor))
+    torch.testing.assert_close(model.pixel_baseline, mean.clamp_min(floor))
     divided, scores = compute_maps(model, x)
-    torch.testing.assert_close(divided, raw / model.map_baseline)
+    torch.testing.assert_close(divided, raw / model.pixel_baseline)
     assert torch.equal(scores, divided.flatten(1).amax(dim=1))
     # The threshold is on the divided maps of the hold-out, which the baseline did not see.
     held, held_scores = compute_maps(model, images_to_tensor(holdout, torch.device("cpu")))
