@@ -38,7 +38,6 @@ import re
 import tempfile
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,7 @@ import torch
 from torch import nn
 
 from dskd_ray.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from dskd_ray.config import DSKDConfig
+from dskd_ray.config import DSKDConfig, RayOptions
 from dskd_ray.errors import ConfigError, DSKDError
 from dskd_ray.model import DSKD
 from dskd_ray.train import (
@@ -66,38 +65,6 @@ EpochCallback = Callable[[int, EpochStats], None]
 
 class DistributedTrainingError(DSKDError):
     """The Ray Train run failed after its retries."""
-
-
-@dataclass
-class RayOptions:
-    """How to run on Ray: resources, storage, checkpointing and fault tolerance."""
-
-    workers: int
-    gpus_per_worker: float = 0.0  # 0: CPU workers (gloo); ≥ 1: one CUDA device each (NCCL)
-    cpus_per_worker: int = 1  # also the torch threads per worker (Ray sets OMP_NUM_THREADS=1)
-    address: str | None = None  # Ray cluster to join; None: RAY_ADDRESS, or a local Ray
-    storage_path: str | None = None  # local dir or s3://…; None: Ray's ~/ray_results
-    run_name: str | None = None  # None: derived from data, out and config (see module doc)
-    checkpoint_every: int = 1  # epochs between reported checkpoints (the last always is)
-    keep_checkpoints: int = 2  # CheckpointConfig(num_to_keep)
-    max_failures: int = 3  # FailureConfig(max_failures): worker-group restarts allowed
-
-    def validate(self, config: DSKDConfig) -> None:
-        if self.workers < 1:
-            raise ConfigError(f"--workers {self.workers}: must be at least 1")
-        if self.gpus_per_worker < 0 or self.cpus_per_worker < 1:
-            raise ConfigError("--gpus-per-worker must be ≥ 0 and --cpus-per-worker ≥ 1")
-        if 0 < self.gpus_per_worker < 1:
-            raise ConfigError(
-                f"--gpus-per-worker {self.gpus_per_worker}: NCCL needs a whole GPU per worker"
-            )
-        if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
-            raise ConfigError("--checkpoint-every and --keep-checkpoints must be at least 1")
-        if config.batch_size % self.workers:
-            raise ConfigError(
-                f"--batch-size {config.batch_size} is the global batch and must divide evenly "
-                f"over {self.workers} workers: use a multiple of {self.workers}"
-            )
 
 
 def default_run_name(config: DSKDConfig, data: str, out: str) -> str:

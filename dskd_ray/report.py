@@ -252,7 +252,7 @@ def roc_chart(labels: np.ndarray, scores: np.ndarray, threshold: float | None) -
     entries = [("ROC", ANOMALOUS_COLOUR, "line"), ("chance", CHANCE_COLOUR, "dash")]
     if threshold is not None:
         labels = np.asarray(labels, bool)
-        flagged = np.asarray(scores) > threshold
+        flagged = metrics.is_anomalous(scores, threshold)
         chart.dot(float(flagged[~labels].mean()), float(flagged[labels].mean()), THRESHOLD_COLOUR)
         entries.append((f"threshold {threshold:.4g}", THRESHOLD_COLOUR, "dot"))
     chart.legend(entries, corner="br")
@@ -371,8 +371,8 @@ def select_thumbnails(
     fp_note = "normal images with the highest scores, highest first"
     fn_note = "anomalous images with the lowest scores, lowest first"
     if threshold is not None:
-        n_fp = int((scores[worst_fp] > threshold).sum())
-        n_fn = int((scores[worst_fn] <= threshold).sum())
+        n_fp = int(metrics.is_anomalous(scores[worst_fp], threshold).sum())
+        n_fn = int((~metrics.is_anomalous(scores[worst_fn], threshold)).sum())
         fp_note += f"; {n_fp} of these {len(worst_fp)} are above the threshold (false positives)"
         fn_note += f"; {n_fn} of these {len(worst_fn)} are at or below it (false negatives)"
     return [
@@ -427,7 +427,7 @@ def _outcome(label: int, score: float, threshold: float | None) -> tuple[str, st
     """(verdict text, CSS class): the threshold's call, and whether it was right."""
     if threshold is None:
         return "no threshold in the checkpoint", "unknown"
-    flagged = score > threshold
+    flagged = bool(metrics.is_anomalous(np.asarray([score]), threshold)[0])
     verdict = "flagged anomalous" if flagged else "passed as normal"
     if flagged and label:
         return verdict, "tp"
@@ -529,7 +529,7 @@ class Report:
             + ("none (the checkpoint has none)" if threshold is None else f"{threshold:.4g}"),
         ]
         if threshold is not None:
-            fp = int((scores[~labels] > threshold).sum())
+            fp = int(metrics.is_anomalous(scores[~labels], threshold).sum())
             fn = int((scores[labels] <= threshold).sum())
             facts.append(
                 f"at it: {fp} of {int((~labels).sum())} normal images flagged, "

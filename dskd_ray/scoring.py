@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from dskd_ray.checkpoint import Checkpoint, load_checkpoint
-from dskd_ray.config import check_device
+from dskd_ray.config import PRECISIONS, check_device
 from dskd_ray.errors import ConfigError
+from dskd_ray.metrics import is_anomalous
 from dskd_ray.model import DSKD
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,6 @@ def images_to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
     """(B, H, W, 3) uint8 → (B, 3, H, W) float in [0, 1] on `device` (converted there: 4× less copy)."""
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True)
     return x.permute(0, 3, 1, 2).float().div_(255.0)
-
-
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 
 def compute_maps(
@@ -79,8 +77,8 @@ class Scorer:
     The fast path: `channels_last` weights and inputs (on by default: +63% on this project's
     reference CPU, the same scores to float rounding); `precision="bf16"` autocast (fast on GPUs
     and on CPUs with native bf16, 8x slower on others; scores move by ~1e-2, so it is opt-in);
-    `compile=True` wraps `DSKD.predict` in torch.compile (~2x on the reference CPU too, after ~40 s of
-    compiling: worth it for long runs).
+    `compile=True` wraps `DSKD.predict` in torch.compile (~2x on the reference CPU too, after
+    ~40 s of compiling: worth it for long runs).
     """
 
     def __init__(
@@ -132,4 +130,4 @@ class Scorer:
         return ScoreResult(np.concatenate(maps_out), np.concatenate(scores_out))
 
     def is_anomalous(self, scores: np.ndarray) -> np.ndarray | None:
-        return None if self.threshold is None else scores > self.threshold
+        return is_anomalous(scores, self.threshold)
