@@ -75,6 +75,11 @@ def _shown(value: object) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def _opt(default: object, **options: Any) -> Any:
+    """A typer.Option that defaults to None (its owner's default applies) and shows `default`."""
+    return typer.Option(show_default=_shown(default), **options)
+
+
 def _field_default(cls: type, name: str) -> str:
     """The default of a dataclass field, as the help shows it (the class owns it)."""
     return _shown(next(f.default for f in dataclasses.fields(cls) if f.name == name))
@@ -146,96 +151,79 @@ def train(
         typer.Argument(help="MVTec category folder or folder of normal images (local or s3://)"),
     ],
     out: Annotated[str, typer.Option("--out", "-o", help="Checkpoint to write (local or s3://)")],
-    epochs: Annotated[
-        int | None,
-        typer.Option(min=1, help="Training epochs", show_default=_shown(DEFAULTS.epochs)),
-    ] = None,
+    epochs: Annotated[int | None, _opt(DEFAULTS.epochs, min=1, help="Training epochs")] = None,
     batch_size: Annotated[
         int | None,
-        typer.Option(
+        _opt(
+            DEFAULTS.batch_size,
             min=1,
             help="Images per step; with --workers, the global batch split over them",
-            show_default=_shown(DEFAULTS.batch_size),
         ),
     ] = None,
     image_size: Annotated[
         int | None,
-        typer.Option(
+        _opt(
+            DEFAULTS.image_size,
             min=64,
             max=MAX_IMAGE_SIZE,
             help="Square input size, a multiple of 32",
-            show_default=_shown(DEFAULTS.image_size),
         ),
     ] = None,
-    backbone: Annotated[
-        str | None, typer.Option(help=BACKBONE_HELP, show_default=DEFAULTS.backbone)
-    ] = None,
+    backbone: Annotated[str | None, _opt(DEFAULTS.backbone, help=BACKBONE_HELP)] = None,
     teacher_weights: Annotated[
-        str | None, typer.Option(help=WEIGHTS_HELP, show_default=DEFAULTS.teacher_weights)
+        str | None, _opt(DEFAULTS.teacher_weights, help=WEIGHTS_HELP)
     ] = None,
     students: Annotated[
-        str | None,
-        typer.Option(help="both (DSKD) | se (≈STFPM) | sd (≈RD)", show_default=DEFAULTS.students),
+        str | None, _opt(DEFAULTS.students, help="both (DSKD) | se (≈STFPM) | sd (≈RD)")
     ] = None,
     df_input: Annotated[
-        str | None,
-        typer.Option(
-            help="What feeds the DF embedding: se | teacher", show_default=DEFAULTS.df_input
-        ),
+        str | None, _opt(DEFAULTS.df_input, help="What feeds the DF embedding: se | teacher")
     ] = None,
     level_fusion: Annotated[
-        str | None,
-        typer.Option(help="Combine levels by: sum | product", show_default=DEFAULTS.level_fusion),
+        str | None, _opt(DEFAULTS.level_fusion, help="Combine levels by: sum | product")
     ] = None,
     level_normalization: Annotated[
         str | None,
-        typer.Option(
+        _opt(
+            DEFAULTS.level_normalization,
             help="Put each level map on a common scale first, from held-out normal images: "
             "none | mean (÷ its mean) | standardize ((m − mean) / std)",
-            show_default=DEFAULTS.level_normalization,
         ),
     ] = None,
     map_baseline: Annotated[
         str | None,
-        typer.Option(
+        _opt(
+            DEFAULTS.map_baseline,
             help="Divide each pixel of the map by its mean on normal images: mean | none",
-            show_default=DEFAULTS.map_baseline,
         ),
     ] = None,
     score_top_k: Annotated[
         int | None,
-        typer.Option(
+        _opt(
+            DEFAULTS.score_top_k,
             min=1,
             help="Image score: mean of the K highest map pixels (1: the max)",
-            show_default=_shown(DEFAULTS.score_top_k),
         ),
     ] = None,
-    lr: Annotated[
-        float | None,
-        typer.Option(min=0.0, help="Adam learning rate (> 0)", show_default=_shown(DEFAULTS.lr)),
-    ] = None,
-    lr_schedule: Annotated[
-        str | None, typer.Option(help="constant | cosine", show_default=DEFAULTS.lr_schedule)
-    ] = None,
-    seed: Annotated[
-        int | None, typer.Option(min=0, help="Random seed", show_default=_shown(DEFAULTS.seed))
-    ] = None,
+    lr: Annotated[float | None, _opt(DEFAULTS.lr, min=0.0, help="Adam learning rate (> 0)")] = None,
+    lr_schedule: Annotated[str | None, _opt(DEFAULTS.lr_schedule, help="constant | cosine")] = None,
+    seed: Annotated[int | None, _opt(DEFAULTS.seed, min=0, help="Random seed")] = None,
     holdout_fraction: Annotated[
         float | None,
-        typer.Option(
+        _opt(
+            DEFAULTS.holdout_fraction,
             min=0.0,
             max=1.0,
             help="Normal images held out for the threshold (< 1)",
-            show_default=_shown(DEFAULTS.holdout_fraction),
         ),
     ] = None,
     threshold_quantile: Annotated[
         float | None,
-        typer.Option(
+        _opt(
+            DEFAULTS.threshold_quantile,
             min=0.0,
             max=1.0,
             help="Quantile of held-out scores used as threshold (> 0)",
-            show_default=_shown(DEFAULTS.threshold_quantile),
         ),
     ] = None,
     device: Annotated[str, typer.Option(callback=_device, help=DEVICE_HELP)] = "auto",
@@ -248,18 +236,18 @@ def train(
     ] = None,
     gpus_per_worker: Annotated[
         float | None,
-        typer.Option(
+        _opt(
+            _field_default(RayOptions, "gpus_per_worker"),
             min=0.0,
             help="Ray: GPUs per worker (0: CPU)",
-            show_default=_field_default(RayOptions, "gpus_per_worker"),
         ),
     ] = None,
     cpus_per_worker: Annotated[
         int | None,
-        typer.Option(
+        _opt(
+            _field_default(RayOptions, "cpus_per_worker"),
             min=1,
             help="Ray: CPUs (torch threads) per worker",
-            show_default=_field_default(RayOptions, "cpus_per_worker"),
         ),
     ] = None,
     address: Annotated[
@@ -274,26 +262,26 @@ def train(
     ] = None,
     checkpoint_every: Annotated[
         int | None,
-        typer.Option(
+        _opt(
+            _field_default(RayOptions, "checkpoint_every"),
             min=1,
             help="Ray: epochs between checkpoints",
-            show_default=_field_default(RayOptions, "checkpoint_every"),
         ),
     ] = None,
     keep_checkpoints: Annotated[
         int | None,
-        typer.Option(
+        _opt(
+            _field_default(RayOptions, "keep_checkpoints"),
             min=1,
             help="Ray: checkpoints kept in storage",
-            show_default=_field_default(RayOptions, "keep_checkpoints"),
         ),
     ] = None,
     max_failures: Annotated[
         int | None,
-        typer.Option(
+        _opt(
+            _field_default(RayOptions, "max_failures"),
             min=-1,
             help="Ray: worker-group restarts allowed (-1: no limit)",
-            show_default=_field_default(RayOptions, "max_failures"),
         ),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
@@ -392,8 +380,7 @@ def evaluate(
     ] = None,
     device: Annotated[str, typer.Option(callback=_device, help=DEVICE_HELP)] = "auto",
     batch_size: Annotated[
-        int | None,
-        typer.Option(min=1, help="Images per forward pass", show_default=_shown(EVAL_BATCH)),
+        int | None, _opt(EVAL_BATCH, min=1, help="Images per forward pass")
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
 ) -> None:
@@ -463,27 +450,21 @@ def demo(
         Path, typer.Option("--dir", help="Where the data, models and metrics go")
     ] = Path("dskd-demo"),
     epochs: Annotated[
-        int | None,
-        typer.Option(
-            min=1, help="Training epochs per category", show_default=_shown(DEMO_CONFIG.epochs)
-        ),
+        int | None, _opt(DEMO_CONFIG.epochs, min=1, help="Training epochs per category")
     ] = None,
     batch_size: Annotated[
-        int | None,
-        typer.Option(min=1, help="Images per step", show_default=_shown(DEMO_CONFIG.batch_size)),
+        int | None, _opt(DEMO_CONFIG.batch_size, min=1, help="Images per step")
     ] = None,
     image_size: Annotated[
         int | None,
-        typer.Option(
+        _opt(
+            DEMO_CONFIG.image_size,
             min=64,
             max=MAX_IMAGE_SIZE,
             help="Square input size, a multiple of 32",
-            show_default=_shown(DEMO_CONFIG.image_size),
         ),
     ] = None,
-    backbone: Annotated[
-        str | None, typer.Option(help=BACKBONE_HELP, show_default=DEMO_CONFIG.backbone)
-    ] = None,
+    backbone: Annotated[str | None, _opt(DEMO_CONFIG.backbone, help=BACKBONE_HELP)] = None,
     device: Annotated[str, typer.Option(callback=_device, help=DEVICE_HELP)] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
 ) -> None:
@@ -533,8 +514,7 @@ def score(
         ),
     ] = "auto",
     batch_size: Annotated[
-        int | None,
-        typer.Option(min=1, help="Images per model call", show_default=_shown(SCORING.batch_size)),
+        int | None, _opt(SCORING.batch_size, min=1, help="Images per model call")
     ] = None,
     actors: Annotated[
         int | None,
@@ -548,16 +528,13 @@ def score(
         bool, typer.Option(help="Score every image again, even those this model already scored")
     ] = False,
     rows_per_file: Annotated[
-        int | None,
-        typer.Option(
-            min=1, help="Parquet rows per part file", show_default=_shown(SCORING.rows_per_file)
-        ),
+        int | None, _opt(SCORING.rows_per_file, min=1, help="Parquet rows per part file")
     ] = None,
     precision: Annotated[
         str | None,
-        typer.Option(
+        _opt(
+            SCORING.precision,
             help="fp32 | bf16 (autocast: GPUs and CPUs with native bf16; ~1e-2 on scores)",
-            show_default=SCORING.precision,
         ),
     ] = None,
     compile: Annotated[

@@ -489,6 +489,11 @@ class _Section:
     html: str
 
 
+def _labels_and_scores(result: CategoryResult) -> tuple[np.ndarray, np.ndarray]:
+    """(bool labels, float64 scores) of an evaluated category's test images."""
+    return np.asarray(result.labels, bool), np.asarray(result.scores, np.float64)
+
+
 class Report:
     """Builds DIR/index.html one category at a time: `add` each result, then `write`."""
 
@@ -520,8 +525,7 @@ class Report:
         folder = f"{index:02d}_{_slug(result.name)}"
         (self.directory / folder).mkdir(exist_ok=True)
         anchor = f"category-{index}"
-        labels = np.asarray(result.labels, bool)
-        scores = np.asarray(result.scores, np.float64)
+        labels, scores = _labels_and_scores(result)
         parts = [f'<section id="{anchor}">', f"<h2>{_e(result.name)}</h2>"]
         facts = [
             f"{result.n_test} test images, {result.n_anomalous} anomalous",
@@ -530,7 +534,7 @@ class Report:
         ]
         if threshold is not None:
             fp = int(metrics.is_anomalous(scores[~labels], threshold).sum())
-            fn = int((scores[labels] <= threshold).sum())
+            fn = int((~metrics.is_anomalous(scores[labels], threshold)).sum())
             facts.append(
                 f"at it: {fp} of {int((~labels).sum())} normal images flagged, "
                 f"{fn} of {int(labels.sum())} anomalous images missed"
@@ -545,19 +549,13 @@ class Report:
                 f'<p class="note">{len(result.skipped)} test image(s) could not be read and are '
                 f"left out: {_e(names)}{_e(more)}.</p>"
             )
-        parts.append(self._charts(result, labels, scores, threshold, folder))
-        parts.append(self._thumbnails(result, labels, scores, threshold, folder))
+        parts.append(self._charts(result, threshold, folder))
+        parts.append(self._thumbnails(result, threshold, folder))
         parts.append("</section>")
         self.sections.append(_Section(result, threshold, anchor, "\n".join(parts)))
 
-    def _charts(
-        self,
-        result: CategoryResult,
-        labels: np.ndarray,
-        scores: np.ndarray,
-        threshold: float | None,
-        folder: str,
-    ) -> str:
+    def _charts(self, result: CategoryResult, threshold: float | None, folder: str) -> str:
+        labels, scores = _labels_and_scores(result)
         items = []
         if 0 < labels.sum() < len(labels):
             roc_chart(labels, scores, threshold).save(self.directory / folder / "roc.png")
@@ -583,14 +581,8 @@ class Report:
     def _chart_img(path: str, alt: str) -> str:
         return f'<img src="{_e(_href(path))}" width="420" height="360" alt="{_e(alt)}">'
 
-    def _thumbnails(
-        self,
-        result: CategoryResult,
-        labels: np.ndarray,
-        scores: np.ndarray,
-        threshold: float | None,
-        folder: str,
-    ) -> str:
+    def _thumbnails(self, result: CategoryResult, threshold: float | None, folder: str) -> str:
+        labels, scores = _labels_and_scores(result)
         size = result.maps.shape[-1]
         groups = select_thumbnails(labels, scores, self.n_worst, self.n_sample, threshold)
         wanted = [i for g in groups for i in g.indices]
