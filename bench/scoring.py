@@ -46,9 +46,10 @@ from dskd_ray.anomaly_map import anomaly_map, image_score
 from dskd_ray.checkpoint import make_checkpoint, save_checkpoint
 from dskd_ray.config import DSKDConfig
 from dskd_ray.images import decode_image
+from dskd_ray.map_png import encode_map_png, quantize_map
 from dskd_ray.model import DSKD
 from dskd_ray.scoring import Scorer, images_to_tensor
-from dskd_ray.storage import encode_map_png, map_uri, quantize_map, read_object, write_object
+from dskd_ray.storage import map_uri, read_object, write_object
 
 MODEL_SIZE = 256
 

@@ -23,8 +23,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dskd_ray.config import ScoringOptions
 from dskd_ray.errors import ConfigError, DSKDError
 from dskd_ray.images import ImageDecodeError, decode_image
+from dskd_ray.map_png import encode_map_png, quantize_map
 from dskd_ray.results import (
     MAPS_DIR,
     RESULT_SCHEMA,
@@ -41,15 +43,12 @@ from dskd_ray.results import (
 )
 from dskd_ray.storage import (
     ListingStats,
+    canonical_uri,
     check_output,
-    encode_map_png,
-    filesystem,
     iter_images,
     join_uri,
     map_uri,
-    quantize_map,
     read_object,
-    to_uri,
     write_object,
 )
 
@@ -70,36 +69,6 @@ LISTING_SCHEMA = pa.schema(
 
 class ScoringRunError(DSKDError):
     """The pipeline itself failed (not one image): nothing was committed; run again to finish."""
-
-
-@dataclass
-class ScoringOptions:
-    device: str = "auto"  # auto: GPU actors where the cluster has GPUs, else CPU actors
-    batch_size: int = 32  # images per model call (and per decode task)
-    actors: int | None = None  # most scoring actors; default from the cluster's resources
-    actor_threads: int | None = None  # torch threads per CPU actor; default from the cluster
-    rescore: bool = False  # score everything, even images this model already scored
-    rows_per_file: int = 100_000  # Parquet rows per part file
-    io_threads: int = 8  # concurrent object reads / writes inside one task
-    precision: str = "fp32"  # "bf16": autocast in the actors (GPUs; CPUs with native bf16)
-    compile: bool = False  # torch.compile the model in each actor
-    run_id: str | None = None  # default: start time + random suffix
-
-    def validate(self) -> None:
-        """Refuse what cannot work before anything is listed or started (a Ray start is slow)."""
-        from dskd_ray.config import check_device
-        from dskd_ray.scoring import PRECISIONS
-
-        check_device(self.device)
-        for name in ("batch_size", "actors", "actor_threads", "rows_per_file", "io_threads"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                flag = name.replace("_", "-")
-                raise ConfigError(f"--{flag} {value} must be at least 1")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(
-                f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}"
-            )
 
 
 @dataclass
@@ -171,7 +140,7 @@ def plan_pool(resources: dict[str, float], options: ScoringOptions) -> PoolPlan:
     """Size the actor pool from the cluster's resources, never a fixed number.
 
     On 2 CPUs a pool that claims every CPU leaves none for the read tasks and hangs silently
-    (RAY_NOTES trap 1). So CPU actors together claim at most a quarter of the CPU slots, and the
+    (docs/design.md §7). So CPU actors together claim at most a quarter of the CPU slots, and the
     torch threads (which do the work) are set inside each actor, not by its claim.
     """
     cpus = max(1.0, float(resources.get("CPU", 1)))
@@ -278,7 +247,7 @@ class ScoringActor:
 
         from dskd_ray.scoring import Scorer
 
-        # Ray sets OMP_NUM_THREADS=1 in actors (RAY_NOTES trap 2): ask for the threads we want.
+        # Ray sets OMP_NUM_THREADS=1 in actors (docs/design.md §7): ask for the threads we want.
         torch.set_num_threads(threads)
         ckpt = checkpoint[0]
         ckpt = ray.get(ckpt) if isinstance(ckpt, ray.ObjectRef) else ckpt
@@ -501,10 +470,8 @@ def score_images(
 
     run_id = options.run_id or new_run_id()
     writer = PartWriter(output, run_id, options.rows_per_file)
-    in_fs, in_path = filesystem(input_uri)
-    gone = gone_rows(
-        prior, listing.table["image_uri"].combine_chunks(), to_uri(in_fs, in_path), model_id, run_id
-    )
+    listed = listing.table["image_uri"].combine_chunks()
+    gone = gone_rows(prior, listed, canonical_uri(input_uri), model_id, run_id)
     if gone.num_rows:
         log.info("%d image(s) scored before are no longer under %s", gone.num_rows, input_uri)
         writer.write(gone)

@@ -1,7 +1,8 @@
-"""Checkpoints (DESIGN §3): one file with weights, config, threshold and provenance.
+"""Checkpoints (docs/design.md §5): one file with weights, config, threshold and provenance.
 
 Saved with torch.save and loaded with `weights_only=True`, so loading never runs pickled code.
-Written atomically: locally a temp file renamed into place; on object storage a single PUT.
+Written atomically (`storage.write_object`): locally a temp file fsync'd and renamed into place;
+on object storage a single PUT.
 """
 
 from __future__ import annotations
@@ -9,28 +10,27 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import torch
-from fsspec.core import url_to_fs
 
 from dskd_ray import __version__
 from dskd_ray.config import DSKDConfig
 from dskd_ray.errors import CheckpointError, StorageError
 from dskd_ray.model import DSKD
-from dskd_ray.storage import describe_failure, storage_errors
+from dskd_ray.storage import describe_failure, exists, read_object, storage_errors, write_object
 
-FORMAT = "dskd_ray.checkpoint/2"
+FORMAT = "dskd_ray.checkpoint/3"
+# /2 → /3: the per-pixel baseline buffer `map_baseline` became `pixel_baseline` (the config's
+# `map_baseline` names the rule, the buffer holds the fitted values).
 # /1 → /2: per-level normalisation became (m − location) / spread (was m / scale, named
 # `map_normalization` and `level_scales`); the image score gained `score_top_k`.
-OLDER_FORMATS = ("dskd_ray.checkpoint/1",)
+V1, V2 = "dskd_ray.checkpoint/1", "dskd_ray.checkpoint/2"
+OLDER_FORMATS = (V1, V2)
 V1_MODEL_ID_FIELDS = (
     "backbone", "students", "df_input", "level_fusion", "map_normalization", "image_size",
     "blur_sigma",
@@ -44,7 +44,9 @@ MODEL_ID_FIELDS = (
 
 @dataclass
 class Threshold:
-    """Image threshold and the normal-score statistics it came from (DESIGN §1)."""
+    """Image threshold and the normal-score statistics it came from (docs/design.md §3).
+
+    An image is anomalous when its score is above `value` (`metrics.is_anomalous`)."""
 
     value: float
     method: str  # "quantile" of held-out normal scores, or "f1" on labelled validation images
@@ -154,27 +156,6 @@ def make_checkpoint(
     return Checkpoint(model.config, state, threshold, model.teacher_identity, meta, training)
 
 
-def _atomic_write(uri: str, blob: bytes) -> None:
-    fs, path = url_to_fs(uri)
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol in ("file", "local"):
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    else:
-        # An object store PUT is all-or-nothing: readers see the old or the new object.
-        fs.pipe_file(path, blob)
-
-
 def save_checkpoint(ckpt: Checkpoint, uri: str | Path) -> None:
     payload = {
         "format": FORMAT,
@@ -188,14 +169,13 @@ def save_checkpoint(ckpt: Checkpoint, uri: str | Path) -> None:
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     with storage_errors(str(uri)):
-        _atomic_write(str(uri), buffer.getvalue())
+        write_object(str(uri), buffer.getvalue(), durable=True)
 
 
 def load_checkpoint(uri: str | Path) -> Checkpoint:
     uri = str(uri)
     try:
-        with fsspec.open(uri, "rb") as f:
-            blob = f.read()
+        blob = read_object(uri)
     except FileNotFoundError as e:
         raise CheckpointError(f"checkpoint not found: {uri}") from e
     except Exception as e:  # noqa: BLE001 - an unreachable store: one line, not a traceback
@@ -208,20 +188,19 @@ def load_checkpoint(uri: str | Path) -> Checkpoint:
     if not isinstance(found, str) or not found.startswith("dskd_ray.checkpoint/"):
         raise CheckpointError(f"{uri} is not a dskd_ray checkpoint (found format {found!r})")
     meta = json.loads(payload.get("meta") or "{}")
-    if found in OLDER_FORMATS:
-        # Verified as written, then renamed; it keeps its id (it scores exactly as before).
-        _verify(
-            uri, meta, _content_hash(payload["config"], V1_MODEL_ID_FIELDS, payload["state_dict"])
-        )
-        payload = _upgrade_from_v1(payload)
-    elif found != FORMAT:
+    if found != FORMAT and found not in OLDER_FORMATS:
         raise CheckpointError(
             f"{uri} is a {found!r} checkpoint; this dskd_ray {__version__} reads {FORMAT} "
             f"and {', '.join(OLDER_FORMATS)}"
         )
+    # Verified as written, then renamed; an older one keeps its id (it scores exactly as before).
+    fields = V1_MODEL_ID_FIELDS if found == V1 else MODEL_ID_FIELDS
+    _verify(uri, meta, _content_hash(payload["config"], fields, payload["state_dict"]))
+    if found == V1:
+        payload = _upgrade_from_v1(payload)
+    if payload["format"] == V2:
+        payload = _upgrade_from_v2(payload)
     config = DSKDConfig.from_dict(payload["config"])
-    if found == FORMAT:
-        _verify(uri, meta, compute_model_id(config, payload["state_dict"]))
     threshold = payload.get("threshold")
     return Checkpoint(
         config=config,
@@ -260,9 +239,16 @@ def _upgrade_from_v1(payload: dict[str, Any]) -> dict[str, Any]:
         config["map_baseline"] = "none"
         size = int(config.get("image_size", 256))
         state["map_baseline"] = torch.ones(size, size)
-    return {**payload, "format": FORMAT, "config": config, "state_dict": state}
+    return {**payload, "format": V2, "config": config, "state_dict": state}
+
+
+def _upgrade_from_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """A /2 checkpoint as /3: the baseline buffer renamed, nothing else."""
+    state = dict(payload["state_dict"])
+    state["pixel_baseline"] = state.pop("map_baseline")
+    return {**payload, "format": FORMAT, "state_dict": state}
 
 
 def checkpoint_exists(uri: str | Path) -> bool:
-    fs, path = url_to_fs(str(uri))
-    return fs.exists(path)
+    with storage_errors(str(uri)):
+        return exists(str(uri))

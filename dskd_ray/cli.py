@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import json
 import logging
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -18,11 +18,15 @@ try:  # typer ≥ 0.2x vendors click; older ones use the click package
 except ImportError:  # pragma: no cover
     from click import exceptions as click_errors
 
-from dskd_ray.config import MAX_IMAGE_SIZE, DSKDConfig, check_device
+from dskd_ray.config import (
+    DEMO_CONFIG,
+    MAX_IMAGE_SIZE,
+    DSKDConfig,
+    RayOptions,
+    ScoringOptions,
+    check_device,
+)
 from dskd_ray.errors import ConfigError, DSKDError
-
-if TYPE_CHECKING:
-    import numpy as np
 
 app = typer.Typer(
     add_completion=False,
@@ -33,9 +37,10 @@ app = typer.Typer(
 )
 log = logging.getLogger("dskd_ray")
 
-DEFAULTS = DSKDConfig()  # the config owns its defaults; the options show them
+DEFAULTS = DSKDConfig()  # the config owns its defaults; options default to None and show them
+SCORING = ScoringOptions()
 BACKBONE_HELP = "resnet18 | wide_resnet50_2 | efficientnet_lite0"
-WEIGHTS_HELP = "imagenet | random (tests only) | path or s3:// URI to a state dict"
+WEIGHTS_HELP = "imagenet | path or s3:// URI to a state dict"
 DEVICE_HELP = "auto | cpu | cuda | cuda:N"
 
 # Set by each command's --verbose: `main` then shows the traceback behind a one-line error.
@@ -63,6 +68,26 @@ def _setup_logging(verbose: bool = False) -> None:
 
 def _echo(msg: str = "") -> None:
     typer.echo(msg)
+
+
+def _shown(value: object) -> str:
+    """A default as the help shows it: 0.005, 0 (not 0.0), resnet18."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _opt(default: object, **options: Any) -> Any:
+    """A typer.Option that defaults to None (its owner's default applies) and shows `default`."""
+    return typer.Option(show_default=_shown(default), **options)
+
+
+def _field_default(cls: type, name: str) -> str:
+    """The default of a dataclass field, as the help shows it (the class owns it)."""
+    return _shown(next(f.default for f in dataclasses.fields(cls) if f.name == name))
+
+
+def _given(**options: Any) -> dict[str, Any]:
+    """The options the user gave: the ones left None take their owner's default."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 class _ProgressBar:
@@ -119,10 +144,6 @@ def make_demo_data_cmd(
         _echo(f"{name}: {path}")
 
 
-def _config_from_options(**options: object) -> DSKDConfig:
-    return DSKDConfig(**{k: v for k, v in options.items() if v is not None})
-
-
 @app.command()
 def train(
     data: Annotated[
@@ -130,50 +151,82 @@ def train(
         typer.Argument(help="MVTec category folder or folder of normal images (local or s3://)"),
     ],
     out: Annotated[str, typer.Option("--out", "-o", help="Checkpoint to write (local or s3://)")],
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs")] = 50,
+    epochs: Annotated[int | None, _opt(DEFAULTS.epochs, min=1, help="Training epochs")] = None,
     batch_size: Annotated[
-        int,
-        typer.Option(
-            min=1, help="Images per step; with --workers, the global batch split over them"
+        int | None,
+        _opt(
+            DEFAULTS.batch_size,
+            min=1,
+            help="Images per step; with --workers, the global batch split over them",
         ),
-    ] = 16,
+    ] = None,
     image_size: Annotated[
-        int,
-        typer.Option(min=64, max=MAX_IMAGE_SIZE, help="Square input size, a multiple of 32"),
-    ] = 256,
-    backbone: Annotated[str, typer.Option(help=BACKBONE_HELP)] = "resnet18",
-    teacher_weights: Annotated[str, typer.Option(help=WEIGHTS_HELP)] = "imagenet",
-    students: Annotated[str, typer.Option(help="both (DSKD) | se (≈STFPM) | sd (≈RD)")] = "both",
-    df_input: Annotated[str, typer.Option(help="What feeds the DF embedding: se | teacher")] = "se",
-    level_fusion: Annotated[
-        str, typer.Option(help="Combine levels by: sum | product")
-    ] = DEFAULTS.level_fusion,
-    level_normalization: Annotated[
-        str,
-        typer.Option(
-            help="Put each level map on a common scale first, from held-out normal images: "
-            "none | mean (÷ its mean) | standardize (÷ its std)"
+        int | None,
+        _opt(
+            DEFAULTS.image_size,
+            min=64,
+            max=MAX_IMAGE_SIZE,
+            help="Square input size, a multiple of 32",
         ),
-    ] = DEFAULTS.level_normalization,
+    ] = None,
+    backbone: Annotated[str | None, _opt(DEFAULTS.backbone, help=BACKBONE_HELP)] = None,
+    teacher_weights: Annotated[
+        str | None, _opt(DEFAULTS.teacher_weights, help=WEIGHTS_HELP)
+    ] = None,
+    students: Annotated[
+        str | None, _opt(DEFAULTS.students, help="both (DSKD) | se (≈STFPM) | sd (≈RD)")
+    ] = None,
+    df_input: Annotated[
+        str | None, _opt(DEFAULTS.df_input, help="What feeds the DF embedding: se | teacher")
+    ] = None,
+    level_fusion: Annotated[
+        str | None, _opt(DEFAULTS.level_fusion, help="Combine levels by: sum | product")
+    ] = None,
+    level_normalization: Annotated[
+        str | None,
+        _opt(
+            DEFAULTS.level_normalization,
+            help="Put each level map on a common scale first, from held-out normal images: "
+            "none | mean (÷ its mean) | standardize (÷ its std)",
+        ),
+    ] = None,
     map_baseline: Annotated[
-        str,
-        typer.Option(help="Divide each pixel of the map by its mean on normal images: mean | none"),
-    ] = DEFAULTS.map_baseline,
+        str | None,
+        _opt(
+            DEFAULTS.map_baseline,
+            help="The map's per-pixel mean on normal images: subtract it (cut at zero) | "
+            "mean (divide by it) | none",
+        ),
+    ] = None,
     score_top_k: Annotated[
-        int,
-        typer.Option(min=1, help="Image score: mean of the K highest map pixels (1: the max)"),
-    ] = DEFAULTS.score_top_k,
-    lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate (> 0)")] = 0.005,
-    lr_schedule: Annotated[str, typer.Option(help="constant | cosine")] = "cosine",
-    seed: Annotated[int, typer.Option(min=0, help="Random seed")] = 0,
+        int | None,
+        _opt(
+            DEFAULTS.score_top_k,
+            min=1,
+            help="Image score: mean of the K highest map pixels (1: the max)",
+        ),
+    ] = None,
+    lr: Annotated[float | None, _opt(DEFAULTS.lr, min=0.0, help="Adam learning rate (> 0)")] = None,
+    lr_schedule: Annotated[str | None, _opt(DEFAULTS.lr_schedule, help="constant | cosine")] = None,
+    seed: Annotated[int | None, _opt(DEFAULTS.seed, min=0, help="Random seed")] = None,
     holdout_fraction: Annotated[
-        float,
-        typer.Option(min=0.0, max=1.0, help="Normal images held out for the threshold (< 1)"),
-    ] = 0.1,
+        float | None,
+        _opt(
+            DEFAULTS.holdout_fraction,
+            min=0.0,
+            max=1.0,
+            help="Normal images held out for the threshold (< 1)",
+        ),
+    ] = None,
     threshold_quantile: Annotated[
-        float,
-        typer.Option(min=0.0, max=1.0, help="Quantile of held-out scores used as threshold (> 0)"),
-    ] = 0.99,
+        float | None,
+        _opt(
+            DEFAULTS.threshold_quantile,
+            min=0.0,
+            max=1.0,
+            help="Quantile of held-out scores used as threshold (> 0)",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(callback=_device, help=DEVICE_HELP)] = "auto",
     resume: Annotated[
         bool, typer.Option(help="Continue an interrupted local run from --out (Ray: --run-name)")
@@ -183,11 +236,21 @@ def train(
         typer.Option(min=1, help="Train on Ray Train with N DDP workers (default: local)"),
     ] = None,
     gpus_per_worker: Annotated[
-        float, typer.Option(min=0.0, help="Ray: GPUs per worker (0: CPU)")
-    ] = 0,
+        float | None,
+        _opt(
+            _field_default(RayOptions, "gpus_per_worker"),
+            min=0.0,
+            help="Ray: GPUs per worker (0: CPU)",
+        ),
+    ] = None,
     cpus_per_worker: Annotated[
-        int, typer.Option(min=1, help="Ray: CPUs (torch threads) per worker")
-    ] = 1,
+        int | None,
+        _opt(
+            _field_default(RayOptions, "cpus_per_worker"),
+            min=1,
+            help="Ray: CPUs (torch threads) per worker",
+        ),
+    ] = None,
     address: Annotated[
         str | None, typer.Option(help="Ray: cluster address (default: RAY_ADDRESS or local)")
     ] = None,
@@ -199,14 +262,29 @@ def train(
         str | None, typer.Option(help="Ray: run name; same storage + name resumes")
     ] = None,
     checkpoint_every: Annotated[
-        int, typer.Option(min=1, help="Ray: epochs between checkpoints")
-    ] = 1,
+        int | None,
+        _opt(
+            _field_default(RayOptions, "checkpoint_every"),
+            min=1,
+            help="Ray: epochs between checkpoints",
+        ),
+    ] = None,
     keep_checkpoints: Annotated[
-        int, typer.Option(min=1, help="Ray: checkpoints kept in storage")
-    ] = 2,
+        int | None,
+        _opt(
+            _field_default(RayOptions, "keep_checkpoints"),
+            min=1,
+            help="Ray: checkpoints kept in storage",
+        ),
+    ] = None,
     max_failures: Annotated[
-        int, typer.Option(min=-1, help="Ray: worker-group restarts allowed (-1: no limit)")
-    ] = 3,
+        int | None,
+        _opt(
+            _field_default(RayOptions, "max_failures"),
+            min=-1,
+            help="Ray: worker-group restarts allowed (-1: no limit)",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
 ) -> None:
     """Train the students on normal images; write a checkpoint with its threshold.
@@ -222,23 +300,23 @@ def train(
             "--address, --storage-path, --run-name and --gpus-per-worker need --workers N"
         )
 
-    config = _config_from_options(
+    config = DSKDConfig(**_given(
         epochs=epochs, batch_size=batch_size, image_size=image_size, backbone=backbone,
         teacher_weights=teacher_weights, students=students, df_input=df_input,
         level_fusion=level_fusion, level_normalization=level_normalization, map_baseline=map_baseline,
         score_top_k=score_top_k, lr=lr, lr_schedule=lr_schedule, seed=seed,
         holdout_fraction=holdout_fraction, threshold_quantile=threshold_quantile,
-    )  # fmt: skip
+    ))  # fmt: skip
     start = time.perf_counter()
     if workers is not None:
-        from dskd_ray.distributed import RayOptions, train_distributed
+        from dskd_ray.distributed import train_distributed
 
-        options = RayOptions(
-            workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+        options = RayOptions(workers=workers, **_given(
+            gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
             address=address, storage_path=storage_path, run_name=run_name,
             checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
             max_failures=max_failures,
-        )  # fmt: skip
+        ))  # fmt: skip
         logging.getLogger("dskd_ray.distributed").setLevel(logging.INFO)
         result = train_distributed(config, data, out, options)
     else:
@@ -257,22 +335,19 @@ def train(
 
 def _models_for(data: str, model: str) -> list[tuple[object, str]]:
     """Pair each category under `data` with its checkpoint: a file, or DIR/<category>.pt."""
-    from fsspec.core import url_to_fs
-
     from dskd_ray.data import discover_categories
     from dskd_ray.errors import DataError
-    from dskd_ray.storage import storage_errors
+    from dskd_ray.storage import exists, is_dir, storage_errors
 
     categories = discover_categories(data)
-    fs, path = url_to_fs(model)
     with storage_errors(model):
-        is_folder = fs.isdir(path)
+        is_folder = is_dir(model)
     if is_folder:
         pairs = []
         for c in categories:
             ckpt = f"{model.rstrip('/')}/{c.name}.pt"
             with storage_errors(ckpt):
-                found = fs.exists(url_to_fs(ckpt)[1])
+                found = exists(ckpt)
             if not found:
                 raise DataError(f"no checkpoint for category {c.name!r}: expected {ckpt}")
             pairs.append((c, ckpt))
@@ -283,6 +358,9 @@ def _models_for(data: str, model: str) -> list[tuple[object, str]]:
             "category folder, or a --model folder with <category>.pt for each"
         )
     return [(categories[0], model)]
+
+
+EVAL_BATCH = 16  # images per forward pass in `evaluate`
 
 
 @app.command()
@@ -302,7 +380,9 @@ def evaluate(
         ),
     ] = None,
     device: Annotated[str, typer.Option(callback=_device, help=DEVICE_HELP)] = "auto",
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass")] = 16,
+    batch_size: Annotated[
+        int | None, _opt(EVAL_BATCH, min=1, help="Images per forward pass")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
 ) -> None:
     """Image/pixel AUROC, AUPRO (FPR ≤ 0.3) and F1-max per category and their mean.
@@ -321,7 +401,7 @@ def evaluate(
         html_report = Report(report)
     results = []
     for category, ckpt in _models_for(data, model):
-        scorer = Scorer(ckpt, device=device, batch_size=batch_size)
+        scorer = Scorer(ckpt, device=device, batch_size=batch_size or EVAL_BATCH)
         result = evaluate_category(scorer, category, keep_maps=html_report is not None)
         if html_report is not None:
             html_report.add(result, scorer.threshold, model=f"{ckpt} ({scorer.model_id})")
@@ -337,23 +417,6 @@ def evaluate(
         _echo(f"report: {html_report.write(table)}")
 
 
-OVERLAY_MAX_SIDE = 4096
-
-
-def _overlay_base(image: np.ndarray) -> np.ndarray:
-    """The image an overlay is drawn on, at most OVERLAY_MAX_SIDE a side: the overlay's float
-    arithmetic takes ~60 bytes a pixel, 24 GB at the decompression limit."""
-    import numpy as np
-    from PIL import Image
-
-    h, w = image.shape[:2]
-    if max(h, w) <= OVERLAY_MAX_SIDE:
-        return image
-    small = Image.fromarray(image)
-    small.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE), Image.BILINEAR)
-    return np.asarray(small)
-
-
 @app.command()
 def predict(
     images: Annotated[list[str], typer.Argument(help="Image files (local or s3://)")],
@@ -364,76 +427,21 @@ def predict(
 ) -> None:
     """Score images; write each one's overlay PNG (heat map over the image) and scores.csv."""
     _setup_logging(verbose)
-    from PIL import Image
+    from dskd_ray.predict import Prediction, predict_images
 
-    from dskd_ray.data import read_bytes
-    from dskd_ray.images import ImageDecodeError, decode_image
-    from dskd_ray.scoring import Scorer, not_finite_reason
-    from dskd_ray.storage import describe_failure, is_storage_failure, printable_name
-    from dskd_ray.visualize import overlay
+    def say(p: Prediction) -> None:
+        if p.error is not None:
+            typer.echo(f"dskd: error: {p.image}: {p.error}", err=True)
+            return
+        verdict = {None: "", True: "  ANOMALOUS", False: "  normal"}[p.is_anomalous]
+        _echo(f"{p.image}: {p.score:.4f}{verdict}")
 
-    scorer = Scorer(model, device=device)
-    out.mkdir(parents=True, exist_ok=True)
-    rows, failures = [], 0
-    used: set[str] = set()
-    for uri in images:
-        shown = printable_name(uri)  # a name that is not UTF-8 is printed and stored escaped
-        stem = Path(shown).stem
-        name = stem
-        n = 1
-        while name in used:  # two inputs with the same file name keep both overlays
-            n += 1
-            name = f"{stem}_{n}"
-        used.add(name)
-        try:
-            data = read_bytes(uri)
-            rgb, (w, h) = decode_image(data, scorer.image_size)
-            full = _overlay_base(decode_image(data, None)[0])
-        except Exception as e:
-            if not isinstance(e, ImageDecodeError) and not is_storage_failure(e):
-                raise
-            failures += 1
-            why = printable_name(describe_failure(e))
-            rows.append(
-                {"image": shown, "score": "", "is_anomalous": "", "overlay": "", "error": why}
-            )
-            typer.echo(f"dskd: error: {shown}: {why}", err=True)
-            continue
-        result = scorer.score_batch(rgb[None])
-        score = float(result.scores[0])
-        if not result.finite[0]:  # never "nan normal": a broken model is an error
-            failures += 1
-            why = not_finite_reason(score)
-            rows.append(
-                {"image": shown, "score": "", "is_anomalous": "", "overlay": "", "error": why}
-            )
-            typer.echo(f"dskd: error: {shown}: {why}", err=True)
-            continue
-        flagged = None if scorer.threshold is None else score > scorer.threshold
-        path = out / f"{name}_overlay.png"
-        Image.fromarray(overlay(full, result.maps[0], scorer.threshold)).save(path)
-        rows.append(
-            {
-                "image": shown,
-                "score": f"{score:.6f}",
-                "is_anomalous": "" if flagged is None else str(flagged).lower(),
-                "overlay": str(path),
-                "error": "",
-            }
-        )
-        verdict = "" if flagged is None else ("  ANOMALOUS" if flagged else "  normal")
-        _echo(f"{shown}: {score:.4f}{verdict}")
-    with open(out / "scores.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(
-            f, fieldnames=["image", "score", "is_anomalous", "overlay", "error"]
-        )
-        writer.writeheader()
-        writer.writerows(rows)
-    threshold = "none" if scorer.threshold is None else f"{scorer.threshold:.4f}"
+    done = predict_images(images, model, out, device=device, on_prediction=say)
+    threshold = "none" if done.threshold is None else f"{done.threshold:.4f}"
     _echo(f"threshold {threshold}; overlays and scores.csv in {out}")
-    if failures:
+    if done.failures:
         raise DSKDError(
-            f"{failures} of {len(images)} image(s) could not be scored (see scores.csv)"
+            f"{done.failures} of {len(images)} image(s) could not be scored (see scores.csv)"
         )
 
 
@@ -442,53 +450,42 @@ def demo(
     directory: Annotated[
         Path, typer.Option("--dir", help="Where the data, models and metrics go")
     ] = Path("dskd-demo"),
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs per category")] = 12,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per step")] = 8,
+    epochs: Annotated[
+        int | None, _opt(DEMO_CONFIG.epochs, min=1, help="Training epochs per category")
+    ] = None,
+    batch_size: Annotated[
+        int | None, _opt(DEMO_CONFIG.batch_size, min=1, help="Images per step")
+    ] = None,
     image_size: Annotated[
-        int,
-        typer.Option(min=64, max=MAX_IMAGE_SIZE, help="Square input size, a multiple of 32"),
-    ] = 256,
-    backbone: Annotated[str, typer.Option(help=BACKBONE_HELP)] = "efficientnet_lite0",
+        int | None,
+        _opt(
+            DEMO_CONFIG.image_size,
+            min=64,
+            max=MAX_IMAGE_SIZE,
+            help="Square input size, a multiple of 32",
+        ),
+    ] = None,
+    backbone: Annotated[str | None, _opt(DEMO_CONFIG.backbone, help=BACKBONE_HELP)] = None,
     device: Annotated[str, typer.Option(callback=_device, help=DEVICE_HELP)] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
 ) -> None:
     """Demo data → train one model per category → evaluate → a metrics table."""
     _setup_logging(verbose)
-    from dskd_ray.data import discover_categories
-    from dskd_ray.demo_data import DEMO_CATEGORIES, make_demo_data
-    from dskd_ray.evaluate import evaluate_category, format_table, summarize
-    from dskd_ray.scoring import Scorer
-    from dskd_ray.train import train as run_training
+    from dskd_ray.demo import ensure_demo_data, run_demo
+    from dskd_ray.evaluate import format_table
 
     start = time.perf_counter()
-    data_dir = directory / "data"
-    if all((data_dir / c / "train").is_dir() for c in DEMO_CATEGORIES):
-        _echo(f"demo data: {data_dir} (already there)")
-    else:
-        make_demo_data(data_dir, overwrite=True)
-        _echo(f"demo data: {data_dir}")
-    config = _config_from_options(
-        epochs=epochs,
-        batch_size=batch_size,
-        image_size=image_size,
-        backbone=backbone,
-        teacher_weights="imagenet",
+    data_dir, made = ensure_demo_data(directory)
+    _echo(f"demo data: {data_dir}" + ("" if made else " (already there)"))
+    config = DEMO_CONFIG.replace(
+        **_given(epochs=epochs, batch_size=batch_size, image_size=image_size, backbone=backbone)
     )
-    results = []
-    for category in discover_categories(str(data_dir)):
-        ckpt = directory / "models" / f"{category.name}.pt"
-        with _ProgressBar(category.name) as bar:
-            result = run_training(config, category.root, str(ckpt), device=device, on_progress=bar)
-        scorer = Scorer(result.checkpoint, device=device)
-        results.append(evaluate_category(scorer, category))
-    table = summarize(results)
-    metrics_path = directory / "metrics.json"
-    metrics_path.write_text(json.dumps(table, indent=2) + "\n")
+    run = run_demo(directory, config, device=device, progress=_ProgressBar)
     _echo("")
-    _echo(format_table(table))
+    _echo(format_table(run.table))
     _echo("")
-    _echo(f"models:  {directory / 'models'}")
-    _echo(f"metrics: {metrics_path}")
+    _echo(f"models:  {run.models}")
+    _echo(f"metrics: {run.metrics_path}")
     _echo(f"done in {time.perf_counter() - start:.0f} s")
 
 
@@ -517,7 +514,9 @@ def score(
             callback=_device, help="auto (GPU actors where the cluster has GPUs) | cpu | cuda"
         ),
     ] = "auto",
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per model call")] = 32,
+    batch_size: Annotated[
+        int | None, _opt(SCORING.batch_size, min=1, help="Images per model call")
+    ] = None,
     actors: Annotated[
         int | None,
         typer.Option(min=1, help="Most scoring actors; default from the cluster's CPUs/GPUs"),
@@ -529,13 +528,16 @@ def score(
     rescore: Annotated[
         bool, typer.Option(help="Score every image again, even those this model already scored")
     ] = False,
-    rows_per_file: Annotated[int, typer.Option(min=1, help="Parquet rows per part file")] = 100_000,
+    rows_per_file: Annotated[
+        int | None, _opt(SCORING.rows_per_file, min=1, help="Parquet rows per part file")
+    ] = None,
     precision: Annotated[
-        str,
-        typer.Option(
-            help="fp32 | bf16 (autocast: GPUs and CPUs with native bf16; ~1e-2 on scores)"
+        str | None,
+        _opt(
+            SCORING.precision,
+            help="fp32 | bf16 (autocast: GPUs and CPUs with native bf16; ~1e-2 on scores)",
         ),
-    ] = "fp32",
+    ] = None,
     compile: Annotated[
         bool, typer.Option("--compile", help="torch.compile the model in each actor")
     ] = False,
@@ -547,12 +549,12 @@ def score(
     visible to readers only once its manifest is written, last.
     """
     _setup_logging(verbose)
-    from dskd_ray.batch_scoring import ScoringOptions, score_images
+    from dskd_ray.batch_scoring import score_images
 
-    options = ScoringOptions(
+    options = ScoringOptions(**_given(
         device=device, batch_size=batch_size, actors=actors, actor_threads=actor_threads,
         rescore=rescore, rows_per_file=rows_per_file, precision=precision, compile=compile,
-    )  # fmt: skip
+    ))  # fmt: skip
     summary = score_images(input_uri, model, out, options, address=address)
     _echo(
         f"listed {summary.listed}, scored {summary.scored}, errors {summary.errors}, "

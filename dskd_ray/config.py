@@ -1,4 +1,6 @@
-"""One typed config for the model and its training; saved in every checkpoint."""
+"""The typed options, each owning its defaults: `DSKDConfig` (the model and its training; saved in
+every checkpoint), `RayOptions` (how training runs on Ray Train), `ScoringOptions` (how bulk
+scoring runs on Ray Data). Pure: no torch, no Ray, so the CLI reads them at once."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ DF_INPUTS: tuple[str, ...] = ("se", "teacher")
 LEVEL_FUSIONS: tuple[str, ...] = ("sum", "product")
 LEVEL_NORMALIZATIONS: tuple[str, ...] = ("none", "mean", "standardize")
 MAP_BASELINES: tuple[str, ...] = ("none", "mean", "subtract")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 # 4096² is 16x the default's pixels, and the map arithmetic and activations grow with them; a
 # larger size only finds the end of the memory, slowly.
 MAX_IMAGE_SIZE = 4096
@@ -38,10 +41,11 @@ def check_device(device: str) -> str:
 
 @dataclass
 class DSKDConfig:
-    """Everything that defines a model and how it was trained (DESIGN §1).
+    """Everything that defines a model and how it was trained (docs/design.md §1, §3).
 
-    `teacher_weights` is "imagenet", "random" (tests only) or a local path / s3:// URI to a
-    state dict. Model fields are enough to rebuild the network from a checkpoint alone.
+    `teacher_weights` is "imagenet", "random" (an untrained teacher: for tests and benches) or
+    a local path / s3:// URI to a state dict. Model fields are enough to rebuild the network
+    from a checkpoint alone.
     """
 
     # model
@@ -141,3 +145,66 @@ class DSKDConfig:
 
     def replace(self, **changes: Any) -> DSKDConfig:
         return dataclasses.replace(self, **changes)
+
+
+# `dskd demo`'s recipe: the small backbone and a short schedule, so it runs in minutes on a CPU.
+DEMO_CONFIG = DSKDConfig(backbone="efficientnet_lite0", epochs=12, batch_size=8)
+
+
+@dataclass
+class RayOptions:
+    """How to run on Ray: resources, storage, checkpointing and fault tolerance."""
+
+    workers: int
+    gpus_per_worker: float = 0.0  # 0: CPU workers (gloo); ≥ 1: one CUDA device each (NCCL)
+    cpus_per_worker: int = 1  # also the torch threads per worker (Ray sets OMP_NUM_THREADS=1)
+    address: str | None = None  # Ray cluster to join; None: RAY_ADDRESS, or a local Ray
+    storage_path: str | None = None  # local dir or s3://…; None: Ray's ~/ray_results
+    run_name: str | None = None  # None: derived from data, out and config (see module doc)
+    checkpoint_every: int = 1  # epochs between reported checkpoints (the last always is)
+    keep_checkpoints: int = 2  # CheckpointConfig(num_to_keep)
+    max_failures: int = 3  # FailureConfig(max_failures): worker-group restarts allowed
+
+    def validate(self, config: DSKDConfig) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"--workers {self.workers}: must be at least 1")
+        if self.gpus_per_worker < 0 or self.cpus_per_worker < 1:
+            raise ConfigError("--gpus-per-worker must be ≥ 0 and --cpus-per-worker ≥ 1")
+        if 0 < self.gpus_per_worker < 1:
+            raise ConfigError(
+                f"--gpus-per-worker {self.gpus_per_worker}: NCCL needs a whole GPU per worker"
+            )
+        if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
+            raise ConfigError("--checkpoint-every and --keep-checkpoints must be at least 1")
+        if config.batch_size % self.workers:
+            raise ConfigError(
+                f"--batch-size {config.batch_size} is the global batch and must divide evenly "
+                f"over {self.workers} workers: use a multiple of {self.workers}"
+            )
+
+
+@dataclass
+class ScoringOptions:
+    device: str = "auto"  # auto: GPU actors where the cluster has GPUs, else CPU actors
+    batch_size: int = 32  # images per model call (and per decode task)
+    actors: int | None = None  # most scoring actors; default from the cluster's resources
+    actor_threads: int | None = None  # torch threads per CPU actor; default from the cluster
+    rescore: bool = False  # score everything, even images this model already scored
+    rows_per_file: int = 100_000  # Parquet rows per part file
+    io_threads: int = 8  # concurrent object reads / writes inside one task
+    precision: str = "fp32"  # "bf16": autocast in the actors (GPUs; CPUs with native bf16)
+    compile: bool = False  # torch.compile the model in each actor
+    run_id: str | None = None  # default: start time + random suffix
+
+    def validate(self) -> None:
+        """Refuse what cannot work before anything is listed or started (a Ray start is slow)."""
+        check_device(self.device)
+        for name in ("batch_size", "actors", "actor_threads", "rows_per_file", "io_threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                flag = name.replace("_", "-")
+                raise ConfigError(f"--{flag} {value} must be at least 1")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}"
+            )

@@ -1,8 +1,8 @@
 """The built-in demo data set: synthetic textures and a part with realistic defects (MVTec layout).
 
 `make_demo_data(root)` writes, for each category, ``train/good``, ``test/good``, ``test/<defect>``
-and ``ground_truth/<defect>/<stem>_mask.png`` (DESIGN §2), so every command of the library can be
-tried without downloading MVTec AD. The categories:
+and ``ground_truth/<defect>/<stem>_mask.png`` (docs/design.md §4), so every command of the
+library can be tried without downloading MVTec AD. The categories:
 
 - ``woven``: a plain-weave fabric; defects ``cut``, ``stain``, ``hole``, ``thread``.
 - ``brushed_metal``: grey brushed steel; defects ``scratch``, ``dent``, ``contamination``.

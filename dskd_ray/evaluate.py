@@ -1,4 +1,4 @@
-"""Evaluation on MVTec-layout test sets (DESIGN §2): image/pixel AUROC, AUPRO, image F1-max."""
+"""Evaluation on MVTec-layout test sets (docs/design.md §4): image/pixel AUROC, AUPRO, F1-max."""
 
 from __future__ import annotations
 

@@ -117,7 +117,8 @@ def decode_image(data: bytes, size: int | None = None) -> tuple[np.ndarray, tupl
 
 
 def decode_mask(data: bytes, size: int) -> np.ndarray:
-    """Ground-truth mask → (size, size) bool, resized nearest and thresholded at half (DESIGN §2)."""
+    """Ground-truth mask → (size, size) bool, resized nearest and thresholded at half
+    (docs/design.md §4)."""
     img = open_image(data)
     img = img.convert("L") if img.mode not in ("1", "L") else img.convert("L")
     img = img.resize((size, size), Image.NEAREST)

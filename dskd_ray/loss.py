@@ -1,4 +1,4 @@
-"""The distillation loss (DESIGN §1): Σ over students and levels of mean(1 − cos(T, S))."""
+"""The distillation loss (docs/design.md §1): Σ over students and levels of mean(1 − cos(T, S))."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Evaluation metrics: image and pixel AUROC, AUPRO, F1-max (DESIGN.md §2).
+"""Evaluation metrics: image and pixel AUROC, AUPRO, F1-max (docs/design.md §4).
 
 Pure numpy, so the numbers can be computed anywhere the maps can be loaded. Every curve uses exact
 thresholds (every distinct score) with ties handled the way scikit-learn and the MVTec AD reference
@@ -7,7 +7,9 @@ code handle them: tied scores form one step, and the trapezoid rule draws a stra
 Conventions:
 - ``labels`` / ``masks``: bool, or numbers that are all 0 or 1; 1 (True) means anomalous.
 - ``scores`` / ``maps``: any real dtype, higher means more anomalous; NaN is rejected.
-- A sample counts as predicted anomalous when ``score >= threshold``.
+- A sample counts as predicted anomalous when ``score > threshold`` (:func:`is_anomalous`, the
+  one convention of the whole library: a score equal to the threshold is normal). The curves
+  step through every distinct score, so the convention changes no area.
 - Pixel metrics (:func:`pixel_auroc`, :func:`aupro`) return NaN when the masks hold no anomalous
   pixel (or no normal one): a test set without ground-truth masks has no pixel score, which is not
   an error. :func:`image_auroc` raises instead, because a test split with one class is broken.
@@ -22,6 +24,7 @@ __all__ = [
     "f1_max",
     "f1_optimal_threshold",
     "image_auroc",
+    "is_anomalous",
     "pixel_auroc",
     "pro_curve",
     "roc_curve",
@@ -180,20 +183,26 @@ def _best_f1_index(f1: np.ndarray) -> int:
     return int(f1.size - 1 - np.argmax(f1[::-1]))
 
 
+def is_anomalous(scores: np.ndarray, threshold: float | None) -> np.ndarray | None:
+    """(N,) bool: each score above the threshold; None without a threshold."""
+    return None if threshold is None else np.asarray(scores) > threshold
+
+
 def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Largest F1 over all thresholds ``score >= t`` (anomalib's F1Max)."""
+    """Largest F1 over every way to cut the scores (anomalib's F1Max)."""
     _, f1 = _f1_per_threshold(labels, scores)
     return float(f1[_best_f1_index(f1)])
 
 
 def f1_optimal_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
-    """The threshold at which :func:`f1_max` is reached: predict anomalous when score >= it.
+    """The threshold at which :func:`f1_max` is reached, for :func:`is_anomalous` (score > it).
 
-    It is one of the given scores; among thresholds with equal F1 the lowest is returned, as in
-    anomalib. Needs at least one anomalous label (labelled anomalous validation images).
+    It is the float just below the lowest score flagged at the best cut (among cuts with equal
+    F1 the lowest, as in anomalib). Needs at least one anomalous label (labelled anomalous
+    validation images).
     """
     thresholds, f1 = _f1_per_threshold(labels, scores)
-    return float(thresholds[_best_f1_index(f1)])
+    return float(np.nextafter(float(thresholds[_best_f1_index(f1)]), -np.inf))
 
 
 # ----------------------------------------------------------------------------- connected components

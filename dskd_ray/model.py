@@ -1,13 +1,17 @@
-"""The DSKD network (DESIGN §1): frozen teacher, encoder student Se, DF embedding, decoder student Sd.
+"""The DSKD network (docs/design.md §1): frozen teacher, encoder student Se, DF embedding,
+decoder student Sd; and `DSKD.predict`, its anomaly maps and image scores (§2).
 
 Pure PyTorch: no Ray, no storage, no CLI. Shapes in comments are for a 256×256 input and ResNet18.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
+from dskd_ray.anomaly_map import anomaly_map, image_score
 from dskd_ray.backbones import backbone_spec, build_trunk, load_teacher_weights
 from dskd_ray.config import DSKDConfig
 
@@ -138,7 +142,7 @@ class DSKD(nn.Module):
         # The final map's per-pixel mean on normal training images, divided out
         # (config.map_baseline="mean") or subtracted ("subtract"); fitted after training.
         size = config.image_size
-        self.register_buffer("map_baseline", torch.ones(size, size))
+        self.register_buffer("pixel_baseline", torch.ones(size, size))
 
         self.teacher = build_trunk(config.backbone, student=False)
         self.teacher_identity = "unloaded"
@@ -180,7 +184,7 @@ class DSKD(nn.Module):
 
     def baseline(self) -> torch.Tensor | None:
         """The per-pixel divisor of the anomaly map, or None when maps are not divided."""
-        return None if self.config.map_baseline == "none" else self.map_baseline
+        return None if self.config.map_baseline == "none" else self.pixel_baseline
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """RGB in [0, 1] → the backbone's own input normalisation."""
@@ -208,3 +212,33 @@ class DSKD(nn.Module):
         """x: normalised images (B, 3, H, W)."""
         teacher = self.teacher_features(x)
         return {"teacher": teacher, **self.student_features(x, teacher)}
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        images: torch.Tensor,
+        divide_baseline: bool = True,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RGB in [0, 1], (B, 3, H, W) → anomaly maps (B, H, W) and image scores (B,).
+
+        The one inference function: scoring, calibration and evaluation call it, and
+        torch.compile (or an export) wraps it. Call it in eval mode (`Checkpoint.build_model`
+        gives that). `divide_baseline=False` gives the map before the per-pixel baseline (to fit
+        that baseline); `autocast_dtype` runs the networks, not the map arithmetic, under
+        autocast.
+        """
+        amp = (
+            torch.autocast(images.device.type, dtype=autocast_dtype)
+            if autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with amp:
+            features = self(self.normalize(images))
+        location, spread = self.level_statistics()
+        cfg = self.config
+        maps = anomaly_map(
+            features, tuple(images.shape[-2:]), cfg.level_fusion, cfg.blur_sigma, location,
+            spread, self.baseline() if divide_baseline else None, cfg.map_baseline,
+        )  # fmt: skip
+        return maps, image_score(maps, cfg.score_top_k)

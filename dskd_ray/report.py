@@ -252,7 +252,7 @@ def roc_chart(labels: np.ndarray, scores: np.ndarray, threshold: float | None) -
     entries = [("ROC", ANOMALOUS_COLOUR, "line"), ("chance", CHANCE_COLOUR, "dash")]
     if threshold is not None:
         labels = np.asarray(labels, bool)
-        flagged = np.asarray(scores) > threshold
+        flagged = metrics.is_anomalous(scores, threshold)
         chart.dot(float(flagged[~labels].mean()), float(flagged[labels].mean()), THRESHOLD_COLOUR)
         entries.append((f"threshold {threshold:.4g}", THRESHOLD_COLOUR, "dot"))
     chart.legend(entries, corner="br")
@@ -371,8 +371,8 @@ def select_thumbnails(
     fp_note = "normal images with the highest scores, highest first"
     fn_note = "anomalous images with the lowest scores, lowest first"
     if threshold is not None:
-        n_fp = int((scores[worst_fp] > threshold).sum())
-        n_fn = int((scores[worst_fn] <= threshold).sum())
+        n_fp = int(metrics.is_anomalous(scores[worst_fp], threshold).sum())
+        n_fn = int((~metrics.is_anomalous(scores[worst_fn], threshold)).sum())
         fp_note += f"; {n_fp} of these {len(worst_fp)} are above the threshold (false positives)"
         fn_note += f"; {n_fn} of these {len(worst_fn)} are at or below it (false negatives)"
     return [
@@ -427,7 +427,7 @@ def _outcome(label: int, score: float, threshold: float | None) -> tuple[str, st
     """(verdict text, CSS class): the threshold's call, and whether it was right."""
     if threshold is None:
         return "no threshold in the checkpoint", "unknown"
-    flagged = score > threshold
+    flagged = bool(metrics.is_anomalous(np.asarray([score]), threshold)[0])
     verdict = "flagged anomalous" if flagged else "passed as normal"
     if flagged and label:
         return verdict, "tp"
@@ -489,6 +489,11 @@ class _Section:
     html: str
 
 
+def _labels_and_scores(result: CategoryResult) -> tuple[np.ndarray, np.ndarray]:
+    """(bool labels, float64 scores) of an evaluated category's test images."""
+    return np.asarray(result.labels, bool), np.asarray(result.scores, np.float64)
+
+
 class Report:
     """Builds DIR/index.html one category at a time: `add` each result, then `write`."""
 
@@ -520,8 +525,7 @@ class Report:
         folder = f"{index:02d}_{_slug(result.name)}"
         (self.directory / folder).mkdir(exist_ok=True)
         anchor = f"category-{index}"
-        labels = np.asarray(result.labels, bool)
-        scores = np.asarray(result.scores, np.float64)
+        labels, scores = _labels_and_scores(result)
         parts = [f'<section id="{anchor}">', f"<h2>{_e(result.name)}</h2>"]
         facts = [
             f"{result.n_test} test images, {result.n_anomalous} anomalous",
@@ -529,8 +533,8 @@ class Report:
             + ("none (the checkpoint has none)" if threshold is None else f"{threshold:.4g}"),
         ]
         if threshold is not None:
-            fp = int((scores[~labels] > threshold).sum())
-            fn = int((scores[labels] <= threshold).sum())
+            fp = int(metrics.is_anomalous(scores[~labels], threshold).sum())
+            fn = int((~metrics.is_anomalous(scores[labels], threshold)).sum())
             facts.append(
                 f"at it: {fp} of {int((~labels).sum())} normal images flagged, "
                 f"{fn} of {int(labels.sum())} anomalous images missed"
@@ -545,19 +549,13 @@ class Report:
                 f'<p class="note">{len(result.skipped)} test image(s) could not be read and are '
                 f"left out: {_e(names)}{_e(more)}.</p>"
             )
-        parts.append(self._charts(result, labels, scores, threshold, folder))
-        parts.append(self._thumbnails(result, labels, scores, threshold, folder))
+        parts.append(self._charts(result, threshold, folder))
+        parts.append(self._thumbnails(result, threshold, folder))
         parts.append("</section>")
         self.sections.append(_Section(result, threshold, anchor, "\n".join(parts)))
 
-    def _charts(
-        self,
-        result: CategoryResult,
-        labels: np.ndarray,
-        scores: np.ndarray,
-        threshold: float | None,
-        folder: str,
-    ) -> str:
+    def _charts(self, result: CategoryResult, threshold: float | None, folder: str) -> str:
+        labels, scores = _labels_and_scores(result)
         items = []
         if 0 < labels.sum() < len(labels):
             roc_chart(labels, scores, threshold).save(self.directory / folder / "roc.png")
@@ -583,14 +581,8 @@ class Report:
     def _chart_img(path: str, alt: str) -> str:
         return f'<img src="{_e(_href(path))}" width="420" height="360" alt="{_e(alt)}">'
 
-    def _thumbnails(
-        self,
-        result: CategoryResult,
-        labels: np.ndarray,
-        scores: np.ndarray,
-        threshold: float | None,
-        folder: str,
-    ) -> str:
+    def _thumbnails(self, result: CategoryResult, threshold: float | None, folder: str) -> str:
+        labels, scores = _labels_and_scores(result)
         size = result.maps.shape[-1]
         groups = select_thumbnails(labels, scores, self.n_worst, self.n_sample, threshold)
         wanted = [i for g in groups for i in g.indices]

@@ -29,12 +29,11 @@ import pyarrow.parquet as pq
 
 from dskd_ray.errors import DataError
 from dskd_ray.storage import (
-    filesystem,
+    exists,
     join_uri,
+    list_folder,
     read_object,
     storage_errors,
-    to_uri,
-    with_retries,
     write_object,
 )
 
@@ -152,19 +151,17 @@ def committed_runs(output: str) -> list[CommittedRun]:
 
 
 def _committed_runs(output: str) -> list[CommittedRun]:
-    fs, root = filesystem(output)
-    folder = f"{root}/{MANIFESTS_DIR}"
     try:
-        names = with_retries(lambda: fs.ls(folder, detail=False, refresh=True), f"list {folder}")
+        names, _ = list_folder(join_uri(output, MANIFESTS_DIR))
     except FileNotFoundError:
         return []
     runs = []
-    for path in sorted(names):
+    for path in names:
         base = path.rsplit("/", 1)[-1]
         if not (base.startswith("run=") and base.endswith(".json")):
             continue  # a temp file of a manifest being written, or a stranger
         try:
-            manifest = json.loads(read_object(to_uri(fs, path)))
+            manifest = json.loads(read_object(path))
         except (ValueError, OSError) as e:
             log.warning("ignoring unreadable manifest %s: %s", path, e)
             continue
@@ -209,10 +206,8 @@ def _read_results(
         extra += ["image_uri", "model_id", "run_id"]
     read_cols = list(dict.fromkeys(wanted + extra))
     schema = pa.schema([RESULT_SCHEMA.field(c) for c in read_cols])
-    if not missing_ok:
-        fs, root = filesystem(output)
-        if not with_retries(lambda: fs.exists(root), f"list {output}"):
-            raise DataError(f"{output} does not exist: no scoring run has written there")
+    if not missing_ok and not exists(output):
+        raise DataError(f"{output} does not exist: no scoring run has written there")
     tables = []
     for run in _committed_runs(output):
         if model_id is not None and run.model_id not in (None, model_id):

@@ -6,18 +6,16 @@ computes scores the same way.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from dskd_ray.anomaly_map import anomaly_map, image_score
 from dskd_ray.checkpoint import Checkpoint, load_checkpoint
-from dskd_ray.config import check_device
+from dskd_ray.config import PRECISIONS, check_device
 from dskd_ray.errors import ConfigError
+from dskd_ray.metrics import is_anomalous
 from dskd_ray.model import DSKD
 
 log = logging.getLogger(__name__)
@@ -39,39 +37,14 @@ def images_to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).float().div_(255.0)
 
 
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
-
-
-@torch.inference_mode()
 def compute_maps(
     model: DSKD,
     x: torch.Tensor,
     divide_baseline: bool = True,
     autocast_dtype: torch.dtype | None = None,
-    forward: Callable[[torch.Tensor], dict[str, list[torch.Tensor]]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised-input-free entry: x in [0, 1], (B, 3, H, W) → maps (B, H, W), scores (B,).
-
-    `divide_baseline=False` gives the map before the per-pixel baseline (to fit that baseline).
-    `autocast_dtype` runs the networks (not the map arithmetic) under autocast; `forward` is a
-    stand-in for `model` (e.g. its torch.compile'd self).
-    """
-    cfg = model.config
-    # `is None`, not `or`: a torch.compile'd module has no truth value (it forwards len()).
-    run = forward if forward is not None else model
-    with (
-        torch.autocast(x.device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else contextlib.nullcontext()
-    ):
-        features = run(model.normalize(x))
-    baseline = model.baseline() if divide_baseline else None
-    location, spread = model.level_statistics()
-    maps = anomaly_map(
-        features, tuple(x.shape[-2:]), cfg.level_fusion, cfg.blur_sigma, location, spread,
-        baseline, cfg.map_baseline,
-    )  # fmt: skip
-    return maps, image_score(maps, cfg.score_top_k)
+    """x in [0, 1], (B, 3, H, W) → maps (B, H, W), scores (B,): `DSKD.predict`."""
+    return model.predict(x, divide_baseline, autocast_dtype)
 
 
 @dataclass
@@ -104,8 +77,8 @@ class Scorer:
     The fast path: `channels_last` weights and inputs (on by default: +63% on this project's
     reference CPU, the same scores to float rounding); `precision="bf16"` autocast (fast on GPUs
     and on CPUs with native bf16, 8x slower on others; scores move by ~1e-2, so it is opt-in);
-    `compile=True` wraps the model in torch.compile (~2x on the reference CPU too, after ~40 s of
-    compiling: worth it for long runs).
+    `compile=True` wraps `DSKD.predict` in torch.compile (~2x on the reference CPU too, after
+    ~40 s of compiling: worth it for long runs).
     """
 
     def __init__(
@@ -128,7 +101,7 @@ class Scorer:
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
-        self.forward = torch.compile(self.model) if compile else self.model
+        self.predict = torch.compile(self.model.predict) if compile else self.model.predict
         self.batch_size = batch_size
         self.image_size = self.checkpoint.config.image_size
         threshold = self.checkpoint.threshold
@@ -148,9 +121,7 @@ class Scorer:
             x = x.contiguous(
                 memory_format=torch.channels_last if self.channels_last else torch.contiguous_format
             )
-            maps, scores = compute_maps(
-                self.model, x, autocast_dtype=self.autocast_dtype, forward=self.forward
-            )
+            maps, scores = self.predict(x, autocast_dtype=self.autocast_dtype)
             maps_out.append(maps.float().cpu().numpy())
             scores_out.append(scores.float().cpu().numpy())
         if not maps_out:
@@ -159,4 +130,4 @@ class Scorer:
         return ScoreResult(np.concatenate(maps_out), np.concatenate(scores_out))
 
     def is_anomalous(self, scores: np.ndarray) -> np.ndarray | None:
-        return None if self.threshold is None else scores > self.threshold
+        return is_anomalous(scores, self.threshold)

@@ -1,5 +1,9 @@
-"""Object storage for bulk scoring: listing with versions, retried reads and writes, map keys
-and the 16-bit PNG map format. Local folders and s3:// prefixes alike (fsspec). No Ray here.
+"""Storage: the one module that touches fsspec. Local folders and s3:// prefixes alike.
+
+Reads and listings retried on transient failures, writes all-or-nothing (a rename locally, one
+PUT on an object store) and retried; the listing of images with versions for bulk scoring; the
+anomaly-map keys; and the one-line errors a storage failure becomes. Data, checkpoints, teacher
+weights, maps and results all go through here (docs/design.md §6). No Ray here.
 """
 
 from __future__ import annotations
@@ -7,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import io
 import logging
 import os
 import posixpath
@@ -21,9 +24,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import fsspec
-import numpy as np
 from fsspec.core import url_to_fs
-from PIL import Image, PngImagePlugin
 
 from dskd_ray.errors import ConfigError, DataError, DSKDError, StorageError
 from dskd_ray.images import is_image_path
@@ -52,6 +53,11 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """A path as users write it: s3://bucket/key remotely, an absolute path locally."""
     return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+def canonical_uri(uri: str) -> str:
+    """`uri` as listings spell it: absolute locally, s3://bucket/key without a trailing slash."""
+    return to_uri(*filesystem(uri))
 
 
 def join_uri(root: str, *parts: str) -> str:
@@ -168,25 +174,72 @@ def read_object(uri: str) -> bytes:
     return with_retries(lambda: fs.cat_file(path), f"read {uri}")
 
 
-def write_object(uri: str, data: bytes) -> None:
-    """Write one object all-or-nothing: a temp file renamed locally, a single PUT remotely.
+def write_object(uri: str, data: bytes, durable: bool = False) -> None:
+    """Write one object all-or-nothing, transient errors retried: a temp file renamed locally
+    (fsync'd first when `durable`), a single PUT remotely.
 
     Readers see the old object or the new one, never half of one.
     """
     fs, path = filesystem(uri)
     if is_local(fs):
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return
-    with_retries(lambda: fs.pipe_file(path, data), f"write {uri}")
+        with_retries(lambda: _write_local(Path(path), data, durable), f"write {uri}")
+    else:
+        with_retries(lambda: fs.pipe_file(path, data), f"write {uri}")
+
+
+def _write_local(target: Path, data: bytes, durable: bool) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return with_retries(lambda: fs.exists(path), f"look up {uri}")
+
+
+def is_dir(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return with_retries(lambda: fs.isdir(path), f"look up {uri}")
+
+
+def is_file(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return with_retries(lambda: fs.isfile(path), f"look up {uri}")
+
+
+def path_name(uri: str) -> str:
+    """The last segment of a local path or URI, as resolved ("." is the current folder's name)."""
+    return posixpath.basename(filesystem(uri)[1])
+
+
+def list_folder(uri: str) -> tuple[list[str], list[str]]:
+    """(files, folders) directly under a folder or prefix, each sorted, as URIs."""
+    fs, path = filesystem(uri)
+    entries = with_retries(lambda: fs.ls(path, detail=True, refresh=True), f"list {uri}")
+    files, folders = [], []
+    for entry in entries:
+        name = entry["name"].rstrip("/")
+        if name == path:
+            continue  # some stores list the prefix itself
+        (folders if entry.get("type") == "directory" else files).append(to_uri(fs, name))
+    return sorted(files), sorted(folders)
+
+
+def find_files(uri: str) -> list[str]:
+    """Every file under a folder or prefix, at any depth, sorted, as URIs."""
+    fs, path = filesystem(uri)
+    found = with_retries(lambda: fs.find(path), f"list {uri}")
+    return sorted(to_uri(fs, p) for p in found)
 
 
 # --- listing -----------------------------------------------------------------------------------
@@ -373,7 +426,7 @@ def _walk_remote(
         yield full, info
 
 
-# --- anomaly-map keys and format ---------------------------------------------------------------
+# --- anomaly-map keys ------------------------------------------------------------------------------
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_SEGMENT = 80
@@ -405,38 +458,3 @@ def map_uri(
     folders = segments[:-1][-12:]  # bounded depth keeps keys under S3's 1024-byte limit
     name = f"{_safe_segment(stem)}.{digest}.png"
     return join_uri(maps_root, f"model={_safe_segment(model_id)}", *folders, name)
-
-
-MAP_SCALE_KEY = "dskd_ray:map_scale"
-MAP_LEVELS = 65535
-
-
-def quantize_map(anomaly_map: np.ndarray) -> tuple[np.ndarray, float]:
-    """float map (H, W) → (uint16 map, scale) with map ≈ uint16 · scale, to within scale / 2.
-
-    The scale is per image (its maximum maps to 65535), so the PNG shows the map's full
-    contrast in any viewer and keeps 16 bits of precision relative to the image's score.
-    """
-    m = np.clip(np.nan_to_num(anomaly_map.astype(np.float64), nan=0.0), 0.0, None)
-    peak = float(m.max()) if m.size else 0.0
-    scale = peak / MAP_LEVELS if peak > 0 else 1.0 / MAP_LEVELS
-    return np.rint(m / scale).astype(np.uint16), scale
-
-
-def encode_map_png(quantized: np.ndarray, scale: float) -> bytes:
-    """A 16-bit greyscale PNG, its scale also stored in a text chunk so the file stands alone."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text(MAP_SCALE_KEY, repr(float(scale)))
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(quantized, dtype=np.uint16)).save(
-        buffer, format="PNG", pnginfo=info, compress_level=3
-    )
-    return buffer.getvalue()
-
-
-def decode_map_png(data: bytes, scale: float | None = None) -> np.ndarray:
-    """A map PNG → the float32 anomaly map (scale from the argument, else from the PNG)."""
-    img = Image.open(io.BytesIO(data))
-    if scale is None:
-        scale = float(img.info[MAP_SCALE_KEY])
-    return (np.asarray(img).astype(np.float64) * scale).astype(np.float32)

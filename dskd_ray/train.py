@@ -1,6 +1,9 @@
-"""Local training (DESIGN §1 recipe): one process, CPU or one GPU. No Ray here.
+"""Training (docs/design.md §3): one routine, `fit`, for a local run and for each Ray Train worker.
 
-The per-epoch step (`run_epoch`) is what the Ray Train loop calls on each worker too.
+`fit` is a straight line: set-up (seed, model, this worker's images, teacher cache, optimiser,
+resume), the epochs, then calibration and the final checkpoint. What differs between one process
+and a Ray Train worker group (sharding, all-reduce, DDP, where checkpoints go) is a small
+`Strategy`; `OneProcess` is the local one and `dskd_ray.distributed` has Ray Train's. No Ray here.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -31,7 +35,7 @@ from dskd_ray.data import load_images, training_images
 from dskd_ray.errors import CheckpointError, DataError
 from dskd_ray.loss import distillation_loss
 from dskd_ray.model import DSKD
-from dskd_ray.scoring import compute_maps, images_to_tensor, resolve_device
+from dskd_ray.scoring import images_to_tensor, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,40 @@ class TrainResult:
     n_train: int = 0
     n_holdout: int = 0
 
+    @classmethod
+    def from_checkpoint(cls, final: Checkpoint) -> TrainResult:
+        """What a finished run's checkpoint says about its training."""
+        training, meta = final.training or {}, final.meta
+        return cls(
+            final,
+            [EpochStats(**h) for h in training.get("history", [])],
+            [tuple(s) for s in meta.get("skipped", [])],  # type: ignore[misc]
+            int(meta.get("n_train", 0)),
+            int(meta.get("n_holdout", 0)),
+        )
+
+
+@dataclass
+class TrainingSet:
+    """The images of a run, split before any is decoded, so every path trains and calibrates
+    on the same ones whichever images later turn out unreadable."""
+
+    data: str  # what the user gave
+    name: str  # the category (or folder) name
+    train_uris: list[str]
+    holdout_uris: list[str]
+
+
+def plan_training(data: str, config: DSKDConfig) -> TrainingSet:
+    """List the normal images under `data` and split off the held-out ones (by URI)."""
+    name, uris = training_images(data)
+    if len(uris) < 2:
+        raise DataError(
+            f"{data}: {len(uris)} training image(s); at least 2 readable ones are needed"
+        )
+    train_idx, holdout_idx = split_holdout(len(uris), config.holdout_fraction, config.seed)
+    return TrainingSet(data, name, [uris[i] for i in train_idx], [uris[i] for i in holdout_idx])
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -84,9 +122,24 @@ def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     return np.sort(order[n_holdout:]), np.sort(order[:n_holdout])
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """Shuffle for one epoch, a pure function of (seed, epoch) so a resumed run sees the same."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
+def epoch_order(
+    n: int, seed: int, epoch: int, rank: int = 0, world: int = 1, length: int | None = None
+) -> np.ndarray:
+    """One worker's shuffle of its n images for one epoch, repeated to `length` (default n).
+
+    A pure function of (seed, epoch, rank), so a resumed or restarted run sees the same order;
+    one worker shuffles exactly as a local run. Under DDP every rank walks the same number of
+    steps (the all-reduce needs it), so shorter shards wrap around, as torch's
+    DistributedSampler pads.
+    """
+    key = [seed, epoch] if world == 1 else [seed, epoch, rank]
+    order = np.random.default_rng(key).permutation(n)
+    return order if length is None else np.resize(order, length)
+
+
+def shard(items: list[str], rank: int, world: int) -> list[str]:
+    """Rank r's share of the images: every world-th one, starting at r."""
+    return items[rank::world]
 
 
 def make_optimizer(model: DSKD, config: DSKDConfig) -> torch.optim.Optimizer:
@@ -103,7 +156,7 @@ def make_scheduler(
 ) -> torch.optim.lr_scheduler.LRScheduler:
     total = max(1, config.epochs * steps_per_epoch)
     if config.lr_schedule == "cosine":
-        # Late loss spikes with a constant Adam 0.005 (DESIGN §4): decay to 1% of the rate.
+        # Late loss spikes with a constant Adam 0.005 (docs/design.md §3): decay to 1% of it.
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(step, total) / total)),
@@ -186,6 +239,10 @@ class Students(nn.Module):
         self.parts = nn.ModuleList(model.student_modules())
         object.__setattr__(self, "_dskd", model)  # held, not registered
 
+    @property
+    def model(self) -> DSKD:
+        return self._dskd
+
     def forward(
         self, x: torch.Tensor, teacher: list[torch.Tensor]
     ) -> dict[str, list[torch.Tensor]]:
@@ -214,8 +271,8 @@ def run_epoch(
 ) -> EpochStats:
     """One pass over `images[order]` (uint8, (N, S, S, 3), on CPU or device).
 
-    The Ray Train loop calls this on every worker with its shard, a DDP `student_forward`
-    and channels_last inputs (and bf16 autocast on CUDA).
+    `fit` calls it with this worker's images, its strategy's `student_forward` (DDP under Ray
+    Train), channels_last inputs, and bf16 autocast on CUDA.
     """
     model.train()
     start = time.perf_counter()
@@ -250,14 +307,14 @@ def _batch(images: torch.Tensor, index: torch.Tensor, device: torch.device) -> t
 
 
 @torch.inference_mode()
-def score_images(
+def image_scores(
     model: DSKD, images: np.ndarray, device: torch.device, batch_size: int
 ) -> np.ndarray:
     """Image scores of (N, S, S, 3) uint8 images."""
     model.eval()
     scores = []
     for start in range(0, len(images), batch_size):
-        _, s = compute_maps(model, images_to_tensor(images[start : start + batch_size], device))
+        _, s = model.predict(images_to_tensor(images[start : start + batch_size], device))
         scores.append(s.float().cpu().numpy())
     return np.concatenate(scores) if scores else np.zeros(0, np.float32)
 
@@ -278,15 +335,23 @@ def fit_level_statistics(
     model.level_spread.copy_(spread.to(model.level_spread.device))
 
 
+BASELINE_IMAGES = 256  # training images the per-pixel baseline is the mean over, at most
+
+
+def baseline_sample(n: int, max_images: int = BASELINE_IMAGES) -> np.ndarray:
+    """Indices of at most `max_images` of n training images, evenly spaced, for the baseline."""
+    return np.unique(np.linspace(0, n - 1, min(n, max_images)).round().astype(int))
+
+
 @torch.inference_mode()
-def fit_map_baseline(
+def fit_pixel_baseline(
     model: DSKD,
     images: np.ndarray | torch.Tensor,
     device: torch.device,
     batch_size: int,
-    max_images: int = 256,
+    max_images: int = BASELINE_IMAGES,
 ) -> None:
-    """Set model.map_baseline to the per-pixel mean map of (at most `max_images` of) `images`.
+    """Set model.pixel_baseline to the per-pixel mean map of (at most `max_images` of) `images`.
 
     Training images, not the hold-out: the threshold is then fitted on images the baseline has
     not seen. Their maps run a little lower than unseen normals', evenly, which a divisor's
@@ -296,16 +361,16 @@ def fit_map_baseline(
     n = len(images)
     if n == 0:
         return
-    pick = np.unique(np.linspace(0, n - 1, min(n, max_images)).round().astype(int))
-    total = torch.zeros_like(model.map_baseline, dtype=torch.float64)
+    pick = baseline_sample(n, max_images)
+    total = torch.zeros_like(model.pixel_baseline, dtype=torch.float64)
     for start in range(0, len(pick), batch_size):
         batch = np.asarray(images[pick[start : start + batch_size]])
-        maps, _ = compute_maps(model, images_to_tensor(batch, device), divide_baseline=False)
+        maps, _ = model.predict(images_to_tensor(batch, device), divide_baseline=False)
         total += maps.double().sum(dim=0)
     mean = (total / len(pick)).float()
     # A divisor needs a floor; a subtrahend does not.
     divisor = model.config.map_baseline == "mean"
-    model.map_baseline.copy_(baseline_from_mean(mean) if divisor else mean)
+    model.pixel_baseline.copy_(baseline_from_mean(mean) if divisor else mean)
 
 
 def calibrate(
@@ -315,30 +380,219 @@ def calibrate(
     config: DSKDConfig,
     device: torch.device,
 ) -> Threshold | None:
-    """After training: level statistics, then the map baseline, then the threshold, each on the
-    maps the previous step leaves, so the checkpoint scores exactly as it was calibrated.
+    """After training: level statistics, then the per-pixel baseline, then the threshold, each
+    on the maps the previous step leaves, so the checkpoint scores exactly as it was calibrated.
 
     Level statistics come from the held-out normal images (training images' maps run low: the
-    students have seen them); without a hold-out, from the training images.
+    students have seen them); without a hold-out, from `train_images` (which `fit` gives as the
+    baseline's sample of the training images: `baseline_sample`).
     """
     if config.level_normalization != "none":
         normal = holdout if len(holdout) else np.asarray(train_images)
         fit_level_statistics(model, normal, device, config.batch_size)
     if config.map_baseline != "none":
-        fit_map_baseline(model, train_images, device, config.batch_size)
+        fit_pixel_baseline(model, train_images, device, config.batch_size)
     return compute_threshold(model, holdout, config, device)
 
 
 def compute_threshold(
     model: DSKD, holdout: np.ndarray, config: DSKDConfig, device: torch.device
 ) -> Threshold | None:
-    """The high quantile of held-out normal images' scores (DESIGN §1); None without a hold-out."""
+    """The high quantile of held-out normal images' scores (docs/design.md §3); None without
+    a hold-out. An image is anomalous when its score is above it (`metrics.is_anomalous`)."""
     if len(holdout) == 0:
         log.warning("no held-out normal images: the checkpoint will have no image threshold")
         return None
-    scores = score_images(model, holdout, device, config.batch_size)
+    scores = image_scores(model, holdout, device, config.batch_size)
     value = float(np.quantile(scores, config.threshold_quantile))
     return Threshold(value, "quantile", config.threshold_quantile, [float(s) for s in scores])
+
+
+# --- what differs between one process and a worker group ----------------------------------------
+
+
+class Strategy(Protocol):
+    """The distributed part of training: which worker this is, how workers agree, where
+    checkpoints go. `OneProcess` below; `distributed.RayTrainStrategy` for Ray Train."""
+
+    rank: int
+    world: int
+
+    def wrap(self, students: Students, device: torch.device) -> nn.Module:
+        """The module the training step calls: the students, or DDP over them."""
+        ...
+
+    def all_reduce(self, values: list[float], op: str = "sum") -> list[float]: ...
+
+    def all_gather(self, obj: Any) -> list[Any]: ...
+
+    def checkpoint(
+        self, epoch: int, stats: EpochStats, last: bool, make: Callable[[], Checkpoint]
+    ) -> None:
+        """After each epoch: report it; keep a resumable checkpoint when one is due (`make`
+        builds it; only rank 0 calls it)."""
+        ...
+
+    def finish(self, final: Checkpoint | None) -> None:
+        """The calibrated final checkpoint (None on ranks other than 0)."""
+        ...
+
+
+class OneProcess:
+    """Local training: one worker; every epoch's checkpoint and the final one go to `out`."""
+
+    rank, world = 0, 1
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def wrap(self, students: Students, device: torch.device) -> nn.Module:
+        return students
+
+    def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        return values
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def checkpoint(
+        self, epoch: int, stats: EpochStats, last: bool, make: Callable[[], Checkpoint]
+    ) -> None:
+        if not last:  # the last epoch's state goes into the final checkpoint, calibrated
+            save_checkpoint(make(), self.out)
+
+    def finish(self, final: Checkpoint | None) -> None:
+        assert final is not None
+        save_checkpoint(final, self.out)
+
+
+def resume_config(requested: DSKDConfig, state: Checkpoint) -> DSKDConfig:
+    """A resumed run's config: its own; only the epoch budget may grow."""
+    return state.config.replace(epochs=max(requested.epochs, state.config.epochs))
+
+
+# --- the one training routine ------------------------------------------------------------------
+
+
+def fit(
+    config: DSKDConfig,
+    images: TrainingSet,
+    strategy: Strategy,
+    device: torch.device,
+    state: Checkpoint | None = None,
+    meta: dict[str, Any] | None = None,
+    on_progress: ProgressCallback | None = None,
+    on_epoch: Callable[[int, EpochStats], None] | None = None,
+) -> Checkpoint | None:
+    """Train on `images` from `state` (an unfinished run's checkpoint) or from scratch, then
+    calibrate; returns the final checkpoint (on rank 0; None on the others).
+
+    `on_epoch(epoch, stats)` runs on every worker after each epoch, before its checkpoint.
+    """
+    rank, world = strategy.rank, strategy.world
+    seed_everything(config.seed)
+    model = state.build_model() if state is not None else DSKD(config)
+    # channels_last on every device (2x the training step on the reference CPU:
+    # bench/train_step.py); bf16 autocast on CUDA where the GPU has it.
+    model = model.to(device).to(memory_format=torch.channels_last)
+    cuda = device.type == "cuda"
+    autocast = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
+    student_forward = strategy.wrap(Students(model), device)
+
+    # This worker's share of the training images, decoded once.
+    uris = shard(images.train_uris, rank, world)
+    decoded, kept, skipped = load_images(uris, config.image_size)
+    longest, fewest = strategy.all_reduce([float(len(kept)), float(-len(kept))], "max")
+    if -fewest < 1:
+        where = "a worker's shard" if world > 1 else "them"
+        raise DataError(f"{images.data}: no readable training image in {where}")
+    skipped = [s for part in strategy.all_gather(skipped) for s in part]
+    length = int(longest)
+    per_worker = config.batch_size // world  # config.batch_size is the global batch
+    worker_config = config.replace(batch_size=per_worker)
+    train_images = torch.from_numpy(decoded)
+    if cuda:
+        train_images = train_images.pin_memory()
+    cache = None
+    need = TeacherCache.bytes_needed(model, len(kept), config.image_size)
+    if need <= config.teacher_cache_mb * 2**20:
+        cache = TeacherCache.build(model, train_images, device, per_worker)
+
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config, math.ceil(length / per_worker))
+    training = (state.training or {}) if state is not None else {}
+    start_epoch = int(training.get("epoch", 0))
+    history: list[dict[str, Any]] = list(training.get("history", []))
+    resumed_at: list[int] = list(training.get("resumed_at", []))
+    if "optimizer" in training:
+        optimizer.load_state_dict(training["optimizer"])
+        scheduler.load_state_dict(training["scheduler"])
+        resumed_at.append(start_epoch)
+        if rank == 0:
+            log.info("resuming at epoch %d of %d", start_epoch + 1, config.epochs)
+
+    meta = {
+        "data": images.data,
+        "category": images.name,
+        "n_train": len(images.train_uris) - len(skipped),
+        "n_holdout": len(images.holdout_uris),
+        **(meta or {}),
+    }
+    for epoch in range(start_epoch, config.epochs):
+        order = epoch_order(len(kept), config.seed, epoch, rank, world, length)
+        stats = run_epoch(
+            model, optimizer, scheduler, train_images, order, worker_config, device, cache,
+            epoch + 1, on_progress, student_forward, autocast, channels_last=True,
+        )  # fmt: skip
+        loss_sum, seen = strategy.all_reduce([stats.loss * stats.images, float(stats.images)])
+        stats = EpochStats(loss_sum / max(seen, 1), int(seen), stats.seconds)
+        history.append(asdict(stats))
+        if rank == 0:
+            log.info(
+                "epoch %d/%d: loss %.4f, %.1f images/s",
+                epoch + 1, config.epochs, stats.loss, stats.images_per_s,
+            )  # fmt: skip
+        if on_epoch is not None:
+            on_epoch(epoch + 1, stats)
+        if not math.isfinite(stats.loss):
+            raise FloatingPointError(f"training diverged at epoch {epoch + 1} (loss {stats.loss})")
+        progress = {"epoch": epoch + 1, "history": history, "resumed_at": resumed_at}
+
+        def resumable(progress: dict[str, Any] = progress) -> Checkpoint:
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            return make_checkpoint(model, None, {**progress, **state}, meta)
+
+        strategy.checkpoint(epoch + 1, stats, epoch + 1 == config.epochs, resumable)
+
+    final = None
+    if rank == 0:
+        # Calibration on rank 0, on the same images whichever path trained: the held-out
+        # ones and an even sample of every readable training image (not only this shard).
+        unreadable = {s[0] for s in skipped}
+        readable = [u for u in images.train_uris if u not in unreadable]
+        sample = _baseline_images(
+            [readable[i] for i in baseline_sample(len(readable))], decoded, kept, config
+        )
+        holdout, _, holdout_skipped = load_images(images.holdout_uris, config.image_size)
+        model = model.to(memory_format=torch.contiguous_format)
+        threshold = calibrate(model, sample, holdout, config, device)
+        # The finished checkpoint drops the optimizer state: scoring actors load it, and Adam's
+        # moments would triple its size.
+        done = {"epoch": config.epochs, "complete": True, "history": history}
+        final_meta = {**meta, "n_holdout": len(holdout), "skipped": skipped + holdout_skipped}
+        final = make_checkpoint(model, threshold, {**done, "resumed_at": resumed_at}, final_meta)
+    strategy.finish(final)
+    return final
+
+
+def _baseline_images(
+    wanted: list[str], decoded: np.ndarray, kept: list[str], config: DSKDConfig
+) -> np.ndarray:
+    """The images at `wanted`: rows of this worker's own when it holds them all, else decoded."""
+    row = {uri: i for i, uri in enumerate(kept)}
+    if all(uri in row for uri in wanted):
+        return decoded[[row[uri] for uri in wanted]]
+    return load_images(wanted, config.image_size)[0]
 
 
 def train(
@@ -350,7 +604,8 @@ def train(
     on_progress: ProgressCallback | None = None,
     on_epoch: Callable[[int, EpochStats], None] | None = None,
 ) -> TrainResult:
-    """Train on the normal images under `data`; write the checkpoint to `out` every epoch."""
+    """Train on the normal images under `data` in this process; write the checkpoint to `out`
+    every epoch (`resume=True` continues an interrupted run from there)."""
     dev = resolve_device(device)
     state: Checkpoint | None = None
     if resume and checkpoint_exists(out):
@@ -359,76 +614,9 @@ def train(
             raise CheckpointError(
                 f"{out} is a finished run: nothing to resume (train to a new --out)"
             )
-        # The run's own config wins; only the epoch budget may grow.
-        config = state.config.replace(epochs=max(config.epochs, state.config.epochs))
-    seed_everything(config.seed)
-
-    name, uris = training_images(data)
-    images, kept, skipped = load_images(uris, config.image_size)
-    if skipped:
-        log.warning("skipped %d unreadable training image(s) of %d", len(skipped), len(uris))
-    if len(kept) < 2:
-        raise DataError(f"{data}: {len(kept)} readable training image(s); at least 2 are needed")
-    train_idx, holdout_idx = split_holdout(len(kept), config.holdout_fraction, config.seed)
-    train_images = torch.from_numpy(images[train_idx])
-    holdout_images = images[holdout_idx]
-    if dev.type == "cuda":
-        train_images = train_images.pin_memory()
-
-    model = state.build_model().to(dev) if state is not None else DSKD(config).to(dev)
-    # channels_last everywhere (2x the training step on the reference CPU: bench/train_step.py);
-    # bf16 autocast on CUDA. The Ray Train workers do the same.
-    cuda = dev.type == "cuda"
-    model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, config)
-    steps_per_epoch = math.ceil(len(train_idx) / config.batch_size)
-    scheduler = make_scheduler(optimizer, config, steps_per_epoch)
-    start_epoch = 0
-    history: list[EpochStats] = []
-    if state is not None and state.training is not None:
-        optimizer.load_state_dict(state.training["optimizer"])
-        scheduler.load_state_dict(state.training["scheduler"])
-        start_epoch = int(state.training["epoch"])
-        history = [EpochStats(**h) for h in state.training.get("history", [])]
-        log.info("resuming %s at epoch %d of %d", out, start_epoch + 1, config.epochs)
-
-    cache = None
-    need = TeacherCache.bytes_needed(model, len(train_idx), config.image_size)
-    if need <= config.teacher_cache_mb * 2**20:
-        cache = TeacherCache.build(model, train_images, dev, config.batch_size)
-
-    meta = {
-        "data": data,
-        "category": name,
-        "n_train": len(train_idx),
-        "n_holdout": len(holdout_idx),
-    }
-    for epoch in range(start_epoch, config.epochs):
-        order = epoch_order(len(train_idx), config.seed, epoch)
-        stats = run_epoch(
-            model, optimizer, scheduler, train_images, order, config, dev, cache,
-            epoch + 1, on_progress, autocast_dtype=torch.bfloat16 if cuda else None,
-            channels_last=True,
-        )  # fmt: skip
-        history.append(stats)
-        if on_epoch is not None:
-            on_epoch(epoch + 1, stats)
-        if not math.isfinite(stats.loss):
-            raise FloatingPointError(f"training diverged at epoch {epoch + 1} (loss {stats.loss})")
-        training = {
-            "epoch": epoch + 1,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "history": [vars(h) for h in history],
-        }
-        if epoch + 1 < config.epochs:
-            save_checkpoint(make_checkpoint(model, None, training, meta), out)
-
-    model = model.to(memory_format=torch.contiguous_format)
-    threshold = calibrate(model, train_images.numpy(), holdout_images, config, dev)
-    # The finished checkpoint drops the optimizer state: scoring actors load it, and Adam's
-    # moments would triple its size.
-    training = {"epoch": config.epochs, "complete": True, "history": [vars(h) for h in history]}
-    final = make_checkpoint(model, threshold, training, meta)
-    save_checkpoint(final, out)
-    return TrainResult(final, history, skipped, len(train_idx), len(holdout_idx))
+        config = resume_config(config, state)
+        log.info("resuming %s", out)
+    images = plan_training(data, config)
+    final = fit(config, images, OneProcess(out), dev, state, None, on_progress, on_epoch)
+    assert final is not None
+    return TrainResult.from_checkpoint(final)

@@ -105,7 +105,7 @@ def s3_server():  # noqa: ANN201 - yields a dict of connection settings
         "AWS_SECRET_ACCESS_KEY": "testing-secret",
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_REGION": "us-east-1",
-        # Without this a wrong endpoint lets pyarrow fall back to real AWS (RAY_NOTES §10).
+        # Without this a wrong endpoint lets pyarrow fall back to real AWS (docs/design.md §7).
         "AWS_EC2_METADATA_DISABLED": "true",
     }
     saved = {k: os.environ.get(k) for k in settings}
@@ -131,7 +131,7 @@ def s3_server():  # noqa: ANN201 - yields a dict of connection settings
 
 
 def make_bucket(s3_server: dict, name: str) -> None:
-    """moto refuses s3fs.mkdir(bucket) (RAY_NOTES §10): buckets come from boto3."""
+    """moto refuses s3fs.mkdir(bucket) (docs/design.md §7): buckets come from boto3."""
     import boto3
 
     client = boto3.client(
@@ -148,7 +148,7 @@ def make_bucket(s3_server: dict, name: str) -> None:
 def ray_cluster(s3_server: dict):  # noqa: ANN201 - yields the ray module, initialised
     """One real local Ray for the whole session (init twice without shutdown raises).
 
-    Starts after the S3 server so workers inherit its AWS_* settings (RAY_NOTES §6).
+    Starts after the S3 server so workers inherit its AWS_* settings (docs/design.md §7).
     """
     import ray
 

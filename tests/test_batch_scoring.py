@@ -31,10 +31,11 @@ from dskd_ray.checkpoint import Threshold, make_checkpoint, save_checkpoint
 from dskd_ray.config import DSKDConfig
 from dskd_ray.errors import DataError, StorageError
 from dskd_ray.images import decode_image
+from dskd_ray.map_png import decode_map_png
 from dskd_ray.model import DSKD
 from dskd_ray.results import PartWriter, commit_run, committed_runs, read_results
 from dskd_ray.scoring import Scorer
-from dskd_ray.storage import decode_map_png, map_uri, with_retries
+from dskd_ray.storage import map_uri, with_retries
 
 REPO = Path(__file__).resolve().parents[1]
 N_GOOD = 240

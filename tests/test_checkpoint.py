@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dskd_ray.checkpoint import (
+    MODEL_ID_FIELDS,
     V1_MODEL_ID_FIELDS,
     Threshold,
     _content_hash,
@@ -145,6 +146,7 @@ def _as_format_1(payload: dict, with_baseline: bool) -> dict:
     state = dict(payload["state_dict"])
     state.pop("level_location")
     state["level_scales"] = state.pop("level_spread")
+    state["map_baseline"] = state.pop("pixel_baseline")
     if not with_baseline:
         config.pop("map_baseline")
         state.pop("map_baseline")
@@ -169,9 +171,9 @@ def test_a_format_1_checkpoint_loads_and_scores_as_before(
     model = DSKD(config).eval()
     with torch.no_grad():
         model.level_spread.copy_(torch.tensor([[0.5, 0.2, 0.1], [0.4, 0.3, 0.05]]))
-        model.map_baseline.uniform_(0.5, 2.0)
-    save_checkpoint(make_checkpoint(model), tmp_path / "v2.pt")
-    payload = torch.load(tmp_path / "v2.pt", weights_only=True)
+        model.pixel_baseline.uniform_(0.5, 2.0)
+    save_checkpoint(make_checkpoint(model), tmp_path / "v3.pt")
+    payload = torch.load(tmp_path / "v3.pt", weights_only=True)
     torch.save(_as_format_1(payload, with_baseline), tmp_path / "v1.pt")
 
     old = load_checkpoint(tmp_path / "v1.pt")
@@ -195,9 +197,37 @@ def test_a_format_1_checkpoint_loads_and_scores_as_before(
         load_checkpoint(tmp_path / "v1-bad.pt")
 
 
+def test_a_format_2_checkpoint_loads_keeps_its_id_and_scores_as_before(
+    tmp_path: Path, tiny_config: DSKDConfig
+) -> None:
+    """/2 named the baseline buffer `map_baseline`, like the config field."""
+    from dskd_ray.scoring import compute_maps
+
+    model = DSKD(tiny_config).eval()
+    with torch.no_grad():
+        model.pixel_baseline.uniform_(0.5, 2.0)
+    save_checkpoint(make_checkpoint(model), tmp_path / "v3.pt")
+    payload = torch.load(tmp_path / "v3.pt", weights_only=True)
+    state = dict(payload["state_dict"])
+    state["map_baseline"] = state.pop("pixel_baseline")
+    meta = json.loads(payload["meta"])
+    meta["model_id"] = _content_hash(payload["config"], MODEL_ID_FIELDS, state)
+    v2 = {**payload, "format": "dskd_ray.checkpoint/2", "state_dict": state}
+    torch.save({**v2, "meta": json.dumps(meta)}, tmp_path / "v2.pt")
+
+    old = load_checkpoint(tmp_path / "v2.pt")
+    assert old.model_id == meta["model_id"]  # results written under /2 keep naming this model
+    x = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(compute_maps(old.build_model(), x), compute_maps(model, x))
+    state[next(k for k in state if k.endswith("weight"))] *= 2
+    torch.save({**v2, "meta": json.dumps(meta)}, tmp_path / "v2-bad.pt")
+    with pytest.raises(CheckpointError, match="do not match its model id"):
+        load_checkpoint(tmp_path / "v2-bad.pt")
+
+
 def test_an_unknown_format_names_both_versions(tmp_path: Path, tiny_config: DSKDConfig) -> None:
     save_checkpoint(make_checkpoint(DSKD(tiny_config)), tmp_path / "m.pt")
     payload = torch.load(tmp_path / "m.pt", weights_only=True)
     torch.save({**payload, "format": "dskd_ray.checkpoint/9"}, tmp_path / "future.pt")
-    with pytest.raises(CheckpointError, match=r"checkpoint/9.*reads dskd_ray\.checkpoint/2"):
+    with pytest.raises(CheckpointError, match=r"checkpoint/9.*reads dskd_ray\.checkpoint/3"):
         load_checkpoint(tmp_path / "future.pt")

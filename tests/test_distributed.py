@@ -19,17 +19,14 @@ from conftest import make_bucket, write_textures
 from dskd_ray.checkpoint import load_checkpoint
 from dskd_ray.config import DSKDConfig
 from dskd_ray.distributed import (
-    FAULT_ENV,
     DistributedTrainingError,
     RayOptions,
-    Students,
     default_run_name,
-    shard,
-    shard_epoch_order,
     train_distributed,
 )
 from dskd_ray.errors import ConfigError
 from dskd_ray.model import DSKD
+from dskd_ray.train import EpochStats, Students, epoch_order, shard, train
 
 
 def _config(**changes: object) -> DSKDConfig:
@@ -53,10 +50,13 @@ def test_shards_cover_the_images_once_and_orders_are_equal_length() -> None:
     assert sorted(sum(shards, [])) == sorted(items)
     length = max(len(s) for s in shards)
     for rank, s in enumerate(shards):
-        order = shard_epoch_order(len(s), length, seed=0, epoch=2, rank=rank)
+        order = epoch_order(len(s), seed=0, epoch=2, rank=rank, world=3, length=length)
         assert len(order) == length and set(order) == set(range(len(s)))
-        assert np.array_equal(order, shard_epoch_order(len(s), length, 0, 2, rank))  # resumable
-    assert not np.array_equal(shard_epoch_order(4, 4, 0, 1, 0), shard_epoch_order(4, 4, 0, 2, 0))
+        assert np.array_equal(order, epoch_order(len(s), 0, 2, rank, 3, length))  # resumable
+    assert not np.array_equal(epoch_order(4, 0, 1, 0, 2), epoch_order(4, 0, 2, 0, 2))
+    assert not np.array_equal(epoch_order(9, 0, 1, 0, 2), epoch_order(9, 0, 1, 1, 2))
+    # One worker shuffles exactly as a local run.
+    assert np.array_equal(epoch_order(9, 0, 1, 0, 1, 9), epoch_order(9, 0, 1))
 
 
 def test_run_name_is_stable_and_follows_the_config_but_not_the_epochs() -> None:
@@ -202,6 +202,63 @@ def test_ddp_step_on_two_workers_equals_one_process_with_the_double_batch(
 # --- real runs -------------------------------------------------------------------------------
 
 
+def test_one_ray_worker_trains_and_calibrates_exactly_as_a_local_run(
+    ray_cluster, tmp_path: Path
+) -> None:
+    """The same routine on both paths: same weights, same per-pixel baseline, same threshold."""
+    data = tmp_path / "normal"
+    write_textures(data, 10)
+    config = _config(epochs=2, batch_size=4, level_normalization="mean")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the Ray worker (cpus_per_worker=1): the same float sums
+    try:
+        local = train(config, str(data), str(tmp_path / "local.pt"), device="cpu").checkpoint
+    finally:
+        torch.set_num_threads(threads)
+    ray = train_distributed(
+        config,
+        str(data),
+        str(tmp_path / "ray.pt"),
+        RayOptions(workers=1, storage_path=str(tmp_path / "runs"), run_name="one-worker"),
+    ).checkpoint
+    assert local.state_dict.keys() == ray.state_dict.keys()
+    for key, value in local.state_dict.items():
+        torch.testing.assert_close(ray.state_dict[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert not torch.equal(local.state_dict["pixel_baseline"], torch.ones(64, 64))
+    assert local.threshold is not None and ray.threshold is not None
+    assert ray.threshold.value == pytest.approx(local.threshold.value, rel=1e-5)
+    assert ray.threshold.normal_scores == pytest.approx(local.threshold.normal_scores, rel=1e-5)
+    assert (ray.meta["n_train"], ray.meta["n_holdout"]) == (8, 2) == (
+        local.meta["n_train"], local.meta["n_holdout"]
+    )  # fmt: skip
+
+
+def _kill_rank_1_once(at_epoch: int, marker: Path):  # noqa: ANN202 - an on_epoch callback
+    """An `on_epoch` hook for the workers: rank 1 dies like a crashed worker at the end of
+    `at_epoch` (before its report), once the previous epoch's checkpoint is committed, so the
+    test knows exactly where the run must resume from. The marker keeps it from firing twice.
+    A nested function: cloudpickle ships it by value (the workers cannot import tests/)."""
+
+    def kill(epoch: int, stats: EpochStats) -> None:
+        import logging
+        import os
+
+        import ray.train
+
+        if epoch != at_epoch or ray.train.get_context().get_world_rank() != 1:
+            return
+        if marker.exists():
+            return
+        ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120
+        )
+        marker.write_text(f"killed rank 1 at the end of epoch {epoch}\n")
+        logging.shutdown()
+        os._exit(1)
+
+    return kill
+
+
 def test_two_worker_training_from_s3_then_scoring(
     ray_cluster, s3_server: dict, tmp_path: Path
 ) -> None:
@@ -254,9 +311,7 @@ def test_two_worker_training_from_s3_then_scoring(
     assert scorer.threshold == pytest.approx(ckpt.threshold.value)
 
 
-def test_dead_worker_is_replaced_and_a_rerun_resumes(
-    ray_cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_dead_worker_is_replaced_and_a_rerun_resumes(ray_cluster, tmp_path: Path) -> None:
     data = tmp_path / "normal"
     write_textures(data, 8)
     config = _config(epochs=3, batch_size=4, holdout_fraction=0.25)
@@ -264,10 +319,10 @@ def test_dead_worker_is_replaced_and_a_rerun_resumes(
 
     # 1) Worker rank 1 dies after epoch 1's checkpoint and no retry is allowed: the run fails,
     #    as if the job's driver had died, leaving epoch 1 in storage.
-    monkeypatch.setenv(FAULT_ENV, f"1:1:{tmp_path / 'killed-1'}")
     options = RayOptions(workers=2, storage_path=storage, run_name="faulty", max_failures=0)
+    kill = _kill_rank_1_once(2, tmp_path / "killed-1")
     with pytest.raises(DistributedTrainingError, match="resume"):
-        train_distributed(config, str(data), str(tmp_path / "m.pt"), options)
+        train_distributed(config, str(data), str(tmp_path / "m.pt"), options, on_epoch=kill)
     assert (tmp_path / "killed-1").exists()
     assert load_checkpoint(Path(storage, "faulty", "epoch_0001", "model.pt")).training["epoch"] == 1
 
@@ -276,9 +331,9 @@ def test_dead_worker_is_replaced_and_a_rerun_resumes(
     #    group resumes at epoch 3 from epoch 2's checkpoint, and the run finishes. (Two
     #    retries, not one: on a loaded 2-core machine a worker group can miss Ray's 60 s
     #    start timeout, which costs a retry without running any training.)
-    monkeypatch.setenv(FAULT_ENV, f"1:2:{tmp_path / 'killed-2'}")
     options = RayOptions(workers=2, storage_path=storage, run_name="faulty", max_failures=2)
-    result = train_distributed(config, str(data), str(tmp_path / "m.pt"), options)
+    kill = _kill_rank_1_once(3, tmp_path / "killed-2")
+    result = train_distributed(config, str(data), str(tmp_path / "m.pt"), options, on_epoch=kill)
     assert (tmp_path / "killed-2").exists()
     ckpt = load_checkpoint(tmp_path / "m.pt")
     assert ckpt.training["resumed_at"][:2] == [1, 2]  # never restarted from zero

@@ -16,6 +16,7 @@ from dskd_ray.metrics import (
     f1_max,
     f1_optimal_threshold,
     image_auroc,
+    is_anomalous,
     pixel_auroc,
     pro_curve,
     roc_curve,
@@ -161,15 +162,18 @@ def test_f1_max_matches_brute_force(seed: int) -> None:
     best = max(f1_score(labels, scores >= t) for t in np.unique(scores))
     assert f1_max(labels, scores) == pytest.approx(best, abs=1e-12)
     threshold = f1_optimal_threshold(labels, scores)
-    assert threshold in scores
-    assert f1_score(labels, scores >= threshold) == pytest.approx(best, abs=1e-12)
+    assert np.nextafter(threshold, np.inf) in scores  # just below the lowest flagged score
+    assert f1_score(labels, is_anomalous(scores, threshold)) == pytest.approx(best, abs=1e-12)
 
 
 def test_f1_perfect_separation_and_errors() -> None:
     labels = np.array([0, 0, 0, 1, 1])
     scores = np.array([0.1, 0.2, 0.3, 0.8, 0.9])
     assert f1_max(labels, scores) == 1.0
-    assert f1_optimal_threshold(labels, scores) == 0.8
+    assert f1_optimal_threshold(labels, scores) == np.nextafter(0.8, 0)
+    assert is_anomalous(scores, f1_optimal_threshold(labels, scores)).tolist() == labels.tolist()
+    assert is_anomalous(scores, 0.8).tolist() == [0, 0, 0, 0, 1]  # equal to it is normal
+    assert is_anomalous(scores, None) is None
     with pytest.raises(ValueError, match="anomalous"):
         f1_max(np.zeros(3), np.arange(3.0))
 

@@ -33,7 +33,7 @@ def test_resnet18_shapes_at_256_and_parameter_counts() -> None:
         code = model.df_embedding(model.teacher(torch.randn(1, 3, 256, 256)))
     assert tuple(code.shape) == (1, 512, 8, 8)
     counts = [sum(p.numel() for p in m.parameters()) for m in model.student_modules()]
-    # DESIGN §4: Se / DF / Sd = 2.78 M / 11.68 M / 3.70 M for ResNet18.
+    # docs/design.md §3: Se / DF / Sd = 2.78 M / 11.68 M / 3.70 M for ResNet18.
     assert [round(c / 1e6, 2) for c in counts] == [2.78, 11.68, 3.70]
 
 

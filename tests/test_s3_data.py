@@ -41,3 +41,27 @@ def test_train_from_s3_and_write_checkpoint_to_s3(
     teacher = ckpt.build_model().teacher.state_dict()
     for key, value in source.teacher.state_dict().items():
         assert torch.equal(teacher[key], value)
+
+
+def test_training_from_s3_retries_a_read_that_fails_once(
+    s3_server: dict, tmp_path: Path, tiny_config: DSKDConfig, monkeypatch
+) -> None:
+    """A connection reset on the first GET of one image (injected in the S3 client's read, on
+    the moto server's bucket) is retried, not taken for an unreadable image."""
+    make_bucket(s3_server, "flaky")
+    fs = s3fs.S3FileSystem()
+    for p in write_textures(tmp_path / "normal", 4):
+        fs.put_file(str(p), f"flaky/normal/{p.name}")
+    read = s3fs.S3FileSystem._cat_file
+    failed: list[str] = []
+
+    async def fails_once(self: s3fs.S3FileSystem, path: str, *args: object, **kw: object):  # noqa: ANN202
+        if path.endswith("normal/001.png") and not failed:
+            failed.append(path)
+            raise ConnectionResetError(104, "Connection reset by peer (injected)")
+        return await read(self, path, *args, **kw)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_cat_file", fails_once)
+    result = train(tiny_config.replace(epochs=1), "s3://flaky/normal", str(tmp_path / "m.pt"))
+    assert failed == ["flaky/normal/001.png"]
+    assert result.skipped == [] and result.n_train + result.n_holdout == 4

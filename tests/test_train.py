@@ -207,9 +207,9 @@ def test_map_baseline_is_the_normal_mean_map_and_divides_it_out(tiny_config: DSK
     threshold = calibrate(model, normal, holdout, tiny_config, torch.device("cpu"))
     mean = raw.mean(dim=0)
     floor = 0.1 * mean.mean()
-    torch.testing.assert_close(model.map_baseline, mean.clamp_min(floor))
+    torch.testing.assert_close(model.pixel_baseline, mean.clamp_min(floor))
     divided, scores = compute_maps(model, x)
-    torch.testing.assert_close(divided, raw / model.map_baseline)
+    torch.testing.assert_close(divided, raw / model.pixel_baseline)
     assert torch.equal(scores, divided.flatten(1).amax(dim=1))
     # The threshold is on the divided maps of the hold-out, which the baseline did not see.
     held, held_scores = compute_maps(model, images_to_tensor(holdout, torch.device("cpu")))
@@ -234,9 +234,9 @@ def test_subtracted_baseline_is_the_raw_normal_mean_map(tiny_config: DSKDConfig)
     x = images_to_tensor(normal, torch.device("cpu"))
     before, _ = compute_maps(model, x, divide_baseline=False)
     # A subtrahend needs no floor: the baseline is exactly the normal mean map.
-    torch.testing.assert_close(model.map_baseline, before.mean(dim=0))
+    torch.testing.assert_close(model.pixel_baseline, before.mean(dim=0))
     after, scores = compute_maps(model, x)
     # What is left is the excess over the usual discrepancy, cut at zero.
-    torch.testing.assert_close(after, (before - model.map_baseline).clamp_min(0))
+    torch.testing.assert_close(after, (before - model.pixel_baseline).clamp_min(0))
     assert after.min().item() == 0.0 and after.max().item() > 0.0
     assert torch.equal(scores, after.flatten(1).amax(dim=1))

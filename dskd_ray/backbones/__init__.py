@@ -46,7 +46,8 @@ def backbone_spec(name: str) -> BackboneSpec:
 
 
 def build_trunk(name: str, student: bool) -> nn.Module:
-    """The pyramid trunk; a student gets the training-friendly BatchNorm settings (DESIGN §4)."""
+    """The pyramid trunk; a student gets the training-friendly BatchNorm settings
+    (docs/design.md §3)."""
     if name in RESNET_CHANNELS:
         return ResNetTrunk(name)
     if name == "efficientnet_lite0":
@@ -58,12 +59,11 @@ def build_trunk(name: str, student: bool) -> nn.Module:
 
 
 def _read_state_dict(source: str) -> tuple[dict[str, torch.Tensor], str]:
-    """A state dict from a local path or any fsspec URI (s3://…), loaded without executing code."""
-    import fsspec
+    """A state dict from a local path or an s3:// URI, loaded without executing code."""
+    from dskd_ray.storage import read_object
 
     try:
-        with fsspec.open(source, "rb") as f:
-            blob = f.read()
+        blob = read_object(source)
     except FileNotFoundError as e:
         raise WeightsError(f"teacher weights not found: {source}") from e
     except OSError as e:
