@@ -12,7 +12,7 @@ For each category under the given MVTec-layout roots, for each seed:
 Nothing is chosen on test images. Results go to OUT/results.json (resumable: runs already
 there are kept) and OUT/results.md.
 
-    python bench/quality.py ../shared/data/mtd --epochs 20 --seeds 0 1 2 --out bench/out/mtd
+    python bench/quality.py /data/mtd --epochs 20 --seeds 0 1 2 --out bench/out/mtd
 """
 
 from __future__ import annotations
