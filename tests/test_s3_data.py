@@ -62,6 +62,9 @@ def test_training_from_s3_retries_a_read_that_fails_once(
         return await read(self, path, *args, **kw)
 
     monkeypatch.setattr(s3fs.S3FileSystem, "_cat_file", fails_once)
+    # fsspec caches filesystem instances, and an instance binds its sync methods when it is
+    # made: one made by an earlier test would never call the patched read.
+    s3fs.S3FileSystem.clear_instance_cache()
     result = train(tiny_config.replace(epochs=1), "s3://flaky/normal", str(tmp_path / "m.pt"))
     assert failed == ["flaky/normal/001.png"]
     assert result.skipped == [] and result.n_train + result.n_holdout == 4
