@@ -150,7 +150,8 @@ def plan_pool(resources: dict[str, float], options: ScoringOptions) -> PoolPlan:
     if options.device not in ("auto", "cpu") and not options.device.startswith("cuda"):
         raise ConfigError(f"--device must be auto, cpu or cuda, not {options.device!r}")
     task_cpus = 1.0
-    if gpus and options.device != "cpu":
+    # The onnxruntime backend runs on CPUs (its CUDA provider is a different wheel).
+    if gpus and options.device != "cpu" and options.backend == "torch":
         actors = min(options.actors or gpus, gpus)
         # One GPU per actor; its CPU claim never blocks the decode tasks that feed it.
         actor_cpus = min(1.0, cpus / (4 * actors))
@@ -241,14 +242,22 @@ class ScoringActor:
         threads: int,
         precision: str = "fp32",
         compile: bool = False,
+        graph: list | None = None,
     ) -> None:
         import ray
         import torch
 
-        from dskd_ray.scoring import Scorer
-
         # Ray sets OMP_NUM_THREADS=1 in actors (docs/design.md §7): ask for the threads we want.
         torch.set_num_threads(threads)
+        if graph is not None:  # --backend onnxruntime: the exported graph, not the checkpoint
+            from dskd_ray.onnx_scoring import OnnxScorer
+
+            ref = graph[0]
+            data = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+            self.scorer = OnnxScorer(data, batch_size=batch_size, threads=threads)
+            return
+        from dskd_ray.scoring import Scorer
+
         ckpt = checkpoint[0]
         ckpt = ray.get(ckpt) if isinstance(ckpt, ray.ObjectRef) else ckpt
         self.scorer = Scorer(
@@ -560,6 +569,11 @@ def _run_pipeline(
     block_rows = max(1, options.batch_size)
     blocks = [table.slice(i, block_rows) for i in range(0, table.num_rows, block_rows)]
     checkpoint_ref = ray.put(replace(checkpoint, training=None))  # fetched once per actor
+    graph_ref = None
+    if options.backend == "onnxruntime":
+        from dskd_ray.export import cached_graph
+
+        graph_ref = ray.put(cached_graph(checkpoint))  # exported and checked once, here
     progress = _Progress(start=time.perf_counter())
     ds = (
         ray.data.from_arrow(blocks)
@@ -584,6 +598,7 @@ def _run_pipeline(
                 "threads": plan.threads,
                 "precision": options.precision,
                 "compile": options.compile,
+                "graph": None if graph_ref is None else [graph_ref],
             },
         )
         .map_batches(
@@ -606,5 +621,5 @@ def _run_pipeline(
         counts["error"] += len(statuses) - statuses.count("ok")
         writer.write(batch)
         progress.update(batch.num_rows, table.num_rows)
-    del checkpoint_ref
+    del checkpoint_ref, graph_ref
     return progress

@@ -77,7 +77,10 @@ def _shown(value: object) -> str:
 
 def _opt(default: object, **options: Any) -> Any:
     """A typer.Option that defaults to None (its owner's default applies) and shows `default`."""
-    return typer.Option(show_default=_shown(default), **options)
+    # Written into the help, not passed as show_default: click prints a string default as
+    # "[default: (50)]".
+    text = options.pop("help", "")
+    return typer.Option(show_default=False, help=f"{text}  [default: {_shown(default)}]", **options)
 
 
 def _field_default(cls: type, name: str) -> str:
@@ -541,6 +544,14 @@ def score(
     compile: Annotated[
         bool, typer.Option("--compile", help="torch.compile the model in each actor")
     ] = False,
+    backend: Annotated[
+        str | None,
+        _opt(
+            SCORING.backend,
+            help="torch | onnxruntime (the checkpoint's exported graph on CPU actors; "
+            "pip install 'dskd_ray[onnx]')",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
 ) -> None:
     """Score every image under INPUT on Ray Data: one anomaly map and one Parquet row per image.
@@ -554,6 +565,7 @@ def score(
     options = ScoringOptions(**_given(
         device=device, batch_size=batch_size, actors=actors, actor_threads=actor_threads,
         rescore=rescore, rows_per_file=rows_per_file, precision=precision, compile=compile,
+        backend=backend,
     ))  # fmt: skip
     summary = score_images(input_uri, model, out, options, address=address)
     _echo(
@@ -569,6 +581,45 @@ def score(
         _echo(summary.format_symlinks())
     _echo(f"run {summary.run_id}: {summary.partition}")
     _echo(f"committed: {summary.manifest}")
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(metavar="CKPT", help="Checkpoint (local or s3://)")],
+    out: Annotated[
+        str, typer.Option("--out", "-o", help="The .onnx file to write (local or s3://)")
+    ],
+    check_images: Annotated[
+        str | None,
+        typer.Option(
+            help="Folder or s3:// prefix of images to check the graph on (first 16; "
+            "default: 4 synthetic images)"
+        ),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
+) -> None:
+    """Export the scoring graph to ONNX: images in [0, 1] → anomaly_map and score, exactly as
+    `dskd score` computes them. Checked against PyTorch before it is written; a graph that
+    scores differently is never written."""
+    _setup_logging(verbose)
+    from dskd_ray.export import export_onnx
+
+    images = None
+    if check_images is not None:
+        from dskd_ray.checkpoint import load_checkpoint
+        from dskd_ray.data import list_images, load_images
+
+        size = load_checkpoint(model).config.image_size
+        images, _, _ = load_images(list_images(check_images)[:16], size)
+        if not len(images):
+            raise DSKDError(f"--check-images {check_images}: no readable images there")
+    result = export_onnx(model, out, images)
+    meta = result.metadata
+    _echo(
+        f"wrote {out}: model {meta['dskd_ray.model_id']}, {meta['dskd_ray.image_size']}² input, "
+        f"threshold {meta['dskd_ray.threshold']}"
+    )
+    _echo(f"checked against PyTorch on {result.check.format()}")
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ LEVEL_FUSIONS: tuple[str, ...] = ("sum", "product")
 LEVEL_NORMALIZATIONS: tuple[str, ...] = ("none", "mean", "standardize")
 MAP_BASELINES: tuple[str, ...] = ("none", "mean", "subtract")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+BACKENDS: tuple[str, ...] = ("torch", "onnxruntime")
 # 4096² is 16x the default's pixels, and the map arithmetic and activations grow with them; a
 # larger size only finds the end of the memory, slowly.
 MAX_IMAGE_SIZE = 4096
@@ -194,6 +195,7 @@ class ScoringOptions:
     io_threads: int = 8  # concurrent object reads / writes inside one task
     precision: str = "fp32"  # "bf16": autocast in the actors (GPUs; CPUs with native bf16)
     compile: bool = False  # torch.compile the model in each actor
+    backend: str = "torch"  # "onnxruntime": the actors run the checkpoint's exported graph
     run_id: str | None = None  # default: start time + random suffix
 
     def validate(self) -> None:
@@ -207,4 +209,13 @@ class ScoringOptions:
         if self.precision not in PRECISIONS:
             raise ConfigError(
                 f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}"
+            )
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.backend == "onnxruntime" and self.device.startswith("cuda"):
+            raise ConfigError("--backend onnxruntime runs on CPUs: use --device cpu or auto")
+        if self.backend == "onnxruntime" and (self.precision != "fp32" or self.compile):
+            raise ConfigError(
+                "--backend onnxruntime runs the exported float32 graph: "
+                "--precision bf16 and --compile are PyTorch options"
             )

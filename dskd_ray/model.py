@@ -222,12 +222,20 @@ class DSKD(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """RGB in [0, 1], (B, 3, H, W) → anomaly maps (B, H, W) and image scores (B,).
 
-        The one inference function: scoring, calibration and evaluation call it, and
-        torch.compile (or an export) wraps it. Call it in eval mode (`Checkpoint.build_model`
-        gives that). `divide_baseline=False` gives the map before the per-pixel baseline (to fit
-        that baseline); `autocast_dtype` runs the networks, not the map arithmetic, under
-        autocast.
+        The one inference function: scoring, calibration and evaluation call it. Call it in
+        eval mode (`Checkpoint.build_model` gives that). `divide_baseline=False` gives the map
+        before the per-pixel baseline (to fit that baseline); `autocast_dtype` runs the
+        networks, not the map arithmetic, under autocast.
         """
+        return self.maps_and_scores(images, divide_baseline, autocast_dtype)
+
+    def maps_and_scores(
+        self,
+        images: torch.Tensor,
+        divide_baseline: bool = True,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`predict` without its inference mode: what an export traces (dskd_ray.export)."""
         amp = (
             torch.autocast(images.device.type, dtype=autocast_dtype)
             if autocast_dtype is not None

@@ -71,7 +71,39 @@ def not_finite_reason(score: float) -> str:
     )
 
 
-class Scorer:
+class BatchScorer:
+    """Decoded uint8 images in, maps and scores out, in chunks of `batch_size`: what every
+    backend shares. A backend sets the attributes and implements `_score_chunk`."""
+
+    image_size: int
+    batch_size: int
+    threshold: float | None
+    model_id: str
+
+    def _score_chunk(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def score_batch(self, images: np.ndarray) -> ScoreResult:
+        """images: (B, S, S, 3) uint8 RGB at the model's input size (see `decode_image`)."""
+        if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
+            raise ValueError(
+                f"expected (B, {self.image_size}, {self.image_size}, 3) uint8, got {images.shape}"
+            )
+        maps_out, scores_out = [], []
+        for start in range(0, len(images), self.batch_size):
+            maps, scores = self._score_chunk(images[start : start + self.batch_size])
+            maps_out.append(maps)
+            scores_out.append(scores)
+        if not maps_out:
+            s = self.image_size
+            return ScoreResult(np.zeros((0, s, s), np.float32), np.zeros((0,), np.float32))
+        return ScoreResult(np.concatenate(maps_out), np.concatenate(scores_out))
+
+    def is_anomalous(self, scores: np.ndarray) -> np.ndarray | None:
+        return is_anomalous(scores, self.threshold)
+
+
+class Scorer(BatchScorer):
     """A checkpoint loaded once, ready to score batches of decoded images.
 
     The fast path: `channels_last` weights and inputs (on by default: +63% on this project's
@@ -112,26 +144,11 @@ class Scorer:
         self.threshold: float | None = threshold.value if threshold else None
         self.model_id = self.checkpoint.model_id
 
-    def score_batch(self, images: np.ndarray) -> ScoreResult:
-        """images: (B, S, S, 3) uint8 RGB at the model's input size (see `decode_image`)."""
-        if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
-            raise ValueError(
-                f"expected (B, {self.image_size}, {self.image_size}, 3) uint8, got {images.shape}"
-            )
-        maps_out, scores_out = [], []
-        for start in range(0, len(images), self.batch_size):
-            x = images_to_tensor(images[start : start + self.batch_size], self.device)
-            # images_to_tensor's NHWC→NCHW permute already has channels_last strides.
-            x = x.contiguous(
-                memory_format=torch.channels_last if self.channels_last else torch.contiguous_format
-            )
-            maps, scores = self.predict(x, autocast_dtype=self.autocast_dtype)
-            maps_out.append(maps.float().cpu().numpy())
-            scores_out.append(scores.float().cpu().numpy())
-        if not maps_out:
-            s = self.image_size
-            return ScoreResult(np.zeros((0, s, s), np.float32), np.zeros((0,), np.float32))
-        return ScoreResult(np.concatenate(maps_out), np.concatenate(scores_out))
-
-    def is_anomalous(self, scores: np.ndarray) -> np.ndarray | None:
-        return is_anomalous(scores, self.threshold)
+    def _score_chunk(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = images_to_tensor(images, self.device)
+        # images_to_tensor's NHWC→NCHW permute already has channels_last strides.
+        x = x.contiguous(
+            memory_format=torch.channels_last if self.channels_last else torch.contiguous_format
+        )
+        maps, scores = self.predict(x, autocast_dtype=self.autocast_dtype)
+        return maps.float().cpu().numpy(), scores.float().cpu().numpy()

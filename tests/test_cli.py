@@ -152,7 +152,11 @@ def test_image_size_has_an_upper_bound_shown_in_help(tmp_path: Path) -> None:
     result = dskd("train", str(tmp_path), "--out", str(tmp_path / "m.pt"),
                   "--image-size", "100000")  # fmt: skip
     one_line_error(result, 2, "--image-size", "4096")
-    assert "64<=x<=4096" in dskd("train", "--help").stdout
+    help_text = " ".join(dskd("train", "--help").stdout.split())
+    assert "64<=x<=4096" in help_text
+    # Defaults read as values, not click's "(256)" for a string default.
+    assert "[default: 256]" in help_text and "[default: 50]" in help_text
+    assert "[default: (" not in help_text
 
 
 SCORE_FLAGS = ["--rows-per-file", "--actors", "--actor-threads", "--batch-size"]

@@ -1,0 +1,199 @@
+"""ONNX export: the graph scores the demo data exactly like PyTorch, on its own and in Ray runs.
+
+Real parts only: models trained on the demo data (the offline ImageNet teacher), the real
+exporter, ONNX Runtime, a local Ray, Parquet and map PNGs read back.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from dskd_ray import export
+from dskd_ray.batch_scoring import ScoringOptions, score_images
+from dskd_ray.checkpoint import FORMAT, load_checkpoint
+from dskd_ray.config import DSKDConfig
+from dskd_ray.data import list_images, load_images
+from dskd_ray.demo_data import make_demo_data
+from dskd_ray.errors import ConfigError
+from dskd_ray.export import ExportError, export_onnx, read_metadata
+from dskd_ray.map_png import decode_map_png
+from dskd_ray.onnx_scoring import OnnxScorer
+from dskd_ray.results import read_results
+from dskd_ray.scoring import Scorer
+from dskd_ray.train import train
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_data(
+        root, categories=["washer"], n_train=8, n_test_good=3, n_test_defect_per_type=1,
+        image_size=SIZE,
+    )  # fmt: skip
+    return root / "washer"
+
+
+@pytest.fixture(scope="module")
+def test_images(demo: Path) -> np.ndarray:
+    images, kept, _ = load_images(list_images(str(demo / "test")), SIZE)
+    assert len(kept) >= 6  # normal images and one of each washer defect
+    return images
+
+
+@pytest.fixture(scope="module")
+def trained(demo: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - a function
+    """students, backbone → a checkpoint trained for one epoch on the demo washer, made once."""
+    folder = tmp_path_factory.mktemp("models")
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(students: str, backbone: str = "efficientnet_lite0") -> Path:
+        if (students, backbone) not in made:
+            weights = "imagenet" if backbone == "efficientnet_lite0" else "random"
+            config = DSKDConfig(
+                backbone=backbone, teacher_weights=weights, students=students, image_size=SIZE,
+                epochs=1, batch_size=4, holdout_fraction=0.25,
+            )  # fmt: skip
+            path = folder / f"{students}-{backbone}.pt"
+            train(config, str(demo), str(path), device="cpu")
+            made[students, backbone] = path
+        return made[students, backbone]
+
+    return get
+
+
+def assert_same_scoring(got, want, threshold: float) -> None:
+    """The parity bar: each map within 1e-4 of its largest value, the scores within 1e-5 of the
+    largest score, the same verdicts. Relative to the largest, not to each value: a score of a
+    map minus its normal baseline sits at float32's noise floor there (PyTorch with and without
+    channels_last differ by 4e-6 per score on these models)."""
+    scale = np.abs(want.maps).max(axis=(1, 2), keepdims=True)
+    assert (np.abs(got.maps - want.maps) <= 1e-4 * scale + 1e-12).all()
+    assert np.abs(got.scores - want.scores).max() <= 1e-5 * np.abs(want.scores).max()
+    np.testing.assert_array_equal(got.scores > threshold, want.scores > threshold)
+
+
+@pytest.mark.parametrize(
+    ("students", "backbone"),
+    [("both", "efficientnet_lite0"), ("se", "efficientnet_lite0"), ("sd", "efficientnet_lite0"),
+     ("both", "resnet18")],
+)  # fmt: skip
+def test_exported_graph_scores_the_demo_images_like_pytorch(
+    trained,
+    test_images: np.ndarray,
+    tmp_path: Path,
+    students: str,
+    backbone: str,
+) -> None:
+    ckpt_path = trained(students, backbone)
+    out = tmp_path / "model.onnx"
+    result = export_onnx(str(ckpt_path), str(out), test_images)
+    assert result.check.passed and result.check.images == len(test_images)
+
+    checkpoint = load_checkpoint(str(ckpt_path))
+    onnx.checker.check_model(str(out))  # a valid, self-contained file: no external data
+    assert not list(tmp_path.glob("*.data"))
+    meta = read_metadata(str(out))
+    assert meta["model_id"] == checkpoint.model_id
+    assert meta["checkpoint_format"] == FORMAT
+    assert int(meta["image_size"]) == SIZE
+    assert json.loads(meta["threshold"]) == pytest.approx(checkpoint.threshold.value)
+    assert json.loads(meta["config"])["students"] == students
+
+    want = Scorer(checkpoint, device="cpu").score_batch(test_images)
+    scorer = OnnxScorer(str(out), batch_size=5)  # other chunks than PyTorch's: N is dynamic
+    got = scorer.score_batch(test_images)
+    assert (scorer.model_id, scorer.threshold) == (checkpoint.model_id, checkpoint.threshold.value)
+    assert_same_scoring(got, want, checkpoint.threshold.value)
+    assert np.ptp(want.scores) > 0  # a trained model: the parity is not one of constants
+
+
+def test_a_graph_that_does_not_match_is_refused_and_not_written(
+    trained,
+    test_images: np.ndarray,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ckpt_path = trained("sd")
+    monkeypatch.setattr(export, "MAP_TOLERANCE", 0.0)  # float rounding now counts as a mismatch
+    out = tmp_path / "model.onnx"
+    with pytest.raises(
+        ExportError, match=r"does not score like the model, not written: .*map error"
+    ):
+        export_onnx(str(ckpt_path), str(out), test_images)
+    assert not out.exists() and not list(tmp_path.glob("*.onnx*"))
+
+
+def test_export_cli_writes_and_says_what_it_checked(trained, demo: Path, tmp_path: Path) -> None:
+    ckpt_path = trained("sd")
+    out = tmp_path / "exported" / "model.onnx"
+    done = subprocess.run(
+        [sys.executable, "-m", "dskd_ray.cli", "export", str(ckpt_path), "--out", str(out),
+         "--check-images", str(demo / "test")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {out}: model {load_checkpoint(str(ckpt_path)).model_id}" in done.stdout
+    assert "verdicts identical" in done.stdout
+    assert out.is_file()
+
+    missing = subprocess.run(
+        [sys.executable, "-m", "dskd_ray.cli", "export", str(tmp_path / "nope.pt"), "--out",
+         str(tmp_path / "x.onnx")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("dskd: error:") and len(missing.stderr.splitlines()) == 1
+
+
+def test_onnxruntime_backend_is_refused_with_pytorch_only_options() -> None:
+    for bad in (
+        ScoringOptions(backend="onnxruntime", compile=True),
+        ScoringOptions(backend="onnxruntime", precision="bf16"),
+        ScoringOptions(backend="onnxruntime", device="cuda"),
+        ScoringOptions(backend="tensorrt"),
+    ):
+        with pytest.raises(ConfigError, match="--backend"):
+            bad.validate()
+
+
+def test_ray_run_on_onnxruntime_writes_the_rows_and_maps_of_a_pytorch_run(
+    ray_cluster,
+    trained,
+    demo: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DSKD_RAY_CACHE", str(tmp_path / "cache"))
+    model = trained("both")
+    images = demo / "test"
+    torch_run = score_images(str(images), str(model), str(tmp_path / "torch"))
+    onnx_run = score_images(
+        str(images), str(model), str(tmp_path / "onnx"), ScoringOptions(backend="onnxruntime")
+    )
+    assert list(tmp_path.glob("cache/onnx/*.onnx"))  # exported once, reused by the next run
+    assert (onnx_run.listed, onnx_run.scored, onnx_run.errors) == (
+        torch_run.listed, torch_run.scored, 0,
+    )  # fmt: skip
+    assert onnx_run.model_id == torch_run.model_id
+
+    key = "image_uri"
+    want = read_results(str(tmp_path / "torch")).sort_by(key).to_pydict()
+    got = read_results(str(tmp_path / "onnx")).sort_by(key).to_pydict()
+    assert got[key] == want[key] and set(got["status"]) == {"ok"}
+    scores = np.array(want["score"])
+    assert np.abs(np.array(got["score"]) - scores).max() <= 1e-5 * np.abs(scores).max()
+    assert got["is_anomalous"] == want["is_anomalous"]
+    assert got["model_id"] == want["model_id"] and got["threshold"] == want["threshold"]
+    for mine, theirs, scale in zip(got["map_uri"], want["map_uri"], want["map_scale"], strict=True):
+        a = decode_map_png(Path(mine).read_bytes())
+        b = decode_map_png(Path(theirs).read_bytes())
+        assert np.abs(a - b).max() <= scale + 1e-4 * np.abs(b).max()  # one 16-bit step
