@@ -171,7 +171,11 @@ def run_figures(run: CommittedRun, rows: pa.Table) -> RunFigures:
 def top_anomalies(rows: pa.Table, n: int, columns: list[str] | None = None) -> pa.Table:
     """The `n` scored rows with the highest scores (ties by URI); `columns`, TOP_COLUMNS."""
     ok = rows.filter(pc.equal(rows["status"], "ok")).select(columns or TOP_COLUMNS)
-    ranked = ok.sort_by([("score", "descending"), ("image_uri", "ascending")])
+    return _highest(ok, n)
+
+
+def _highest(table: pa.Table, n: int) -> pa.Table:
+    ranked = table.sort_by([("score", "descending"), ("image_uri", "ascending")])
     return ranked.slice(0, max(0, n))
 
 
@@ -187,7 +191,7 @@ def summarize_runs(
         if top:
             tops.append(top_anomalies(rows, top))  # each run's best n hold the overall best n
     empty = pa.schema([RESULT_SCHEMA.field(c) for c in TOP_COLUMNS]).empty_table()
-    best = top_anomalies(pa.concat_tables(tops), top) if tops else empty
+    best = _highest(pa.concat_tables(tops), top) if tops else empty
     return ResultsSummary(output, figures, best)
 
 
