@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dskd_ray.config import ScoringOptions
+from dskd_ray.drift import run_drift
 from dskd_ray.errors import ConfigError, DSKDError
 from dskd_ray.images import ImageDecodeError, decode_image
 from dskd_ray.map_png import encode_map_png, quantize_map
@@ -544,6 +545,7 @@ def score_images(
         },
         options=asdict(options),
         versions=library_versions(),
+        drift=run_drift(run_id, writer.scores(), checkpoint.threshold).to_dict(),
     )
     log.info("%s", summary.format())
     return summary

@@ -622,6 +622,83 @@ def export(
     _echo(f"checked against PyTorch on {result.check.format()}")
 
 
+def _day(value: str | None) -> Any:
+    """--since checked as it is parsed: a bad date is a usage error, not a traceback."""
+    if value is None:
+        return None
+    from dskd_ray.results_summary import parse_day
+
+    try:
+        return parse_day(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a date (YYYY-MM-DD)") from None
+
+
+GALLERY_TOP = 24  # images in --report when --top is not given
+
+
+@app.command()
+def results(
+    output: Annotated[
+        str, typer.Argument(metavar="OUTPUT", help="What `dskd score --out` wrote to (or s3://)")
+    ],
+    run: Annotated[str | None, typer.Option("--run", help="Only this run id")] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            callback=_day,
+            metavar="DATE",
+            help="Only runs started on DATE (YYYY-MM-DD, UTC) or later",
+        ),
+    ] = None,
+    top: Annotated[
+        int, typer.Option(min=0, help="Also list the N most anomalous images of the chosen runs")
+    ] = 0,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON: runs and top images")
+    ] = False,
+    as_csv: Annotated[
+        bool, typer.Option("--csv", help="Print CSV: the runs, or with --top the top images")
+    ] = False,
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write an HTML gallery here: the top images of a run (--run, else the latest "
+            f"with rows) with their maps, its score histogram and its errors (--top, default "
+            f"{GALLERY_TOP})",
+        ),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
+) -> None:
+    """What the committed scoring runs under OUTPUT found: per run the images listed, scored and
+    failed (by reason), how many were anomalous, score quantiles, and the drift of the night's
+    scores from calibration (a warning when the bulk moved far). Uncommitted runs are never read.
+    """
+    _setup_logging(verbose)
+    from dskd_ray.results_summary import format_runs, format_top, runs_csv, summarize_runs, top_csv
+
+    if as_json and as_csv:
+        raise typer.BadParameter("choose one of --json and --csv", param_hint="--json/--csv")
+    summary = summarize_runs(output, run=run, since=since, top=top)
+    for figures in summary.runs:
+        if figures.drift_warning:
+            typer.echo(f"dskd: warning: run {figures.run_id}: {figures.drift_warning}", err=True)
+    if as_json:
+        typer.echo(summary.to_json(), nl=False)
+    elif as_csv:
+        typer.echo(top_csv(summary) if top else runs_csv(summary), nl=False)
+    else:
+        _echo(format_runs(summary))
+        if top:
+            _echo("")
+            _echo(format_top(summary))
+    if report is not None:
+        from dskd_ray.results_report import write_gallery
+
+        path = write_gallery(output, report, run=run, top=top or GALLERY_TOP, since=since)
+        _echo(f"report: {path}")
+
+
 def main() -> None:
     """Entry point: usage errors, DSKDError and storage failures become one line on stderr and
     exit code 2 / 1 (with --verbose, after the traceback)."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -99,12 +100,19 @@ class PartWriter:
         self.files: list[dict[str, Any]] = []
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
+        self._scores: list[np.ndarray] = []
 
     def write(self, table: pa.Table) -> None:
         self._pending.append(table.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA))
         self._pending_rows += table.num_rows
+        ok = table.filter(pc.equal(table["status"], "ok"))["score"]
+        self._scores.append(ok.to_numpy(zero_copy_only=False).astype(np.float32))
         while self._pending_rows >= self.rows_per_file:
             self._flush(self.rows_per_file)
+
+    def scores(self) -> np.ndarray:
+        """The scores of the "ok" rows written so far: the run's distribution, for its drift."""
+        return np.concatenate(self._scores) if self._scores else np.zeros(0, np.float32)
 
     def close(self) -> list[dict[str, Any]]:
         while self._pending_rows:
