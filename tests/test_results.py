@@ -273,3 +273,45 @@ def test_drift_figure_is_the_median_shift_in_calibration_iqrs() -> None:
     assert few.median_shift == pytest.approx(3.0) and not few.flagged  # too few to say
     none = score_drift(np.full(20, 9.0), [1.0, 2.0])
     assert none.median_shift is None and "held-out" in none.why and not none.flagged
+
+
+def test_a_brightened_night_is_flagged_and_a_normal_night_is_not(
+    ray_cluster,
+    tmp_path: Path,  # noqa: ANN001
+) -> None:
+    """End to end: a real teacher (the offline ImageNet Lite0), a model trained on demo
+    brushed metal, two nights through `score_images`, the warning from `dskd results`."""
+    from dskd_ray.demo_data import make_demo_data, render_sample
+    from dskd_ray.train import train
+
+    size = 64
+    make_demo_data(tmp_path / "data", categories=["brushed_metal"], n_train=24, n_test_good=1,
+                   n_test_defect_per_type=1, image_size=size)  # fmt: skip
+    config = DSKDConfig(backbone="efficientnet_lite0", teacher_weights="imagenet",
+                        image_size=size, epochs=8, batch_size=4, holdout_fraction=0.34)  # fmt: skip
+    model = tmp_path / "model.pt"
+    train(config, str(tmp_path / "data" / "brushed_metal"), str(model), device="cpu")
+
+    night = np.stack([
+        render_sample("brushed_metal", seed=7, split="night", index=i, image_size=size).image
+        for i in range(MIN_NIGHT_IMAGES + 6)
+    ])  # fmt: skip
+    brighter = np.clip(night.astype(np.float32) * 1.3, 0, 255).astype(np.uint8)  # a new lamp
+    warnings = {}
+    for name, images in {"normal": night, "bright": brighter}.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        for i, image in enumerate(images):
+            Image.fromarray(image).save(folder / f"{i:03d}.png")
+        out = tmp_path / f"scores-{name}"
+        score_images(str(folder), str(model), str(out), ScoringOptions(batch_size=8))
+        result = dskd("results", str(out), "--json")
+        assert result.returncode == 0, result.stderr
+        (run,) = json.loads(result.stdout)["runs"]
+        assert run["scored"] == len(images) and run["drift"]["median_shift"] is not None
+        warnings[name] = (run["drift"]["median_shift"], run["drift_warning"], result.stderr)
+    shift, warning, stderr = warnings["normal"]
+    assert warning is None and "warning" not in stderr, shift
+    shift, warning, stderr = warnings["bright"]
+    assert warning is not None and "calibration IQRs above" in warning, shift
+    assert "dskd: warning:" in stderr
