@@ -195,6 +195,9 @@ class ScoringOptions:
     precision: str = "fp32"  # "bf16": autocast in the actors (GPUs; CPUs with native bf16)
     compile: bool = False  # torch.compile the model in each actor
     run_id: str | None = None  # default: start time + random suffix
+    # Up to this many images to score, with no Ray cluster named (--address, RAY_ADDRESS) or
+    # already running, are scored in this process: a Ray start costs more than they do.
+    in_process_max: int = 64
 
     def validate(self) -> None:
         """Refuse what cannot work before anything is listed or started (a Ray start is slow)."""
@@ -208,3 +211,5 @@ class ScoringOptions:
             raise ConfigError(
                 f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}"
             )
+        if self.in_process_max < 0:
+            raise ConfigError(f"--in-process-max {self.in_process_max} must be 0 or more")
