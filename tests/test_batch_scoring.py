@@ -542,14 +542,19 @@ def _score_and_kill(ray_cluster, tmp_path: Path, blobs: dict[str, bytes], patter
     )  # fmt: skip
     killed: list[int] = []
     deadline = time.time() + 900  # a guard against a hang, not a timing: shared CI is slow
-    while not killed and job.poll() is None and time.time() < deadline:
-        if ready():
-            for pid in _pids(pattern):
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-                break
-        time.sleep(0.02)
-    stdout, stderr = job.communicate(timeout=600)  # a hang (ray-project/ray#62746) fails here
+    try:
+        while not killed and job.poll() is None and time.time() < deadline:
+            if ready():
+                for pid in _pids(pattern):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    break
+            time.sleep(0.02)
+        stdout, stderr = job.communicate(timeout=900)  # a hang (ray-project/ray#62746) fails here
+    finally:
+        if job.poll() is None:  # the test failed: leave no job behind on the session's Ray
+            job.kill()
+            job.wait()
     return killed, subprocess.CompletedProcess(job.args, job.returncode, stdout, stderr)
 
 
