@@ -15,8 +15,14 @@ the steady state; the ratios compare steady states. Peak memory: the `dskd score
     python bench/scoring.py                      # 300 images per set, all four sets
     python bench/scoring.py --images 60 --sizes 256 --formats jpg   # a quick look
 
+Start-up: `dskd score` end to end on 10 local 256² JPEGs in a new process, as a user runs it
+(imports, listing, model load, scoring, commit): by default such a handful is scored in the
+process; the same with `--in-process-max 0` (a new local Ray and an actor) for comparison.
+
+    python bench/scoring.py --startup-only        # just that, ~1 minute
+
 The last line is machine-readable, for the headline set (the first size and format):
-    pipeline_vs_loop=<(c)/(b)> s3_vs_loop=<(d)/(b)>
+    pipeline_vs_loop=<(c)/(b)> s3_vs_loop=<(d)/(b)> startup_s=<10 images, default path>
 """
 
 from __future__ import annotations
@@ -316,6 +322,30 @@ def upload(env: dict[str, str], bucket: str, files: list[Path], prefix: str) -> 
     return f"s3://{bucket}/{prefix}"
 
 
+# --- start-up ------------------------------------------------------------------------------------
+
+
+def startup(model: Path, work: Path, env: dict[str, str], repeats: int = 2) -> dict:
+    """Seconds for `dskd score` on 10 images, end to end, best of `repeats`: the default path,
+    then on a new local Ray (`--in-process-max 0`)."""
+    paths = make_images(work / "startup-in", 10, 256, "jpg", seed=1)
+    env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    result = {}
+    for name, extra in [("startup_s", []), ("startup_ray_s", ["--in-process-max", "0"])]:
+        times = []
+        for i in range(repeats):
+            start = time.perf_counter()
+            subprocess.run(
+                [sys.executable, "-m", "dskd_ray.cli", "score", str(paths[0].parent), "--model",
+                 str(model), "--out", str(work / f"startup-out-{name}-{i}"), *extra],
+                env=env, check=True, capture_output=True,
+            )  # fmt: skip
+            times.append(time.perf_counter() - start)
+        result[name] = min(times)
+        print(f"{name}: {', '.join(f'{t:.1f}' for t in times)} s", flush=True)
+    return result
+
+
 # --- the run -----------------------------------------------------------------------------------
 
 
@@ -331,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bf16", action="store_true", help="also time bf16 autocast in (a)")
     parser.add_argument("--no-s3", action="store_true", help="skip (d)")
     parser.add_argument("--out", default="bench/out/scoring", help="where results.json goes")
+    parser.add_argument("--startup-only", action="store_true", help="only the 10-image start-up")
+    parser.add_argument("--startup-repeats", type=int, default=2, help="best of this many")
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="dskd-bench-scoring-"))
@@ -348,6 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     results: dict = {"args": vars(args), "sets": {}}
     env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    results["startup"] = startup(model, work, env, args.startup_repeats)
+    if args.startup_only:
+        shutil.rmtree(work, ignore_errors=True)
+        (out_dir / "startup.json").write_text(json.dumps(results["startup"], indent=2) + "\n")
+        print(" ".join(f"{k}={v:.1f}" for k, v in results["startup"].items()))
+        return 0
     s3 = moto_server() if not args.no_s3 else None
     s3_env = s3.__enter__() if s3 else None
     try:
@@ -420,7 +458,8 @@ def print_table(results: dict) -> None:
     b = head["loop"]["steady_images_per_s"]
     c = head["local"]["steady_images_per_s"]
     d = head["s3"]["steady_images_per_s"] if "s3" in head else float("nan")
-    print(f"pipeline_vs_loop={c / b:.2f} s3_vs_loop={d / b:.2f}")
+    start = results["startup"]["startup_s"]
+    print(f"pipeline_vs_loop={c / b:.2f} s3_vs_loop={d / b:.2f} startup_s={start:.1f}")
 
 
 if __name__ == "__main__":

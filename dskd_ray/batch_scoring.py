@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 
 from dskd_ray.config import ScoringOptions
 from dskd_ray.drift import run_drift
-from dskd_ray.errors import ConfigError, DSKDError
+from dskd_ray.errors import ConfigError, DataError, DSKDError
 from dskd_ray.images import ImageDecodeError, decode_image
 from dskd_ray.map_png import encode_map_png, quantize_map
 from dskd_ray.results import (
@@ -35,13 +35,12 @@ from dskd_ray.results import (
     commit_run,
     done_keys,
     gone_rows,
-    image_keys,
     manifest_path,
     new_run_id,
-    read_results,
     run_partition,
     utc_now,
 )
+from dskd_ray.run_index import fold, latest_state, read_parts, write_index
 from dskd_ray.storage import (
     ListingStats,
     canonical_uri,
@@ -49,6 +48,7 @@ from dskd_ray.storage import (
     iter_images,
     join_uri,
     map_uri,
+    open_object,
     read_object,
     write_object,
 )
@@ -200,6 +200,7 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, io_threads: int)
     for i in range(n):
         if refused is not None and refused[i]:
             fail(i, str(refused[i]), retry=False)
+    sizes = np.array(batch["image_bytes"], np.int64)  # -1: a manifest that did not say
     readable = [i for i in range(n) if status[i] == "ok"]
     if readable:
         with ThreadPoolExecutor(max(1, min(io_threads, len(readable)))) as pool:
@@ -210,6 +211,7 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, io_threads: int)
                 except Exception as e:  # noqa: BLE001 - any read failure: the next run retries
                     fail(i, f"cannot read: {_describe(e)}", retry=True)
                     continue
+                sizes[i] = len(data)
                 try:
                     images[i], (width[i], height[i]) = decode_image(data, image_size)
                 except ImageDecodeError as e:  # the same bytes will fail the same way
@@ -222,7 +224,7 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, io_threads: int)
     return {
         "image_uri": np.asarray(uris, dtype=object),
         "image_version": batch["image_version"],
-        "image_bytes": batch["image_bytes"],
+        "image_bytes": sizes,
         "width": width,
         "height": height,
         "status": status,
@@ -245,22 +247,29 @@ class ScoringActor:
         compile: bool = False,
         graph: list | None = None,
     ) -> None:
-        import ray
         import torch
+
+        from dskd_ray.checkpoint import Checkpoint
 
         # Ray sets OMP_NUM_THREADS=1 in actors (docs/design.md §7): ask for the threads we want.
         torch.set_num_threads(threads)
         if graph is not None:  # --backend onnxruntime: the exported graph, not the checkpoint
             from dskd_ray.onnx_scoring import OnnxScorer
 
-            ref = graph[0]
-            data = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+            data = graph[0]
+            if not isinstance(data, bytes):  # an object ref: on Ray, not in process
+                import ray
+
+                data = ray.get(data)
             self.scorer = OnnxScorer(data, batch_size=batch_size, threads=threads)
             return
         from dskd_ray.scoring import Scorer
 
         ckpt = checkpoint[0]
-        ckpt = ray.get(ckpt) if isinstance(ckpt, ray.ObjectRef) else ckpt
+        if not isinstance(ckpt, Checkpoint):  # an object ref: on Ray, not in process
+            import ray
+
+            ckpt = ray.get(ckpt)
         self.scorer = Scorer(
             ckpt, device=device, batch_size=batch_size, precision=precision, compile=compile
         )
@@ -350,7 +359,9 @@ def write_maps_batch(
         {
             "image_uri": pa.array([str(u) for u in batch["image_uri"]], pa.string()),
             "image_version": pa.array([str(v) for v in batch["image_version"]], pa.string()),
-            "image_bytes": pa.array(batch["image_bytes"], pa.int64()),
+            "image_bytes": pa.array(
+                batch["image_bytes"], pa.int64(), mask=batch["image_bytes"] < 0
+            ),
             "width": pa.array(batch["width"], pa.int32(), mask=batch["width"] < 0),
             "height": pa.array(batch["height"], pa.int32(), mask=batch["height"] < 0),
             "score": pa.array(batch["score"], pa.float32(), mask=~ok),
@@ -381,10 +392,22 @@ def _describe(error: BaseException) -> str:
 class _Listing:
     table: pa.Table
     stats: ListingStats
+    manifest: bool = False  # the input was a manifest: exactly its images, no "gone" rows
+
+
+def is_manifest(input_uri: str) -> bool:
+    """INPUT names a list of images (Parquet or CSV) rather than a folder or prefix of them."""
+    return input_uri.lower().endswith((".parquet", ".csv"))
 
 
 def list_inputs(input_uri: str, output: str) -> _Listing:
-    """Every image under `input_uri` with its version; built in Arrow chunks, not Python objects."""
+    """Every image under `input_uri` (or in the manifest it names) with its version.
+
+    Built in Arrow chunks as the listing pages arrive, never as one Python object per image
+    (about 130 bytes per image on the driver, where a Python dict took about 1 KB).
+    """
+    if is_manifest(input_uri):
+        return _Listing(read_manifest(input_uri), ListingStats(), manifest=True)
     chunks: list[pa.RecordBatch] = []
     rows: dict[str, list] = {name: [] for name in LISTING_SCHEMA.names}
     stats = ListingStats()
@@ -406,8 +429,84 @@ def list_inputs(input_uri: str, output: str) -> _Listing:
         if len(rows["image_uri"]) >= 50_000:
             flush()
     flush()
-    table = pa.Table.from_batches(chunks, schema=LISTING_SCHEMA)
-    return _Listing(table.sort_by("image_uri"), stats)
+    return _Listing(pa.Table.from_batches(chunks, schema=LISTING_SCHEMA), stats)
+
+
+MANIFEST_COLUMNS = ("image_uri", "image_version", "image_bytes")
+_URI = r"^([a-zA-Z][a-zA-Z0-9+.-]*://|/)"  # a scheme, or an absolute local path
+
+
+def read_manifest(uri: str) -> pa.Table:
+    """The images a manifest names (LISTING_SCHEMA): column `image_uri`, optionally
+    `image_version` (missing: the image is scored once per URI) and `image_bytes`.
+
+    Read in record batches, only those columns. A manifest that cannot say exactly which
+    images to score (no such column, an empty or relative URI, a URI twice) is refused whole.
+    """
+    from pyarrow import csv, parquet
+
+    name = uri.rsplit("/", 1)[-1]
+    chunks = []
+    try:
+        with open_object(uri) as f:
+            if uri.lower().endswith(".parquet"):
+                source = parquet.ParquetFile(f)
+                columns = source.schema_arrow.names
+                _check_manifest_columns(name, columns)
+                wanted = [c for c in MANIFEST_COLUMNS if c in columns]
+                batches = source.iter_batches(batch_size=65_536, columns=wanted)
+            else:
+                types = {"image_uri": pa.string(), "image_version": pa.string()}
+                convert = csv.ConvertOptions(column_types=types, strings_can_be_null=True)
+                batches = csv.open_csv(f, convert_options=convert)
+                _check_manifest_columns(name, batches.schema.names)
+            offset = 0
+            for batch in batches:
+                chunks.append(_manifest_chunk(name, pa.Table.from_batches([batch]), offset))
+                offset += batch.num_rows
+    except FileNotFoundError:
+        raise DataError(f"manifest {uri} does not exist") from None
+    except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as e:
+        why = " ".join(str(e).split())
+        raise DataError(f"manifest {uri} cannot be read as {name.rsplit('.', 1)[-1]}: {why}") from e
+    table = pa.concat_tables(chunks) if chunks else LISTING_SCHEMA.empty_table()
+    if pc.count_distinct(table["image_uri"]).as_py() != table.num_rows:
+        counts = pc.value_counts(table["image_uri"])
+        twice = counts.filter(pc.greater(counts.field("counts"), 1))
+        raise DataError(
+            f"manifest {name} lists {twice[0]['values'].as_py()} more than once "
+            f"({len(twice)} URI(s) repeated): one row per image"
+        )
+    return table
+
+
+def _check_manifest_columns(name: str, columns: list[str]) -> None:
+    if "image_uri" not in columns:
+        raise DataError(
+            f"manifest {name} has no column image_uri (it has: {', '.join(columns) or 'none'})"
+        )
+
+
+def _manifest_chunk(name: str, chunk: pa.Table, offset: int) -> pa.Table:
+    uris = chunk["image_uri"].cast(pa.string())
+    bad = pc.invert(pc.fill_null(pc.match_substring_regex(uris, _URI), False))
+    if pc.any(bad).as_py():
+        i = pc.index(bad, True).as_py()
+        value = uris[i].as_py()
+        shown = "empty" if not value else f"{value!r} is not absolute (a path from / or a URI)"
+        raise DataError(f"manifest {name}, row {offset + i + 1}: image_uri {shown}")
+    n = chunk.num_rows
+    if "image_version" in chunk.column_names:
+        versions = pc.fill_null(chunk["image_version"].cast(pa.string()), "")
+    else:
+        versions = pa.array([""] * n, pa.string())
+    if "image_bytes" in chunk.column_names:
+        sizes = pc.fill_null(chunk["image_bytes"].cast(pa.int64()), -1)
+    else:
+        sizes = pa.array(np.full(n, -1, np.int64))  # unknown: the read fills it in
+    return pa.table(
+        [uris, versions, sizes, pa.nulls(n, pa.string())], schema=LISTING_SCHEMA
+    ).combine_chunks()
 
 
 @dataclass
@@ -429,6 +528,149 @@ class _Progress:
             log.info("scored %d/%d images (%.1f images/s)", self.rows, total, rate)
 
 
+@dataclass
+class _Plan:
+    """Tonight's work: what is listed, what this model already did, what is left."""
+
+    listing: _Listing
+    to_score: pa.Table  # LISTING_SCHEMA
+    skipped: int
+    gone: pa.Table  # RESULT_SCHEMA rows saying "gone", already stamped with the run id
+    state: pa.Table  # this model's latest row per image before this run (run_index)
+    covers: list[str]  # the committed runs `state` was folded from
+
+
+def _plan(input_uri: str, output: str, model_id: str, run_id: str, rescore: bool) -> _Plan:
+    # The model's latest row per image, from its compact index: not one file per past night.
+    state, covers = latest_state(output, model_id)
+    # Done keys as sorted 64-bit hashes (8 bytes an image), made before the listing arrives:
+    # the driver never holds a key string per image beside the listing itself.
+    finished = np.unique(_hashes([done_keys(state)])) if state.num_rows and not rescore else None
+    listing = list_inputs(input_uri, output)
+    table = listing.table
+    skipped = 0
+    if finished is not None and table.num_rows:
+        done = np.concatenate(
+            [
+                _member(_hashes([b["image_uri"], b["image_version"]]), finished)
+                for b in table.to_batches()
+            ]
+        )
+        skipped = int(done.sum())
+        table = table.filter(pa.array(~done))
+    if listing.manifest or not state.num_rows:  # absent from a manifest is not gone
+        gone = RESULT_SCHEMA.empty_table()
+    else:
+        listed = np.unique(_hashes([listing.table["image_uri"]]))
+        missing = state.filter(pa.array(~_member(_hashes([state["image_uri"]]), listed)))
+        empty = pa.array([], pa.string())
+        gone = gone_rows(missing, empty, canonical_uri(input_uri), model_id, run_id)
+    log.info(
+        "listed %d images in %s; %d already scored; %d to score",
+        listing.table.num_rows,
+        input_uri,
+        skipped,
+        table.num_rows,
+    )
+    return _Plan(listing, table, skipped, gone, state, covers)
+
+
+def _hashes(columns: list[pa.Array | pa.ChunkedArray], rows: int = 65_536) -> np.ndarray:
+    """A 64-bit hash of each row's strings (joined by newlines, as `image_keys` joins them).
+
+    For set membership over up to ~10⁸ keys a collision is a one-in-10¹¹ event per lookup; its
+    cost would be one image skipped for one night, or one missing "gone" row.
+    """
+    import hashlib
+
+    n = len(columns[0])
+    out = np.empty(n, np.uint64)
+    for start in range(0, n, rows):
+        parts = [c.slice(start, rows).to_pylist() for c in columns]
+        out[start : start + len(parts[0])] = [
+            int.from_bytes(hashlib.blake2b("\n".join(r).encode(), digest_size=8).digest(), "little")
+            for r in zip(*parts, strict=True)
+        ]
+    return out
+
+
+def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """values ∈ sorted_set, elementwise."""
+    if not len(sorted_set):
+        return np.zeros(len(values), bool)
+    at = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
+    return sorted_set[at] == values
+
+
+@dataclass
+class DryRunSummary:
+    """What `score_images` would do tonight; nothing was read, scored or written."""
+
+    model_id: str
+    listed: int
+    listed_bytes: int  # of the images listed whose size is known (a manifest may not say)
+    skipped: int  # already scored by this model
+    to_score: int
+    to_score_bytes: int
+    unknown_bytes: int  # images to score whose size the manifest did not give
+    gone: int  # would get a "gone" row
+    other_files: int
+    seconds: float  # in all, the model's id (a checkpoint load) included
+    listing_seconds: float = 0.0  # listing, then the diff against what is done
+
+    def format(self) -> str:
+        return (
+            f"dry run: listed {self.listed} ({_bytes(self.listed_bytes)}), "
+            f"skipped {self.skipped} (already scored), to score {self.to_score} "
+            f"({_sized(self.to_score_bytes, self.unknown_bytes)}), gone {self.gone}, "
+            f"other files {self.other_files}; {self.seconds:.1f} s (listing and diff "
+            f"{self.listing_seconds:.1f} s); nothing scored or written"
+        )
+
+
+def _sized(n: int, unknown: int) -> str:
+    return f"{_bytes(n)}; size unknown for {unknown}" if unknown else _bytes(n)
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def dry_run(
+    input_uri: str, model: str, output: str, options: ScoringOptions | None = None
+) -> DryRunSummary:
+    """List, diff against what this model already scored, and count; score and write nothing."""
+    from dskd_ray.checkpoint import load_checkpoint
+
+    options = options or ScoringOptions()
+    options.validate()
+    check_output(input_uri, output)
+    start = time.perf_counter()
+    model_id = load_checkpoint(model).model_id
+    listing_start = time.perf_counter()
+    plan = _plan(input_uri, output, model_id, "dry-run", options.rescore)
+    listed_sizes = plan.listing.table["image_bytes"]
+    sizes = plan.to_score["image_bytes"]
+    known = pc.greater_equal(sizes, 0)
+    return DryRunSummary(
+        model_id=model_id,
+        listed=plan.listing.table.num_rows,
+        listed_bytes=int(pc.sum(pc.max_element_wise(listed_sizes, 0)).as_py() or 0),
+        skipped=plan.skipped,
+        to_score=plan.to_score.num_rows,
+        to_score_bytes=int(pc.sum(sizes.filter(known)).as_py() or 0),
+        unknown_bytes=plan.to_score.num_rows - int(pc.sum(known).as_py() or 0),
+        gone=plan.gone.num_rows,
+        other_files=plan.listing.stats.other_files,
+        seconds=time.perf_counter() - start,
+        listing_seconds=time.perf_counter() - listing_start,
+    )
+
+
 def score_images(
     input_uri: str,
     model: str,
@@ -436,10 +678,11 @@ def score_images(
     options: ScoringOptions | None = None,
     address: str | None = None,
 ) -> RunSummary:
-    """Score every image under `input_uri` not yet scored by this model; commit one run.
+    """Score every image under `input_uri` (or in the manifest it names) not yet scored by this
+    model; commit one run.
 
-    input_uri, model and output: local paths or s3:// URIs. Returns the run's summary, which is
-    also in the run's manifest.
+    input_uri, model and output: local paths or s3:// URIs; an input ending in .parquet or .csv
+    is a manifest (`read_manifest`). Returns the run's summary, which is also in the manifest.
     """
     # torch is imported here and in the actors, not at module level: the read/decode and
     # map-writing tasks import this module too, and start seconds sooner without it.
@@ -452,36 +695,15 @@ def score_images(
     started_at = utc_now()
     checkpoint = load_checkpoint(model)
     model_id = checkpoint.model_id
-
-    listing = list_inputs(input_uri, output)
-    table = listing.table
-    # This model's latest row per image: what is done, and what was scored and is now gone.
-    prior = read_results(
-        output,
-        model_id,
-        ["image_uri", "image_version", "status", "retryable"],
-        latest=True,
-        missing_ok=True,
-    )
-    skipped = 0
-    if not options.rescore and table.num_rows:
-        done = pc.is_in(
-            image_keys(table["image_uri"], table["image_version"]), value_set=done_keys(prior)
-        )
-        skipped = int(pc.sum(done).as_py() or 0)
-        table = table.filter(pc.invert(done))
-    log.info(
-        "listed %d images under %s; %d already scored; %d to score",
-        listing.table.num_rows,
-        input_uri,
-        skipped,
-        table.num_rows,
-    )
-
     run_id = options.run_id or new_run_id()
+
+    plan = _plan(input_uri, output, model_id, run_id, options.rescore)
+    table, gone = plan.to_score, plan.gone
+    listed_count = plan.listing.table.num_rows
+    stats = plan.listing.stats
+    plan.listing.table = LISTING_SCHEMA.empty_table()  # the driver keeps only what it scores
+
     writer = PartWriter(output, run_id, options.rows_per_file)
-    listed = listing.table["image_uri"].combine_chunks()
-    gone = gone_rows(prior, listed, canonical_uri(input_uri), model_id, run_id)
     if gone.num_rows:
         log.info("%d image(s) scored before are no longer under %s", gone.num_rows, input_uri)
         writer.write(gone)
@@ -489,10 +711,9 @@ def score_images(
     pipeline_s = startup_s = 0.0
     startup_rows = 0
     if table.num_rows:
+        run = _run_in_process if _in_process(table.num_rows, options, address) else _run_pipeline
         try:
-            progress = _run_pipeline(
-                table, checkpoint, output, run_id, options, address, writer, counts
-            )
+            progress = run(table, checkpoint, output, run_id, options, address, writer, counts)
         except (DSKDError, KeyboardInterrupt):
             raise
         except Exception as e:
@@ -508,13 +729,13 @@ def score_images(
     summary = RunSummary(
         run_id=run_id,
         model_id=model_id,
-        listed=listing.table.num_rows,
-        skipped=skipped,
+        listed=listed_count,
+        skipped=plan.skipped,
         scored=counts["ok"],
         errors=counts["error"],
-        other_files=listing.stats.other_files,
-        symlinks=listing.stats.symlinks,
-        symlinks_skipped=listing.stats.symlinks_skipped,
+        other_files=stats.other_files,
+        symlinks=stats.symlinks,
+        symlinks_skipped=stats.symlinks_skipped,
         gone=gone.num_rows,
         seconds=0.0,
         pipeline_seconds=pipeline_s,
@@ -527,6 +748,10 @@ def score_images(
             f"run {run_id} wrote {summary.scored + summary.errors} rows for {table.num_rows} images; "
             "not committing it (its images are scored again by the next run)"
         )
+    del table
+    # The index first, the manifest last: a committed run always has its index.
+    rows = read_parts(output, files, model_id)
+    write_index(output, model_id, run_id, fold(plan.state, rows), plan.covers)
     summary.seconds = time.perf_counter() - start
     summary.manifest = join_uri(output, manifest_path(run_id))
     commit_run(
@@ -549,6 +774,73 @@ def score_images(
     )
     log.info("%s", summary.format())
     return summary
+
+
+def _in_process(images: int, options: ScoringOptions, address: str | None) -> bool:
+    import os
+    import sys
+
+    if images > options.in_process_max or address or os.environ.get("RAY_ADDRESS"):
+        return False
+    # A Ray this process already started (a notebook, a test) is used rather than bypassed.
+    return "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+def _run_in_process(
+    table: pa.Table,
+    checkpoint: Checkpoint,
+    output: str,
+    run_id: str,
+    options: ScoringOptions,
+    address: str | None,
+    writer: PartWriter,
+    counts: dict[str, int],
+) -> _Progress:
+    """The pipeline's three stages, one block after the other, in this process: a handful of
+    images is scored in seconds, where starting Ray and an actor takes half a minute."""
+    import os
+
+    del address
+    if options.device.startswith("cuda"):
+        device = options.device
+    else:
+        import torch
+
+        device = "cuda" if options.device == "auto" and torch.cuda.is_available() else "cpu"
+    log.info("scoring %d images in this process (no Ray)", table.num_rows)
+    progress = _Progress(start=time.perf_counter())
+    graph = None
+    if options.backend == "onnxruntime":
+        from dskd_ray.export import cached_graph
+
+        graph = [cached_graph(checkpoint)]
+    scorer = ScoringActor(
+        [replace(checkpoint, training=None)],
+        device=device,
+        batch_size=options.batch_size,
+        threads=options.actor_threads or os.cpu_count() or 1,
+        precision=options.precision,
+        compile=options.compile,
+        graph=graph,
+    )
+    for start in range(0, table.num_rows, options.batch_size):
+        block = table.slice(start, options.batch_size)
+        batch = {name: block[name].to_numpy(zero_copy_only=False) for name in block.column_names}
+        decoded = decode_batch(batch, checkpoint.config.image_size, options.io_threads)
+        rows = write_maps_batch(
+            scorer(decoded),
+            join_uri(output, MAPS_DIR),
+            checkpoint.model_id,
+            run_id,
+            checkpoint.threshold.value if checkpoint.threshold else None,
+            options.io_threads,
+        )
+        statuses = rows["status"].to_pylist()
+        counts["ok"] += statuses.count("ok")
+        counts["error"] += len(statuses) - statuses.count("ok")
+        writer.write(rows)
+        progress.update(rows.num_rows, table.num_rows)
+    return progress
 
 
 def _run_pipeline(

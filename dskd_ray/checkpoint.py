@@ -128,13 +128,14 @@ def _content_hash(
 
 
 def library_versions() -> dict[str, str]:
+    from importlib.metadata import version
+
     import numpy
-    import torchvision
 
     return {
         "dskd_ray": __version__,
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "torchvision": version("torchvision"),  # not imported: that alone takes seconds
         "numpy": numpy.__version__,
         "python": platform.python_version(),
     }

@@ -497,7 +497,9 @@ def score(
     input_uri: Annotated[
         str,
         typer.Argument(
-            metavar="INPUT", help="Folder or s3:// prefix of images, searched recursively"
+            metavar="INPUT",
+            help="Folder or s3:// prefix of images, searched recursively; or a manifest "
+            "(.parquet or .csv with column image_uri, optionally image_version, image_bytes)",
         ),
     ],
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint (local or s3://)")],
@@ -552,21 +554,42 @@ def score(
             "pip install 'dskd_ray[onnx]')",
         ),
     ] = None,
+    in_process_max: Annotated[
+        int | None,
+        _opt(
+            SCORING.in_process_max,
+            min=0,
+            help="Score up to this many images in this process when no Ray cluster is named "
+            "or running (0: always on Ray)",
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="List and compare with what is done; print counts; score nothing"
+        ),
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
 ) -> None:
     """Score every image under INPUT on Ray Data: one anomaly map and one Parquet row per image.
 
     Incremental: images this model already scored (same URI and version) are skipped. A run is
-    visible to readers only once its manifest is written, last.
+    visible to readers only once its manifest is written, last. A manifest INPUT scores exactly
+    the images it lists (without image_version, each URI is scored once).
     """
     _setup_logging(verbose)
+    from dskd_ray.batch_scoring import dry_run as plan_only
     from dskd_ray.batch_scoring import score_images
 
     options = ScoringOptions(**_given(
         device=device, batch_size=batch_size, actors=actors, actor_threads=actor_threads,
         rescore=rescore, rows_per_file=rows_per_file, precision=precision, compile=compile,
         backend=backend,
+        in_process_max=in_process_max,
     ))  # fmt: skip
+    if dry_run:
+        _echo(plan_only(input_uri, model, out, options).format())
+        return
     summary = score_images(input_uri, model, out, options, address=address)
     _echo(
         f"listed {summary.listed}, scored {summary.scored}, errors {summary.errors}, "

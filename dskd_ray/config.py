@@ -197,6 +197,9 @@ class ScoringOptions:
     compile: bool = False  # torch.compile the model in each actor
     backend: str = "torch"  # "onnxruntime": the actors run the checkpoint's exported graph
     run_id: str | None = None  # default: start time + random suffix
+    # Up to this many images to score, with no Ray cluster named (--address, RAY_ADDRESS) or
+    # already running, are scored in this process: a Ray start costs more than they do.
+    in_process_max: int = 64
 
     def validate(self) -> None:
         """Refuse what cannot work before anything is listed or started (a Ray start is slow)."""
@@ -219,3 +222,5 @@ class ScoringOptions:
                 "--backend onnxruntime runs the exported float32 graph: "
                 "--precision bf16 and --compile are PyTorch options"
             )
+        if self.in_process_max < 0:
+            raise ConfigError(f"--in-process-max {self.in_process_max} must be 0 or more")

@@ -14,11 +14,14 @@ import hashlib
 import logging
 import os
 import posixpath
+import queue
 import random
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -174,6 +177,15 @@ def read_object(uri: str) -> bytes:
     return with_retries(lambda: fs.cat_file(path), f"read {uri}")
 
 
+@contextlib.contextmanager
+def open_object(uri: str) -> Iterator[fsspec.spec.AbstractBufferedFile]:
+    """A file object for reading `uri` in pieces (a large manifest is never read whole)."""
+    fs, path = filesystem(uri)
+    f = with_retries(lambda: fs.open(path, "rb"), f"open {uri}")
+    with f:
+        yield f
+
+
 def write_object(uri: str, data: bytes, durable: bool = False) -> None:
     """Write one object all-or-nothing, transient errors retried: a temp file renamed locally
     (fsync'd first when `durable`), a single PUT remotely.
@@ -260,6 +272,8 @@ class ListingStats:
     other_files: int = 0  # files without an image extension
     symlinks: int = 0  # symbolic links met under the input (local folders only)
     symlinks_skipped: int = 0  # of those, not listed (see `_walk_local`)
+    pages: int = 0  # object-store listing pages with files in them
+    chains: int = 0  # object-store listings (chains of pages) run, in parallel
 
 
 NOT_UTF8 = "file name is not valid UTF-8 (shown here with \\x escapes): rename it to have it scored"
@@ -345,7 +359,7 @@ def _iter_images(
             yield None
         return
     local = is_local(fs)
-    found = _walk_local(path, excluded, stats) if local else _walk_remote(fs, path, excluded)
+    found = _walk_local(path, excluded, stats) if local else _walk_remote(fs, path, excluded, stats)
     for full, info in found:
         if not is_image_path(full):
             yield None
@@ -409,21 +423,117 @@ def _walk_local(path: str, excluded: str | None, stats: ListingStats) -> Iterato
 
 
 def _walk_remote(
-    fs: fsspec.AbstractFileSystem, path: str, excluded: str | None
+    fs: fsspec.AbstractFileSystem, path: str, excluded: str | None, stats: ListingStats
 ) -> Iterator[tuple[str, dict]]:
-    """(path, info) of every object under an object-store prefix.
+    """(path, info) of every object under an object-store prefix, page by page as listed.
 
-    One flat listing of the prefix: walking "folders" there would miss keys with an empty
-    segment (a//b.png), which S3 allows.
+    No whole-prefix structure is built: each ListObjectsV2 page (1000 keys) is handed on as it
+    arrives, and the prefix is listed over parallel chains of pages (`_list_pages`). Keys come
+    in the order pages arrive, not sorted.
     """
-    found = with_retries(lambda: fs.find(path, detail=True, withdirs=False), f"list {path}")
-    for full in sorted(found):
-        info = found[full]
-        if info.get("type", "file") != "file":
-            continue
-        if excluded is not None and _inside("/".join(p for p in full.split("/") if p), excluded):
-            continue
-        yield full, info
+    for page in _list_pages(fs, path, stats):
+        stats.pages += 1
+        for key, info in page:
+            if excluded is not None and _inside("/".join(p for p in key.split("/") if p), excluded):
+                continue
+            yield key, info
+
+
+LISTING_CHAINS = 32  # chains of pages listed at once, at most
+_PAGES_IN_FLIGHT = 64  # pages listed ahead of the consumer: the driver's memory bound
+
+
+def _list_pages(
+    fs: fsspec.AbstractFileSystem, path: str, stats: ListingStats, chains: int = LISTING_CHAINS
+) -> Iterator[list[tuple[str, dict]]]:
+    """Pages of (bucket/key, info) under `path`, from up to `chains` parallel listings.
+
+    One chain of pages is sequential (each page's token asks for the next), so a big prefix
+    is split on its "folders": each level is listed with a delimiter, all of its prefixes at
+    once, until there are `chains` of them (or three levels down); the prefixes left are then
+    listed flat, in parallel. A key with an empty segment (a//b.png) sits under the common
+    prefix "a//", so every key is listed exactly once. Pages wait in a bounded queue.
+    """
+    bucket, _, key = path.partition("/")
+    prefix = key.rstrip("/") + "/" if key else ""
+    pages: queue.Queue = queue.Queue(maxsize=_PAGES_IN_FLIGHT)
+    stop = threading.Event()
+    counting = threading.Lock()
+    done = object()
+
+    def put(item: object) -> None:
+        while not stop.is_set():
+            try:
+                pages.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def chain(p: str, delimiter: str) -> list[str]:
+        with counting:
+            stats.chains += 1
+        return _list_chain(fs, bucket, p, delimiter, put, stop)
+
+    def produce() -> None:
+        try:
+            with ThreadPoolExecutor(chains, thread_name_prefix="dskd-listing") as pool:
+                level = [prefix]
+                for _ in range(3):
+                    if len(level) >= chains:
+                        break
+                    found = pool.map(lambda p: chain(p, "/"), level)
+                    level = [child for children in found for child in children]
+                for future in [pool.submit(chain, p, "") for p in level]:
+                    future.result()
+            put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            put(e)
+
+    producer = threading.Thread(target=produce, name="dskd-listing", daemon=True)
+    producer.start()
+    try:
+        while True:
+            item = pages.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()  # a consumer that stops early frees the listing threads
+        producer.join(timeout=5)
+
+
+def _list_chain(
+    fs: fsspec.AbstractFileSystem,
+    bucket: str,
+    prefix: str,
+    delimiter: str,
+    put: Callable[[object], None],
+    stop: threading.Event | None,
+) -> list[str]:
+    """List `prefix` page after page (each page retried), handing each page's files to `put`;
+    return the common prefixes (only with a delimiter)."""
+    kwargs: dict = {"Bucket": bucket, "Prefix": prefix}
+    if delimiter:
+        kwargs["Delimiter"] = delimiter
+    common: list[str] = []
+    while stop is None or not stop.is_set():
+        page = with_retries(
+            lambda: fs.call_s3("list_objects_v2", **kwargs), f"list s3://{bucket}/{prefix}"
+        )
+        common += [c["Prefix"] for c in page.get("CommonPrefixes", [])]
+        files = [
+            (f"{bucket}/{c['Key']}", {"size": c.get("Size", 0), "ETag": c.get("ETag")})
+            for c in page.get("Contents", [])
+            if not c["Key"].endswith("/")  # a "folder" marker, not an object to score
+        ]
+        if files:
+            put(files)
+        if not page.get("IsTruncated"):
+            break
+        kwargs["ContinuationToken"] = page["NextContinuationToken"]
+    return common
 
 
 # --- anomaly-map keys ------------------------------------------------------------------------------

@@ -9,24 +9,28 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import struct
 import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import s3fs
 import torch
 from fsspec.core import url_to_fs
 from PIL import Image
 
-from conftest import make_bucket
-from dskd_ray.batch_scoring import ScoringOptions, plan_pool, score_images
+from conftest import make_bucket, write_textures
+from dskd_ray.batch_scoring import ScoringOptions, dry_run, plan_pool, score_images
 from dskd_ray.checkpoint import Threshold, make_checkpoint, save_checkpoint
 from dskd_ray.config import DSKDConfig
 from dskd_ray.errors import DataError, StorageError
@@ -343,6 +347,273 @@ def test_local_folders_two_runs_at_once_then_nothing_new(ray_cluster, tmp_path: 
 
     again = score_images(str(images), str(model), str(out))
     assert (again.listed, again.skipped, again.scored, again.errors) == (n, n, 0, 0)
+
+
+# --- manifests and dry runs --------------------------------------------------------------------
+
+
+def test_a_manifest_scores_exactly_its_images_then_skips_them(ray_cluster, tmp_path: Path) -> None:  # noqa: ANN001
+    """Parquet without versions, then CSV with them: only the manifest's images get rows, a
+    listed file that does not exist is an error row, and nothing else in the folder is read."""
+    model, _ = make_model(tmp_path)
+    rng = np.random.default_rng(11)
+    blobs = {}
+    for i in range(8):
+        path = tmp_path / "images" / f"img_{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(texture(rng))
+        blobs[str(path)] = path.read_bytes()
+    chosen = sorted(blobs)[:5]
+    missing = str(tmp_path / "images" / "deleted-since.png")
+    manifest = tmp_path / "tonight.parquet"
+    pq.write_table(pa.table({"image_uri": [*chosen, missing], "camera": list("abcdef")}), manifest)
+    out = str(tmp_path / "out")
+
+    first = score_images(str(manifest), str(model), out, ScoringOptions(batch_size=4))
+    assert (first.listed, first.skipped, first.scored, first.errors, first.gone) == (6, 0, 5, 1, 0)
+    rows = read_results(out).to_pydict()
+    assert sorted(rows["image_uri"]) == sorted([*chosen, missing])
+    [err] = [i for i, u in enumerate(rows["image_uri"]) if u == missing]
+    assert rows["status"][err] == "error" and "cannot read" in rows["error"][err]
+    assert rows["retryable"][err] is True and rows["image_bytes"][err] is None
+    ok = [i for i, s in enumerate(rows["status"]) if s == "ok"]
+    assert all(rows["image_version"][i] == "" for i in ok)  # the manifest gave none
+    assert all(rows["image_bytes"][i] == len(blobs[rows["image_uri"][i]]) for i in ok)  # read
+    check_rows_against_core(rows, model, blobs)
+
+    # Again, as CSV with versions for two of them: those two are new keys, the rest are done;
+    # the missing file is retryable, so it is tried again.
+    csv = tmp_path / "tonight.csv"
+    csv.write_text(
+        "image_uri,image_version\n"
+        + "".join(f"{u},{'v2' if i < 2 else ''}\n" for i, u in enumerate([*chosen, missing]))
+    )
+    ahead = dry_run(str(csv), str(model), out)
+    assert (ahead.listed, ahead.skipped, ahead.to_score, ahead.unknown_bytes) == (6, 3, 3, 3)
+    second = score_images(str(csv), str(model), out, ScoringOptions(batch_size=4))
+    assert (second.listed, second.skipped, second.scored, second.errors) == (6, 3, 2, 1)
+    assert read_results(out).num_rows == 6 + 3
+
+
+def test_bad_manifests_are_refused_in_one_line(tmp_path: Path) -> None:
+    model, _ = make_model(tmp_path)
+    out = str(tmp_path / "out")
+    cases = {
+        "no-column.csv": ("path\n/a.png\n", "has no column image_uri (it has: path)"),
+        "relative.csv": ("image_uri\n/a.png\nb.png\n", "row 2: image_uri 'b.png' is not absolute"),
+        "empty.csv": ('image_uri\n/a.png\n""\n', "row 2: image_uri empty"),
+        "twice.csv": ("image_uri\n/a.png\n/b.png\n/a.png\n", "lists /a.png more than once"),
+        "garbage.parquet": ("not parquet at all", "cannot be read as parquet"),
+    }
+    for name, (text, words) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError, match=re.escape(words)):
+            dry_run(str(tmp_path / name), str(model), out)
+    result = subprocess.run(
+        [sys.executable, "-m", "dskd_ray.cli", "score", str(tmp_path / "relative.csv"), "--model",
+         str(model), "--out", out],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip() == (
+        "dskd: error: manifest relative.csv, row 2: image_uri 'b.png' is not absolute "
+        "(a path from / or a URI)"
+    )
+    assert not Path(out).exists()
+
+
+def test_dry_run_lists_diffs_and_counts_but_writes_nothing(tmp_path: Path) -> None:
+    """Half the folder already scored by a committed run (with its index), one scored image
+    deleted since: the dry run says what tonight's run would do, from the real CLI."""
+    from dskd_ray.batch_scoring import list_inputs
+    from dskd_ray.results import RESULT_SCHEMA
+    from dskd_ray.run_index import INDEX_COLUMNS, write_index
+
+    model, _ = make_model(tmp_path)
+    model_id = Scorer(str(model), device="cpu").model_id
+    images = tmp_path / "images"
+    paths = write_textures(images / "a", 6) + write_textures(images / "b", 4, seed=1)
+    (images / "notes.txt").write_text("not an image")
+    listing = list_inputs(str(images), str(tmp_path / "out")).table
+    sizes = dict(
+        zip(listing["image_uri"].to_pylist(), listing["image_bytes"].to_pylist(), strict=True)
+    )
+    done = listing.filter(pc.is_in(listing["image_uri"], pa.array([str(p) for p in paths[:5]])))
+    run_id = "20260101T000000Z-aaaaaa"
+    gone_uri = str(images / "a" / "deleted.png")
+    n = done.num_rows + 1
+    rows = {name: pa.nulls(n, RESULT_SCHEMA.field(name).type) for name in RESULT_SCHEMA.names}
+    rows |= {
+        "image_uri": pa.array([*done["image_uri"].to_pylist(), gone_uri]),
+        "image_version": pa.array([*done["image_version"].to_pylist(), "v"]),
+        "status": pa.array(["ok"] * n), "retryable": pa.array([False] * n),
+        "model_id": pa.array([model_id] * n), "run_id": pa.array([run_id] * n),
+    }  # fmt: skip
+    table = pa.table(rows, schema=RESULT_SCHEMA)
+    out = tmp_path / "out"
+    writer = PartWriter(str(out), run_id)
+    writer.write(table)
+    files = writer.close()
+    write_index(str(out), model_id, run_id, table.select(INDEX_COLUMNS), [])
+    commit_run(str(out), run_id, files, model_id=model_id)
+    before = sorted(p for p in out.rglob("*"))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "dskd_ray.cli", "score", str(images), "--model", str(model),
+         "--out", str(out), "--dry-run"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    left = sum(sizes[str(p)] for p in paths[5:])
+    kb = lambda b: f"{b / 1000:.1f} KB"  # noqa: E731
+    assert result.stdout.startswith(
+        f"dry run: listed 10 ({kb(sum(sizes.values()))}), skipped 5 (already scored), "
+        f"to score 5 ({kb(left)}), gone 1, other files 1;"
+    ), result.stdout
+    assert sorted(p for p in out.rglob("*")) == before  # nothing written
+    fresh = subprocess.run(
+        [sys.executable, "-m", "dskd_ray.cli", "score", str(images), "--model", str(model),
+         "--out", str(tmp_path / "never"), "--dry-run", "--rescore"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert "listed 10" in fresh.stdout and "to score 10" in fresh.stdout, fresh.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_handful_of_images_is_scored_in_process_with_the_same_rows(tmp_path: Path) -> None:
+    """No Ray named or running: `dskd score` scores a few images in its own process (no Ray
+    start), through the same stages, into the same committed rows and maps."""
+    model, _ = make_model(tmp_path)
+    images = tmp_path / "images"
+    rng = np.random.default_rng(4)
+    blobs = {}
+    for i in range(9):
+        path = images / f"img_{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(texture(rng))
+        blobs[str(path)] = path.read_bytes()
+    (images / "corrupt.png").write_bytes(rng.bytes(300))
+    blobs[str(images / "corrupt.png")] = b""
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run(
+        [sys.executable, "-m", "dskd_ray.cli", "score", str(images), "--model", str(model),
+         "--out", str(out), "--batch-size", "4", "-v"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "scoring 10 images in this process" in result.stderr
+    assert "Started a local Ray instance" not in result.stderr + result.stdout
+    assert "listed 10, scored 9, errors 1, skipped 0" in result.stdout
+    rows = read_results(str(out)).to_pydict()
+    assert sorted(rows["image_uri"]) == sorted(blobs)
+    check_rows_against_core(rows, model, blobs)
+    [bad] = [i for i, u in enumerate(rows["image_uri"]) if u.endswith("corrupt.png")]
+    assert rows["status"][bad] == "error" and "not a recognised image format" in rows["error"][bad]
+
+
+# --- dead workers -------------------------------------------------------------------------------
+
+
+def _pids(pattern: str) -> list[int]:
+    """Processes whose title (Ray sets it to the task or actor it runs) contains `pattern`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if title.startswith("ray::") and pattern in title:
+                found.append(int(entry.name))
+    return found
+
+
+def _score_and_kill(ray_cluster, tmp_path: Path, blobs: dict[str, bytes], pattern: str,  # noqa: ANN001
+                    ready: Callable[[], bool]) -> tuple[list[int], subprocess.CompletedProcess]:  # fmt: skip
+    """A real `dskd score` job on the session's Ray; SIGKILL the first process whose title
+    contains `pattern` once `ready()` says so. Returns (killed pids, the job's result)."""
+    model, _ = make_model(tmp_path)
+    job = subprocess.Popen(
+        [sys.executable, "-m", "dskd_ray.cli", "score", str(tmp_path / "images"), "--model",
+         str(model), "--out", str(tmp_path / "out"), "--address",
+         ray_cluster.get_runtime_context().gcs_address, "--batch-size", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    killed: list[int] = []
+    deadline = time.time() + 900  # a guard against a hang, not a timing: shared CI is slow
+    try:
+        while not killed and job.poll() is None and time.time() < deadline:
+            if ready():
+                for pid in _pids(pattern):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    break
+            time.sleep(0.02)
+        stdout, stderr = job.communicate(timeout=900)  # a hang (ray-project/ray#62746) fails here
+    finally:
+        if job.poll() is None:  # the test failed: leave no job behind on the session's Ray
+            job.kill()
+            job.wait()
+    return killed, subprocess.CompletedProcess(job.args, job.returncode, stdout, stderr)
+
+
+def _write_images(folder: Path, n: int, side: int | None = None) -> dict[str, bytes]:
+    rng = np.random.default_rng(8)
+    blobs = {}
+    for i in range(n):
+        path = folder / f"line{i % 2}" / f"img_{i:02d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if side:  # big enough that decoding a block takes a while: a task to catch running
+            yy, xx = np.mgrid[0:side, 0:side] / side
+            img = 0.5 + 0.4 * np.sin(40 * (xx + yy * (1 + i / n)))[..., None] * np.ones(3)
+            Image.fromarray((img * 255).astype(np.uint8)).save(path)
+        else:
+            path.write_bytes(texture(rng))
+        blobs[str(path)] = path.read_bytes()
+    return blobs
+
+
+def _check_one_row_each(tmp_path: Path, blobs: dict[str, bytes], result) -> None:  # noqa: ANN001
+    assert result.returncode == 0, result.stderr[-3000:]
+    n = len(blobs)
+    assert f"listed {n}, scored {n}, errors 0" in result.stdout
+    [run] = committed_runs(str(tmp_path / "out"))
+    rows = read_results(str(tmp_path / "out")).to_pydict()
+    assert sorted(rows["image_uri"]) == sorted(blobs)  # every image exactly once
+    assert set(rows["run_id"]) == {run.run_id}
+    check_rows_against_core(rows, tmp_path / "model.pt", blobs)
+
+
+def test_a_scoring_actor_killed_mid_run_still_commits_one_row_per_image(
+    ray_cluster,
+    tmp_path: Path,  # noqa: ANN001
+) -> None:
+    """SIGKILL the scoring actor once its first maps are written: Ray restarts it (the model
+    loads again) and retries its batch; the run commits every image exactly once, and does not
+    hang on the dead actor of its one-actor pool."""
+    blobs = _write_images(tmp_path / "images", 24)
+    maps = tmp_path / "out" / "maps"
+    killed, result = _score_and_kill(
+        ray_cluster, tmp_path, blobs, "MapBatches(ScoringActor)",
+        lambda: maps.is_dir() and any(maps.rglob("*.png")),
+    )  # fmt: skip
+    assert killed, f"no scoring actor was seen to kill:\n{result.stderr[-3000:]}"
+    assert len(list(maps.rglob("*.png"))) < 2 * len(blobs)
+    _check_one_row_each(tmp_path, blobs, result)
+
+
+def test_a_decode_worker_killed_mid_task_still_commits_one_row_per_image(
+    ray_cluster,
+    tmp_path: Path,  # noqa: ANN001
+) -> None:
+    """SIGKILL a worker process while it decodes a block: Ray runs the task again elsewhere."""
+    blobs = _write_images(tmp_path / "images", 12, side=1800)
+    killed, result = _score_and_kill(
+        ray_cluster, tmp_path, blobs, "MapBatches(decode_batch)", lambda: True
+    )
+    assert killed, f"no decode task was caught running:\n{result.stderr[-3000:]}"
+    _check_one_row_each(tmp_path, blobs, result)
 
 
 # --- the parts, without Ray --------------------------------------------------------------------

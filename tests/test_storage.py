@@ -70,3 +70,32 @@ def test_output_equal_to_input_is_refused(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match="is INPUT itself"):
             check_output("s3://b/images/", out)
     check_output("s3://b/images", "s3://b/images-scores")
+
+
+def test_s3_listing_pages_and_shards_find_every_key_once(s3_server: dict) -> None:
+    """More than one ListObjectsV2 page per shard, several shards, and the keys a folder walk
+    misses (an empty segment, files beside folders); the same set as one flat listing."""
+    import s3fs
+
+    from conftest import make_bucket
+
+    make_bucket(s3_server, "st-listing")
+    keys = [f"plant/big/img_{i:04d}.png" for i in range(1100)]  # two pages in one shard
+    keys += [f"plant/line{i % 5}/cam{i % 3}/img_{i}.jpg" for i in range(200)]
+    keys += ["plant/top.png", "plant//empty-segment.png", "plant/a/b/c/d/e/deep.png"]
+    fs = s3fs.S3FileSystem()
+    fs.pipe({f"st-listing/{k}": b"" for k in keys} | {"st-listing/plant/notes.txt": b"x"})
+    fs.pipe({"st-listing/plant/marker/": b""})  # a "folder" marker some tools write
+    fs.pipe({"st-listing/plantation/not-under-the-prefix.png": b""})
+
+    stats = ListingStats()
+    listed = list(iter_images("s3://st-listing/plant", stats=stats))
+    images = sorted(e.uri for e in listed if e is not None)
+    assert images == sorted(f"s3://st-listing/{k}" for k in keys)  # each once, nothing else
+    assert sum(e is None for e in listed) == 1  # notes.txt
+    assert all(e.version and e.size == 0 for e in listed if e is not None)
+    # The prefix really was split: many chains of pages, listed in parallel.
+    assert stats.chains > 20 and stats.pages > stats.chains / 2
+    # The output inside the input is left out, as for local folders.
+    rest = [e for e in iter_images("s3://st-listing/plant", exclude="s3://st-listing/plant/big")]
+    assert sum(e is not None for e in rest) == len(keys) - 1100

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision import models
+
+# torchvision is imported where a ResNet is built, not here: importing it takes longer than
+# importing torch, and a run with another backbone (or none, as a dry run) needs none of it.
 
 RESNET_CHANNELS: dict[str, tuple[int, int, int]] = {
     "resnet18": (64, 128, 256),
@@ -25,6 +27,8 @@ class ResNetTrunk(nn.Module):
     """conv1 … layer3 of a torchvision ResNet; layer4 and the classifier are dropped."""
 
     def __init__(self, name: str) -> None:
+        from torchvision import models
+
         super().__init__()
         full = getattr(models, name)(weights=None)
         self.conv1, self.bn1, self.relu, self.maxpool = (
@@ -46,5 +50,7 @@ class ResNetTrunk(nn.Module):
 
 def torchvision_imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
     """torchvision's official weights, from its cache or a download where the network allows."""
+    from torchvision import models
+
     weights = models.get_weight(TORCHVISION_WEIGHTS[name])
     return weights.get_state_dict(progress=False, check_hash=True)
