@@ -7,6 +7,7 @@ exporter, ONNX Runtime, a local Ray, Parquet and map PNGs read back.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -197,3 +198,34 @@ def test_ray_run_on_onnxruntime_writes_the_rows_and_maps_of_a_pytorch_run(
         a = decode_map_png(Path(mine).read_bytes())
         b = decode_map_png(Path(theirs).read_bytes())
         assert np.abs(a - b).max() <= scale + 1e-4 * np.abs(b).max()  # one 16-bit step
+
+
+def test_cli_scores_a_handful_in_process_on_onnxruntime_like_pytorch(
+    trained, demo: Path, test_images: np.ndarray, tmp_path: Path
+) -> None:
+    """No Ray: `dskd score --backend onnxruntime` on a few images runs the graph in its own
+    process and writes PyTorch's scores."""
+    model = trained("both")
+    out = tmp_path / "scores"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["DSKD_RAY_CACHE"] = str(tmp_path / "cache")
+    done = subprocess.run(
+        [sys.executable, "-m", "dskd_ray.cli", "score", str(demo / "test"), "--model",
+         str(model), "--out", str(out), "--backend", "onnxruntime", "-v"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "in this process" in done.stderr and "Started a local Ray" not in done.stderr
+    n = len(test_images)
+    assert f"listed {n}, scored {n}, errors 0" in done.stdout
+    assert list((tmp_path / "cache" / "onnx").glob("*.onnx"))
+
+    rows = read_results(str(out)).sort_by("image_uri").to_pydict()
+    uris = sorted(list_images(str(demo / "test")))
+    assert rows["image_uri"] == uris
+    images, _, _ = load_images(uris, SIZE)
+    checkpoint = load_checkpoint(str(model))
+    want = Scorer(checkpoint, device="cpu").score_batch(images).scores
+    got = np.array(rows["score"], np.float32)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    assert rows["is_anomalous"] == [bool(s > checkpoint.threshold.value) for s in got]

@@ -82,7 +82,7 @@ def test_students_are_averaged_and_score_is_max() -> None:
     same, opposite = [torch.ones(1, 2, 4, 4)], [-torch.ones(1, 2, 4, 4)]
     maps = anomaly_map({"teacher": t, "se": same, "sd": opposite}, (4, 4), sigma=0)
     assert torch.allclose(maps, torch.ones(1, 4, 4))  # mean of 0 and 2
-    assert image_score(maps).tolist() == [1.0]
+    assert image_score(maps).tolist() == pytest.approx([1.0])
 
 
 def test_gaussian_blur_is_sigma_4_kernel_33_and_preserves_mass() -> None:
