@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dskd_ray import tiling
 from dskd_ray.config import ScoringOptions
 from dskd_ray.drift import run_drift
 from dskd_ray.errors import ConfigError, DataError, DSKDError
@@ -181,11 +182,18 @@ def ensure_ray(address: str | None = None) -> None:
 # --- the pipeline stages -----------------------------------------------------------------------
 
 
-def decode_batch(batch: dict[str, np.ndarray], image_size: int, io_threads: int) -> dict[str, Any]:
-    """Read and decode a block of images (a CPU task). Failures become error rows."""
+def decode_batch(
+    batch: dict[str, np.ndarray], image_size: int | None, io_threads: int
+) -> dict[str, Any]:
+    """Read and decode a block of images (a CPU task) to image_size², or, for a tiled model
+    (image_size None), at full resolution. Failures become error rows."""
     uris = [str(u) for u in batch["image_uri"]]
     n = len(uris)
-    images = np.zeros((n, image_size, image_size, 3), np.uint8)
+    if image_size is None:  # sizes differ: one array per image (an error row keeps a 1×1)
+        images = np.empty(n, object)
+        images[:] = [np.zeros((1, 1, 3), np.uint8) for _ in range(n)]
+    else:
+        images = np.zeros((n, image_size, image_size, 3), np.uint8)
     width = np.full(n, -1, np.int32)
     height = np.full(n, -1, np.int32)
     status = np.full(n, "ok", dtype=object)
@@ -284,12 +292,20 @@ class ScoringActor:
         n, size = len(status), self.scorer.image_size
         score = np.full(n, np.nan, np.float32)
         anomalous = np.full(n, -1, np.int8)  # -1: no threshold, or no score
-        quantized = np.zeros((n, size, size), np.uint16)
+        tiled = self.scorer.tiled
+        if tiled:  # each map at its image's size (bounded): one array per row
+            quantized = np.empty(n, object)
+            quantized[:] = [np.zeros((1, 1), np.uint16) for _ in range(n)]
+        else:
+            quantized = np.zeros((n, size, size), np.uint16)
         scale = np.zeros(n, np.float64)
         ok = np.flatnonzero(status == "ok")
         if len(ok):
             try:
-                result = self.scorer.score_batch(np.ascontiguousarray(images[ok]))
+                if tiled:
+                    result = self.scorer.score_images([images[i] for i in ok])
+                else:
+                    result = self.scorer.score_batch(np.ascontiguousarray(images[ok]))
             except Exception as e:  # noqa: BLE001 - e.g. out of GPU memory: retry next run
                 logging.getLogger(__name__).exception("scoring a batch of %d failed", len(ok))
                 status[ok], retryable[ok] = "error", True
@@ -302,7 +318,8 @@ class ScoringActor:
                 finite = result.finite
                 for j, i in enumerate(ok):
                     if finite[j]:
-                        quantized[i], scale[i] = quantize_map(result.maps[j])
+                        stored = tiling.bounded(result.maps[j]) if tiled else result.maps[j]
+                        quantized[i], scale[i] = quantize_map(stored)
                     else:
                         # Final for this model (its id is in done_keys); another model, with
                         # another id, scores the image again.
@@ -354,6 +371,7 @@ def write_maps_batch(
                 status[i], retryable[i] = "error", True
                 error[i] = f"cannot write map: {_describe(e)}"
     ok = status == "ok"
+    map_missing = np.array([u is None for u in uris], bool)
     flags = batch["is_anomalous"]
     return pa.table(
         {
@@ -369,6 +387,12 @@ def write_maps_batch(
             "is_anomalous": pa.array(flags == 1, pa.bool_(), mask=(flags < 0) | ~ok),
             "map_uri": pa.array(uris, pa.string()),
             "map_scale": pa.array(batch["map_scale"], pa.float64(), mask=~ok),
+            "map_width": pa.array(
+                [q.shape[1] for q in batch["map_q"]], pa.int32(), mask=map_missing
+            ),
+            "map_height": pa.array(
+                [q.shape[0] for q in batch["map_q"]], pa.int32(), mask=map_missing
+            ),
             "model_id": pa.array([model_id] * n, pa.string()),
             "run_id": pa.array([run_id] * n, pa.string()),
             "scored_at": pa.array([utc_now()] * n, RESULT_SCHEMA.field("scored_at").type),
@@ -826,7 +850,7 @@ def _run_in_process(
     for start in range(0, table.num_rows, options.batch_size):
         block = table.slice(start, options.batch_size)
         batch = {name: block[name].to_numpy(zero_copy_only=False) for name in block.column_names}
-        decoded = decode_batch(batch, checkpoint.config.image_size, options.io_threads)
+        decoded = decode_batch(batch, scorer.scorer.decode_size, options.io_threads)
         rows = write_maps_batch(
             scorer(decoded),
             join_uri(output, MAPS_DIR),
@@ -876,7 +900,11 @@ def _run_pipeline(
             batch_size=None,
             batch_format="numpy",
             num_cpus=plan.task_cpus,
-            fn_kwargs={"image_size": image_size, "io_threads": options.io_threads},
+            # A tiled model's images are decoded whole (None): tiles are cut in the actor.
+            fn_kwargs={
+                "image_size": None if checkpoint.config.tiled else image_size,
+                "io_threads": options.io_threads,
+            },
         )
         .map_batches(
             ScoringActor,

@@ -138,11 +138,31 @@ def make_demo_data_cmd(
     directory: Annotated[Path, typer.Argument(help="Folder to write the data set into")],
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same files")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace existing category folders")] = False,
+    category: Annotated[
+        list[str] | None,
+        typer.Option(help="Only this category (repeat for several; default: all three)"),
+    ] = None,
+    image_size: Annotated[int, typer.Option(min=32, help="Side of every image, in pixels")] = 256,
+    defect_window: Annotated[
+        int | None,
+        typer.Option(
+            min=32,
+            help="Paint each defect as if the image were this wide, in a window of it: "
+            "small defects on large images (woven, brushed_metal)",
+        ),
+    ] = None,
 ) -> None:
     """Write the built-in procedurally generated demo data set (MVTec AD layout)."""
     from dskd_ray.demo_data import make_demo_data
 
-    made = make_demo_data(directory, seed=seed, overwrite=overwrite)
+    made = make_demo_data(
+        directory,
+        categories=category or None,
+        seed=seed,
+        overwrite=overwrite,
+        image_size=image_size,
+        defect_window=defect_window,
+    )
     for name, path in made.items():
         _echo(f"{name}: {path}")
 
@@ -171,6 +191,19 @@ def train(
             max=MAX_IMAGE_SIZE,
             help="Square input size, a multiple of 32",
         ),
+    ] = None,
+    tile: Annotated[
+        int | None,
+        typer.Option(
+            min=64,
+            max=MAX_IMAGE_SIZE,
+            help="Cut images into SIZE×SIZE tiles at full resolution instead of shrinking "
+            "them to --image-size (small defects on large images); a multiple of 32",
+        ),
+    ] = None,
+    tile_overlap: Annotated[
+        int | None,
+        _opt(DEFAULTS.tile_overlap, min=0, help="With --tile: pixels neighbouring tiles share"),
     ] = None,
     backbone: Annotated[str | None, _opt(DEFAULTS.backbone, help=BACKBONE_HELP)] = None,
     teacher_weights: Annotated[
@@ -303,8 +336,13 @@ def train(
             "--address, --storage-path, --run-name and --gpus-per-worker need --workers N"
         )
 
+    if tile is not None and image_size is not None:
+        raise DSKDError("--tile SIZE sets the model's input size: drop --image-size")
+    if tile_overlap is not None and tile is None:
+        raise DSKDError("--tile-overlap needs --tile SIZE")
     config = DSKDConfig(**_given(
-        epochs=epochs, batch_size=batch_size, image_size=image_size, backbone=backbone,
+        epochs=epochs, batch_size=batch_size, image_size=tile or image_size, backbone=backbone,
+        tiled=True if tile else None, tile_overlap=tile_overlap,
         teacher_weights=teacher_weights, students=students, df_input=df_input,
         level_fusion=level_fusion, level_normalization=level_normalization, map_baseline=map_baseline,
         score_top_k=score_top_k, lr=lr, lr_schedule=lr_schedule, seed=seed,

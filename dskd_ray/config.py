@@ -68,6 +68,10 @@ class DSKDConfig:
     # three real object categories (docs/design.md §2).
     map_baseline: str = "subtract"
     image_size: int = 256
+    # Tiling (docs/design.md §8): images are cut into image_size × image_size tiles at full
+    # resolution, not shrunk to image_size; their maps are stitched into one map of the image.
+    tiled: bool = False
+    tile_overlap: int = 32  # pixels shared by neighbouring tiles, blended when stitched
     blur_sigma: float = 4.0
     # Image score: the map's maximum (1) or the mean of its `score_top_k` highest pixels.
     score_top_k: int = 1
@@ -109,6 +113,11 @@ class DSKDConfig:
             raise ConfigError(
                 f"image_size={self.image_size} must be a multiple of 32, from 64 to "
                 f"{MAX_IMAGE_SIZE}"
+            )
+        if not 0 <= self.tile_overlap <= self.image_size // 2:
+            raise ConfigError(
+                f"tile_overlap={self.tile_overlap} must be from 0 to half the tile "
+                f"({self.image_size // 2})"
             )
         if self.score_top_k < 1:
             raise ConfigError(f"score_top_k={self.score_top_k} must be at least 1")

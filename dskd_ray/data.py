@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dskd_ray import tiling
 from dskd_ray.errors import DataError
 from dskd_ray.images import ImageDecodeError, decode_image, decode_mask, is_image_path
 from dskd_ray.storage import (
@@ -142,10 +143,13 @@ def training_images(root: str) -> tuple[str, list[str]]:
     return path_name(root) or "images", images
 
 
-def load_images(uris: list[str], size: int) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
-    """Decode many images to (N, size, size, 3) uint8, skipping unreadable ones.
+def decode_images(
+    uris: list[str], size: int | None
+) -> tuple[list[np.ndarray], list[str], list[tuple[str, str]]]:
+    """Decode many images to (H, W, 3) uint8 arrays — size×size, or full resolution when size
+    is None — skipping unreadable ones.
 
-    Returns (images, kept URIs, [(skipped URI, reason)]). Each skip is logged by name. Reads
+    Returns (arrays, kept URIs, [(skipped URI, reason)]). Each skip is logged by name. Reads
     are retried on transient storage failures first (`storage.read_object`).
     """
     arrays, kept, skipped = [], [], []
@@ -160,13 +164,47 @@ def load_images(uris: list[str], size: int) -> tuple[np.ndarray, list[str], list
             continue
         arrays.append(rgb)
         kept.append(uri)
+    return arrays, kept, skipped
+
+
+def load_images(uris: list[str], size: int) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+    """`decode_images` at size×size, stacked to (N, size, size, 3) uint8."""
+    arrays, kept, skipped = decode_images(uris, size)
     if not arrays:
         return np.zeros((0, size, size, 3), np.uint8), kept, skipped
     return np.stack(arrays), kept, skipped
 
 
-def load_mask(uri: str | None, size: int) -> np.ndarray:
-    """A test image's mask at size×size; all-false when it has none (a normal image)."""
+def load_model_inputs(
+    uris: list[str], size: int, tiled: bool, overlap: int
+) -> tuple[np.ndarray, list[str], list[tuple[str, str]], np.ndarray]:
+    """What a model trains on: the images at size×size, or, tiled, every full-resolution
+    size×size tile of each (docs/design.md §8).
+
+    Returns (rows (N, size, size, 3) uint8, kept URIs, skipped, owner): owner[i] is the index
+    in kept of the image row i comes from.
+    """
+    if not tiled:
+        images, kept, skipped = load_images(uris, size)
+        return images, kept, skipped, np.arange(len(kept))
+    tiles, owners, kept, skipped = [], [], [], []
+    for uri in uris:  # one image at a time: only its tiles stay
+        arrays, ok, bad = decode_images([uri], None)
+        skipped += bad
+        if arrays:
+            cut, _ = tiling.cut(arrays[0], size, overlap)
+            tiles.append(cut)
+            owners.append(np.full(len(cut), len(kept)))
+            kept += ok
+    if not tiles:
+        return np.zeros((0, size, size, 3), np.uint8), kept, skipped, np.zeros(0, np.int64)
+    return np.concatenate(tiles), kept, skipped, np.concatenate(owners)
+
+
+def load_mask(uri: str | None, size: int | tuple[int, int]) -> np.ndarray:
+    """A test image's mask at size×size, or (height, width); all-false when it has none (a
+    normal image)."""
+    shape = (size, size) if isinstance(size, int) else size
     if uri is None:
-        return np.zeros((size, size), dtype=bool)
-    return decode_mask(read_object(uri), size)
+        return np.zeros(shape, dtype=bool)
+    return decode_mask(read_object(uri), shape)

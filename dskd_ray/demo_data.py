@@ -648,10 +648,14 @@ def render_sample(
     split: str | None = None,
     index: int = 0,
     image_size: int = 256,
+    defect_window: int | None = None,
 ) -> DemoSample:
     """Render one demo image in memory: the image `make_demo_data` writes for the same arguments.
 
     ``defect=None`` gives a normal image; ``split`` defaults to ``test/<defect>`` or ``train/good``.
+    ``defect_window=W`` paints the defect as if the image were W pixels wide, in a random W×W
+    window of it: at image_size 1024 and W 256, a defect a sixteenth of the usual size (the
+    small defects on large images that tiling is for; textures only).
     """
     _check_args([category], seed, image_size)
     spec = _CATEGORIES[category]
@@ -667,16 +671,59 @@ def render_sample(
     if defect is None:
         return DemoSample(reference, np.zeros(reference.shape[:2], dtype=bool), reference)
 
-    min_area = max(3, image_size * image_size // 4000)
+    window = image_size if defect_window is None else defect_window
+    if not _MIN_IMAGE_SIZE <= window <= image_size:
+        raise ConfigError(
+            f"defect_window must be from {_MIN_IMAGE_SIZE} to the image size ({image_size}), "
+            f"got {window}"
+        )
+    if window < image_size and category not in _WINDOWED:
+        raise ConfigError(
+            f"defect_window works on the textures ({', '.join(_WINDOWED)}), not {category!r}"
+        )
+    top = left = 0
+    if window < image_size:  # drawn only then: the default images stay byte-identical
+        top, left = (int(v) for v in rng.integers(0, image_size - window + 1, 2))
+    local = _crop(scene, top, left, window)
+    min_area = max(3, window * window // 4000)
     for _ in range(_MAX_DEFECT_TRIES):
-        painted, mask = spec.defects[defect](scene, rng)
+        painted, mask = spec.defects[defect](local, rng)
         if mask.sum() >= min_area:
             break
     else:  # pragma: no cover - each painter lands on its surface far more often than this
         raise RuntimeError(f"could not place a {defect!r} defect on a {category!r} image")
+    if window < image_size:  # the defect, painted on its window, back in the whole image
+        whole, full_mask = scene.image.copy(), np.zeros((image_size, image_size), bool)
+        whole[top : top + window, left : left + window] = painted
+        full_mask[top : top + window, left : left + window] = mask
+        painted, mask = whole, full_mask
     # Painting only through the mask keeps every pixel outside it identical to the reference.
     image = np.where(mask[..., None], _to_uint8(painted), reference)
     return DemoSample(image, mask, reference)
+
+
+# Categories whose scene is the same everywhere, so a window of it is a scene of its own (a
+# washer's geometry — its centre and radii — is not).
+_WINDOWED = ("woven", "brushed_metal")
+
+
+def _crop(scene: _Scene, top: int, left: int, window: int) -> _Scene:
+    """The window×window part of a scene at (top, left), with every per-pixel layer cut too."""
+    size = scene.size
+    if window == size:
+        return scene
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, np.ndarray) and value.shape[:2] == (size, size):
+            return value[top : top + window, left : left + window]
+        return value
+
+    return _Scene(
+        image=cut(scene.image),
+        backdrop=cut(scene.backdrop),
+        surface=cut(scene.surface),
+        extra={k: cut(v) for k, v in scene.extra.items()},
+    )
 
 
 def _check_args(categories: Sequence[str], seed: int, image_size: int) -> None:
@@ -708,6 +755,7 @@ def _write_category(
     n_test_good: int,
     n_test_defect_per_type: int,
     image_size: int,
+    defect_window: int | None = None,
 ) -> None:
     def stem(index: int, count: int) -> str:
         return f"{index:0{max(3, len(str(count - 1)))}d}"
@@ -721,7 +769,9 @@ def _write_category(
         _save(sample.image, folder / "test" / "good" / f"{stem(k, n_test_good)}.png")
     for defect in DEMO_DEFECTS[category]:
         for k in range(n_test_defect_per_type):
-            sample = render_sample(category, defect, split=f"test/{defect}", index=k, **kw)
+            sample = render_sample(
+                category, defect, split=f"test/{defect}", index=k, defect_window=defect_window, **kw
+            )
             name = stem(k, n_test_defect_per_type)
             _save(sample.image, folder / "test" / defect / f"{name}.png")
             mask = np.where(sample.mask, 255, 0).astype(np.uint8)
@@ -737,6 +787,7 @@ def make_demo_data(
     n_test_defect_per_type: int = 6,
     image_size: int = 256,
     overwrite: bool = False,
+    defect_window: int | None = None,
 ) -> dict[str, Path]:
     """Write the demo data set in MVTec AD layout under ``root``; return category -> its folder.
 
@@ -771,8 +822,9 @@ def make_demo_data(
         if staging.exists():
             shutil.rmtree(staging)
         _write_category(
-            staging, name, seed, n_train, n_test_good, n_test_defect_per_type, image_size
-        )
+            staging, name, seed, n_train, n_test_good, n_test_defect_per_type, image_size,
+            defect_window,
+        )  # fmt: skip
         if folder.is_dir():
             shutil.rmtree(folder)
         elif folder.exists():

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dskd_ray import metrics
-from dskd_ray.data import Category, load_images, load_mask
+from dskd_ray.data import Category, decode_images, load_mask
 from dskd_ray.errors import DataError, ScoreError
-from dskd_ray.scoring import Scorer, not_finite_reason
+from dskd_ray.scoring import BatchScorer, not_finite_reason
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,9 @@ class CategoryResult:
     labels: np.ndarray | None = None
     paths: list[str] = field(default_factory=list)
     defect_types: list[str] = field(default_factory=list)
-    maps: np.ndarray | None = None
-    masks: np.ndarray | None = None
+    # (N, H, W), or lists of (H, W) when the images' sizes differ (a tiled model)
+    maps: np.ndarray | list[np.ndarray] | None = None
+    masks: np.ndarray | list[np.ndarray] | None = None
 
     def metrics(self) -> dict[str, float | None]:
         return {k: getattr(self, k) for k in METRIC_KEYS}
@@ -45,12 +46,12 @@ def _finite_or_none(x: float) -> float | None:
 
 
 def evaluate_category(
-    scorer: Scorer, category: Category, keep_maps: bool = False, chunk: int = 64
+    scorer: BatchScorer, category: Category, keep_maps: bool = False, chunk: int = 64
 ) -> CategoryResult:
     """Score every test image of one category and compute its metrics."""
     if not category.test:
         raise DataError(f"{category.root} has no test/ images to evaluate on")
-    size = scorer.image_size
+    size = scorer.decode_size  # None: a tiled model scores images at full resolution
     # Pixel metrics need a mask for every anomalous image; a data set without them gets nulls.
     with_masks = all(t.mask_path for t in category.test if t.label == 1) and any(
         t.label == 1 for t in category.test
@@ -59,10 +60,10 @@ def evaluate_category(
     skipped: list[tuple[str, str]] = []
     for start in range(0, len(category.test), chunk):
         items = category.test[start : start + chunk]
-        images, kept, bad = load_images([t.path for t in items], size)
+        images, kept, bad = decode_images([t.path for t in items], size)
         skipped += bad
         by_path = {t.path: t for t in items}
-        result = scorer.score_batch(images)
+        result = scorer.score_images(images)
         broken = np.flatnonzero(~result.finite)
         if len(broken):
             # Metrics over NaN scores would be numbers that mean nothing: refuse them.
@@ -78,12 +79,10 @@ def evaluate_category(
             paths.append(uri)
             types.append(item.defect_type)
             if with_masks or keep_maps:
-                maps_kept.append(result.maps[i].astype(np.float32))
-                masks_kept.append(
-                    load_mask(item.mask_path, size)
-                    if item.mask_path
-                    else np.zeros((size, size), bool)
-                )
+                # Compared at the map's size: the model's input, or the image's own (tiled).
+                full = result.maps[i].astype(np.float32)
+                maps_kept.append(full)
+                masks_kept.append(load_mask(item.mask_path, full.shape))
     if skipped:
         log.warning(
             "%s: %d test image(s) could not be read and were left out", category.name, len(skipped)
@@ -94,9 +93,12 @@ def evaluate_category(
     image_auroc = metrics.image_auroc(y, s) if both_classes else float("nan")
     f1 = metrics.f1_max(y, s) if both_classes else float("nan")
     pixel_auroc = aupro = float("nan")
-    maps = np.stack(maps_kept) if maps_kept else None
-    masks = np.stack(masks_kept) if masks_kept else None
-    if with_masks and maps is not None and masks is not None and masks.any():
+    maps = masks = None
+    if maps_kept and len({m.shape for m in maps_kept}) == 1:
+        maps, masks = np.stack(maps_kept), np.stack(masks_kept)
+    elif maps_kept:  # a tiled model's maps, each at its image's size
+        maps, masks = maps_kept, masks_kept
+    if with_masks and maps is not None and masks is not None and any(m.any() for m in masks):
         pixel_auroc = metrics.pixel_auroc(masks, maps)
         aupro = metrics.aupro(masks, maps, fpr_limit=0.3)
     return CategoryResult(

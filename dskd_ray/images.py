@@ -116,10 +116,11 @@ def decode_image(data: bytes, size: int | None = None) -> tuple[np.ndarray, tupl
         raise ImageDecodeError(f"corrupt or truncated image: {e}") from e
 
 
-def decode_mask(data: bytes, size: int) -> np.ndarray:
-    """Ground-truth mask → (size, size) bool, resized nearest and thresholded at half
-    (docs/design.md §4)."""
-    img = open_image(data)
-    img = img.convert("L") if img.mode not in ("1", "L") else img.convert("L")
-    img = img.resize((size, size), Image.NEAREST)
+def decode_mask(data: bytes, size: int | tuple[int, int]) -> np.ndarray:
+    """Ground-truth mask → (size, size) or (height, width) bool, resized nearest (when its own
+    size differs) and thresholded at half (docs/design.md §4)."""
+    height, width = (size, size) if isinstance(size, int) else size
+    img = open_image(data).convert("L")
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.NEAREST)
     return np.asarray(img) > 127

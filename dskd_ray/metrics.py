@@ -17,6 +17,8 @@ Conventions:
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 __all__ = [
@@ -106,11 +108,16 @@ def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
-    """ROC AUC over all pixels pooled; masks (N, H, W) bool, maps (N, H, W) float.
+    """ROC AUC over all pixels pooled; masks (N, H, W) bool, maps (N, H, W) float, or lists
+    of (H, W) arrays of different sizes (a tiled model's full-resolution maps).
 
     Equals ``roc_auc_score(masks.ravel(), maps.ravel())``. Maps are compared in their own dtype
     (pass float32 to halve memory). Returns NaN when no pixel is anomalous or none is normal.
     """
+    ragged = _ragged(masks, maps)
+    if ragged is not None:  # different sizes: all pixels pooled, as for a stack
+        masks = np.concatenate([m.ravel() for m in ragged[0]])
+        maps = np.concatenate([s.ravel() for s in ragged[1]])
     masks, maps = _check_pair(masks, maps, "masks", "maps")
     positive = maps[masks]
     if positive.size in (0, masks.size):
@@ -291,8 +298,26 @@ def _check_fpr_limit(fpr_limit: float) -> float:
     return fpr_limit
 
 
-def _as_image_stack(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    masks, maps = _check_pair(masks, maps, "masks", "maps")
+def _ragged(masks: Any, maps: Any) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
+    """Lists of (H, W) masks and maps whose sizes differ (a tiled model's full-resolution
+    maps), each pair checked; None for anything that stacks."""
+    if not isinstance(masks, (list, tuple)) or len({np.shape(m) for m in masks}) <= 1:
+        return None
+    if len(masks) != len(maps):
+        raise ValueError(f"{len(masks)} masks for {len(maps)} maps")
+    pairs = [_check_pair(m, s, "masks", "maps") for m, s in zip(masks, maps, strict=True)]
+    if any(m.ndim != 2 for m, _ in pairs):
+        raise ValueError("masks and maps of different sizes must each be (H, W)")
+    return [m for m, _ in pairs], [s for _, s in pairs]
+
+
+def _as_image_stack(
+    masks: np.ndarray | list[np.ndarray], maps: np.ndarray | list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray] | tuple[list[np.ndarray], list[np.ndarray]]:
+    ragged = _ragged(masks, maps)
+    if ragged is not None:
+        return ragged
+    masks, maps = _check_pair(np.asarray(masks), np.asarray(maps), "masks", "maps")
     if masks.ndim == 2:
         masks, maps = masks[None], maps[None]
     if masks.ndim != 3:
@@ -300,9 +325,11 @@ def _as_image_stack(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np
     return masks, maps
 
 
-def _pro_curve_unchecked(
-    masks: np.ndarray, maps: np.ndarray, fpr_limit: float
-) -> tuple[np.ndarray, np.ndarray]:
+def _pro_parts(
+    masks: np.ndarray, maps: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+    """(anomalous pixels' scores, their weights, number of regions, normal pixels' scores) of
+    (N, H, W) masks and maps."""
     n, h, w = masks.shape
     row, start, end = _mask_runs(masks)
     component, n_regions = _run_components(row, start, end, h, w)
@@ -310,10 +337,21 @@ def _pro_curve_unchecked(
     region_size = np.bincount(component, weights=lengths, minlength=n_regions)
     # Each anomalous pixel carries 1 / (its region's size): summing those above a threshold and
     # dividing by the region count is the mean per-region overlap, so every region weighs the same.
-    positive_scores = maps[masks]
     positive_weight = np.repeat(1.0 / region_size[component], lengths)
+    return maps[masks], positive_weight, n_regions, maps[~masks]
 
-    negative_scores = maps[~masks]
+
+def _pro_curve_unchecked(
+    masks: np.ndarray | list[np.ndarray], maps: np.ndarray | list[np.ndarray], fpr_limit: float
+) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(masks, list):  # images of different sizes: each labelled on its own
+        parts = [_pro_parts(m[None], s[None]) for m, s in zip(masks, maps, strict=True)]
+        positive_scores = np.concatenate([p[0] for p in parts])
+        positive_weight = np.concatenate([p[1] for p in parts])
+        n_regions = sum(p[2] for p in parts)
+        negative_scores = np.concatenate([p[3] for p in parts])
+    else:
+        positive_scores, positive_weight, n_regions, negative_scores = _pro_parts(masks, maps)
     n_negative = negative_scores.size
     # Thresholds below the score of the k-th highest normal pixel only give points with
     # FPR >= k / n_negative >= fpr_limit, which the integral never reaches, so only the top
@@ -371,7 +409,8 @@ def pro_curve(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-region-overlap curve (fpr, pro) from the origin up to exactly ``fpr_limit``.
 
-    masks (N, H, W) bool and maps (N, H, W) float. The vertices are those of the curve evaluated at
+    masks (N, H, W) bool and maps (N, H, W) float, or lists of (H, W) arrays of different
+    sizes (each image labelled on its own). The vertices are those of the curve evaluated at
     every distinct score, less the ones in the middle of straight runs. PRO at a threshold
     is the mean, over all 8-connected ground-truth regions of all images, of the fraction of the
     region's pixels with ``map >= t``; FPR is the fraction of all normal pixels with ``map >= t``.
@@ -379,8 +418,8 @@ def pro_curve(
     """
     fpr_limit = _check_fpr_limit(fpr_limit)
     masks, maps = _as_image_stack(masks, maps)
-    n_anomalous = int(masks.sum())
-    if n_anomalous in (0, masks.size):
+    n_anomalous = sum(int(m.sum()) for m in masks)
+    if n_anomalous in (0, sum(m.size for m in masks)):
         raise ValueError("a PRO curve needs both anomalous and normal pixels in the masks")
     return _pro_curve_unchecked(masks, maps, fpr_limit)
 
@@ -394,8 +433,8 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
     """
     fpr_limit = _check_fpr_limit(fpr_limit)
     masks, maps = _as_image_stack(masks, maps)
-    n_anomalous = int(masks.sum())
-    if n_anomalous in (0, masks.size):
+    n_anomalous = sum(int(m.sum()) for m in masks)
+    if n_anomalous in (0, sum(m.size for m in masks)):
         return float("nan")
     fpr, pro = _pro_curve_unchecked(masks, maps, fpr_limit)
     area = float(np.sum(np.diff(fpr) * (pro[1:] + pro[:-1])) / 2.0)

@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 
+from dskd_ray.config import DSKDConfig
 from dskd_ray.export import INPUT_NAME, ExportError, read_metadata
 from dskd_ray.scoring import BatchScorer
 
@@ -43,6 +44,8 @@ class OnnxScorer(BatchScorer):
         self.session = session_for(graph, threads)
         self.metadata = metadata
         self.model_id = metadata["model_id"]
+        # The checkpoint's config travels in the metadata: tiling and the score rule with it.
+        self.config = DSKDConfig.from_dict(json.loads(metadata["config"]))
         self.image_size = int(metadata["image_size"])
         self.threshold = json.loads(metadata["threshold"])
         self.batch_size = batch_size

@@ -101,14 +101,15 @@ def _predict_one(scorer: Scorer, uri: str, overlay_path: Path) -> Prediction:
     try:
         data = read_object(uri)
         # Decoded twice: at the model's size exactly as every other path decodes (JPEGs at a
-        # reduced scale), and whole for the overlay.
-        rgb, _ = decode_image(data, scorer.image_size)
-        full = _overlay_base(decode_image(data, None)[0])
+        # reduced scale), and whole for the overlay; once, whole, for a tiled model.
+        whole = decode_image(data, None)[0]
+        rgb = whole if scorer.tiled else decode_image(data, scorer.image_size)[0]
+        full = _overlay_base(whole)
     except Exception as e:
         if not isinstance(e, ImageDecodeError) and not is_storage_failure(e):
             raise
         return Prediction(shown, error=printable_name(describe_failure(e)))
-    scored = scorer.score_batch(rgb[None])
+    scored = scorer.score_images([rgb])
     score = float(scored.scores[0])
     if not scored.finite[0]:  # never "nan normal": a broken model is an error
         return Prediction(shown, error=not_finite_reason(score))

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from dskd_ray import metrics
-from dskd_ray.data import load_images
+from dskd_ray.data import decode_images
 from dskd_ray.evaluate import METRIC_KEYS, CategoryResult, summarize
 from dskd_ray.visualize import colorize, mask_outline, overlay
 
@@ -392,16 +392,14 @@ def thumbnail(
 ) -> np.ndarray:
     """Two panels side by side: the image, and the anomaly map over it; both outline the mask
     with a two-pixel magenta line (its edge and the ring just outside it)."""
-    size = min(THUMB_SIZE, image.shape[0])
-    if image.shape[0] != size:
-        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
-        amap = np.asarray(
-            Image.fromarray(amap.astype(np.float32)).resize((size, size), Image.BILINEAR)
-        )
+    height, width = image.shape[:2]
+    scale = min(1.0, THUMB_SIZE / max(height, width))  # a tiled model's images keep their aspect
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if (width, height) != size:
+        image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+        amap = np.asarray(Image.fromarray(amap.astype(np.float32)).resize(size, Image.BILINEAR))
         mask = (
-            np.asarray(
-                Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)
-            )
+            np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST))
             > 127
         )
     outline = _thick_outline(mask)
@@ -409,7 +407,7 @@ def thumbnail(
     plain[outline] = OUTLINE_COLOUR
     heat = overlay(image, amap, threshold, alpha=0.5)
     heat[outline] = OUTLINE_COLOUR
-    gap = np.full((size, 4, 3), 255, np.uint8)
+    gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
     return np.concatenate([plain, gap, heat], axis=1)
 
 
@@ -583,10 +581,11 @@ class Report:
 
     def _thumbnails(self, result: CategoryResult, threshold: float | None, folder: str) -> str:
         labels, scores = _labels_and_scores(result)
-        size = result.maps.shape[-1]
+        # The images at their maps' size: the model's input, or (tiled) their own.
+        size = None if isinstance(result.maps, list) else result.maps.shape[-1]
         groups = select_thumbnails(labels, scores, self.n_worst, self.n_sample, threshold)
         wanted = [i for g in groups for i in g.indices]
-        images, kept, _ = load_images([result.paths[i] for i in wanted], size)
+        images, kept, _ = decode_images([result.paths[i] for i in wanted], size)
         decoded = dict(zip(kept, images, strict=True))
         parts = []
         for group in groups:

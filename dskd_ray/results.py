@@ -55,8 +55,12 @@ RESULT_SCHEMA = pa.schema(
         ("score", pa.float32()),  # max of the anomaly map
         ("threshold", pa.float64()),  # from the checkpoint; null if it has none
         ("is_anomalous", pa.bool_()),
-        ("map_uri", pa.string()),  # 16-bit greyscale PNG at the model's input size
+        ("map_uri", pa.string()),  # 16-bit greyscale PNG (map_width × map_height)
         ("map_scale", pa.float64()),  # float map = PNG value × map_scale
+        # The stored map's size: the model's input; for a tiled model the image's own, max-pooled
+        # to at most tiling.MAP_MAX_SIDE a side. Null in parts written before tiling.
+        ("map_width", pa.int32()),
+        ("map_height", pa.int32()),
         ("model_id", pa.string()),
         ("run_id", pa.string()),
         ("scored_at", pa.timestamp("ms", tz="UTC")),
@@ -222,13 +226,25 @@ def _read_results(
             continue
         for relative in run.files:
             data = read_object(join_uri(output, relative))
-            tables.append(pq.read_table(io.BytesIO(data), columns=read_cols).cast(schema))
+            tables.append(read_part(data, schema))
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     if model_id is not None:
         table = table.filter(pc.equal(table["model_id"], model_id))
     if latest and table.num_rows:
         table = _latest_per_image(table)
     return table.select(wanted)
+
+
+def read_part(data: bytes, schema: pa.Schema) -> pa.Table:
+    """The columns of `schema` from one part file's bytes; a column that parts written by an
+    older version lack reads as nulls."""
+    part = pq.ParquetFile(io.BytesIO(data))
+    present = set(part.schema_arrow.names)
+    table = part.read(columns=[c for c in schema.names if c in present])
+    for column in schema:
+        if column.name not in present:
+            table = table.append_column(column, pa.nulls(table.num_rows, column.type))
+    return table.select(schema.names).cast(schema)
 
 
 def _latest_per_image(table: pa.Table) -> pa.Table:

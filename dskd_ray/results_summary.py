@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from dskd_ray.drift import ScoreDrift
 from dskd_ray.errors import DataError
@@ -27,6 +26,7 @@ from dskd_ray.results import (
     RESULT_SCHEMA,
     CommittedRun,
     committed_runs,
+    read_part,
     run_partition,
 )
 from dskd_ray.storage import exists, join_uri, read_object, storage_errors
@@ -124,7 +124,7 @@ def read_run_rows(
         for run in runs:
             for relative in run.files:
                 data = read_object(join_uri(output, relative))
-                tables.append(pq.read_table(io.BytesIO(data), columns=names).cast(schema))
+                tables.append(read_part(data, schema))
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 

@@ -7,13 +7,15 @@ computes scores the same way.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from dskd_ray import tiling
 from dskd_ray.checkpoint import Checkpoint, load_checkpoint
-from dskd_ray.config import PRECISIONS, check_device
+from dskd_ray.config import PRECISIONS, DSKDConfig, check_device
 from dskd_ray.errors import ConfigError
 from dskd_ray.metrics import is_anomalous
 from dskd_ray.model import DSKD
@@ -49,7 +51,8 @@ def compute_maps(
 
 @dataclass
 class ScoreResult:
-    maps: np.ndarray  # (B, H, W) float32
+    # (B, H, W) float32; with a tiled model, a list of each image's full-resolution map
+    maps: np.ndarray | list[np.ndarray]
     scores: np.ndarray  # (B,) float32
 
     @property
@@ -59,7 +62,7 @@ class ScoreResult:
         A NaN or inf comes from broken weights (or an overflow), never from a valid image; it
         compares as "not above the threshold", so unchecked it would read as a normal image.
         """
-        maps_ok = np.isfinite(self.maps).reshape(len(self.maps), -1).all(axis=1)
+        maps_ok = np.array([np.isfinite(m).all() for m in self.maps], bool).reshape(-1)
         return np.isfinite(self.scores) & maps_ok
 
 
@@ -79,6 +82,17 @@ class BatchScorer:
     batch_size: int
     threshold: float | None
     model_id: str
+    config: DSKDConfig
+
+    @property
+    def tiled(self) -> bool:
+        return self.config.tiled
+
+    @property
+    def decode_size(self) -> int | None:
+        """What images are decoded to for this model: its input size, or None (full
+        resolution) for a tiled model."""
+        return None if self.config.tiled else self.image_size
 
     def _score_chunk(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
@@ -99,8 +113,48 @@ class BatchScorer:
             return ScoreResult(np.zeros((0, s, s), np.float32), np.zeros((0,), np.float32))
         return ScoreResult(np.concatenate(maps_out), np.concatenate(scores_out))
 
+    def score_images(self, images: Sequence[np.ndarray]) -> ScoreResult:
+        """Decoded uint8 (H, W, 3) images as `decode_size` gives them: at the model's size
+        (scored as one batch) or, for a tiled model, at any size — cut into tiles, the tiles
+        scored `batch_size` at a time across images, each image's tile maps stitched into its
+        full-resolution map and its score taken from that map (docs/design.md §8)."""
+        if not self.tiled:
+            if not len(images):
+                return self.score_batch(
+                    np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+                )
+            return self.score_batch(np.stack(images))
+        tile, overlap = self.image_size, self.config.tile_overlap
+        cuts = [tiling.cut(np.asarray(image), tile, overlap) for image in images]
+        if not cuts:
+            return ScoreResult([], np.zeros((0,), np.float32))
+        tile_maps = self.score_batch(np.concatenate([tiles for tiles, _ in cuts])).maps
+        maps, scores, at = [], [], 0
+        for tiles, grid in cuts:
+            full = tiling.stitch(tile_maps[at : at + len(tiles)], grid)
+            at += len(tiles)
+            maps.append(full)
+            scores.append(tiling.top_k_score(full, self.config.score_top_k))
+        return ScoreResult(maps, np.asarray(scores, np.float32))
+
     def is_anomalous(self, scores: np.ndarray) -> np.ndarray | None:
         return is_anomalous(scores, self.threshold)
+
+
+class ModelScorer(BatchScorer):
+    """A model in memory, as it is (training's calibration, benches): no checkpoint, and no
+    threshold yet."""
+
+    def __init__(self, model: DSKD, device: torch.device, batch_size: int) -> None:
+        self.model, self.device, self.batch_size = model, device, batch_size
+        self.config = model.config
+        self.image_size = model.config.image_size
+        self.threshold = None
+        self.model_id = ""
+
+    def _score_chunk(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        maps, scores = self.model.predict(images_to_tensor(images, self.device))
+        return maps.float().cpu().numpy(), scores.float().cpu().numpy()
 
 
 class Scorer(BatchScorer):
@@ -139,7 +193,8 @@ class Scorer(BatchScorer):
             self.model.compile()
         self.predict = self.model.predict
         self.batch_size = batch_size
-        self.image_size = self.checkpoint.config.image_size
+        self.config = self.checkpoint.config
+        self.image_size = self.config.image_size
         threshold = self.checkpoint.threshold
         self.threshold: float | None = threshold.value if threshold else None
         self.model_id = self.checkpoint.model_id

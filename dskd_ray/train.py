@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dskd_ray import tiling
 from dskd_ray.anomaly_map import baseline_from_mean, level_maps, level_moments, level_statistics
 from dskd_ray.checkpoint import (
     Checkpoint,
@@ -31,11 +32,11 @@ from dskd_ray.checkpoint import (
     save_checkpoint,
 )
 from dskd_ray.config import DSKDConfig
-from dskd_ray.data import load_images, training_images
+from dskd_ray.data import decode_images, load_images, load_model_inputs, training_images
 from dskd_ray.errors import CheckpointError, DataError
 from dskd_ray.loss import distillation_loss
 from dskd_ray.model import DSKD
-from dskd_ray.scoring import images_to_tensor, resolve_device
+from dskd_ray.scoring import ModelScorer, images_to_tensor, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -308,15 +309,12 @@ def _batch(images: torch.Tensor, index: torch.Tensor, device: torch.device) -> t
 
 @torch.inference_mode()
 def image_scores(
-    model: DSKD, images: np.ndarray, device: torch.device, batch_size: int
+    model: DSKD, images: np.ndarray | list[np.ndarray], device: torch.device, batch_size: int
 ) -> np.ndarray:
-    """Image scores of (N, S, S, 3) uint8 images."""
+    """Image scores of (N, S, S, 3) uint8 images, or, for a tiled model, of full-resolution
+    images scored as `dskd score` scores them: tiled, stitched, the score from the whole map."""
     model.eval()
-    scores = []
-    for start in range(0, len(images), batch_size):
-        _, s = model.predict(images_to_tensor(images[start : start + batch_size], device))
-        scores.append(s.float().cpu().numpy())
-    return np.concatenate(scores) if scores else np.zeros(0, np.float32)
+    return ModelScorer(model, device, batch_size).score_images(images).scores
 
 
 @torch.inference_mode()
@@ -373,22 +371,33 @@ def fit_pixel_baseline(
     model.pixel_baseline.copy_(baseline_from_mean(mean) if divisor else mean)
 
 
+def model_rows(images: np.ndarray | list[np.ndarray], config: DSKDConfig) -> np.ndarray:
+    """What the network sees of `images`: themselves, or, tiled, all their tiles."""
+    if not config.tiled:
+        return np.asarray(images)
+    size, overlap = config.image_size, config.tile_overlap
+    return np.concatenate([tiling.cut(image, size, overlap)[0] for image in images])
+
+
 def calibrate(
     model: DSKD,
     train_images: np.ndarray | torch.Tensor,
-    holdout: np.ndarray,
+    holdout: np.ndarray | list[np.ndarray],
     config: DSKDConfig,
     device: torch.device,
 ) -> Threshold | None:
     """After training: level statistics, then the per-pixel baseline, then the threshold, each
     on the maps the previous step leaves, so the checkpoint scores exactly as it was calibrated.
 
+    `train_images` are model inputs (tiles, for a tiled model); `holdout` whole images (full
+    resolution, for a tiled model: the threshold is a quantile of stitched maps' scores).
+
     Level statistics come from the held-out normal images (training images' maps run low: the
     students have seen them); without a hold-out, from `train_images` (which `fit` gives as the
     baseline's sample of the training images: `baseline_sample`).
     """
     if config.level_normalization != "none":
-        normal = holdout if len(holdout) else np.asarray(train_images)
+        normal = model_rows(holdout, config) if len(holdout) else np.asarray(train_images)
         fit_level_statistics(model, normal, device, config.batch_size)
     if config.map_baseline != "none":
         fit_pixel_baseline(model, train_images, device, config.batch_size)
@@ -396,7 +405,7 @@ def calibrate(
 
 
 def compute_threshold(
-    model: DSKD, holdout: np.ndarray, config: DSKDConfig, device: torch.device
+    model: DSKD, holdout: np.ndarray | list[np.ndarray], config: DSKDConfig, device: torch.device
 ) -> Threshold | None:
     """The high quantile of held-out normal images' scores (docs/design.md §3); None without
     a hold-out. An image is anomalous when its score is above it (`metrics.is_anomalous`)."""
@@ -501,8 +510,12 @@ def fit(
 
     # This worker's share of the training images, decoded once.
     uris = shard(images.train_uris, rank, world)
-    decoded, kept, skipped = load_images(uris, config.image_size)
-    longest, fewest = strategy.all_reduce([float(len(kept)), float(-len(kept))], "max")
+    decoded, kept, skipped, owner = load_model_inputs(
+        uris, config.image_size, config.tiled, config.tile_overlap
+    )
+    if config.tiled and rank == 0:
+        log.info("%d tiles of %d² from %d images", len(decoded), config.image_size, len(kept))
+    longest, fewest = strategy.all_reduce([float(len(decoded)), float(-len(decoded))], "max")
     if -fewest < 1:
         where = "a worker's shard" if world > 1 else "them"
         raise DataError(f"{images.data}: no readable training image in {where}")
@@ -514,7 +527,7 @@ def fit(
     if cuda:
         train_images = train_images.pin_memory()
     cache = None
-    need = TeacherCache.bytes_needed(model, len(kept), config.image_size)
+    need = TeacherCache.bytes_needed(model, len(decoded), config.image_size)
     if need <= config.teacher_cache_mb * 2**20:
         cache = TeacherCache.build(model, train_images, device, per_worker)
 
@@ -539,7 +552,7 @@ def fit(
         **(meta or {}),
     }
     for epoch in range(start_epoch, config.epochs):
-        order = epoch_order(len(kept), config.seed, epoch, rank, world, length)
+        order = epoch_order(len(decoded), config.seed, epoch, rank, world, length)
         stats = run_epoch(
             model, optimizer, scheduler, train_images, order, worker_config, device, cache,
             epoch + 1, on_progress, student_forward, autocast, channels_last=True,
@@ -571,9 +584,12 @@ def fit(
         unreadable = {s[0] for s in skipped}
         readable = [u for u in images.train_uris if u not in unreadable]
         sample = _baseline_images(
-            [readable[i] for i in baseline_sample(len(readable))], decoded, kept, config
+            [readable[i] for i in baseline_sample(len(readable))], decoded, kept, owner, config
         )
-        holdout, _, holdout_skipped = load_images(images.holdout_uris, config.image_size)
+        if config.tiled:
+            holdout, _, holdout_skipped = decode_images(images.holdout_uris, None)
+        else:
+            holdout, _, holdout_skipped = load_images(images.holdout_uris, config.image_size)
         model = model.to(memory_format=torch.contiguous_format)
         threshold = calibrate(model, sample, holdout, config, device)
         # The finished checkpoint drops the optimizer state: scoring actors load it, and Adam's
@@ -586,13 +602,15 @@ def fit(
 
 
 def _baseline_images(
-    wanted: list[str], decoded: np.ndarray, kept: list[str], config: DSKDConfig
+    wanted: list[str], decoded: np.ndarray, kept: list[str], owner: np.ndarray, config: DSKDConfig
 ) -> np.ndarray:
-    """The images at `wanted`: rows of this worker's own when it holds them all, else decoded."""
-    row = {uri: i for i, uri in enumerate(kept)}
-    if all(uri in row for uri in wanted):
-        return decoded[[row[uri] for uri in wanted]]
-    return load_images(wanted, config.image_size)[0]
+    """The model inputs (images or tiles) of `wanted`: rows of this worker's own when it holds
+    them all, else decoded."""
+    index = {uri: i for i, uri in enumerate(kept)}
+    if all(uri in index for uri in wanted):
+        rows = np.flatnonzero(np.isin(owner, [index[uri] for uri in wanted]))
+        return decoded[rows]
+    return load_model_inputs(wanted, config.image_size, config.tiled, config.tile_overlap)[0]
 
 
 def train(
