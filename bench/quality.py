@@ -13,6 +13,13 @@ Nothing is chosen on test images. Results go to OUT/results.json (resumable: run
 there are kept) and OUT/results.md.
 
     python bench/quality.py /data/mtd --epochs 20 --seeds 0 1 2 --out bench/out/mtd
+
+With `--tile SIZE` each variant is trained and scored on full-resolution SIZE² tiles instead
+(method `<variant>-tileSIZE`, product path only: the diagnostics remap whole images), into the
+same OUT, so the tables show both:
+
+    python bench/quality.py /data/mtd --epochs 20 --seeds 0 --variants sd --tile 128 \
+        --no-reference --out bench/out/mtd
 """
 
 from __future__ import annotations
@@ -319,6 +326,7 @@ def markdown(runs: list[Run], header: str, incumbent: str | None = None) -> str:
     default_rule = rule_of(DSKDConfig())
     categories = sorted({r.category for r in runs})
     methods = [m for m in VARIANTS if any(r.method == m for r in runs)]
+    methods += sorted({r.method for r in runs} - set(VARIANTS) - {REFERENCE})  # tiled
     metric_head = "image AUROC | pixel AUROC | AUPRO | F1-max"
     out = [header, f"Default map rule: **{default_rule}**. Mean ± std over seeds.", ""]
 
@@ -378,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--teacher-weights", default="imagenet")
     parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument(
+        "--tile", type=int, help="train and score on full-resolution SIZE² tiles (method <v>-tileN)"
+    )
+    parser.add_argument("--tile-overlap", type=int, default=DSKDConfig.tile_overlap)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-reference", action="store_true", help="skip the kNN reference")
@@ -402,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     base = DSKDConfig(
         backbone=args.backbone, teacher_weights=args.teacher_weights,
-        image_size=args.image_size, batch_size=args.batch_size, epochs=args.epochs,
+        image_size=args.tile or args.image_size, batch_size=args.batch_size, epochs=args.epochs,
+        tiled=bool(args.tile), tile_overlap=args.tile_overlap if args.tile else 32,
     )  # fmt: skip
     results = out / "results.json"
     runs = [Run(**r) for r in json.loads(results.read_text())] if results.exists() else []
@@ -465,10 +478,12 @@ def main(argv: list[str] | None = None) -> int:
                 logging.info("%s reference: %s", category.name, runs[-1].metrics)
                 save()
             for variant in args.variants:
-                if done(category.name, seed, variant, args.epochs):
+                # A tiled model is its own method: its rows sit beside the untiled ones.
+                method = f"{variant}-tile{args.tile}" if args.tile else variant
+                if done(category.name, seed, method, args.epochs):
                     continue
                 config = base.replace(seed=seed, **VARIANTS[variant])
-                ckpt = model_path(out, category.name, variant, seed, args.epochs)
+                ckpt = model_path(out, category.name, method, seed, args.epochs)
                 start = time.perf_counter()
                 result = train(config, category.root, str(ckpt), device=args.device)
                 train_s = time.perf_counter() - start
@@ -477,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
                 run = Run(
                     category.name,
                     seed,
-                    variant,
+                    method,
                     args.epochs,
                     "product",
                     rule_of(config),
@@ -488,12 +503,13 @@ def main(argv: list[str] | None = None) -> int:
                 logging.info(
                     "%s %s seed %d product: %s (%.0f s)",
                     category.name,
-                    variant,
+                    method,
                     seed,
                     run.metrics,
                     train_s,
                 )
-                runs += remap(checkpoint, category, test, device, run)
+                if not args.tile:  # the diagnostics remap whole images at the model's size
+                    runs += remap(checkpoint, category, test, device, run)
                 save()
     save()
     print((out / "results.md").read_text())

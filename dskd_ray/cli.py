@@ -681,6 +681,11 @@ def export(
         f"threshold {meta['dskd_ray.threshold']}"
     )
     _echo(f"checked against PyTorch on {result.check.format()}")
+    if json.loads(meta["dskd_ray.config"]).get("tiled"):
+        _echo(
+            "a tiled model: the graph scores one tile; cut, stitch and score the whole map as "
+            "dskd_ray.tiling does (dskd score --backend onnxruntime does)"
+        )
 
 
 def _day(value: str | None) -> Any:

@@ -716,13 +716,17 @@ def _crop(scene: _Scene, top: int, left: int, window: int) -> _Scene:
     def cut(value: Any) -> Any:
         if isinstance(value, np.ndarray) and value.shape[:2] == (size, size):
             return value[top : top + window, left : left + window]
+        if isinstance(value, tuple):
+            return tuple(cut(v) for v in value)
+        if isinstance(value, dict):
+            return {k: cut(v) for k, v in value.items()}
         return value
 
     return _Scene(
         image=cut(scene.image),
         backdrop=cut(scene.backdrop),
         surface=cut(scene.surface),
-        extra={k: cut(v) for k, v in scene.extra.items()},
+        extra=cut(scene.extra),
     )
 
 
