@@ -24,22 +24,24 @@ from dskd_ray.errors import CheckpointError, StorageError
 from dskd_ray.model import DSKD
 from dskd_ray.storage import describe_failure, exists, read_object, storage_errors, write_object
 
-FORMAT = "dskd_ray.checkpoint/3"
+FORMAT = "dskd_ray.checkpoint/4"
+# /3 → /4: tiling (`tiled`, `tile_overlap`) joined the config and the model id's fields.
 # /2 → /3: the per-pixel baseline buffer `map_baseline` became `pixel_baseline` (the config's
 # `map_baseline` names the rule, the buffer holds the fitted values).
 # /1 → /2: per-level normalisation became (m − location) / spread (was m / scale, named
 # `map_normalization` and `level_scales`); the image score gained `score_top_k`.
-V1, V2 = "dskd_ray.checkpoint/1", "dskd_ray.checkpoint/2"
-OLDER_FORMATS = (V1, V2)
+V1, V2, V3 = "dskd_ray.checkpoint/1", "dskd_ray.checkpoint/2", "dskd_ray.checkpoint/3"
+OLDER_FORMATS = (V1, V2, V3)
 V1_MODEL_ID_FIELDS = (
     "backbone", "students", "df_input", "level_fusion", "map_normalization", "image_size",
     "blur_sigma",
 )  # fmt: skip
 # The config fields that change what a model computes; with the weights, they make its id.
-MODEL_ID_FIELDS = (
+V3_MODEL_ID_FIELDS = (
     "backbone", "students", "df_input", "level_fusion", "level_normalization", "map_baseline",
     "image_size", "blur_sigma", "score_top_k",
 )  # fmt: skip
+MODEL_ID_FIELDS = (*V3_MODEL_ID_FIELDS, "tiled", "tile_overlap")
 
 
 @dataclass
@@ -195,12 +197,16 @@ def load_checkpoint(uri: str | Path) -> Checkpoint:
             f"and {', '.join(OLDER_FORMATS)}"
         )
     # Verified as written, then renamed; an older one keeps its id (it scores exactly as before).
-    fields = V1_MODEL_ID_FIELDS if found == V1 else MODEL_ID_FIELDS
+    fields = {V1: V1_MODEL_ID_FIELDS, V2: V3_MODEL_ID_FIELDS, V3: V3_MODEL_ID_FIELDS}.get(
+        found, MODEL_ID_FIELDS
+    )
     _verify(uri, meta, _content_hash(payload["config"], fields, payload["state_dict"]))
     if found == V1:
         payload = _upgrade_from_v1(payload)
     if payload["format"] == V2:
         payload = _upgrade_from_v2(payload)
+    if payload["format"] == V3:
+        payload = _upgrade_from_v3(payload)
     config = DSKDConfig.from_dict(payload["config"])
     threshold = payload.get("threshold")
     return Checkpoint(
@@ -247,7 +253,13 @@ def _upgrade_from_v2(payload: dict[str, Any]) -> dict[str, Any]:
     """A /2 checkpoint as /3: the baseline buffer renamed, nothing else."""
     state = dict(payload["state_dict"])
     state["pixel_baseline"] = state.pop("map_baseline")
-    return {**payload, "format": FORMAT, "state_dict": state}
+    return {**payload, "format": V3, "state_dict": state}
+
+
+def _upgrade_from_v3(payload: dict[str, Any]) -> dict[str, Any]:
+    """A /3 checkpoint as /4: written before tiling, so an untiled model."""
+    config = {**payload["config"], "tiled": False}
+    return {**payload, "format": FORMAT, "config": config}
 
 
 def checkpoint_exists(uri: str | Path) -> bool:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dskd_ray.checkpoint import (
-    MODEL_ID_FIELDS,
     V1_MODEL_ID_FIELDS,
+    V3_MODEL_ID_FIELDS,
     Threshold,
     _content_hash,
     load_checkpoint,
@@ -210,9 +210,10 @@ def test_a_format_2_checkpoint_loads_keeps_its_id_and_scores_as_before(
     payload = torch.load(tmp_path / "v3.pt", weights_only=True)
     state = dict(payload["state_dict"])
     state["map_baseline"] = state.pop("pixel_baseline")
+    config = {k: v for k, v in payload["config"].items() if k not in ("tiled", "tile_overlap")}
     meta = json.loads(payload["meta"])
-    meta["model_id"] = _content_hash(payload["config"], MODEL_ID_FIELDS, state)
-    v2 = {**payload, "format": "dskd_ray.checkpoint/2", "state_dict": state}
+    meta["model_id"] = _content_hash(config, V3_MODEL_ID_FIELDS, state)
+    v2 = {**payload, "format": "dskd_ray.checkpoint/2", "config": config, "state_dict": state}
     torch.save({**v2, "meta": json.dumps(meta)}, tmp_path / "v2.pt")
 
     old = load_checkpoint(tmp_path / "v2.pt")
@@ -225,9 +226,25 @@ def test_a_format_2_checkpoint_loads_keeps_its_id_and_scores_as_before(
         load_checkpoint(tmp_path / "v2-bad.pt")
 
 
+def test_a_format_3_checkpoint_loads_as_an_untiled_model_and_keeps_its_id(
+    tmp_path: Path, tiny_config: DSKDConfig
+) -> None:
+    """/3 was written before tiling: no `tiled` in its config, nor in its id's fields."""
+    save_checkpoint(make_checkpoint(DSKD(tiny_config)), tmp_path / "v4.pt")
+    payload = torch.load(tmp_path / "v4.pt", weights_only=True)
+    config = {k: v for k, v in payload["config"].items() if k not in ("tiled", "tile_overlap")}
+    meta = json.loads(payload["meta"])
+    meta["model_id"] = _content_hash(config, V3_MODEL_ID_FIELDS, payload["state_dict"])
+    v3 = {**payload, "format": "dskd_ray.checkpoint/3", "config": config}
+    torch.save({**v3, "meta": json.dumps(meta)}, tmp_path / "v3.pt")
+    old = load_checkpoint(tmp_path / "v3.pt")
+    assert old.model_id == meta["model_id"] and not old.config.tiled
+    assert meta["model_id"] != json.loads(payload["meta"])["model_id"]  # /4 hashes tiling too
+
+
 def test_an_unknown_format_names_both_versions(tmp_path: Path, tiny_config: DSKDConfig) -> None:
     save_checkpoint(make_checkpoint(DSKD(tiny_config)), tmp_path / "m.pt")
     payload = torch.load(tmp_path / "m.pt", weights_only=True)
     torch.save({**payload, "format": "dskd_ray.checkpoint/9"}, tmp_path / "future.pt")
-    with pytest.raises(CheckpointError, match=r"checkpoint/9.*reads dskd_ray\.checkpoint/3"):
+    with pytest.raises(CheckpointError, match=r"checkpoint/9.*reads dskd_ray\.checkpoint/4"):
         load_checkpoint(tmp_path / "future.pt")

@@ -5,6 +5,7 @@ that tiling finds and downscaling misses."""
 from __future__ import annotations
 
 import csv
+import io
 import os
 import subprocess
 import sys
@@ -296,3 +297,22 @@ def test_tiling_finds_a_small_defect_that_downscaling_misses(tmp_path: Path) -> 
     score = float(small_scorer.score_images([shrunk]).scores[0])
     assert score < small_scorer.threshold, (score, small_scorer.threshold)
     assert float(row["score"]) > scorer.threshold
+
+
+def test_parts_written_before_map_sizes_existed_read_with_nulls() -> None:
+    """Results written by an older version lack map_width / map_height: they read as nulls,
+    not as an error (a night's history spans versions)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dskd_ray.results import RESULT_SCHEMA, read_part
+
+    old_schema = pa.schema([f for f in RESULT_SCHEMA if not f.name.startswith("map_w")])
+    old_schema = pa.schema([f for f in old_schema if f.name != "map_height"])
+    row = {f.name: [None] for f in old_schema} | {"image_uri": ["a.png"], "status": ["ok"]}
+    buffer = io.BytesIO()
+    pq.write_table(pa.table(row, schema=old_schema), buffer)
+    table = read_part(buffer.getvalue(), RESULT_SCHEMA)
+    assert table.schema == RESULT_SCHEMA
+    assert table.column("image_uri").to_pylist() == ["a.png"]
+    assert table.column("map_width").to_pylist() == [None] == table.column("map_height").to_pylist()
