@@ -239,6 +239,25 @@ def test_nightly_rows_of_a_tiled_model_in_process_and_on_ray(
             np.testing.assert_allclose(stored, want.maps[i], atol=atol)
 
 
+def test_the_onnx_backend_tiles_and_stitches_like_pytorch(tiled_model: dict) -> None:
+    """The exported graph scores one tile; `OnnxScorer` learns the tiling from the graph's
+    metadata and stitches exactly as `Scorer` does."""
+    from dskd_ray.export import export_graph
+    from dskd_ray.onnx_scoring import OnnxScorer
+
+    ckpt = load_checkpoint(str(tiled_model["model"]))
+    onnx = OnnxScorer(export_graph(ckpt).graph, batch_size=3)
+    torch_scorer = Scorer(ckpt, device="cpu", batch_size=3)
+    assert onnx.tiled and onnx.decode_size is None
+    rng = np.random.default_rng(7)
+    images = [_texture(rng, 100, 150), _texture(rng, 60, 250)]
+    got, want = onnx.score_images(images), torch_scorer.score_images(images)
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5)
+    for g, w in zip(got.maps, want.maps, strict=True):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, atol=1e-4 * w.max())
+
+
 # --- what tiling buys: a small defect on a 1024² image ------------------------------------------
 
 
