@@ -340,6 +340,8 @@ def train(
         raise DSKDError("--tile SIZE sets the model's input size: drop --image-size")
     if tile_overlap is not None and tile is None:
         raise DSKDError("--tile-overlap needs --tile SIZE")
+    if tile is not None and tile % 32:
+        raise DSKDError(f"--tile {tile} must be a multiple of 32 (the model's input size)")
     config = DSKDConfig(**_given(
         epochs=epochs, batch_size=batch_size, image_size=tile or image_size, backbone=backbone,
         tiled=True if tile else None, tile_overlap=tile_overlap,

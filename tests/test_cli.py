@@ -148,6 +148,16 @@ def test_train_bad_device_is_one_line(tmp_path: Path) -> None:
     one_line_error(result, 2, "--device", "'foo'", "auto, cpu, cuda or cuda:N")
 
 
+def test_tile_flags_that_cannot_go_together_are_one_line(tmp_path: Path) -> None:
+    write_textures(tmp_path / "imgs", 3)
+    train = ["train", str(tmp_path / "imgs"), "--out", str(tmp_path / "m.pt")]
+    one_line_error(dskd(*train, "--tile", "128", "--image-size", "64"), 1, "--tile", "--image-size")
+    one_line_error(dskd(*train, "--tile-overlap", "8"), 1, "--tile-overlap needs --tile")
+    one_line_error(dskd(*train, "--tile", "64", "--tile-overlap", "40"), 1, "tile_overlap=40", "32")
+    one_line_error(dskd(*train, "--tile", "100"), 1, "--tile 100", "multiple of 32")
+    assert not (tmp_path / "m.pt").exists()
+
+
 def test_image_size_has_an_upper_bound_shown_in_help(tmp_path: Path) -> None:
     result = dskd("train", str(tmp_path), "--out", str(tmp_path / "m.pt"),
                   "--image-size", "100000")  # fmt: skip
