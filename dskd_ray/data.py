@@ -68,6 +68,16 @@ def _is_category(uri: str) -> bool:
     return is_dir(join_uri(uri, "train"))
 
 
+def _categories_in(root: str) -> list[str]:
+    """The category folders directly under `root`. Hidden folders are not categories (a
+    half-written `.name.partial-…`, `.ipynb_checkpoints`)."""
+    return [
+        folder
+        for folder in list_folder(root)[1]
+        if not path_name(folder).startswith(".") and _is_category(folder)
+    ]
+
+
 @names_storage_failures
 def discover_categories(root: str) -> list[Category]:
     """Categories under an MVTec-layout root, or the root itself if it is one category."""
@@ -75,7 +85,7 @@ def discover_categories(root: str) -> list[Category]:
         raise DataError(f"{root} does not exist")
     if _is_category(root):
         return [load_category(root)]
-    found = [folder for folder in list_folder(root)[1] if _is_category(folder)]
+    found = _categories_in(root)
     if not found:
         raise DataError(
             f"{root} is not in MVTec AD layout: expected {root}/train/good/ (one category) "
@@ -128,7 +138,7 @@ def training_images(root: str) -> tuple[str, list[str]]:
     if _is_category(root):
         category = load_category(root)
         return category.name, category.train
-    categories = [posixpath.basename(p) for p in list_folder(root)[1] if _is_category(p)]
+    categories = [posixpath.basename(p) for p in _categories_in(root)]
     if categories:
         raise DataError(
             f"{root} holds {len(categories)} categories ({', '.join(categories)}); a model "

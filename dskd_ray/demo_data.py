@@ -825,10 +825,14 @@ def make_demo_data(
         staging = root / f".{name}.partial-{os.getpid()}"
         if staging.exists():
             shutil.rmtree(staging)
-        _write_category(
-            staging, name, seed, n_train, n_test_good, n_test_defect_per_type, image_size,
-            defect_window,
-        )  # fmt: skip
+        try:
+            _write_category(
+                staging, name, seed, n_train, n_test_good, n_test_defect_per_type, image_size,
+                defect_window,
+            )  # fmt: skip
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # nothing half-written is left behind
+            raise
         if folder.is_dir():
             shutil.rmtree(folder)
         elif folder.exists():

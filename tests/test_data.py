@@ -32,6 +32,7 @@ def test_mvtec_category_is_read_with_labels_and_masks(tmp_path: Path) -> None:
 def test_root_with_several_categories(tmp_path: Path) -> None:
     make_category(tmp_path / "a")
     make_category(tmp_path / "b")
+    make_category(tmp_path / ".b.partial-123")  # hidden: a half-written copy is no category
     assert [c.name for c in discover_categories(str(tmp_path))] == ["a", "b"]
     with pytest.raises(DataError, match="2 categories"):
         training_images(str(tmp_path))

@@ -164,3 +164,21 @@ def test_rejects_bad_arguments(tmp_path: Path, kwargs: dict[str, object]) -> Non
     with pytest.raises(ConfigError):
         make_demo_data(tmp_path, **{**SMALL, **kwargs})
     assert not any(tmp_path.iterdir())
+
+
+def test_small_defects_on_a_large_image_stay_small() -> None:
+    """`defect_window` paints a defect as on a window of the image: at 512² with a 128 window it
+    stays inside that window's size, and everything outside the mask is the normal image."""
+    for category in ("brushed_metal", "woven"):
+        big = render_sample(category, DEMO_DEFECTS[category][0], image_size=512, defect_window=128)
+        ys, xs = np.nonzero(big.mask)
+        assert big.mask.any() and np.ptp(ys) < 128 and np.ptp(xs) < 128
+        np.testing.assert_array_equal(big.image[~big.mask], big.reference[~big.mask])
+    with pytest.raises(ConfigError, match="textures"):
+        render_sample("washer", "pit", image_size=512, defect_window=128)
+
+
+def test_a_failed_write_leaves_no_half_written_folder(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        make_demo_data(tmp_path, ["washer"], n_train=1, image_size=128, defect_window=64)
+    assert list(tmp_path.iterdir()) == []
