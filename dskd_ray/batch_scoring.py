@@ -1,7 +1,8 @@
 """Bulk scoring on Ray Data: images under a prefix in, anomaly maps and Parquet rows out.
 
     list (driver: URIs and versions, never image bytes) → skip what this model already scored
-      → read + decode + resize   CPU tasks, `decode_image` as everywhere else
+      → read + decode + resize   CPU tasks, `decode_image` as everywhere else (in a child
+                                 process: an image that crashes it is one error row)
       → score                    an actor pool; each actor loads the model once (`Scorer`)
       → write maps (16-bit PNG)  CPU tasks
       → Parquet parts → manifest (driver; the manifest is the commit, written last)
@@ -24,9 +25,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dskd_ray.config import ScoringOptions
+from dskd_ray.decoder_process import DecoderCrashed, shared_decoder
 from dskd_ray.drift import run_drift
 from dskd_ray.errors import ConfigError, DataError, DSKDError
-from dskd_ray.images import ImageDecodeError, decode_image
+from dskd_ray.images import ImageDecodeError
 from dskd_ray.map_png import encode_map_png, quantize_map
 from dskd_ray.results import (
     MAPS_DIR,
@@ -202,6 +204,9 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, io_threads: int)
             fail(i, str(refused[i]), retry=False)
     sizes = np.array(batch["image_bytes"], np.int64)  # -1: a manifest that did not say
     readable = [i for i in range(n) if status[i] == "ok"]
+    # Decoded in a process of its own: an image that crashes the decoder is an error row, not
+    # a dead worker whose batch Ray retries without end (decoder_process).
+    decoder = shared_decoder()
     if readable:
         with ThreadPoolExecutor(max(1, min(io_threads, len(readable)))) as pool:
             futures = [(i, pool.submit(read_object, uris[i])) for i in readable]
@@ -213,9 +218,12 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, io_threads: int)
                     continue
                 sizes[i] = len(data)
                 try:
-                    images[i], (width[i], height[i]) = decode_image(data, image_size)
+                    images[i], (width[i], height[i]) = decoder.decode(data, image_size)
                 except ImageDecodeError as e:  # the same bytes will fail the same way
                     fail(i, str(e), retry=False)
+                except DecoderCrashed as e:
+                    log.error("%s: %s", uris[i], e)
+                    fail(i, str(e), retry=e.retryable)
                 except MemoryError as e:
                     fail(i, f"out of memory: {e}", retry=True)
                 except Exception as e:  # noqa: BLE001 - a decoder bug on odd bytes
