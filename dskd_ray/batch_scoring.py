@@ -15,6 +15,9 @@ only wraps `Scorer`. Layout and commit rules: `dskd_ray.results`.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -24,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dskd_ray.batch_attempts import Attempts, score_guarded
 from dskd_ray.config import ScoringOptions
 from dskd_ray.decoder_process import DecoderCrashed, shared_decoder
 from dskd_ray.drift import run_drift
@@ -68,6 +72,12 @@ LISTING_SCHEMA = pa.schema(
         ("listing_error", pa.string()),  # set when the file is not to be read (its name)
     ]
 )
+
+
+# Ray runs a batch again whenever the process running it dies (Ray Data's default: without
+# end). Crashes that are an image's doing cost an error row instead (decoder_process,
+# batch_attempts); past this many retries of one batch, the run fails rather than loop.
+MAX_BATCH_RETRIES = 10
 
 
 class ScoringRunError(DSKDError):
@@ -254,10 +264,14 @@ class ScoringActor:
         precision: str = "fp32",
         compile: bool = False,
         graph: list | None = None,
+        attempts_dir: str | None = None,
     ) -> None:
         import torch
 
         from dskd_ray.checkpoint import Checkpoint
+
+        # On Ray: a batch that kills this actor twice is scored image by image (batch_attempts).
+        self.attempts = Attempts(attempts_dir) if attempts_dir else None
 
         # Ray sets OMP_NUM_THREADS=1 in actors (docs/design.md §7): ask for the threads we want.
         torch.set_num_threads(threads)
@@ -283,6 +297,18 @@ class ScoringActor:
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.attempts is None:
+            return self._score(batch)
+        return score_guarded(batch, self._score, self.attempts, self._give_up)
+
+    def _give_up(self, batch: dict[str, np.ndarray], why: str) -> dict[str, np.ndarray]:
+        n = len(batch["status"])
+        batch["status"] = np.full(n, "error", dtype=object)
+        batch["error"] = np.full(n, f"scoring crashed: {why}", dtype=object)
+        batch["retryable"] = np.ones(n, bool)  # a dead actor is seldom the image's doing
+        return self._score(batch)
+
+    def _score(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from dskd_ray.scoring import not_finite_reason
 
         images = batch.pop("image")
@@ -876,6 +902,8 @@ def _run_pipeline(
         from dskd_ray.export import cached_graph
 
         graph_ref = ray.put(cached_graph(checkpoint))  # exported and checked once, here
+    # Where scoring actors count the attempts that died (batch_attempts), on each node's disk.
+    attempts_dir = os.path.join(tempfile.gettempdir(), "dskd_ray", f"run-{run_id}", "scoring")
     progress = _Progress(start=time.perf_counter())
     ds = (
         ray.data.from_arrow(blocks)
@@ -884,6 +912,7 @@ def _run_pipeline(
             batch_size=None,
             batch_format="numpy",
             num_cpus=plan.task_cpus,
+            max_retries=MAX_BATCH_RETRIES,
             fn_kwargs={"image_size": image_size, "io_threads": options.io_threads},
         )
         .map_batches(
@@ -893,6 +922,7 @@ def _run_pipeline(
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.max_actors),
             num_cpus=plan.actor_cpus,
             num_gpus=plan.actor_gpus,
+            max_task_retries=MAX_BATCH_RETRIES,
             fn_constructor_kwargs={
                 "checkpoint": [checkpoint_ref],  # in a list: the actor fetches it itself
                 "device": plan.device,
@@ -901,6 +931,7 @@ def _run_pipeline(
                 "precision": options.precision,
                 "compile": options.compile,
                 "graph": None if graph_ref is None else [graph_ref],
+                "attempts_dir": attempts_dir,
             },
         )
         .map_batches(
@@ -908,6 +939,7 @@ def _run_pipeline(
             batch_size=None,
             batch_format="numpy",
             num_cpus=plan.write_cpus,
+            max_retries=MAX_BATCH_RETRIES,
             fn_kwargs={
                 "maps_root": join_uri(output, MAPS_DIR),
                 "model_id": checkpoint.model_id,
@@ -917,11 +949,14 @@ def _run_pipeline(
             },
         )
     )
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        statuses = batch["status"].to_pylist()
-        counts["ok"] += statuses.count("ok")
-        counts["error"] += len(statuses) - statuses.count("ok")
-        writer.write(batch)
-        progress.update(batch.num_rows, table.num_rows)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            statuses = batch["status"].to_pylist()
+            counts["ok"] += statuses.count("ok")
+            counts["error"] += len(statuses) - statuses.count("ok")
+            writer.write(batch)
+            progress.update(batch.num_rows, table.num_rows)
+    finally:
+        shutil.rmtree(os.path.dirname(attempts_dir), ignore_errors=True)  # this node's
     del checkpoint_ref, graph_ref
     return progress
