@@ -100,6 +100,7 @@ class RunSummary:
     pipeline_seconds: float = 0.0  # Ray Data: first block in → last row out
     startup_seconds: float = 0.0  # pipeline start → first rows out (actor start, model load)
     startup_rows: int = 0  # rows in that first batch out
+    backend: str = ""  # what scored: "torch" or "onnxruntime" ("" when nothing was scored)
     manifest: str = ""
     partition: str = ""
 
@@ -119,8 +120,11 @@ class RunSummary:
         return (
             f"run {self.run_id}: listed {self.listed}, scored {self.scored}, errors {self.errors}, "
             f"skipped {self.skipped} (already scored), gone {self.gone}, "
-            f"{self.images_per_s:.1f} images/s ({self.seconds:.1f} s in all)"
+            f"{self.images_per_s:.1f} images/s{self.format_backend()} ({self.seconds:.1f} s in all)"
         )
+
+    def format_backend(self) -> str:
+        return f" with {self.backend}" if self.backend else ""
 
     def format_symlinks(self) -> str:
         """A line on the symlinks met, or "" when there were none."""
@@ -163,8 +167,9 @@ def plan_pool(resources: dict[str, float], options: ScoringOptions) -> PoolPlan:
     if options.device not in ("auto", "cpu") and not options.device.startswith("cuda"):
         raise ConfigError(f"--device must be auto, cpu or cuda, not {options.device!r}")
     task_cpus = 1.0
-    # The onnxruntime backend runs on CPUs (its CUDA provider is a different wheel).
-    if gpus and options.device != "cpu" and options.backend == "torch":
+    # The onnxruntime backend runs on CPUs (its CUDA provider is a different wheel); "auto"
+    # takes the GPUs with torch.
+    if gpus and options.device != "cpu" and options.backend != "onnxruntime":
         actors = min(options.actors or gpus, gpus)
         # One GPU per actor; its CPU claim never blocks the decode tasks that feed it.
         actor_cpus = min(1.0, cpus / (4 * actors))
@@ -546,6 +551,7 @@ def _manifest_chunk(name: str, chunk: pa.Table, offset: int) -> pa.Table:
 @dataclass
 class _Progress:
     start: float
+    backend: str = ""  # the one that ran: "torch" or "onnxruntime"
     rows: int = 0
     first_rows_at: float | None = None
     first_rows: int = 0
@@ -744,6 +750,7 @@ def score_images(
     counts = {"ok": 0, "error": 0}
     pipeline_s = startup_s = 0.0
     startup_rows = 0
+    backend = ""
     if table.num_rows:
         run = _run_in_process if _in_process(table.num_rows, options, address) else _run_pipeline
         try:
@@ -758,6 +765,7 @@ def score_images(
         pipeline_s = time.perf_counter() - progress.start
         startup_s = (progress.first_rows_at or progress.start) - progress.start
         startup_rows = progress.first_rows
+        backend = progress.backend
     files = writer.close()
 
     summary = RunSummary(
@@ -775,6 +783,7 @@ def score_images(
         pipeline_seconds=pipeline_s,
         startup_seconds=startup_s,
         startup_rows=startup_rows,
+        backend=backend,
         partition=join_uri(output, run_partition(run_id)),
     )
     if summary.scored + summary.errors != table.num_rows:  # never commit a run that lost rows
@@ -802,7 +811,8 @@ def score_images(
             "images_per_s": summary.images_per_s,
             "steady_images_per_s": summary.steady_images_per_s,
         },
-        options=asdict(options),
+        # The backend that ran, not the one asked for ("auto"), which is kept beside it.
+        options={**asdict(options), "backend": backend or None, "backend_asked": options.backend},
         versions=library_versions(),
         drift=run_drift(run_id, writer.scores(), checkpoint.threshold).to_dict(),
     )
@@ -818,6 +828,28 @@ def _in_process(images: int, options: ScoringOptions, address: str | None) -> bo
         return False
     # A Ray this process already started (a notebook, a test) is used rather than bypassed.
     return "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+def _choose_backend(
+    options: ScoringOptions, device: str, images: int, checkpoint: Checkpoint
+) -> tuple[str, bytes | None]:
+    """The backend this run uses (`ScoringOptions.resolve_backend`) and, for onnxruntime, the
+    model's checked graph: exported here, on the driver, on its first run, then cached."""
+    from dskd_ray.export import ExportError, cached_graph, graph_cache_path, onnx_installed
+
+    installed = onnx_installed()
+    cached = installed and graph_cache_path(checkpoint).is_file()
+    backend, why = options.resolve_backend(device, images, cached, installed)
+    graph = None
+    if backend == "onnxruntime":
+        try:
+            graph = cached_graph(checkpoint)
+        except ExportError as e:
+            if options.backend != "auto":
+                raise
+            backend, why = "torch", f"the model's graph could not be exported: {e}"
+    log.info("scoring with %s: %s", backend, why)
+    return backend, graph
 
 
 def _run_in_process(
@@ -843,11 +875,7 @@ def _run_in_process(
         device = "cuda" if options.device == "auto" and torch.cuda.is_available() else "cpu"
     log.info("scoring %d images in this process (no Ray)", table.num_rows)
     progress = _Progress(start=time.perf_counter())
-    graph = None
-    if options.backend == "onnxruntime":
-        from dskd_ray.export import cached_graph
-
-        graph = [cached_graph(checkpoint)]
+    progress.backend, graph = _choose_backend(options, device, table.num_rows, checkpoint)
     scorer = ScoringActor(
         [replace(checkpoint, training=None)],
         device=device,
@@ -855,7 +883,7 @@ def _run_in_process(
         threads=options.actor_threads or os.cpu_count() or 1,
         precision=options.precision,
         compile=options.compile,
-        graph=graph,
+        graph=None if graph is None else [graph],
     )
     for start in range(0, table.num_rows, options.batch_size):
         block = table.slice(start, options.batch_size)
@@ -897,14 +925,12 @@ def _run_pipeline(
     block_rows = max(1, options.batch_size)
     blocks = [table.slice(i, block_rows) for i in range(0, table.num_rows, block_rows)]
     checkpoint_ref = ray.put(replace(checkpoint, training=None))  # fetched once per actor
-    graph_ref = None
-    if options.backend == "onnxruntime":
-        from dskd_ray.export import cached_graph
-
-        graph_ref = ray.put(cached_graph(checkpoint))  # exported and checked once, here
+    backend, graph = _choose_backend(options, plan.device, table.num_rows, checkpoint)
+    graph_ref = None if graph is None else ray.put(graph)  # exported and checked once, here
+    del graph
     # Where scoring actors count the attempts that died (batch_attempts), on each node's disk.
     attempts_dir = os.path.join(tempfile.gettempdir(), "dskd_ray", f"run-{run_id}", "scoring")
-    progress = _Progress(start=time.perf_counter())
+    progress = _Progress(start=time.perf_counter(), backend=backend)
     ds = (
         ray.data.from_arrow(blocks)
         .map_batches(

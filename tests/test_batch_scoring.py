@@ -839,6 +839,73 @@ def test_pool_never_claims_every_cpu() -> None:
     assert plan_pool({"CPU": 16.0, "GPU": 2.0}, ScoringOptions(device="cpu")).device == "cpu"
 
 
+def test_auto_runs_onnxruntime_on_cpus_when_it_pays_and_torch_otherwise() -> None:
+    auto = ScoringOptions()
+    assert auto.backend == "auto"
+    big, few = auto.onnx_export_min, auto.onnx_export_min - 1
+    assert auto.resolve_backend("cpu", big, False, True)[0] == "onnxruntime"  # exports, pays
+    assert auto.resolve_backend("cpu", 3, True, True)[0] == "onnxruntime"  # cached: any size
+    backend, why = auto.resolve_backend("cpu", few, False, True)
+    assert backend == "torch" and f"fewer than the {big}" in why  # the export would not pay
+    assert auto.resolve_backend("cpu", big, True, False)[0] == "torch"  # not installed
+    for asked, device in [
+        (ScoringOptions(), "cuda"),
+        (ScoringOptions(device="cuda"), "cuda:1"),
+        (ScoringOptions(precision="bf16"), "cpu"),
+        (ScoringOptions(compile=True), "cpu"),
+        (ScoringOptions(backend="torch"), "cpu"),
+    ]:
+        asked.validate()  # auto with PyTorch-only options is no error: it means torch
+        assert asked.resolve_backend(device, big, True, True)[0] == "torch", (asked, device)
+    assert ScoringOptions(backend="onnxruntime").resolve_backend("cpu", 1, False, True)[0] == (
+        "onnxruntime"
+    )
+    # On a GPU cluster auto scores with torch on the GPUs; an explicit onnxruntime stays on CPUs.
+    assert plan_pool({"CPU": 16.0, "GPU": 2.0}, ScoringOptions()).device == "cuda"
+    onnx = ScoringOptions(backend="onnxruntime")
+    assert plan_pool({"CPU": 16.0, "GPU": 2.0}, onnx).device == "cpu"
+
+
+def test_an_auto_run_on_onnxruntime_writes_the_rows_of_a_torch_run(tmp_path: Path) -> None:
+    """auto on CPUs runs the exported graph (here: exported for this run, then cached) and
+    writes PyTorch's rows within the export's tolerances; the manifest and the summary say
+    which backend ran."""
+    from dskd_ray.export import MAP_TOLERANCE, SCORE_TOLERANCE
+
+    model, _ = make_model(tmp_path)
+    blobs = _write_images(tmp_path / "images", 12)
+    images, out = str(tmp_path / "images"), tmp_path / "out"
+    torch_run = score_images(
+        images, str(model), str(out / "torch"), ScoringOptions(backend="torch")
+    )
+    auto = ScoringOptions(device="cpu", onnx_export_min=0)  # export pays at any size
+    auto_run = score_images(images, str(model), str(out / "auto"), auto)
+    assert (torch_run.backend, auto_run.backend) == ("torch", "onnxruntime")
+    assert "with onnxruntime" in auto_run.format()
+    [manifest] = [r.manifest for r in committed_runs(str(out / "auto"))]
+    assert (manifest["options"]["backend"], manifest["options"]["backend_asked"]) == (
+        "onnxruntime", "auto",
+    )  # fmt: skip
+    assert manifest["summary"]["backend"] == "onnxruntime"
+    assert committed_runs(str(out / "torch"))[0].manifest["options"]["backend"] == "torch"
+
+    key = "image_uri"
+    want = read_results(str(out / "torch")).sort_by(key).to_pydict()
+    got = read_results(str(out / "auto")).sort_by(key).to_pydict()
+    assert got[key] == want[key] == sorted(blobs) and set(got["status"]) == {"ok"}
+    scores = np.array(want["score"])
+    assert np.abs(np.array(got["score"]) - scores).max() <= SCORE_TOLERANCE * np.abs(scores).max()
+    assert got["is_anomalous"] == want["is_anomalous"]
+    for mine, theirs, scale in zip(got["map_uri"], want["map_uri"], want["map_scale"], strict=True):
+        a = decode_map_png(Path(mine).read_bytes())
+        b = decode_map_png(Path(theirs).read_bytes())
+        assert np.abs(a - b).max() <= scale + MAP_TOLERANCE * np.abs(b).max()  # one 16-bit step
+
+    # The next run of the model, however small, finds its graph in the cache.
+    again = score_images(images, str(model), str(out / "again"), ScoringOptions(device="cpu"))
+    assert again.backend == "onnxruntime"
+
+
 def test_cli_error_is_one_line(tmp_path: Path) -> None:
     model, _ = make_model(tmp_path)
     missing = tmp_path / "no-such-folder"
