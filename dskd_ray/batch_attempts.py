@@ -8,8 +8,10 @@ comes back is an attempt that died. Two, and the batch is split to single images
 the same way. Cost: one small file written and one removed per batch.
 
 The count lives on the node that scored the batch; Ray restarts an actor where it can, usually
-the same node. One restarted on another node starts counting again, so the pipeline also caps
-Ray's retries of a batch (`batch_scoring`) and a run that reaches the cap fails, uncommitted.
+the same node. One restarted on another node starts counting again there, so on a cluster a
+batch may kill up to four actors per node before its culprit is found: more deaths, never an
+endless loop. (A cap on Ray's own retries would need `map_batches(**ray_remote_args)`, which Ray
+2.60 deprecates for removal in 2.64.)
 """
 
 from __future__ import annotations

@@ -74,12 +74,6 @@ LISTING_SCHEMA = pa.schema(
 )
 
 
-# Ray runs a batch again whenever the process running it dies (Ray Data's default: without
-# end). Crashes that are an image's doing cost an error row instead (decoder_process,
-# batch_attempts); past this many retries of one batch, the run fails rather than loop.
-MAX_BATCH_RETRIES = 10
-
-
 class ScoringRunError(DSKDError):
     """The pipeline itself failed (not one image): nothing was committed; run again to finish."""
 
@@ -938,7 +932,6 @@ def _run_pipeline(
             batch_size=None,
             batch_format="numpy",
             num_cpus=plan.task_cpus,
-            max_retries=MAX_BATCH_RETRIES,
             fn_kwargs={"image_size": image_size, "io_threads": options.io_threads},
         )
         .map_batches(
@@ -948,7 +941,6 @@ def _run_pipeline(
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.max_actors),
             num_cpus=plan.actor_cpus,
             num_gpus=plan.actor_gpus,
-            max_task_retries=MAX_BATCH_RETRIES,
             fn_constructor_kwargs={
                 "checkpoint": [checkpoint_ref],  # in a list: the actor fetches it itself
                 "device": plan.device,
@@ -965,7 +957,6 @@ def _run_pipeline(
             batch_size=None,
             batch_format="numpy",
             num_cpus=plan.write_cpus,
-            max_retries=MAX_BATCH_RETRIES,
             fn_kwargs={
                 "maps_root": join_uri(output, MAPS_DIR),
                 "model_id": checkpoint.model_id,
