@@ -10,14 +10,25 @@ alike.
     python bench/backends.py                       # efficientnet_lite0 and resnet18
     python bench/backends.py --backbones efficientnet_lite0 --seconds 5
 
+Start-up, what `dskd score --backend auto` weighs (ONNX Runtime on CPUs when installed; torch
+without `--compile`): the export (once per model, then cached), the ONNX Runtime session, and
+`--compile`'s first batches (a full one, then a smaller last one, which compiles again) in a new
+process, as a new scoring actor pays them, with torch's compile cache empty (a new node) and
+warm (the next actor on it). From those and the speeds: how many images an actor must score
+before each pays for its start.
+
 Last line, machine-readable, for the first backbone:
-    onnxruntime_vs_eager=<ratio> compile_vs_eager=<ratio>
+    onnxruntime_vs_eager=<ratio> compile_vs_eager=<ratio> compile_pays_after=<images per actor, cold cache>
+    export_pays_after=<images, first run of a model>
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +52,48 @@ def images_per_s(scorer: BatchScorer, images: np.ndarray, seconds: float) -> flo
     return done / (time.perf_counter() - start)
 
 
+_FIRST_BATCHES = """
+import sys, time
+import numpy as np, torch
+from dskd_ray.scoring import Scorer
+path, batch, compile = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+torch.set_num_threads(torch.get_num_threads())
+t = time.perf_counter()
+scorer = Scorer(path, device="cpu", batch_size=batch, compile=compile)
+load = time.perf_counter() - t
+size = scorer.image_size
+rng = np.random.default_rng(0)
+times = []
+for n in (batch, max(1, batch // 2 + 1)):  # a full batch, then a run's smaller last one
+    images = rng.integers(0, 256, (n, size, size, 3), np.uint8)
+    t = time.perf_counter()
+    scorer.score_batch(images)
+    times.append(time.perf_counter() - t)
+print(load, *times)
+"""
+
+
+def first_batches(path: Path, batch: int, compile: bool, cache: Path) -> dict[str, float]:
+    """A new process's model load and first two batches (full, then smaller), in seconds."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+    out = subprocess.run(
+        [sys.executable, "-c", _FIRST_BATCHES, str(path), str(batch), "1" if compile else "0"],
+        capture_output=True, text=True, check=True, env=env,
+    ).stdout.split()  # fmt: skip
+    load, full, last = (float(x) for x in out[-3:])
+    return {
+        "load_s": round(load, 2),
+        "first_batch_s": round(full, 2),
+        "last_batch_s": round(last, 2),
+    }
+
+
+def pays_after(start_s: float, slow: float, fast: float) -> int | None:
+    """Images after which a start of `start_s` more is won back by going `fast` not `slow`."""
+    gain = 1 / slow - 1 / fast
+    return round(start_s / gain) if gain > 0 else None
+
+
 def measure(backbone: str, args: argparse.Namespace, folder: Path) -> dict[str, object]:
     weights = "imagenet" if backbone == "efficientnet_lite0" else "random"
     config = DSKDConfig(backbone=backbone, teacher_weights=weights, image_size=args.image_size)
@@ -53,10 +106,13 @@ def measure(backbone: str, args: argparse.Namespace, folder: Path) -> dict[str, 
     start = time.perf_counter()
     exported = export_graph(str(path), images)
     export_s = time.perf_counter() - start
+    start = time.perf_counter()
+    session = OnnxScorer(exported.graph, batch_size=args.batch_size)
+    session_s = time.perf_counter() - start
     scorers: dict[str, BatchScorer] = {
         "torch eager": Scorer(str(path), device="cpu", batch_size=args.batch_size),
         "torch compile": Scorer(str(path), device="cpu", batch_size=args.batch_size, compile=True),
-        "onnxruntime": OnnxScorer(exported.graph, batch_size=args.batch_size),
+        "onnxruntime": session,
     }
     warmup_s = {}
     for name, scorer in scorers.items():
@@ -67,13 +123,35 @@ def measure(backbone: str, args: argparse.Namespace, folder: Path) -> dict[str, 
     for _ in range(args.rounds):
         for name, scorer in scorers.items():
             best[name] = max(best[name], images_per_s(scorer, images, args.seconds))
+    cache = folder / f"inductor-{backbone}"  # empty: a new node's first compiling actor
+    new_process = {
+        "torch eager": first_batches(path, args.batch_size, False, cache),
+        "torch compile, cold cache": first_batches(path, args.batch_size, True, cache),
+        "torch compile, warm cache": first_batches(path, args.batch_size, True, cache),
+    }
+    eager_start = sum(new_process["torch eager"].values())
+    eager, compiled, ort = best["torch eager"], best["torch compile"], best["onnxruntime"]
     row = {
         "backbone": backbone,
         "images_per_s": {k: round(v, 2) for k, v in best.items()},
         "first_batch_s": warmup_s,
         "export_s": round(export_s, 1),
+        "onnxruntime_session_s": round(session_s, 2),
         "export_check": exported.check.format(),
-    }
+        "new_process_start": new_process,
+        # Images an actor must score before the start it costs is won back:
+        "pays_after_images": {
+            "compile, cold cache": pays_after(
+                sum(new_process["torch compile, cold cache"].values()) - eager_start,
+                eager, compiled,
+            ),
+            "compile, warm cache": pays_after(
+                sum(new_process["torch compile, warm cache"].values()) - eager_start,
+                eager, compiled,
+            ),
+            "onnxruntime, first export": pays_after(export_s + session_s, eager, ort),
+        },
+    }  # fmt: skip
     print(json.dumps(row), flush=True)
     return row
 
@@ -89,17 +167,26 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default="bench/out/backends.json")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average "
+        f"{os.getloadavg()[0]:.1f} at start",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         rows = [measure(b, args, Path(tmp)) for b in args.backbones]
+    print(f"load average at end {os.getloadavg()[0]:.1f}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
     speeds = rows[0]["images_per_s"]
     assert isinstance(speeds, dict)
     eager = speeds["torch eager"]
+    pays = rows[0]["pays_after_images"]
+    assert isinstance(pays, dict)
     print(
         f"onnxruntime_vs_eager={speeds['onnxruntime'] / eager:.2f} "
-        f"compile_vs_eager={speeds['torch compile'] / eager:.2f}"
+        f"compile_vs_eager={speeds['torch compile'] / eager:.2f} "
+        f"compile_pays_after={pays['compile, cold cache']} "
+        f"export_pays_after={pays['onnxruntime, first export']}"
     )
 
 

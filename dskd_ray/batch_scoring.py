@@ -1,7 +1,8 @@
 """Bulk scoring on Ray Data: images under a prefix in, anomaly maps and Parquet rows out.
 
     list (driver: URIs and versions, never image bytes) → skip what this model already scored
-      → read + decode + resize   CPU tasks, `decode_image` as everywhere else
+      → read + decode + resize   CPU tasks, `decode_image` as everywhere else (in a child
+                                 process: an image that crashes it is one error row)
       → score                    an actor pool; each actor loads the model once (`Scorer`)
       → write maps (16-bit PNG)  CPU tasks
       → Parquet parts → manifest (driver; the manifest is the commit, written last)
@@ -14,6 +15,9 @@ only wraps `Scorer`. Layout and commit rules: `dskd_ray.results`.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -24,10 +28,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dskd_ray import tiling
+from dskd_ray.batch_attempts import Attempts, score_guarded
 from dskd_ray.config import ScoringOptions
+from dskd_ray.decoder_process import DecoderCrashed, shared_decoder
 from dskd_ray.drift import run_drift
 from dskd_ray.errors import ConfigError, DataError, DSKDError
-from dskd_ray.images import ImageDecodeError, decode_image
+from dskd_ray.images import ImageDecodeError
 from dskd_ray.map_png import encode_map_png, quantize_map
 from dskd_ray.results import (
     MAPS_DIR,
@@ -89,6 +95,7 @@ class RunSummary:
     pipeline_seconds: float = 0.0  # Ray Data: first block in → last row out
     startup_seconds: float = 0.0  # pipeline start → first rows out (actor start, model load)
     startup_rows: int = 0  # rows in that first batch out
+    backend: str = ""  # what scored: "torch" or "onnxruntime" ("" when nothing was scored)
     manifest: str = ""
     partition: str = ""
 
@@ -108,8 +115,11 @@ class RunSummary:
         return (
             f"run {self.run_id}: listed {self.listed}, scored {self.scored}, errors {self.errors}, "
             f"skipped {self.skipped} (already scored), gone {self.gone}, "
-            f"{self.images_per_s:.1f} images/s ({self.seconds:.1f} s in all)"
+            f"{self.images_per_s:.1f} images/s{self.format_backend()} ({self.seconds:.1f} s in all)"
         )
+
+    def format_backend(self) -> str:
+        return f" with {self.backend}" if self.backend else ""
 
     def format_symlinks(self) -> str:
         """A line on the symlinks met, or "" when there were none."""
@@ -152,8 +162,9 @@ def plan_pool(resources: dict[str, float], options: ScoringOptions) -> PoolPlan:
     if options.device not in ("auto", "cpu") and not options.device.startswith("cuda"):
         raise ConfigError(f"--device must be auto, cpu or cuda, not {options.device!r}")
     task_cpus = 1.0
-    # The onnxruntime backend runs on CPUs (its CUDA provider is a different wheel).
-    if gpus and options.device != "cpu" and options.backend == "torch":
+    # The onnxruntime backend runs on CPUs (its CUDA provider is a different wheel); "auto"
+    # takes the GPUs with torch.
+    if gpus and options.device != "cpu" and options.backend != "onnxruntime":
         actors = min(options.actors or gpus, gpus)
         # One GPU per actor; its CPU claim never blocks the decode tasks that feed it.
         actor_cpus = min(1.0, cpus / (4 * actors))
@@ -210,6 +221,9 @@ def decode_batch(
             fail(i, str(refused[i]), retry=False)
     sizes = np.array(batch["image_bytes"], np.int64)  # -1: a manifest that did not say
     readable = [i for i in range(n) if status[i] == "ok"]
+    # Decoded in a process of its own: an image that crashes the decoder is an error row, not
+    # a dead worker whose batch Ray retries without end (decoder_process).
+    decoder = shared_decoder()
     if readable:
         with ThreadPoolExecutor(max(1, min(io_threads, len(readable)))) as pool:
             futures = [(i, pool.submit(read_object, uris[i])) for i in readable]
@@ -221,9 +235,12 @@ def decode_batch(
                     continue
                 sizes[i] = len(data)
                 try:
-                    images[i], (width[i], height[i]) = decode_image(data, image_size)
+                    images[i], (width[i], height[i]) = decoder.decode(data, image_size)
                 except ImageDecodeError as e:  # the same bytes will fail the same way
                     fail(i, str(e), retry=False)
+                except DecoderCrashed as e:
+                    log.error("%s: %s", uris[i], e)
+                    fail(i, str(e), retry=e.retryable)
                 except MemoryError as e:
                     fail(i, f"out of memory: {e}", retry=True)
                 except Exception as e:  # noqa: BLE001 - a decoder bug on odd bytes
@@ -254,10 +271,14 @@ class ScoringActor:
         precision: str = "fp32",
         compile: bool = False,
         graph: list | None = None,
+        attempts_dir: str | None = None,
     ) -> None:
         import torch
 
         from dskd_ray.checkpoint import Checkpoint
+
+        # On Ray: a batch that kills this actor twice is scored image by image (batch_attempts).
+        self.attempts = Attempts(attempts_dir) if attempts_dir else None
 
         # Ray sets OMP_NUM_THREADS=1 in actors (docs/design.md §7): ask for the threads we want.
         torch.set_num_threads(threads)
@@ -283,6 +304,18 @@ class ScoringActor:
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.attempts is None:
+            return self._score(batch)
+        return score_guarded(batch, self._score, self.attempts, self._give_up)
+
+    def _give_up(self, batch: dict[str, np.ndarray], why: str) -> dict[str, np.ndarray]:
+        n = len(batch["status"])
+        batch["status"] = np.full(n, "error", dtype=object)
+        batch["error"] = np.full(n, f"scoring crashed: {why}", dtype=object)
+        batch["retryable"] = np.ones(n, bool)  # a dead actor is seldom the image's doing
+        return self._score(batch)
+
+    def _score(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from dskd_ray.scoring import not_finite_reason
 
         images = batch.pop("image")
@@ -536,6 +569,7 @@ def _manifest_chunk(name: str, chunk: pa.Table, offset: int) -> pa.Table:
 @dataclass
 class _Progress:
     start: float
+    backend: str = ""  # the one that ran: "torch" or "onnxruntime"
     rows: int = 0
     first_rows_at: float | None = None
     first_rows: int = 0
@@ -734,6 +768,7 @@ def score_images(
     counts = {"ok": 0, "error": 0}
     pipeline_s = startup_s = 0.0
     startup_rows = 0
+    backend = ""
     if table.num_rows:
         run = _run_in_process if _in_process(table.num_rows, options, address) else _run_pipeline
         try:
@@ -748,6 +783,7 @@ def score_images(
         pipeline_s = time.perf_counter() - progress.start
         startup_s = (progress.first_rows_at or progress.start) - progress.start
         startup_rows = progress.first_rows
+        backend = progress.backend
     files = writer.close()
 
     summary = RunSummary(
@@ -765,6 +801,7 @@ def score_images(
         pipeline_seconds=pipeline_s,
         startup_seconds=startup_s,
         startup_rows=startup_rows,
+        backend=backend,
         partition=join_uri(output, run_partition(run_id)),
     )
     if summary.scored + summary.errors != table.num_rows:  # never commit a run that lost rows
@@ -792,7 +829,8 @@ def score_images(
             "images_per_s": summary.images_per_s,
             "steady_images_per_s": summary.steady_images_per_s,
         },
-        options=asdict(options),
+        # The backend that ran, not the one asked for ("auto"), which is kept beside it.
+        options={**asdict(options), "backend": backend or None, "backend_asked": options.backend},
         versions=library_versions(),
         drift=run_drift(run_id, writer.scores(), checkpoint.threshold).to_dict(),
     )
@@ -808,6 +846,28 @@ def _in_process(images: int, options: ScoringOptions, address: str | None) -> bo
         return False
     # A Ray this process already started (a notebook, a test) is used rather than bypassed.
     return "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+def _choose_backend(
+    options: ScoringOptions, device: str, images: int, checkpoint: Checkpoint
+) -> tuple[str, bytes | None]:
+    """The backend this run uses (`ScoringOptions.resolve_backend`) and, for onnxruntime, the
+    model's checked graph: exported here, on the driver, on its first run, then cached."""
+    from dskd_ray.export import ExportError, cached_graph, graph_cache_path, onnx_installed
+
+    installed = onnx_installed()
+    cached = installed and graph_cache_path(checkpoint).is_file()
+    backend, why = options.resolve_backend(device, images, cached, installed)
+    graph = None
+    if backend == "onnxruntime":
+        try:
+            graph = cached_graph(checkpoint)
+        except ExportError as e:
+            if options.backend != "auto":
+                raise
+            backend, why = "torch", f"the model's graph could not be exported: {e}"
+    log.info("scoring with %s: %s", backend, why)
+    return backend, graph
 
 
 def _run_in_process(
@@ -833,11 +893,7 @@ def _run_in_process(
         device = "cuda" if options.device == "auto" and torch.cuda.is_available() else "cpu"
     log.info("scoring %d images in this process (no Ray)", table.num_rows)
     progress = _Progress(start=time.perf_counter())
-    graph = None
-    if options.backend == "onnxruntime":
-        from dskd_ray.export import cached_graph
-
-        graph = [cached_graph(checkpoint)]
+    progress.backend, graph = _choose_backend(options, device, table.num_rows, checkpoint)
     scorer = ScoringActor(
         [replace(checkpoint, training=None)],
         device=device,
@@ -845,7 +901,7 @@ def _run_in_process(
         threads=options.actor_threads or os.cpu_count() or 1,
         precision=options.precision,
         compile=options.compile,
-        graph=graph,
+        graph=None if graph is None else [graph],
     )
     for start in range(0, table.num_rows, options.batch_size):
         block = table.slice(start, options.batch_size)
@@ -887,12 +943,12 @@ def _run_pipeline(
     block_rows = max(1, options.batch_size)
     blocks = [table.slice(i, block_rows) for i in range(0, table.num_rows, block_rows)]
     checkpoint_ref = ray.put(replace(checkpoint, training=None))  # fetched once per actor
-    graph_ref = None
-    if options.backend == "onnxruntime":
-        from dskd_ray.export import cached_graph
-
-        graph_ref = ray.put(cached_graph(checkpoint))  # exported and checked once, here
-    progress = _Progress(start=time.perf_counter())
+    backend, graph = _choose_backend(options, plan.device, table.num_rows, checkpoint)
+    graph_ref = None if graph is None else ray.put(graph)  # exported and checked once, here
+    del graph
+    # Where scoring actors count the attempts that died (batch_attempts), on each node's disk.
+    attempts_dir = os.path.join(tempfile.gettempdir(), "dskd_ray", f"run-{run_id}", "scoring")
+    progress = _Progress(start=time.perf_counter(), backend=backend)
     ds = (
         ray.data.from_arrow(blocks)
         .map_batches(
@@ -921,6 +977,7 @@ def _run_pipeline(
                 "precision": options.precision,
                 "compile": options.compile,
                 "graph": None if graph_ref is None else [graph_ref],
+                "attempts_dir": attempts_dir,
             },
         )
         .map_batches(
@@ -937,11 +994,14 @@ def _run_pipeline(
             },
         )
     )
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        statuses = batch["status"].to_pylist()
-        counts["ok"] += statuses.count("ok")
-        counts["error"] += len(statuses) - statuses.count("ok")
-        writer.write(batch)
-        progress.update(batch.num_rows, table.num_rows)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            statuses = batch["status"].to_pylist()
+            counts["ok"] += statuses.count("ok")
+            counts["error"] += len(statuses) - statuses.count("ok")
+            writer.write(batch)
+            progress.update(batch.num_rows, table.num_rows)
+    finally:
+        shutil.rmtree(os.path.dirname(attempts_dir), ignore_errors=True)  # this node's
     del checkpoint_ref, graph_ref
     return progress

@@ -590,8 +590,9 @@ def score(
         str | None,
         _opt(
             SCORING.backend,
-            help="torch | onnxruntime (the checkpoint's exported graph on CPU actors; "
-            "pip install 'dskd_ray[onnx]')",
+            help="auto | torch | onnxruntime (the checkpoint's exported graph on CPU actors; "
+            "pip install 'dskd_ray[onnx]'). auto: onnxruntime on CPU actors when installed and "
+            f"the graph is cached or the run has {SCORING.onnx_export_min}+ images, else torch",
         ),
     ] = None,
     in_process_max: Annotated[
@@ -633,8 +634,8 @@ def score(
     summary = score_images(input_uri, model, out, options, address=address)
     _echo(
         f"listed {summary.listed}, scored {summary.scored}, errors {summary.errors}, "
-        f"skipped {summary.skipped} (already scored); {summary.images_per_s:.1f} images/s; "
-        f"{summary.seconds:.1f} s in all"
+        f"skipped {summary.skipped} (already scored); {summary.images_per_s:.1f} images/s"
+        f"{summary.format_backend()}; {summary.seconds:.1f} s in all"
     )
     if summary.errors:
         _echo(f"{summary.errors} image(s) could not be scored: rows with status = 'error' say why")

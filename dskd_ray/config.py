@@ -23,7 +23,7 @@ LEVEL_FUSIONS: tuple[str, ...] = ("sum", "product")
 LEVEL_NORMALIZATIONS: tuple[str, ...] = ("none", "mean", "standardize")
 MAP_BASELINES: tuple[str, ...] = ("none", "mean", "subtract")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
-BACKENDS: tuple[str, ...] = ("torch", "onnxruntime")
+BACKENDS: tuple[str, ...] = ("auto", "torch", "onnxruntime")
 # 4096² is 16x the default's pixels, and the map arithmetic and activations grow with them; a
 # larger size only finds the end of the memory, slowly.
 MAX_IMAGE_SIZE = 4096
@@ -204,11 +204,16 @@ class ScoringOptions:
     io_threads: int = 8  # concurrent object reads / writes inside one task
     precision: str = "fp32"  # "bf16": autocast in the actors (GPUs; CPUs with native bf16)
     compile: bool = False  # torch.compile the model in each actor
-    backend: str = "torch"  # "onnxruntime": the actors run the checkpoint's exported graph
+    # "torch", "onnxruntime" (the actors run the checkpoint's exported graph), or "auto": the
+    # fastest measured path where it pays (`resolve_backend`).
+    backend: str = "auto"
     run_id: str | None = None  # default: start time + random suffix
     # Up to this many images to score, with no Ray cluster named (--address, RAY_ADDRESS) or
     # already running, are scored in this process: a Ray start costs more than they do.
     in_process_max: int = 64
+    # "auto" exports a model's graph for ONNX Runtime (once: then it is cached) only for a run
+    # of at least this many images; fewer are scored sooner by torch than exported first.
+    onnx_export_min: int = 500
 
     def validate(self) -> None:
         """Refuse what cannot work before anything is listed or started (a Ray start is slow)."""
@@ -233,3 +238,32 @@ class ScoringOptions:
             )
         if self.in_process_max < 0:
             raise ConfigError(f"--in-process-max {self.in_process_max} must be 0 or more")
+        if self.onnx_export_min < 0:
+            raise ConfigError(f"onnx_export_min={self.onnx_export_min} must be 0 or more")
+
+    def resolve_backend(
+        self, device: str, images: int, graph_cached: bool, onnx_installed: bool
+    ) -> tuple[str, str]:
+        """(the backend a run uses, why): `backend` unless it is "auto".
+
+        "auto" is ONNX Runtime where it was measured fastest (docs/design.md §6: 4.9x PyTorch
+        eager with the Lite0 teacher on a CPU, 1.3x with ResNet18): CPU actors, no PyTorch-only
+        option asked for, the onnx extra installed, and the model's graph already cached or
+        the run large enough to pay for its first export. Else PyTorch, eager unless --compile.
+        """
+        if self.backend != "auto":
+            return self.backend, "asked for"
+        if device.startswith("cuda"):
+            return "torch", "GPU actors (the onnxruntime backend runs on CPUs)"
+        if self.compile or self.precision != "fp32":
+            return "torch", "--compile or --precision bf16 asked for (PyTorch options)"
+        if not onnx_installed:
+            return "torch", "onnxruntime not installed (pip install 'dskd_ray[onnx]')"
+        if graph_cached:
+            return "onnxruntime", "CPU actors; the model's graph is cached"
+        if images < self.onnx_export_min:
+            return "torch", (
+                f"{images} images: fewer than the {self.onnx_export_min} that pay for "
+                "exporting the model's graph first"
+            )
+        return "onnxruntime", f"CPU actors; {images} images pay for the graph's first export"

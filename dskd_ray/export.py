@@ -134,8 +134,17 @@ def _version(package: str) -> str:
         return "absent"
 
 
+def _missing_onnx() -> list[str]:
+    return [m for m in ("onnx", "onnxruntime", "onnxscript") if _version(m) == "absent"]
+
+
+def onnx_installed() -> bool:
+    """The onnx extra is installed: a graph can be exported and run."""
+    return not _missing_onnx()
+
+
 def _require_onnx() -> None:
-    missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if _version(m) == "absent"]
+    missing = _missing_onnx()
     if missing:
         raise ExportError(
             f"ONNX export and the onnxruntime backend need {', '.join(missing)}: "
@@ -235,19 +244,24 @@ def export_onnx(
     return result
 
 
-def cached_graph(checkpoint: Checkpoint) -> bytes:
-    """The checkpoint's checked graph, exported once per model id and library versions.
-
-    The cache (``$DSKD_RAY_CACHE`` or ``~/.cache/dskd_ray``) saves the export (tens of seconds
-    on a small CPU) on every nightly run of the same model.
-    """
+def graph_cache_path(checkpoint: Checkpoint) -> Path:
+    """Where `cached_graph` keeps this model's graph (for these library versions)."""
     versions = library_versions()
     key = f"{checkpoint.model_id}-torch{versions.get('torch', '?')}-onnx{_version('onnx')}"
     root = Path(
         os.environ.get("DSKD_RAY_CACHE")
         or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dskd_ray"
     )
-    path = root / "onnx" / f"{key}.onnx"
+    return root / "onnx" / f"{key}.onnx"
+
+
+def cached_graph(checkpoint: Checkpoint) -> bytes:
+    """The checkpoint's checked graph, exported once per model id and library versions.
+
+    The cache (``$DSKD_RAY_CACHE`` or ``~/.cache/dskd_ray``) saves the export (tens of seconds
+    on a small CPU) on every nightly run of the same model.
+    """
+    path = graph_cache_path(checkpoint)
     if path.is_file():
         graph = path.read_bytes()
         try:

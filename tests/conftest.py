@@ -35,6 +35,21 @@ def write_textures(
     return paths
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_graph_cache(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN202 - a generator
+    """`--backend auto` runs ONNX Runtime for a model whose graph is cached: the tests keep
+    their own cache, so what ~/.cache holds never changes what a test runs."""
+    import os
+
+    saved = os.environ.get("DSKD_RAY_CACHE")
+    os.environ["DSKD_RAY_CACHE"] = str(tmp_path_factory.mktemp("dskd-ray-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("DSKD_RAY_CACHE", None)
+    else:
+        os.environ["DSKD_RAY_CACHE"] = saved
+
+
 @pytest.fixture
 def tiny_config() -> DSKDConfig:
     return DSKDConfig(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -616,6 +617,121 @@ def test_a_decode_worker_killed_mid_task_still_commits_one_row_per_image(
     _check_one_row_each(tmp_path, blobs, result)
 
 
+# --- images that crash their worker -------------------------------------------------------------
+
+CRASH_HOOKS = REPO / "tests" / "crash_hooks" / "sitecustomize.py"
+CRASH = b"DSKD-CRASH:"  # see tests/crash_hooks: the decoder of such bytes dies by a real signal
+
+
+def _crash_folder(tmp_path: Path, scoring_crash: bool) -> tuple[dict[str, bytes], dict[str, str]]:
+    """Normal images, plus images that kill the process decoding them (SIGSEGV, always; SIGKILL,
+    always; SIGSEGV once, then decode) and, with `scoring_crash`, one that kills the scoring
+    actor (every pixel 13). Returns (uri → bytes a plain decode scores, uri → the case)."""
+    rng = np.random.default_rng(21)
+    images = tmp_path / "images"
+    files = {f"good/img_{i:02d}.png": texture(rng) for i in range(10)}
+    once = texture(rng)
+    cases = {
+        "crash/segv.png": (CRASH + b"segv\n" + texture(rng), "segv"),
+        "crash/kill.png": (CRASH + b"kill\n" + texture(rng), "kill"),
+        "crash/once.png": (CRASH + b"once-a\n" + once, "once"),
+    }
+    if scoring_crash:
+        buffer = io.BytesIO()
+        Image.new("RGB", (80, 80), (13, 13, 13)).save(buffer, format="PNG")
+        cases["crash/thirteen.png"] = (buffer.getvalue(), "scoring")
+    blobs, kinds = {}, {}
+    for name, data in {**files, **{k: b for k, (b, _) in cases.items()}}.items():
+        path = images / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        blobs[str(path)] = data
+    for name, (_, kind) in cases.items():
+        kinds[str(images / name)] = kind
+    blobs[str(images / "crash/once.png")] = once  # what it decodes to, once it does
+    return blobs, kinds
+
+
+def _hooked_env(tmp_path: Path) -> dict[str, str]:
+    """This environment with the crash hooks first on PYTHONPATH, for the `dskd score` process
+    and (through the job's runtime_env, as `ray job submit` passes one) its Ray workers."""
+    import json
+
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    shutil.copy(CRASH_HOOKS, hooks / "sitecustomize.py")
+    path = os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")]))
+    job = {"runtime_env": {"env_vars": {"PYTHONPATH": path}}}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return env | {"PYTHONPATH": path, "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job)}
+
+
+def _check_crash_rows(tmp_path: Path, blobs: dict[str, bytes], kinds: dict[str, str],
+                      result: subprocess.CompletedProcess) -> None:  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    n, failed = len(blobs), sum(k != "once" for k in kinds.values())
+    assert f"listed {n}, scored {n - failed}, errors {failed}" in result.stdout, result.stdout
+    rows = read_results(str(tmp_path / "out")).to_pydict()
+    assert sorted(rows["image_uri"]) == sorted(blobs)  # every image exactly once
+    row = {u: i for i, u in enumerate(rows["image_uri"])}
+    expected = {
+        "segv": ("decoder crashed: killed by signal 11 (SIGSEGV) on this image, twice", False),
+        "kill": ("decoder crashed: killed by signal 9 (SIGKILL: out of memory?)", True),
+        "scoring": ("scoring crashed: the scoring process died 2 times scoring it", True),
+    }
+    for uri, kind in kinds.items():
+        i = row[uri]
+        if kind == "once":  # died once, decoded by a new decoder: scored like any image
+            assert rows["status"][i] == "ok" and rows["width"][i] > 0
+            continue
+        words, retryable = expected[kind]
+        assert rows["status"][i] == "error" and words in rows["error"][i], rows["error"][i]
+        assert rows["retryable"][i] is retryable and rows["score"][i] is None
+    ok = {u for u in blobs if rows["status"][row[u]] == "ok"}
+    check_rows_against_core(
+        {k: [v[row[u]] for u in sorted(ok)] for k, v in rows.items()}, tmp_path / "model.pt", blobs
+    )
+
+
+def test_images_that_crash_the_decoder_or_the_actor_are_error_rows_on_ray(
+    ray_cluster,
+    tmp_path: Path,  # noqa: ANN001
+) -> None:
+    """On Ray: an image that kills its decoder by a real signal is tried in a new decoder,
+    then is an error row; one that kills the scoring actor (twice with its batch, twice alone)
+    is an error row; every other image is scored, and the run ends, committed."""
+    blobs, kinds = _crash_folder(tmp_path, scoring_crash=True)
+    make_model(tmp_path)
+    job = subprocess.Popen(
+        [sys.executable, "-m", "dskd_ray.cli", "score", str(tmp_path / "images"), "--model",
+         str(tmp_path / "model.pt"), "--out", str(tmp_path / "out"), "--address",
+         ray_cluster.get_runtime_context().gcs_address, "--batch-size", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_hooked_env(tmp_path),
+    )  # fmt: skip
+    try:
+        stdout, stderr = job.communicate(timeout=900)  # retrying without end fails here
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    result = subprocess.CompletedProcess(job.args, job.returncode, stdout, stderr)
+    _check_crash_rows(tmp_path, blobs, kinds, result)
+    assert (tmp_path / "hooks" / "crashed-once-a").exists()  # it did die once
+
+
+def test_images_that_crash_the_decoder_are_error_rows_in_process(tmp_path: Path) -> None:
+    """No Ray: the decoder is the `dskd score` process's own child; the process survives."""
+    blobs, kinds = _crash_folder(tmp_path, scoring_crash=False)
+    make_model(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "dskd_ray.cli", "score", str(tmp_path / "images"), "--model",
+         str(tmp_path / "model.pt"), "--out", str(tmp_path / "out"), "--batch-size", "4", "-v"],
+        capture_output=True, text=True, timeout=600, env=_hooked_env(tmp_path),
+    )  # fmt: skip
+    assert "in this process" in result.stderr
+    _check_crash_rows(tmp_path, blobs, kinds, result)
+
+
 # --- the parts, without Ray --------------------------------------------------------------------
 
 
@@ -721,6 +837,73 @@ def test_pool_never_claims_every_cpu() -> None:
     gpu = plan_pool({"CPU": 16.0, "GPU": 2.0}, ScoringOptions())
     assert (gpu.device, gpu.max_actors, gpu.actor_gpus) == ("cuda", 2, 1.0)
     assert plan_pool({"CPU": 16.0, "GPU": 2.0}, ScoringOptions(device="cpu")).device == "cpu"
+
+
+def test_auto_runs_onnxruntime_on_cpus_when_it_pays_and_torch_otherwise() -> None:
+    auto = ScoringOptions()
+    assert auto.backend == "auto"
+    big, few = auto.onnx_export_min, auto.onnx_export_min - 1
+    assert auto.resolve_backend("cpu", big, False, True)[0] == "onnxruntime"  # exports, pays
+    assert auto.resolve_backend("cpu", 3, True, True)[0] == "onnxruntime"  # cached: any size
+    backend, why = auto.resolve_backend("cpu", few, False, True)
+    assert backend == "torch" and f"fewer than the {big}" in why  # the export would not pay
+    assert auto.resolve_backend("cpu", big, True, False)[0] == "torch"  # not installed
+    for asked, device in [
+        (ScoringOptions(), "cuda"),
+        (ScoringOptions(device="cuda"), "cuda:1"),
+        (ScoringOptions(precision="bf16"), "cpu"),
+        (ScoringOptions(compile=True), "cpu"),
+        (ScoringOptions(backend="torch"), "cpu"),
+    ]:
+        asked.validate()  # auto with PyTorch-only options is no error: it means torch
+        assert asked.resolve_backend(device, big, True, True)[0] == "torch", (asked, device)
+    assert ScoringOptions(backend="onnxruntime").resolve_backend("cpu", 1, False, True)[0] == (
+        "onnxruntime"
+    )
+    # On a GPU cluster auto scores with torch on the GPUs; an explicit onnxruntime stays on CPUs.
+    assert plan_pool({"CPU": 16.0, "GPU": 2.0}, ScoringOptions()).device == "cuda"
+    onnx = ScoringOptions(backend="onnxruntime")
+    assert plan_pool({"CPU": 16.0, "GPU": 2.0}, onnx).device == "cpu"
+
+
+def test_an_auto_run_on_onnxruntime_writes_the_rows_of_a_torch_run(tmp_path: Path) -> None:
+    """auto on CPUs runs the exported graph (here: exported for this run, then cached) and
+    writes PyTorch's rows within the export's tolerances; the manifest and the summary say
+    which backend ran."""
+    from dskd_ray.export import MAP_TOLERANCE, SCORE_TOLERANCE
+
+    model, _ = make_model(tmp_path)
+    blobs = _write_images(tmp_path / "images", 12)
+    images, out = str(tmp_path / "images"), tmp_path / "out"
+    torch_run = score_images(
+        images, str(model), str(out / "torch"), ScoringOptions(backend="torch")
+    )
+    auto = ScoringOptions(device="cpu", onnx_export_min=0)  # export pays at any size
+    auto_run = score_images(images, str(model), str(out / "auto"), auto)
+    assert (torch_run.backend, auto_run.backend) == ("torch", "onnxruntime")
+    assert "with onnxruntime" in auto_run.format()
+    [manifest] = [r.manifest for r in committed_runs(str(out / "auto"))]
+    assert (manifest["options"]["backend"], manifest["options"]["backend_asked"]) == (
+        "onnxruntime", "auto",
+    )  # fmt: skip
+    assert manifest["summary"]["backend"] == "onnxruntime"
+    assert committed_runs(str(out / "torch"))[0].manifest["options"]["backend"] == "torch"
+
+    key = "image_uri"
+    want = read_results(str(out / "torch")).sort_by(key).to_pydict()
+    got = read_results(str(out / "auto")).sort_by(key).to_pydict()
+    assert got[key] == want[key] == sorted(blobs) and set(got["status"]) == {"ok"}
+    scores = np.array(want["score"])
+    assert np.abs(np.array(got["score"]) - scores).max() <= SCORE_TOLERANCE * np.abs(scores).max()
+    assert got["is_anomalous"] == want["is_anomalous"]
+    for mine, theirs, scale in zip(got["map_uri"], want["map_uri"], want["map_scale"], strict=True):
+        a = decode_map_png(Path(mine).read_bytes())
+        b = decode_map_png(Path(theirs).read_bytes())
+        assert np.abs(a - b).max() <= scale + MAP_TOLERANCE * np.abs(b).max()  # one 16-bit step
+
+    # The next run of the model, however small, finds its graph in the cache.
+    again = score_images(images, str(model), str(out / "again"), ScoringOptions(device="cpu"))
+    assert again.backend == "onnxruntime"
 
 
 def test_cli_error_is_one_line(tmp_path: Path) -> None:

@@ -176,7 +176,9 @@ def test_ray_run_on_onnxruntime_writes_the_rows_and_maps_of_a_pytorch_run(
     monkeypatch.setenv("DSKD_RAY_CACHE", str(tmp_path / "cache"))
     model = trained("both")
     images = demo / "test"
-    torch_run = score_images(str(images), str(model), str(tmp_path / "torch"))
+    torch_run = score_images(
+        str(images), str(model), str(tmp_path / "torch"), ScoringOptions(backend="torch")
+    )
     onnx_run = score_images(
         str(images), str(model), str(tmp_path / "onnx"), ScoringOptions(backend="onnxruntime")
     )
