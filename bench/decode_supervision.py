@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -56,9 +57,8 @@ def timed(decode, blobs: list[bytes], decoder: DecoderProcess | None) -> tuple[f
     return len(blobs) / wall, 1000 * used / len(blobs)
 
 
-def child_start_s(repeats: int = 3) -> float:
-    tiny = make_images(Path(tempfile.mkdtemp(prefix="dskd-bench-decode-")), 1, 64, "png")[0]
-    data = tiny.read_bytes()
+def child_start_s(work: Path, repeats: int = 3) -> float:
+    data = make_images(work / "tiny", 1, 64, "png")[0].read_bytes()
     times = []
     for _ in range(repeats):
         decoder = DecoderProcess()
@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     decoder.close()
-    results["child_start_s"] = child_start_s()
+    results["child_start_s"] = child_start_s(work)
+    shutil.rmtree(work, ignore_errors=True)
     results["load_average_end"] = os.getloadavg()[0]
     print(
         f"child start-up (first image answered): {results['child_start_s']:.2f} s; "
