@@ -8,7 +8,10 @@
 
 on the same generated JPEG and PNG images at 1024×1024 (like inspection photos) and 256×256.
 The model is an untrained EfficientNet-Lite0 DSKD with the real ImageNet teacher at 256²: speed
-does not depend on training. Start-up (imports, Ray, actors, model load) is reported apart from
+does not depend on training. `dskd score` runs with its default backend ("auto"), as a nightly
+run of a known model does: the model's ONNX graph is exported once before the sets (timed; a
+cache of the bench's own) and (b) runs the backend the default chose, so (c)/(b) compares like
+with like. `--backend torch` runs everything on PyTorch (the default before "auto"). Start-up (imports, Ray, actors, model load) is reported apart from
 the steady state; the ratios compare steady states. Peak memory: the `dskd score` process
 (driver) and one scoring actor, read from /proc (VmHWM) while they run.
 
@@ -17,12 +20,15 @@ the steady state; the ratios compare steady states. Peak memory: the `dskd score
 
 Start-up: `dskd score` end to end on 10 local 256² JPEGs in a new process, as a user runs it
 (imports, listing, model load, scoring, commit): by default such a handful is scored in the
-process; the same with `--in-process-max 0` (a new local Ray and an actor) for comparison.
+process; the same with `--in-process-max 0` (a new local Ray and an actor) for comparison; and,
+with "auto", the model's first run (no graph cached: ten images do not pay for an export, so
+torch scores them).
 
     python bench/scoring.py --startup-only        # just that, ~1 minute
 
 The last line is machine-readable, for the headline set (the first size and format):
     pipeline_vs_loop=<(c)/(b)> s3_vs_loop=<(d)/(b)> startup_s=<10 images, default path>
+    backend=<what (c) ran> images_per_s=<(c), steady>
 """
 
 from __future__ import annotations
@@ -54,7 +60,8 @@ from dskd_ray.config import DSKDConfig
 from dskd_ray.images import decode_image
 from dskd_ray.map_png import encode_map_png, quantize_map
 from dskd_ray.model import DSKD
-from dskd_ray.scoring import Scorer, images_to_tensor
+from dskd_ray.onnx_scoring import OnnxScorer
+from dskd_ray.scoring import BatchScorer, Scorer, images_to_tensor
 from dskd_ray.storage import map_uri, read_object, write_object
 
 MODEL_SIZE = 256
@@ -137,15 +144,25 @@ class PeakMemory:
 
 
 def forward_only(
-    model: Path, images: np.ndarray, batch_size: int, seconds: float, bf16: bool
+    model: Path,
+    images: np.ndarray,
+    batch_size: int,
+    seconds: float,
+    bf16: bool,
+    graph: bytes | None,
 ) -> dict[str, float]:
-    """Images/s of Scorer.score_batch (model + map) on decoded arrays, per fast-path setting."""
+    """Images/s of score_batch (model + map) on decoded arrays, per fast-path setting."""
     settings = {"fp32 plain": {"channels_last": False}, "fp32 channels_last": {}}
     if bf16:
         settings["bf16 channels_last"] = {"precision": "bf16"}
     out = {}
-    for name, kwargs in settings.items():
-        scorer = Scorer(str(model), device="cpu", batch_size=batch_size, **kwargs)
+    scorers: dict[str, BatchScorer] = {
+        name: Scorer(str(model), device="cpu", batch_size=batch_size, **kwargs)
+        for name, kwargs in settings.items()
+    }
+    if graph is not None:
+        scorers["onnxruntime"] = OnnxScorer(graph, batch_size=batch_size)
+    for name, scorer in scorers.items():
         scorer.score_batch(images[:batch_size])  # warm-up
         done, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
@@ -174,12 +191,16 @@ class Timers:
         self.seconds[name] += time.perf_counter() - start
 
 
-def plain_loop(model: Path, paths: list[Path], out: Path, batch_size: int) -> dict:
-    """Everything `dskd score` does to an image, in one process, batch after batch."""
+def plain_loop(
+    model: Path, paths: list[Path], out: Path, batch_size: int, graph: bytes | None = None
+) -> dict:
+    """Everything `dskd score` does to an image, in one process, batch after batch; on ONNX
+    Runtime when `graph` is given (model and map are then one step, timed as "model")."""
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.perf_counter()
     scorer = Scorer(str(model), device="cpu", batch_size=batch_size)
     net, cfg = scorer.model, scorer.model.config
+    onnx = OnnxScorer(graph, batch_size=batch_size) if graph is not None else None
     load_s = time.perf_counter() - t0
     maps_root = str(out / "maps")
     rows: dict[str, list] = {"image_uri": [], "score": [], "map_uri": [], "map_scale": []}
@@ -192,18 +213,23 @@ def plain_loop(model: Path, paths: list[Path], out: Path, batch_size: int) -> di
             blobs = [read_object(u) for u in chunk]
         with timers("decode"):
             images = np.stack([decode_image(b, MODEL_SIZE)[0] for b in blobs])
-        with timers("model"), torch.inference_mode():
-            x = images_to_tensor(images, scorer.device).contiguous(
-                memory_format=torch.channels_last
-            )
-            features = net(net.normalize(x))
-        with timers("map"), torch.inference_mode():
-            maps = anomaly_map(
-                features, (MODEL_SIZE, MODEL_SIZE), cfg.level_fusion, cfg.blur_sigma,
-                *net.level_statistics(), net.baseline(),
-            )  # fmt: skip
-            scores = image_score(maps, cfg.score_top_k).numpy()
-            maps = maps.numpy()
+        if onnx is not None:
+            with timers("model"):
+                result = onnx.score_batch(images)
+                maps, scores = result.maps, result.scores
+        else:
+            with timers("model"), torch.inference_mode():
+                x = images_to_tensor(images, scorer.device).contiguous(
+                    memory_format=torch.channels_last
+                )
+                features = net(net.normalize(x))
+            with timers("map"), torch.inference_mode():
+                maps = anomaly_map(
+                    features, (MODEL_SIZE, MODEL_SIZE), cfg.level_fusion, cfg.blur_sigma,
+                    *net.level_statistics(), net.baseline(),
+                )  # fmt: skip
+                scores = image_score(maps, cfg.score_top_k).numpy()
+                maps = maps.numpy()
         with timers("encode"):
             pngs = [encode_map_png(*quantize_map(m)) for m in maps]
         with timers("write"):
@@ -231,11 +257,13 @@ def plain_loop(model: Path, paths: list[Path], out: Path, batch_size: int) -> di
 # --- (c), (d) dskd score -----------------------------------------------------------------------
 
 
-def dskd_score(model: str, images: str, out: str, batch_size: int, env: dict[str, str]) -> dict:
+def dskd_score(
+    model: str, images: str, out: str, batch_size: int, env: dict[str, str], extra: list[str]
+) -> dict:
     """`dskd score` in its own process, as a user runs it; its run manifest gives the timings."""
     start = time.perf_counter()
     cmd = [sys.executable, "-m", "dskd_ray.cli", "score", images, "--model", model,
-           "--out", out, "--rescore", "--batch-size", str(batch_size)]  # fmt: skip
+           "--out", out, "--rescore", "--batch-size", str(batch_size), *extra]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     with PeakMemory(proc.pid) as memory:
         output, _ = proc.communicate()
@@ -250,6 +278,7 @@ def dskd_score(model: str, images: str, out: str, batch_size: int, env: dict[str
         "startup_s": wall - steady_s,
         "steady_images_per_s": steady,
         "total_s": wall,
+        "backend": summary.get("backend", ""),
         "errors": summary["errors"],
         "driver_peak_mb": memory.driver_mb,
         "actor_peak_mb": memory.actor_mb,
@@ -325,24 +354,32 @@ def upload(env: dict[str, str], bucket: str, files: list[Path], prefix: str) -> 
 # --- start-up ------------------------------------------------------------------------------------
 
 
-def startup(model: Path, work: Path, env: dict[str, str], repeats: int = 2) -> dict:
+def startup(
+    model: Path, work: Path, env: dict[str, str], extra: list[str], repeats: int = 2
+) -> dict:
     """Seconds for `dskd score` on 10 images, end to end, best of `repeats`: the default path,
-    then on a new local Ray (`--in-process-max 0`)."""
+    on a new local Ray (`--in-process-max 0`), and the model's first run (no graph cached)."""
     paths = make_images(work / "startup-in", 10, 256, "jpg", seed=1)
     env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    uncached = {**env, "DSKD_RAY_CACHE": str(work / "empty-cache")}
     result = {}
-    for name, extra in [("startup_s", []), ("startup_ray_s", ["--in-process-max", "0"])]:
+    for name, flags, environment in [
+        ("startup_s", [], env),
+        ("startup_ray_s", ["--in-process-max", "0"], env),
+        ("startup_first_run_s", [], uncached),
+    ]:
         times = []
         for i in range(repeats):
             start = time.perf_counter()
-            subprocess.run(
+            done = subprocess.run(
                 [sys.executable, "-m", "dskd_ray.cli", "score", str(paths[0].parent), "--model",
-                 str(model), "--out", str(work / f"startup-out-{name}-{i}"), *extra],
-                env=env, check=True, capture_output=True,
+                 str(model), "--out", str(work / f"startup-out-{name}-{i}"), *flags, *extra],
+                env=environment, check=True, capture_output=True, text=True,
             )  # fmt: skip
             times.append(time.perf_counter() - start)
+        ran = "onnxruntime" if "with onnxruntime" in done.stdout else "torch"
         result[name] = min(times)
-        print(f"{name}: {', '.join(f'{t:.1f}' for t in times)} s", flush=True)
+        print(f"{name}: {', '.join(f'{t:.1f}' for t in times)} s ({ran})", flush=True)
     return result
 
 
@@ -363,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench/out/scoring", help="where results.json goes")
     parser.add_argument("--startup-only", action="store_true", help="only the 10-image start-up")
     parser.add_argument("--startup-repeats", type=int, default=2, help="best of this many")
+    parser.add_argument(
+        "--backend", choices=["auto", "torch"], default="auto", help="dskd score's --backend"
+    )
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="dskd-bench-scoring-"))
@@ -372,15 +412,30 @@ def main(argv: list[str] | None = None) -> int:
     config = DSKDConfig(
         backbone="efficientnet_lite0", teacher_weights="imagenet", image_size=MODEL_SIZE
     )
-    save_checkpoint(make_checkpoint(DSKD(config).eval()), model)
+    checkpoint = make_checkpoint(DSKD(config).eval())
+    save_checkpoint(checkpoint, model)
     print(
         f"{args.images} images per set; model Lite0 DSKD at {MODEL_SIZE}², batch {args.batch_size}; "
-        f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f} at start",
+        f"--backend {args.backend}; {os.cpu_count()} CPUs; load average "
+        f"{os.getloadavg()[0]:.1f} at start",
         flush=True,
     )
     results: dict = {"args": vars(args), "sets": {}}
-    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
-    results["startup"] = startup(model, work, env, args.startup_repeats)
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "DSKD_RAY_CACHE": str(work / "cache")}
+    # Ray starts its workers at nice 15: on a machine shared with other work they would yield to
+    # it where the loop (b) does not, and the ratios would measure that, not the pipeline.
+    env["RAY_worker_niceness"] = "0"
+    extra = ["--backend", args.backend]
+    graph = None
+    if args.backend == "auto":  # a known model: its graph exported on an earlier night
+        from dskd_ray.export import cached_graph
+
+        os.environ["DSKD_RAY_CACHE"] = env["DSKD_RAY_CACHE"]
+        start = time.perf_counter()
+        graph = cached_graph(checkpoint)
+        results["export_s"] = time.perf_counter() - start
+        print(f"graph exported and checked in {results['export_s']:.1f} s", flush=True)
+    results["startup"] = startup(model, work, env, extra, args.startup_repeats)
     if args.startup_only:
         shutil.rmtree(work, ignore_errors=True)
         (out_dir / "startup.json").write_text(json.dumps(results["startup"], indent=2) + "\n")
@@ -400,14 +455,16 @@ def main(argv: list[str] | None = None) -> int:
                         [decode_image(p.read_bytes(), MODEL_SIZE)[0] for p in paths[:64]]
                     )
                     results["forward_only"] = forward_only(
-                        model, decoded, args.batch_size, args.forward_seconds, args.bf16
+                        model, decoded, args.batch_size, args.forward_seconds, args.bf16, graph
                     )
                     print(f"(a) forward only: {results['forward_only']}", flush=True)
-                row["loop"] = plain_loop(model, paths, work / f"loop-{size}-{fmt}", args.batch_size)
+                row["loop"] = plain_loop(
+                    model, paths, work / f"loop-{size}-{fmt}", args.batch_size, graph
+                )
                 print(f"{name} (b) loop: {row['loop']}", flush=True)
                 row["local"] = dskd_score(
                     str(model), str(paths[0].parent), str(work / f"out-{size}-{fmt}"),
-                    args.batch_size, env,
+                    args.batch_size, env, extra,
                 )  # fmt: skip
                 print(f"{name} (c) dskd score local: {row['local']}", flush=True)
                 if s3_env:
@@ -415,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
                     s3_model = upload(s3_env, "bench", [model], "models") + "/model.pt"
                     row["s3"] = dskd_score(
                         s3_model, uri, f"s3://bench/out-{size}-{fmt}", args.batch_size,
-                        {**env, **s3_env},
+                        {**env, **s3_env}, extra,
                     )  # fmt: skip
                     print(f"{name} (d) dskd score S3: {row['s3']}", flush=True)
                 results["sets"][name] = row
@@ -459,7 +516,10 @@ def print_table(results: dict) -> None:
     c = head["local"]["steady_images_per_s"]
     d = head["s3"]["steady_images_per_s"] if "s3" in head else float("nan")
     start = results["startup"]["startup_s"]
-    print(f"pipeline_vs_loop={c / b:.2f} s3_vs_loop={d / b:.2f} startup_s={start:.1f}")
+    print(
+        f"pipeline_vs_loop={c / b:.2f} s3_vs_loop={d / b:.2f} startup_s={start:.1f} "
+        f"backend={head['local']['backend']} images_per_s={c:.1f}"
+    )
 
 
 if __name__ == "__main__":
