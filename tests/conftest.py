@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import struct
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +36,61 @@ def write_textures(
         Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(path)
         paths.append(path)
     return paths
+
+
+# --- encoded test images, good and bad (bulk scoring, results) -------------------------------
+
+
+def texture(rng: np.random.Generator, fmt: str = "PNG") -> bytes:
+    """A small smooth random texture, 64–96 px a side, encoded as `fmt`."""
+    w, h = (int(v) for v in rng.integers(64, 97, 2))
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    phase = rng.uniform(0, 2 * np.pi, 3)
+    img = np.stack([0.5 + 0.3 * np.sin(8 * np.pi * (xx + yy) + p) for p in phase], -1)
+    img = np.clip(img + rng.normal(0, 0.03, img.shape), 0, 1)
+    buffer = io.BytesIO()
+    Image.fromarray((img * 255).astype(np.uint8)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header claims a huge size: a decompression bomb (as in test_images)."""
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = data[12:29]
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    return bytes(data)
+
+
+def broken_files(rng: np.random.Generator) -> dict[str, tuple[bytes, str]]:
+    """name → (bytes, words the error row must contain), one per way a file can be bad."""
+    jpeg, png = texture(rng, "JPEG"), texture(rng, "PNG")
+    return {
+        "broken/corrupt.png": (rng.bytes(700), "not a recognised image format"),
+        "broken/truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated"),
+        "broken/truncated.png": (png[: len(png) // 2], "truncated"),
+        "broken/empty.jpg": (b"", "empty file"),
+        "broken/bomb.png": (png_claiming(60_000, 60_000), "decompression bomb"),
+        "broken/unsupported.tif": (
+            b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n",
+            "not a recognised",
+        ),
+    }
+
+
+def good_files(rng: np.random.Generator, n: int, prefix: str = "") -> dict[str, bytes]:
+    files = {}
+    for i in range(n):
+        fmt, ext = [("PNG", "png"), ("JPEG", "jpg"), ("BMP", "bmp")][i % 3]
+        files[f"{prefix}line{i % 4}/cam{i % 3}/img_{i:04d}.{ext}"] = texture(rng, fmt)
+    # Names a careless key builder would let climb out of maps/ or collide.
+    files[f"{prefix}odd/../../escape.png"] = texture(rng)
+    files[f"{prefix}odd/sp ace ü #1.png"] = texture(rng)
+    files[f"{prefix}odd//double-slash.png"] = texture(rng)
+    return files
 
 
 @pytest.fixture(scope="session", autouse=True)

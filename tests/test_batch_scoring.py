@@ -12,11 +12,9 @@ import os
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,7 +28,7 @@ import torch
 from fsspec.core import url_to_fs
 from PIL import Image
 
-from conftest import make_bucket, write_textures
+from conftest import broken_files, good_files, make_bucket, texture, write_textures
 from dskd_ray.batch_scoring import ScoringOptions, dry_run, plan_pool, score_images
 from dskd_ray.checkpoint import Threshold, make_checkpoint, save_checkpoint
 from dskd_ray.config import DSKDConfig
@@ -47,58 +45,6 @@ N_GOOD = 240
 
 
 # --- test data ---------------------------------------------------------------------------------
-
-
-def texture(rng: np.random.Generator, fmt: str = "PNG") -> bytes:
-    """A small smooth random texture, 64–96 px a side, encoded as `fmt`."""
-    w, h = (int(v) for v in rng.integers(64, 97, 2))
-    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
-    phase = rng.uniform(0, 2 * np.pi, 3)
-    img = np.stack([0.5 + 0.3 * np.sin(8 * np.pi * (xx + yy) + p) for p in phase], -1)
-    img = np.clip(img + rng.normal(0, 0.03, img.shape), 0, 1)
-    buffer = io.BytesIO()
-    Image.fromarray((img * 255).astype(np.uint8)).save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A small PNG whose header claims a huge size: a decompression bomb (as in test_images)."""
-    buffer = io.BytesIO()
-    Image.new("L", (8, 8)).save(buffer, format="PNG")
-    data = bytearray(buffer.getvalue())
-    ihdr = data[12:29]
-    ihdr[4:12] = struct.pack(">II", width, height)
-    data[12:29] = ihdr
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
-    return bytes(data)
-
-
-def broken_files(rng: np.random.Generator) -> dict[str, tuple[bytes, str]]:
-    """name → (bytes, words the error row must contain), one per way a file can be bad."""
-    jpeg, png = texture(rng, "JPEG"), texture(rng, "PNG")
-    return {
-        "broken/corrupt.png": (rng.bytes(700), "not a recognised image format"),
-        "broken/truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated"),
-        "broken/truncated.png": (png[: len(png) // 2], "truncated"),
-        "broken/empty.jpg": (b"", "empty file"),
-        "broken/bomb.png": (png_claiming(60_000, 60_000), "decompression bomb"),
-        "broken/unsupported.tif": (
-            b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n",
-            "not a recognised",
-        ),
-    }
-
-
-def good_files(rng: np.random.Generator, n: int, prefix: str = "") -> dict[str, bytes]:
-    files = {}
-    for i in range(n):
-        fmt, ext = [("PNG", "png"), ("JPEG", "jpg"), ("BMP", "bmp")][i % 3]
-        files[f"{prefix}line{i % 4}/cam{i % 3}/img_{i:04d}.{ext}"] = texture(rng, fmt)
-    # Names a careless key builder would let climb out of maps/ or collide.
-    files[f"{prefix}odd/../../escape.png"] = texture(rng)
-    files[f"{prefix}odd/sp ace ü #1.png"] = texture(rng)
-    files[f"{prefix}odd//double-slash.png"] = texture(rng)
-    return files
 
 
 def make_model(folder: Path) -> tuple[Path, float]:

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import png_claiming
 from dskd_ray.images import MAX_PIXELS, ImageDecodeError, decode_image, decode_mask
 
 
@@ -56,19 +57,6 @@ def test_truncated_image_is_an_error() -> None:
     for blob in (data[: len(data) // 2], big[: len(big) // 3]):
         with pytest.raises(ImageDecodeError):
             decode_image(blob, 32)
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A small PNG whose header claims a huge size: a decompression bomb's calling card."""
-    import struct
-    import zlib
-
-    data = bytearray(_encode(Image.new("L", (8, 8)), "PNG"))
-    ihdr = data[12:29]  # b"IHDR" + 13 bytes of header fields
-    ihdr[4:12] = struct.pack(">II", width, height)
-    data[12:29] = ihdr
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
-    return bytes(data)
 
 
 def test_decompression_bomb_is_refused_before_decoding() -> None:

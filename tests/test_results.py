@@ -20,9 +20,8 @@ import pytest
 import s3fs
 import torch
 from PIL import Image
-from test_batch_scoring import broken_files, good_files, texture
 
-from conftest import make_bucket, write_textures
+from conftest import broken_files, good_files, make_bucket, texture, write_textures
 from dskd_ray.batch_scoring import ScoringOptions, score_images
 from dskd_ray.checkpoint import Threshold, make_checkpoint, save_checkpoint
 from dskd_ray.config import DSKDConfig
