@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -768,9 +771,40 @@ def results(
         _echo(f"report: {path}")
 
 
+_exit_code = 1  # what the process exits with if `main` never reaches its end
+_exit_hooked = False
+
+
+def _exit_before_native_teardown() -> None:
+    """The last exit hook (`main` registers it first; they run last-in, first-out): the other
+    hooks (Ray's shutdown, temporary files, child processes) have run; flush and leave, skipping
+    the interpreter's and the C++ libraries' teardown. There, Arrow's or ONNX Runtime's thread
+    pools can be destroyed with a worker still alive, which aborts a run that had already
+    committed everything ("terminate called without an active exception", exit -6; seen on a
+    `dskd score --dry-run`, apache/arrow#34314)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(_exit_code)
+
+
 def main() -> None:
     """Entry point: usage errors, DSKDError and storage failures become one line on stderr and
     exit code 2 / 1 (with --verbose, after the traceback)."""
+    global _exit_code, _exit_hooked
+    if not _exit_hooked:  # once, before any hook a command registers
+        atexit.register(_exit_before_native_teardown)
+        _exit_hooked = True
+    try:
+        _main()
+        _exit_code = 0
+    except SystemExit as e:
+        _exit_code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        raise
+
+
+def _main() -> None:
     try:
         app(standalone_mode=False)
     except typer.Exit as e:

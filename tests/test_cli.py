@@ -315,3 +315,46 @@ def test_predict_and_evaluate_say_so_on_nan_scores_and_odd_names(tmp_path: Path)
 
     result = dskd("evaluate", str(cat), "--model", str(nan))
     one_line_error(result, 1, "non-finite score on 4 of 4", "score not finite")
+
+
+TEARDOWN_BOMB = """
+import atexit, os, sys
+
+class NativeTeardown:  # stands in for a C++ thread pool that aborts when torn down at exit
+    def __del__(self):
+        os.abort()
+
+bomb = NativeTeardown()  # a global: destroyed in the interpreter's teardown, after every hook
+hook_file = sys.argv[1]
+sys.argv = ["dskd", *sys.argv[2:]]
+import dskd_ray.cli as cli
+
+command = cli._main
+
+def command_that_registers_a_hook():  # as a command starting a local Ray does
+    atexit.register(lambda: open(hook_file, "w").write("ran"))
+    command()
+
+cli._main = command_that_registers_a_hook
+cli.main()
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [(["make-demo-data", "--help"], 0), (["train", "x", "--out", "m.pt", "--bogus"], 2)],
+)
+def test_the_exit_code_survives_a_teardown_that_aborts(
+    tmp_path: Path, args: list[str], code: int
+) -> None:
+    """A run that has finished exits with its own code even if a native library would abort in
+    the interpreter's teardown (Arrow's thread pools did, once in a while: exit -6 after a
+    complete `dskd score --dry-run`); the exit hooks registered after `main` began still run."""
+    script = tmp_path / "bomb.py"
+    script.write_text(TEARDOWN_BOMB)
+    hook = tmp_path / "hook-ran"
+    done = subprocess.run(
+        [sys.executable, str(script), str(hook), *args], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == code, done.stderr
+    assert hook.read_text() == "ran"
