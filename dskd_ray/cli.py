@@ -22,6 +22,7 @@ except ImportError:  # pragma: no cover
     from click import exceptions as click_errors
 
 from dskd_ray.config import (
+    BACKBONES,
     DEMO_CONFIG,
     MAX_IMAGE_SIZE,
     DSKDConfig,
@@ -42,7 +43,7 @@ log = logging.getLogger("dskd_ray")
 
 DEFAULTS = DSKDConfig()  # the config owns its defaults; options default to None and show them
 SCORING = ScoringOptions()
-BACKBONE_HELP = "resnet18 | wide_resnet50_2 | efficientnet_lite0"
+BACKBONE_HELP = " | ".join(BACKBONES)
 WEIGHTS_HELP = "imagenet | path or s3:// URI to a state dict"
 DEVICE_HELP = "auto | cpu | cuda | cuda:N"
 

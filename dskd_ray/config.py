@@ -11,12 +11,13 @@ from typing import Any, Literal
 
 from dskd_ray.errors import ConfigError
 
-Backbone = Literal["resnet18", "wide_resnet50_2", "efficientnet_lite0"]
 Students = Literal["both", "se", "sd"]
 DFInput = Literal["se", "teacher"]
 LevelFusion = Literal["sum", "product"]
 
-BACKBONES: tuple[str, ...] = ("resnet18", "wide_resnet50_2", "efficientnet_lite0")
+BACKBONES: tuple[str, ...] = (
+    "resnet18", "wide_resnet50_2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
+)  # fmt: skip
 STUDENTS: tuple[str, ...] = ("both", "se", "sd")
 DF_INPUTS: tuple[str, ...] = ("se", "teacher")
 LEVEL_FUSIONS: tuple[str, ...] = ("sum", "product")

@@ -50,7 +50,8 @@ def test_bad_option_value_is_one_line(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert result.stderr.strip() == (
-        "dskd: error: backbone='vgg99' is not one of resnet18, wide_resnet50_2, efficientnet_lite0"
+        "dskd: error: backbone='vgg99' is not one of resnet18, wide_resnet50_2, "
+        "efficientnet_lite0, efficientnet_lite1, efficientnet_lite2"
     )
 
 

