@@ -17,4 +17,4 @@ done
 .venv/bin/python -m pip install --quiet --upgrade pip
 spec="."
 [ $# -gt 0 ] && spec=".[$(IFS=,; echo "$*")]"
-.venv/bin/python -m pip install --quiet -e "$spec"
+.venv/bin/python -m pip install --quiet -c scripts/constraints.txt -e "$spec"
