@@ -35,6 +35,7 @@ from dskd_ray.drift import run_drift
 from dskd_ray.errors import ConfigError, DataError, DSKDError
 from dskd_ray.images import ImageDecodeError
 from dskd_ray.map_png import encode_map_png, quantize_map
+from dskd_ray.progress import PROGRESS, clock, eta
 from dskd_ray.results import (
     MAPS_DIR,
     RESULT_SCHEMA,
@@ -582,8 +583,12 @@ class _Progress:
             self.first_rows_at, self.first_rows = now, n
         if now - self.last_log > 10 or self.rows == total:
             self.last_log = now
-            rate = self.rows / max(now - self.start, 1e-9)
-            log.info("scored %d/%d images (%.1f images/s)", self.rows, total, rate)
+            elapsed = now - self.start
+            PROGRESS.info(
+                "scored %d/%d images (%.1f images/s), elapsed %s, ETA %s",
+                self.rows, total, self.rows / max(elapsed, 1e-9), clock(elapsed),
+                eta(self.rows, total, elapsed),
+            )  # fmt: skip
 
 
 @dataclass

@@ -31,6 +31,7 @@ from dskd_ray.config import (
     check_device,
 )
 from dskd_ray.errors import ConfigError, DSKDError
+from dskd_ray.progress import PROGRESS
 
 app = typer.Typer(
     add_completion=False,
@@ -68,6 +69,19 @@ def _setup_logging(verbose: bool = False) -> None:
         stream=sys.stderr,
     )
     logging.getLogger("dskd_ray").setLevel(logging.INFO if verbose else logging.WARNING)
+    # Progress lines (an epoch, every ~10 s of scoring, a chunk of evaluation): to stdout when it
+    # is not a terminal, so a redirected run leaves a log (a terminal has the bar); to stderr
+    # with the rest under --verbose.
+    progress = logging.getLogger(PROGRESS.name)
+    for handler in [h for h in progress.handlers if getattr(h, "dskd_stdout", False)]:
+        progress.removeHandler(handler)
+    progress.setLevel(logging.INFO)
+    progress.propagate = verbose
+    if not sys.stdout.isatty():
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.dskd_stdout = True  # type: ignore[attr-defined]
+        progress.addHandler(handler)
 
 
 def _echo(msg: str = "") -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,6 +12,7 @@ import numpy as np
 from dskd_ray import metrics
 from dskd_ray.data import Category, decode_images, load_mask
 from dskd_ray.errors import DataError, ScoreError
+from dskd_ray.progress import PROGRESS, clock, eta
 from dskd_ray.scoring import BatchScorer, not_finite_reason
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ def evaluate_category(
     )
     scores, labels, paths, types, maps_kept, masks_kept = [], [], [], [], [], []
     skipped: list[tuple[str, str]] = []
+    started = time.perf_counter()
     for start in range(0, len(category.test), chunk):
         items = category.test[start : start + chunk]
         images, kept, bad = decode_images([t.path for t in items], size)
@@ -83,6 +86,12 @@ def evaluate_category(
                 full = result.maps[i].astype(np.float32)
                 maps_kept.append(full)
                 masks_kept.append(load_mask(item.mask_path, full.shape))
+        done, elapsed = start + len(items), time.perf_counter() - started
+        PROGRESS.info(
+            "%s: scored %d/%d test images, elapsed %s, ETA %s",
+            category.name, done, len(category.test), clock(elapsed),
+            eta(done, len(category.test), elapsed),
+        )  # fmt: skip
     if skipped:
         log.warning(
             "%s: %d test image(s) could not be read and were left out", category.name, len(skipped)

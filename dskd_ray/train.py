@@ -36,6 +36,7 @@ from dskd_ray.data import decode_images, load_images, load_model_inputs, trainin
 from dskd_ray.errors import CheckpointError, DataError
 from dskd_ray.loss import distillation_loss
 from dskd_ray.model import DSKD
+from dskd_ray.progress import PROGRESS, clock, eta
 from dskd_ray.scoring import ModelScorer, images_to_tensor, resolve_device
 
 log = logging.getLogger(__name__)
@@ -551,6 +552,7 @@ def fit(
         "n_holdout": len(images.holdout_uris),
         **(meta or {}),
     }
+    started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
         order = epoch_order(len(decoded), config.seed, epoch, rank, world, length)
         stats = run_epoch(
@@ -561,9 +563,12 @@ def fit(
         stats = EpochStats(loss_sum / max(seen, 1), int(seen), stats.seconds)
         history.append(asdict(stats))
         if rank == 0:
-            log.info(
-                "epoch %d/%d: loss %.4f, %.1f images/s",
-                epoch + 1, config.epochs, stats.loss, stats.images_per_s,
+            elapsed = time.perf_counter() - started
+            done = epoch + 1 - start_epoch
+            PROGRESS.info(
+                "epoch %d/%d: loss %.4f, %.1f images/s, elapsed %s, ETA %s",
+                epoch + 1, config.epochs, stats.loss, stats.images_per_s, clock(elapsed),
+                eta(done, config.epochs - start_epoch, elapsed),
             )  # fmt: skip
         if on_epoch is not None:
             on_epoch(epoch + 1, stats)

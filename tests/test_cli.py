@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -77,12 +78,23 @@ def test_train_evaluate_predict_round_trip(tmp_path: Path) -> None:
         img.paste((0, 0, 0), (20, 20, 30, 30))
         img.save(p)
     model = tmp_path / "m.pt"
-    result = dskd("train", str(cat), "--out", str(model), *TINY_TRAIN)
+    result = dskd(
+        "train", str(cat), "--out", str(model), *TINY_TRAIN[:-3], "2", "--batch-size", "4"
+    )
     assert result.returncode == 0, result.stderr
     assert "checkpoint:" in result.stdout and model.exists()
+    # stdout is a pipe here, as in `dskd train … > train.log`: one plain line per epoch.
+    epochs = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["epoch 1/2", "epoch 2/2"], result.stdout
+    assert all(
+        re.search(r"loss \d+\.\d{4}, [\d.]+ images/s, elapsed \d+:\d\d, ETA ", line)
+        for line in epochs
+    )
+    assert epochs[-1].endswith("ETA 0:00")
 
     result = dskd("evaluate", str(cat), "--model", str(model), "--json", str(tmp_path / "m.json"))
     assert result.returncode == 0, result.stderr
+    assert "tex: scored 4/4 test images" in result.stdout
     table = json.loads((tmp_path / "m.json").read_text())
     assert set(table) == {"tex", "mean"}
     assert set(table["mean"]) == {"image_auroc", "pixel_auroc", "aupro", "f1_max"}
