@@ -9,10 +9,21 @@ For each category under the given MVTec-layout roots, for each seed:
   - re-mapped under every map rule in RULES from the same pyramids (level statistics fitted on
     the held-out normal images, per-pixel baselines on training images, as `calibrate` does),
   - with diagnostics: image / pixel AUROC of each student's each level alone.
+- the teacher's memory in the product (docs/design.md §2): `knn` (no student: the memory
+  alone, fitted by `train()`), and `<variant>+knn` (the trained students of `<variant>`, kept in
+  OUT/models, with the memory added by the product's `add_memory`: no second training),
+  scored through the product's path, with the fusion alternatives as diagnostics. Bank size and
+  sampling: the product's defaults, or `--memory-sizes` (patches, or "2%" of the training
+  patches) and `--memory-samplings`, which name the method by them (`knn[random 2%]`).
 Nothing is chosen on test images. Results go to OUT/results.json (resumable: runs already
 there are kept) and OUT/results.md.
 
     python bench/quality.py /data/mtd --epochs 20 --seeds 0 1 2 --out bench/out/mtd
+
+The memory alone, coreset against random at a few bank sizes (no training):
+
+    python bench/quality.py /data/mtd --seeds 0 1 2 --variants knn --memory-sizes 1024 4096 2% \
+        --memory-samplings coreset random --out bench/out/mtd
 
 With `--tile SIZE` each variant is trained and scored on full-resolution SIZE² tiles instead
 (method `<variant>-tileSIZE`, product path only: the diagnostics remap whole images), into the
@@ -52,14 +63,16 @@ from dskd_ray.anomaly_map import (  # noqa: E402
     level_maps,
     level_moments,
     level_statistics,
+    member_maps,
+    memory_member,
 )
 from dskd_ray.checkpoint import load_checkpoint  # noqa: E402
-from dskd_ray.config import DSKDConfig  # noqa: E402
+from dskd_ray.config import MEMORY_SAMPLINGS, DSKDConfig  # noqa: E402
 from dskd_ray.data import Category, discover_categories, load_images, load_mask  # noqa: E402
 from dskd_ray.evaluate import METRIC_KEYS, evaluate_category  # noqa: E402
 from dskd_ray.model import DSKD  # noqa: E402
 from dskd_ray.scoring import Scorer, images_to_tensor, resolve_device  # noqa: E402
-from dskd_ray.train import split_holdout, train  # noqa: E402
+from dskd_ray.train import add_memory, plan_training, split_holdout, train  # noqa: E402
 
 # Every trained model is kept in OUT/models, so a new map rule is measured with --remap, not
 # by training again.
@@ -70,7 +83,14 @@ VARIANTS: dict[str, dict[str, str]] = {
     "dskd-df-teacher": {"students": "both", "df_input": "teacher"},
     "se": {"students": "se"},  # ≈ STFPM
     "sd": {"students": "sd", "df_input": "teacher"},  # ≈ Reverse Distillation
+    "knn": {"students": "none", "memory": "knn"},  # the teacher's memory alone: no training
 }
+# `<base>+knn`: the trained students of <base> (kept in OUT/models) with the memory added.
+MEMORY_SUFFIX = "+knn"
+VARIANTS.update(
+    {f"{name}{MEMORY_SUFFIX}": {**changes, "memory": "knn"} for name, changes in list(VARIANTS.items())
+     if name != "knn"}
+)  # fmt: skip
 # name → (level_normalization, level_fusion, map_baseline, score_top_k): how the map is made
 # from the same trained pyramids.
 RULES: dict[str, tuple[str, str, str, int]] = {
@@ -85,6 +105,15 @@ RULES: dict[str, tuple[str, str, str, int]] = {
     "standardised sum, top-100": ("standardize", "sum", "none", 100),
 }
 REFERENCE = "kNN reference (no training)"
+
+
+def bank_size(size: str, category: Category, config: DSKDConfig) -> int:
+    """A `--memory-sizes` entry in patches: itself, or "N%" of the training patches (the
+    images `train` trains on, after the hold-out)."""
+    if not size.endswith("%"):
+        return int(size)
+    images = len(plan_training(category.root, config).train_uris)
+    return max(1, round(float(size[:-1]) / 100 * images * (config.image_size // 8) ** 2))
 
 
 def rule_of(config: DSKDConfig) -> str:
@@ -102,6 +131,7 @@ class Run:
     rule: str  # the map rule, or "<student> stride <s>" for a level
     metrics: dict[str, float | None]
     train_s: float = 0.0
+    memory: dict | None = None  # the checkpoint's meta["memory"]: bank size, candidates, fit_s
 
 
 @dataclass
@@ -238,6 +268,98 @@ def evaluate_rules(
     return runs
 
 
+# name → how a memory model's members are weighed (diagnostics of the fusion; the first is the
+# product's): each student's fused levels, and the memory's level standardised and scaled to a
+# student's normal spread (its gain).
+FUSIONS: dict[str, str] = {
+    "members equal (product)": "equal",
+    "memory ½, students' mean ½": "half",
+    "members equal, memory not scaled to a student": "unscaled",
+    "students only": "students",
+    "memory only": "memory",
+    "memory only, no per-pixel baseline": "memory-raw",
+}
+MEMORY_ONLY = ("memory", "memory-raw")  # the ways a model with no student has
+
+
+@torch.inference_mode()
+def cached_inputs(
+    model: DSKD, images: np.ndarray, device: torch.device, batch_size: int = 16
+) -> tuple[dict[str, list[torch.Tensor]], torch.Tensor]:
+    """Every student's level maps and the memory's distances (native size, CPU)."""
+    assert model.memory is not None
+    levels: dict[str, list[list[torch.Tensor]]] = {}
+    distances = []
+    for start in range(0, len(images), batch_size):
+        x = model.normalize(images_to_tensor(images[start : start + batch_size], device))
+        features = model(x)
+        for name, maps in level_maps(features).items():
+            levels.setdefault(name, [[], [], []])
+            for k, m in enumerate(maps):
+                levels[name][k].append(m.cpu())
+        distances.append(model.memory.distances(features["teacher"]).cpu())
+    return {n: [torch.cat(v) for v in ks] for n, ks in levels.items()}, torch.cat(distances)
+
+
+def fusion_maps(
+    model: DSKD,
+    levels: dict[str, list[torch.Tensor]],
+    distances: torch.Tensor,
+    kind: str,
+    baseline: torch.Tensor | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(maps, scores) of one FUSIONS way, from cached inputs, with the model's calibration."""
+    cfg = model.config
+    size = (cfg.image_size, cfg.image_size)
+    location, spread = (t.cpu() for t in model.level_statistics())
+    memory = model.memory
+    assert memory is not None
+    scale = memory.scale().cpu() if kind != "unscaled" else 1 / memory.spread.cpu()
+    maps, scores = [], []
+    for start in range(0, len(distances), 64):
+        sl = slice(start, start + 64)
+        students = member_maps(take(levels, sl), size, cfg.level_fusion, location, spread)
+        mem = memory_member(distances[sl], size, scale)
+        if kind == "half":
+            fused = 0.5 * torch.stack(students).mean(dim=0) + 0.5 * mem
+        elif kind == "students":
+            fused = torch.stack(students).mean(dim=0)
+        elif kind == "memory":
+            fused = mem
+        else:
+            fused = torch.stack([*students, mem]).mean(dim=0)
+        m = apply_baseline(gaussian_blur(fused, cfg.blur_sigma), baseline, cfg.map_baseline)
+        maps.append(m.numpy())
+        scores.append(image_score(m, cfg.score_top_k).numpy())
+    return np.concatenate(maps), np.concatenate(scores)
+
+
+def evaluate_fusions(
+    model: DSKD, train_images: np.ndarray, test: TestSet, device: torch.device, base: Run
+) -> list[Run]:
+    """Each FUSIONS way of a memory model with students, its per-pixel baseline refitted on the
+    same training images the product's is (an even sample of at most 256)."""
+    pick = np.unique(np.linspace(0, len(train_images) - 1, min(len(train_images), 256)).round())
+    train_inputs = cached_inputs(model, train_images[pick.astype(int)], device)
+    test_inputs = cached_inputs(model, test.images, device)
+    runs = []
+    for name, kind in FUSIONS.items():
+        if not model.config.has_students and kind not in MEMORY_ONLY:
+            continue
+        baseline = None
+        if model.config.map_baseline != "none" and kind != "memory-raw":
+            train_maps, _ = fusion_maps(model, *train_inputs, kind)
+            baseline = torch.from_numpy(train_maps).mean(dim=0)
+            if model.config.map_baseline == "mean":
+                baseline = baseline_from_mean(baseline)
+        maps, scores = fusion_maps(model, *test_inputs, kind, baseline)
+        runs.append(dataclasses.replace(
+            base, kind="fusion", rule=name, metrics=score_metrics(test, scores, maps),
+        ))  # fmt: skip
+        logging.info("%s %s %s: %s", base.category, base.method, name, runs[-1].metrics)
+    return runs
+
+
 def model_path(out: Path, category: str, variant: str, seed: int, epochs: int) -> Path:
     return out / "models" / f"{category}-{variant}-seed{seed}-{epochs}ep.pt"
 
@@ -344,6 +466,9 @@ def markdown(runs: list[Run], header: str, incumbent: str | None = None) -> str:
     rest = [r for r in runs if r.kind in ("rule", "reference")]
     out += table(product + rest, keys, METRIC_KEYS)
 
+    out += ["", "### Which model may be the default", ""]
+    out += model_verdict(runs, "dskd")
+
     out += ["", "### Which map rule may be the default", ""]
     out += verdict(runs, incumbent or default_rule)
 
@@ -369,7 +494,82 @@ def markdown(runs: list[Run], header: str, incumbent: str | None = None) -> str:
     keys = [(c, m, lv) for c in categories for m in methods for lv in levels]
     diagnostics = [r for r in runs if r.kind in ("level", "student")]
     out += table(diagnostics, keys, ("image_auroc", "pixel_auroc"))
+
+    memory = [r for r in runs if r.kind == "product" and r.memory]
+    if memory:
+        out += ["", "### The teacher's memory: bank and fit time", ""]
+        out += [
+            "| category | method | seeds | bank (patches) | of candidates | memory fit, s | "
+            "fit + calibration, s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for c in categories:
+            for m in sorted({r.method for r in memory if r.category == c}):
+                group = [r for r in memory if (r.category, r.method) == (c, m)]
+                banks = sorted({r.memory["bank"] for r in group})
+                cands = sorted({r.memory["candidates"] for r in group})
+                fit = mean_std([r.memory["fit_s"] for r in group])
+                total = mean_std([r.train_s for r in group])
+                out.append(
+                    f"| {c} | {m} | {len(group)} | {'/'.join(map(str, banks))} | "
+                    f"{'/'.join(map(str, cands))} | {fit} | {total} |"
+                )
+    fusion = [r for r in runs if r.kind == "fusion"]
+    if fusion:
+        out += ["", "### Fusion of the memory with the students (same models, diagnostics)", ""]
+        out += [
+            f"| category | method | fusion | epochs | seeds | {metric_head} |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        fused = sorted({r.method for r in fusion})
+        keys = [(c, m, f) for c in categories for m in fused for f in FUSIONS]
+        out += table(fusion, keys, METRIC_KEYS)
     return "\n".join(out) + "\n"
+
+
+def model_verdict(runs: list[Run], incumbent: str) -> list[str]:
+    """Image AUROC of every model (product path) on every category against the incumbent's:
+    the rule for a default (docs/design.md §2), applied to models instead of map rules."""
+    product = [r for r in runs if r.kind == "product" and r.metrics["image_auroc"] is not None]
+    categories = sorted({r.category for r in product if r.method == incumbent})
+    if not categories:
+        return [f"(no {incumbent} model yet)"]
+
+    def stats(category: str, method: str) -> tuple[float, float, int] | None:
+        values = [
+            r.metrics["image_auroc"]
+            for r in product
+            if (r.category, r.method) == (category, method)
+        ]
+        if not values:
+            return None
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        return statistics.mean(values), spread, len(values)
+
+    lines = [
+        f"Image AUROC (product path, mean ± std, seeds); ✓ = no worse than **{incumbent}** by "
+        "more than the larger seed std.",
+        "",
+        f"| model | {' | '.join(categories)} | mean | ✓ on every set |",
+        f"|---|{'---|' * len(categories)}---|---|",
+    ]
+    methods = [m for m in VARIANTS if any(r.method == m for r in product)]
+    methods += sorted({r.method for r in product} - set(methods))
+    for method in methods:
+        cells, means, ok = [], [], True
+        for c in categories:
+            mine, theirs = stats(c, method), stats(c, incumbent)
+            if mine is None or theirs is None:
+                cells.append("—")
+                ok = False
+                continue
+            passed = mine[0] >= theirs[0] - max(mine[1], theirs[1])
+            ok &= passed
+            means.append(mine[0])
+            cells.append(f"{mine[0]:.3f} ± {mine[1]:.3f} ({mine[2]}){' ✓' if passed else ''}")
+        mean = f"{statistics.mean(means):.3f}" if means else "—"
+        lines.append(f"| {method} | {' | '.join(cells)} | {mean} | {'yes' if ok else 'no'} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -382,6 +582,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
         "--variants", nargs="+", default=["dskd", "se", "sd"], choices=list(VARIANTS)
+    )
+    parser.add_argument(
+        "--memory-sizes",
+        nargs="+",
+        help="bank sizes for the memory variants: patches, or N%% of the training patches "
+        f"(default: the product's, {DSKDConfig.memory_size}); given, methods are named by them",
+    )
+    parser.add_argument(
+        "--memory-samplings",
+        nargs="+",
+        choices=list(MEMORY_SAMPLINGS),
+        help=f"default: the product's ({DSKDConfig.memory_sampling}); given, methods are named "
+        "by them",
     )
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--teacher-weights", default="imagenet")
@@ -448,6 +661,8 @@ def main(argv: list[str] | None = None) -> int:
                 if not ckpt.exists():
                     logging.warning("%s: not kept, cannot remap", ckpt)
                     continue
+                if run.memory:  # the rules remap the students' levels; see its fusion rows
+                    continue
                 same = (run.category, run.seed, run.method, run.epochs)
                 runs = [
                     r for r in runs
@@ -457,6 +672,78 @@ def main(argv: list[str] | None = None) -> int:
                 save()
         print((out / "results.md").read_text())
         return 0
+
+    def product_run(
+        category: Category, test: TestSet, checkpoint, method: str, seed: int, epochs: int,
+        seconds: float,
+    ) -> Run:  # fmt: skip
+        product = evaluate_category(Scorer(checkpoint, device=args.device), category)
+        run = Run(
+            category.name, seed, method, epochs, "product", rule_of(checkpoint.config),
+            product.metrics(), seconds, checkpoint.meta.get("memory"),
+        )  # fmt: skip
+        runs.append(run)
+        logging.info(
+            "%s %s seed %d product: %s (%.0f s)", category.name, method, seed, run.metrics, seconds
+        )
+        return run
+
+    def trained(
+        category: Category, test: TestSet, variant: str, seed: int, need_model: bool = False
+    ) -> Path:
+        """The kept model of a student variant, trained (and measured) unless measured already
+        (and kept, when `need_model`)."""
+        # A tiled model is its own method: its rows sit beside the untiled ones.
+        method = f"{variant}-tile{args.tile}" if args.tile else variant
+        ckpt = model_path(out, category.name, method, seed, args.epochs)
+        if done(category.name, seed, method, args.epochs) and (ckpt.exists() or not need_model):
+            return ckpt
+        config = base.replace(seed=seed, **VARIANTS[variant])
+        start = time.perf_counter()
+        result = train(config, category.root, str(ckpt), device=args.device)
+        train_s = time.perf_counter() - start
+        runs[:] = [r for r in runs if (r.category, r.seed, r.method, r.epochs)
+                   != (category.name, seed, method, args.epochs)]  # fmt: skip
+        run = product_run(category, test, result.checkpoint, method, seed, args.epochs, train_s)
+        if not args.tile:  # the diagnostics remap whole images at the model's size
+            runs.extend(remap(result.checkpoint, category, test, device, run))
+        save()
+        return ckpt
+
+    def with_memory(category: Category, test: TestSet, variant: str, seed: int) -> None:
+        chosen = args.memory_sizes is not None or args.memory_samplings is not None
+        sizes = args.memory_sizes or [str(DSKDConfig.memory_size)]
+        for size, sampling in [
+            (z, m) for z in sizes for m in args.memory_samplings or [DSKDConfig.memory_sampling]
+        ]:
+            # Named by the bank only when it was asked for: `knn` is the product's default.
+            suffix = f"[{sampling} {size}]" if chosen else ""
+            method = f"{variant}{suffix}"
+            alone = variant == "knn"
+            epochs = 0 if alone else args.epochs
+            if done(category.name, seed, method, epochs):
+                continue
+            config = base.replace(seed=seed, **VARIANTS[variant], memory_sampling=sampling)
+            config = config.replace(memory_size=bank_size(size, category, config))
+            ckpt = model_path(out, category.name, method, seed, epochs)
+            start = time.perf_counter()
+            if alone:  # the product's own path: train() with no student fits the memory
+                checkpoint = train(config, category.root, str(ckpt), device=args.device).checkpoint
+            else:  # the kept students, the memory added: no second training
+                students = load_checkpoint(
+                    str(trained(category, test, variant.removesuffix(MEMORY_SUFFIX), seed, True))
+                )
+                checkpoint = add_memory(students, category.root, config, str(ckpt), args.device)
+            run = product_run(
+                category, test, checkpoint, method, seed, epochs, time.perf_counter() - start
+            )
+            if not args.tile:
+                train_all, _, _ = load_images(category.train, config.image_size)
+                train_idx, _ = split_holdout(len(train_all), config.holdout_fraction, seed)
+                model = checkpoint.build_model().to(device)
+                runs.extend(evaluate_fusions(model, train_all[train_idx], test, device, run))
+            save()
+
     for category in categories:
         test = load_test_set(category, args.image_size)
         for seed in args.seeds:
@@ -478,39 +765,10 @@ def main(argv: list[str] | None = None) -> int:
                 logging.info("%s reference: %s", category.name, runs[-1].metrics)
                 save()
             for variant in args.variants:
-                # A tiled model is its own method: its rows sit beside the untiled ones.
-                method = f"{variant}-tile{args.tile}" if args.tile else variant
-                if done(category.name, seed, method, args.epochs):
-                    continue
-                config = base.replace(seed=seed, **VARIANTS[variant])
-                ckpt = model_path(out, category.name, method, seed, args.epochs)
-                start = time.perf_counter()
-                result = train(config, category.root, str(ckpt), device=args.device)
-                train_s = time.perf_counter() - start
-                checkpoint = result.checkpoint
-                product = evaluate_category(Scorer(checkpoint, device=args.device), category)
-                run = Run(
-                    category.name,
-                    seed,
-                    method,
-                    args.epochs,
-                    "product",
-                    rule_of(config),
-                    product.metrics(),
-                    train_s,
-                )
-                runs.append(run)
-                logging.info(
-                    "%s %s seed %d product: %s (%.0f s)",
-                    category.name,
-                    method,
-                    seed,
-                    run.metrics,
-                    train_s,
-                )
-                if not args.tile:  # the diagnostics remap whole images at the model's size
-                    runs += remap(checkpoint, category, test, device, run)
-                save()
+                if VARIANTS[variant].get("memory") == "knn":
+                    with_memory(category, test, variant, seed)
+                else:
+                    trained(category, test, variant, seed)
     save()
     print((out / "results.md").read_text())
     return 0

@@ -24,14 +24,17 @@ from dskd_ray.errors import CheckpointError, StorageError
 from dskd_ray.model import DSKD
 from dskd_ray.storage import describe_failure, exists, read_object, storage_errors, write_object
 
-FORMAT = "dskd_ray.checkpoint/4"
+FORMAT = "dskd_ray.checkpoint/5"
+# /4 → /5: the teacher's memory (`memory`, `memory_size`, `memory_sampling`; buffers under
+# `memory.`) and `students="none"`; `memory` joined the model id's fields.
 # /3 → /4: tiling (`tiled`, `tile_overlap`) joined the config and the model id's fields.
 # /2 → /3: the per-pixel baseline buffer `map_baseline` became `pixel_baseline` (the config's
 # `map_baseline` names the rule, the buffer holds the fitted values).
 # /1 → /2: per-level normalisation became (m − location) / spread (was m / scale, named
 # `map_normalization` and `level_scales`); the image score gained `score_top_k`.
 V1, V2, V3 = "dskd_ray.checkpoint/1", "dskd_ray.checkpoint/2", "dskd_ray.checkpoint/3"
-OLDER_FORMATS = (V1, V2, V3)
+V4 = "dskd_ray.checkpoint/4"
+OLDER_FORMATS = (V1, V2, V3, V4)
 V1_MODEL_ID_FIELDS = (
     "backbone", "students", "df_input", "level_fusion", "map_normalization", "image_size",
     "blur_sigma",
@@ -41,7 +44,9 @@ V3_MODEL_ID_FIELDS = (
     "backbone", "students", "df_input", "level_fusion", "level_normalization", "map_baseline",
     "image_size", "blur_sigma", "score_top_k",
 )  # fmt: skip
-MODEL_ID_FIELDS = (*V3_MODEL_ID_FIELDS, "tiled", "tile_overlap")
+V4_MODEL_ID_FIELDS = (*V3_MODEL_ID_FIELDS, "tiled", "tile_overlap")
+# The bank's size and sampling are not here: the bank itself is in the weights.
+MODEL_ID_FIELDS = (*V4_MODEL_ID_FIELDS, "memory")
 
 
 @dataclass
@@ -98,8 +103,14 @@ class Checkpoint:
         return self.meta.get("model_id") or compute_model_id(self.config, self.state_dict)
 
     def build_model(self) -> DSKD:
-        """The network with these weights, teacher included, in eval mode; no download needed."""
+        """The network with these weights, teacher included, in eval mode; no download needed.
+
+        The memory bank's length comes from the state dict (it depends on the data); a bank
+        that is not (N, channels) with N ≥ 1 in a finished checkpoint is refused in one line.
+        """
         model = DSKD(self.config, load_weights=False)
+        if model.memory is not None:
+            self._check_bank(model.memory.channels)
         missing, unexpected = model.load_state_dict(self.state_dict, strict=False)
         if missing or unexpected:
             raise CheckpointError(
@@ -108,6 +119,24 @@ class Checkpoint:
             )
         model.teacher_identity = self.teacher_identity
         return model.eval()
+
+    def _check_bank(self, channels: int) -> None:
+        bank = self.state_dict.get("memory.bank")
+        shape = tuple(bank.shape) if isinstance(bank, torch.Tensor) else None
+        unfinished = self.training is not None and not self.training.get("complete")
+        fits = (
+            shape is not None
+            and len(shape) == 2
+            and shape[1] == channels
+            and bank.is_floating_point()
+            and (shape[0] >= 1 or unfinished)  # the bank is fitted after the last epoch
+        )
+        if not fits:
+            raise CheckpointError(
+                f"checkpoint's memory bank is {shape if shape is not None else 'missing'}, not "
+                f"(N ≥ 1, {channels}) floats as its config (memory=knn, {self.config.backbone}) "
+                "needs: the file is damaged; copy it again or retrain"
+            )
 
 
 def compute_model_id(config: DSKDConfig, state_dict: dict[str, torch.Tensor]) -> str:
@@ -197,9 +226,10 @@ def load_checkpoint(uri: str | Path) -> Checkpoint:
             f"and {', '.join(OLDER_FORMATS)}"
         )
     # Verified as written, then renamed; an older one keeps its id (it scores exactly as before).
-    fields = {V1: V1_MODEL_ID_FIELDS, V2: V3_MODEL_ID_FIELDS, V3: V3_MODEL_ID_FIELDS}.get(
-        found, MODEL_ID_FIELDS
-    )
+    fields = {
+        V1: V1_MODEL_ID_FIELDS, V2: V3_MODEL_ID_FIELDS, V3: V3_MODEL_ID_FIELDS,
+        V4: V4_MODEL_ID_FIELDS,
+    }.get(found, MODEL_ID_FIELDS)  # fmt: skip
     _verify(uri, meta, _content_hash(payload["config"], fields, payload["state_dict"]))
     if found == V1:
         payload = _upgrade_from_v1(payload)
@@ -207,6 +237,8 @@ def load_checkpoint(uri: str | Path) -> Checkpoint:
         payload = _upgrade_from_v2(payload)
     if payload["format"] == V3:
         payload = _upgrade_from_v3(payload)
+    if payload["format"] == V4:
+        payload = _upgrade_from_v4(payload)
     config = DSKDConfig.from_dict(payload["config"])
     threshold = payload.get("threshold")
     return Checkpoint(
@@ -259,6 +291,12 @@ def _upgrade_from_v2(payload: dict[str, Any]) -> dict[str, Any]:
 def _upgrade_from_v3(payload: dict[str, Any]) -> dict[str, Any]:
     """A /3 checkpoint as /4: written before tiling, so an untiled model."""
     config = {**payload["config"], "tiled": False}
+    return {**payload, "format": V4, "config": config}
+
+
+def _upgrade_from_v4(payload: dict[str, Any]) -> dict[str, Any]:
+    """A /4 checkpoint as /5: written before the teacher's memory, so a model without one."""
+    config = {**payload["config"], "memory": "none"}
     return {**payload, "format": FORMAT, "config": config}
 
 

@@ -47,6 +47,11 @@ SCORING = ScoringOptions()
 BACKBONE_HELP = " | ".join(BACKBONES)
 WEIGHTS_HELP = "imagenet | path or s3:// URI to a state dict"
 DEVICE_HELP = "auto | cpu | cuda | cuda:N"
+STUDENTS_HELP = "both (DSKD) | se (≈STFPM) | sd (≈RD) | none (with --memory knn)"
+MEMORY_HELP = (
+    "knn: add the teacher's memory, nearest-neighbour distances to normal patches "
+    "(PatchCore-style), to the map | none"
+)
 
 # Set by each command's --verbose: `main` then shows the traceback behind a one-line error.
 _verbose = False
@@ -227,8 +232,22 @@ def train(
     teacher_weights: Annotated[
         str | None, _opt(DEFAULTS.teacher_weights, help=WEIGHTS_HELP)
     ] = None,
-    students: Annotated[
-        str | None, _opt(DEFAULTS.students, help="both (DSKD) | se (≈STFPM) | sd (≈RD)")
+    students: Annotated[str | None, _opt(DEFAULTS.students, help=STUDENTS_HELP)] = None,
+    memory: Annotated[str | None, _opt(DEFAULTS.memory, help=MEMORY_HELP)] = None,
+    memory_size: Annotated[
+        int | None,
+        _opt(
+            DEFAULTS.memory_size,
+            min=1,
+            help="With --memory knn: patches in the bank, at most (the scoring cost)",
+        ),
+    ] = None,
+    memory_sampling: Annotated[
+        str | None,
+        _opt(
+            DEFAULTS.memory_sampling,
+            help="With --memory knn: how the bank is picked: coreset | random",
+        ),
     ] = None,
     df_input: Annotated[
         str | None, _opt(DEFAULTS.df_input, help="What feeds the DF embedding: se | teacher")
@@ -341,7 +360,8 @@ def train(
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
 ) -> None:
-    """Train the students on normal images; write a checkpoint with its threshold.
+    """Train the students on normal images (and fit the teacher's memory, with --memory knn);
+    write a checkpoint with its threshold.
 
     With --workers N it runs on Ray Train (DDP over the students, one image shard per worker),
     checkpoints every epoch to --storage-path/--run-name, and resumes when run again.
@@ -363,7 +383,8 @@ def train(
     config = DSKDConfig(**_given(
         epochs=epochs, batch_size=batch_size, image_size=tile or image_size, backbone=backbone,
         tiled=True if tile else None, tile_overlap=tile_overlap,
-        teacher_weights=teacher_weights, students=students, df_input=df_input,
+        teacher_weights=teacher_weights, students=students, df_input=df_input, memory=memory,
+        memory_size=memory_size, memory_sampling=memory_sampling,
         level_fusion=level_fusion, level_normalization=level_normalization, map_baseline=map_baseline,
         score_top_k=score_top_k, lr=lr, lr_schedule=lr_schedule, seed=seed,
         holdout_fraction=holdout_fraction, threshold_quantile=threshold_quantile,
@@ -527,6 +548,8 @@ def demo(
         ),
     ] = None,
     backbone: Annotated[str | None, _opt(DEMO_CONFIG.backbone, help=BACKBONE_HELP)] = None,
+    students: Annotated[str | None, _opt(DEMO_CONFIG.students, help=STUDENTS_HELP)] = None,
+    memory: Annotated[str | None, _opt(DEMO_CONFIG.memory, help=MEMORY_HELP)] = None,
     device: Annotated[str, typer.Option(callback=_device, help=DEVICE_HELP)] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
 ) -> None:
@@ -536,11 +559,12 @@ def demo(
     from dskd_ray.evaluate import format_table
 
     start = time.perf_counter()
+    config = DEMO_CONFIG.replace(**_given(
+        epochs=epochs, batch_size=batch_size, image_size=image_size, backbone=backbone,
+        students=students, memory=memory,
+    ))  # fmt: skip
     data_dir, made = ensure_demo_data(directory)
     _echo(f"demo data: {data_dir}" + ("" if made else " (already there)"))
-    config = DEMO_CONFIG.replace(
-        **_given(epochs=epochs, batch_size=batch_size, image_size=image_size, backbone=backbone)
-    )
     run = run_demo(directory, config, device=device, progress=_ProgressBar)
     _echo("")
     _echo(format_table(run.table))

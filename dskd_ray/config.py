@@ -11,14 +11,16 @@ from typing import Any, Literal
 
 from dskd_ray.errors import ConfigError
 
-Students = Literal["both", "se", "sd"]
+Students = Literal["both", "se", "sd", "none"]
 DFInput = Literal["se", "teacher"]
 LevelFusion = Literal["sum", "product"]
 
 BACKBONES: tuple[str, ...] = (
     "resnet18", "wide_resnet50_2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
 )  # fmt: skip
-STUDENTS: tuple[str, ...] = ("both", "se", "sd")
+STUDENTS: tuple[str, ...] = ("both", "se", "sd", "none")
+MEMORIES: tuple[str, ...] = ("none", "knn")
+MEMORY_SAMPLINGS: tuple[str, ...] = ("coreset", "random")
 DF_INPUTS: tuple[str, ...] = ("se", "teacher")
 LEVEL_FUSIONS: tuple[str, ...] = ("sum", "product")
 LEVEL_NORMALIZATIONS: tuple[str, ...] = ("none", "mean", "standardize")
@@ -55,6 +57,16 @@ class DSKDConfig:
     teacher_weights: str = "imagenet"
     students: str = "both"
     df_input: str = "se"
+    # The teacher's memory (docs/design.md §2, "The teacher's memory"): "knn" keeps a bank of
+    # normal teacher patch features, fitted after the students, and adds each test patch's
+    # distance to its nearest bank patch to the map as one more member; "none" does not.
+    memory: str = "none"
+    # Patches in the bank, at most: the search costs image patches × bank size × channels per
+    # image, so this is the scoring-cost knob (docs/design.md §2 for the measured bound).
+    memory_size: int = 2048
+    # How the bank is picked from the training patches: "coreset" (PatchCore's greedy
+    # coreset: each pick the patch farthest from those picked) or "random".
+    memory_sampling: str = "coreset"
     level_fusion: str = "sum"
     # How each student's level map is put on a common scale before the levels are fused, from
     # statistics of held-out normal images: "none" (raw 1 − cos), "mean" (÷ its normal mean),
@@ -99,6 +111,8 @@ class DSKDConfig:
         choices = {
             "backbone": BACKBONES,
             "students": STUDENTS,
+            "memory": MEMORIES,
+            "memory_sampling": MEMORY_SAMPLINGS,
             "df_input": DF_INPUTS,
             "level_fusion": LEVEL_FUSIONS,
             "level_normalization": LEVEL_NORMALIZATIONS,
@@ -109,6 +123,12 @@ class DSKDConfig:
             value = getattr(self, name)
             if value not in allowed:
                 raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+        if self.students == "none" and self.memory == "none":
+            raise ConfigError(
+                "--students none needs --memory knn: a model needs a student or a memory"
+            )
+        if self.memory_size < 1:
+            raise ConfigError(f"memory_size={self.memory_size} must be at least 1")
         # Three stride-2 steps below the stride-16 level (the DF embedding) need a multiple of 32.
         if self.image_size < 64 or self.image_size % 32 or self.image_size > MAX_IMAGE_SIZE:
             raise ConfigError(
@@ -140,6 +160,14 @@ class DSKDConfig:
     @property
     def uses_decoder_student(self) -> bool:
         return self.students in ("both", "sd")
+
+    @property
+    def has_students(self) -> bool:
+        return self.students != "none"
+
+    @property
+    def has_memory(self) -> bool:
+        return self.memory != "none"
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -1,5 +1,6 @@
 """The DSKD network (docs/design.md §1): frozen teacher, encoder student Se, DF embedding,
-decoder student Sd; and `DSKD.predict`, its anomaly maps and image scores (§2).
+decoder student Sd, the teacher's memory; and `DSKD.predict`, its anomaly maps and image
+scores (§2).
 
 Pure PyTorch: no Ray, no storage, no CLI. Shapes in comments are for a 256×256 input and ResNet18.
 """
@@ -11,7 +12,16 @@ import contextlib
 import torch
 from torch import nn
 
-from dskd_ray.anomaly_map import anomaly_map, image_score
+from dskd_ray.anomaly_map import (
+    apply_baseline,
+    fuse_members,
+    image_score,
+    level_maps,
+    member_maps,
+    memory_distances,
+    memory_features,
+    memory_member,
+)
 from dskd_ray.backbones import backbone_spec, build_trunk, load_teacher_weights
 from dskd_ray.config import DSKDConfig
 
@@ -121,8 +131,44 @@ class DecoderStudent(nn.Module):
         return [f4, f8, f16]
 
 
+class PatchMemory(nn.Module):
+    """The teacher's memory: a bank of normal teacher patches (`anomaly_map.memory_features`)
+    and the two numbers that put its distance map beside the students' maps (docs/design.md
+    §2). All buffers, fitted after training (`train.fit_memory`, `train.calibrate`).
+
+    The bank's length depends on the data, so loading a state dict takes the stored bank's
+    length; its width must be this teacher's.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("bank", torch.zeros(0, channels))  # (N, C8 + C16)
+        # The distance map's normal spread (as each student level's, config.level_normalization)
+        # and the gain that gives the standardised map a student's normal spread.
+        self.register_buffer("spread", torch.ones(()))
+        self.register_buffer("gain", torch.ones(()))
+
+    @property
+    def channels(self) -> int:
+        return self.bank.shape[1]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        bank = state_dict.get(prefix + "bank")
+        if isinstance(bank, torch.Tensor) and bank.ndim == 2 and bank.shape[1] == self.channels:
+            self.bank = torch.empty_like(bank, device=self.bank.device, dtype=self.bank.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def distances(self, teacher: list[torch.Tensor]) -> torch.Tensor:
+        """(B, H/8, W/8): each patch's distance to its nearest bank patch."""
+        return memory_distances(memory_features(teacher), self.bank.float())
+
+    def scale(self) -> torch.Tensor:
+        return self.gain / self.spread
+
+
 class DSKD(nn.Module):
-    """Teacher plus one or two students. `forward` returns the pyramids to compare.
+    """Teacher plus one or two students (or none) and, optionally, the teacher's memory.
+    `forward` returns the pyramids to compare.
 
     Output: {"teacher": [T1, T2, T3], "se": [...], "sd": [...]} with only the active students.
     """
@@ -153,6 +199,9 @@ class DSKD(nn.Module):
         self.teacher.requires_grad_(False)
         self.teacher.eval()
 
+        self.memory = (
+            PatchMemory(spec.channels[1] + spec.channels[2]) if config.has_memory else None
+        )
         self.encoder_student = (
             build_trunk(config.backbone, student=True) if config.uses_encoder_student else None
         )
@@ -236,6 +285,17 @@ class DSKD(nn.Module):
         autocast_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`predict` without its inference mode: what an export traces (dskd_ray.export)."""
+        cfg = self.config
+        members = self.members(images, autocast_dtype)
+        maps = fuse_members(members, cfg.blur_sigma)
+        maps = apply_baseline(maps, self.baseline() if divide_baseline else None, cfg.map_baseline)
+        return maps, image_score(maps, cfg.score_top_k)
+
+    def members(
+        self, images: torch.Tensor, autocast_dtype: torch.dtype | None = None
+    ) -> list[torch.Tensor]:
+        """RGB in [0, 1] → [(B, H, W)]: each student's fused levels, then the memory's level
+        (docs/design.md §2, step 2), before they are averaged."""
         amp = (
             torch.autocast(images.device.type, dtype=autocast_dtype)
             if autocast_dtype is not None
@@ -244,9 +304,12 @@ class DSKD(nn.Module):
         with amp:
             features = self(self.normalize(images))
         location, spread = self.level_statistics()
-        cfg = self.config
-        maps = anomaly_map(
-            features, tuple(images.shape[-2:]), cfg.level_fusion, cfg.blur_sigma, location,
-            spread, self.baseline() if divide_baseline else None, cfg.map_baseline,
-        )  # fmt: skip
-        return maps, image_score(maps, cfg.score_top_k)
+        size = tuple(images.shape[-2:])
+        members = member_maps(
+            level_maps(features), size, self.config.level_fusion, location, spread
+        )
+        if self.memory is not None:
+            # Outside autocast: the search's ‖q‖² + ‖b‖² − 2q·b needs float32's digits.
+            distances = self.memory.distances(features["teacher"])
+            members.append(memory_member(distances, size, self.memory.scale()))
+        return members

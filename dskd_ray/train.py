@@ -22,7 +22,15 @@ import torch
 from torch import nn
 
 from dskd_ray import tiling
-from dskd_ray.anomaly_map import baseline_from_mean, level_maps, level_moments, level_statistics
+from dskd_ray.anomaly_map import (
+    baseline_from_mean,
+    level_maps,
+    level_moments,
+    level_statistics,
+    memory_features,
+    moments,
+    spread_from_moments,
+)
 from dskd_ray.checkpoint import (
     Checkpoint,
     Threshold,
@@ -33,8 +41,9 @@ from dskd_ray.checkpoint import (
 )
 from dskd_ray.config import DSKDConfig
 from dskd_ray.data import decode_images, load_images, load_model_inputs, training_images
-from dskd_ray.errors import CheckpointError, DataError
+from dskd_ray.errors import CheckpointError, DataError, DSKDError
 from dskd_ray.loss import distillation_loss
+from dskd_ray.memory import candidates_per_image, select_bank
 from dskd_ray.model import DSKD
 from dskd_ray.progress import PROGRESS, clock, eta
 from dskd_ray.scoring import ModelScorer, images_to_tensor, resolve_device
@@ -323,15 +332,43 @@ def fit_level_statistics(
     model: DSKD, images: np.ndarray, device: torch.device, batch_size: int
 ) -> None:
     """Set model.level_location / level_spread from each student's level maps on normal images,
-    pooled over every pixel of every image (see `anomaly_map.level_statistics`)."""
+    pooled over every pixel of every image (see `anomaly_map.level_statistics`), and the
+    memory's distance map's spread the same way (one more level)."""
     model.eval()
-    moments = torch.zeros(3, 2, 3, dtype=torch.float64)
+    student = torch.zeros(3, 2, 3, dtype=torch.float64)
+    memory = torch.zeros(3, dtype=torch.float64)
     for start in range(0, len(images), batch_size):
         x = model.normalize(images_to_tensor(images[start : start + batch_size], device))
-        moments += level_moments(level_maps(model(x)))
-    location, spread = level_statistics(moments, model.config.level_normalization)
+        features = model(x)
+        student += level_moments(level_maps(features))
+        if model.memory is not None:
+            memory += moments(model.memory.distances(features["teacher"]))
+    normalization = model.config.level_normalization
+    location, spread = level_statistics(student, normalization)
     model.level_location.copy_(location.to(model.level_location.device))
     model.level_spread.copy_(spread.to(model.level_spread.device))
+    if model.memory is not None:
+        model.memory.spread.fill_(spread_from_moments(memory, normalization))
+
+
+@torch.inference_mode()
+def fit_memory_gain(model: DSKD, images: np.ndarray, device: torch.device, batch_size: int) -> None:
+    """Set the memory's gain so its standardised map spreads on normal images as much as a
+    student's fused map does (the mean of the students' spreads; docs/design.md §2): then no
+    member outweighs the others merely by its scale. 1 without students."""
+    assert model.memory is not None
+    model.eval()
+    model.memory.gain.fill_(1.0)
+    if not model.config.has_students:
+        return
+    members: list[torch.Tensor] = []
+    for start in range(0, len(images), batch_size):
+        batch = model.members(images_to_tensor(images[start : start + batch_size], device))
+        found = [moments(m) for m in batch]
+        members = found if not members else [a + b for a, b in zip(members, found, strict=True)]
+    spreads = [spread_from_moments(m, "standardize") for m in members]
+    target = sum(spreads[:-1]) / len(spreads[:-1])
+    model.memory.gain.fill_(target / spreads[-1])
 
 
 BASELINE_IMAGES = 256  # training images the per-pixel baseline is the mean over, at most
@@ -387,8 +424,9 @@ def calibrate(
     config: DSKDConfig,
     device: torch.device,
 ) -> Threshold | None:
-    """After training: level statistics, then the per-pixel baseline, then the threshold, each
-    on the maps the previous step leaves, so the checkpoint scores exactly as it was calibrated.
+    """After training: level statistics, then the memory's gain, then the per-pixel baseline,
+    then the threshold, each on the maps the previous step leaves, so the checkpoint scores
+    exactly as it was calibrated.
 
     `train_images` are model inputs (tiles, for a tiled model); `holdout` whole images (full
     resolution, for a tiled model: the threshold is a quantile of stitched maps' scores).
@@ -397,9 +435,11 @@ def calibrate(
     students have seen them); without a hold-out, from `train_images` (which `fit` gives as the
     baseline's sample of the training images: `baseline_sample`).
     """
+    normal = model_rows(holdout, config) if len(holdout) else np.asarray(train_images)
     if config.level_normalization != "none":
-        normal = model_rows(holdout, config) if len(holdout) else np.asarray(train_images)
         fit_level_statistics(model, normal, device, config.batch_size)
+    if model.memory is not None:
+        fit_memory_gain(model, normal, device, config.batch_size)
     if config.map_baseline != "none":
         fit_pixel_baseline(model, train_images, device, config.batch_size)
     return compute_threshold(model, holdout, config, device)
@@ -416,6 +456,82 @@ def compute_threshold(
     scores = image_scores(model, holdout, device, config.batch_size)
     value = float(np.quantile(scores, config.threshold_quantile))
     return Threshold(value, "quantile", config.threshold_quantile, [float(s) for s in scores])
+
+
+# --- the teacher's memory ------------------------------------------------------------------------
+
+
+def memory_seed(seed: int, rank: int) -> int:
+    """The memory's random stream for one worker: a pure function of (seed, rank), so a local
+    run and one Ray worker pick the same bank."""
+    return int(np.random.SeedSequence([seed, rank, 22]).generate_state(1)[0])
+
+
+@torch.inference_mode()
+def memory_candidates(
+    model: DSKD, images: torch.Tensor, device: torch.device, batch_size: int, seed: int
+) -> torch.Tensor:
+    """(n·k, C) float32 on the CPU: the memory patches of `images` (uint8 (n, S, S, 3)), all k
+    of each image's, or an equal random share when they exceed `memory.CANDIDATE_BYTES`."""
+    assert model.memory is not None
+    n, size = len(images), model.config.image_size
+    per_image, channels = (size // 8) ** 2, model.memory.channels
+    keep = candidates_per_image(n, per_image, channels)
+    generator = torch.Generator().manual_seed(seed)
+    out = torch.empty(n * keep, channels)
+    for start in range(0, n, batch_size):
+        batch = images[start : start + batch_size]
+        x = model.normalize(_batch(batch, torch.arange(len(batch)), device))
+        patches = memory_features(model.teacher_features(x))  # (B, C, S/8, S/8)
+        rows = patches.permute(0, 2, 3, 1).reshape(len(batch), per_image, channels).cpu()
+        if keep < per_image:
+            pick = torch.stack([torch.randperm(per_image, generator=generator)[:keep]
+                                for _ in range(len(batch))])  # fmt: skip
+            rows = torch.gather(rows, 1, pick[:, :, None].expand(-1, -1, channels))
+        out[start * keep : (start + len(batch)) * keep] = rows.reshape(-1, channels)
+    return out
+
+
+def fit_memory(
+    model: DSKD, images: torch.Tensor, config: DSKDConfig, strategy: Strategy, device: torch.device
+) -> dict[str, Any]:
+    """Fill the memory bank from every worker's training images (`images`: this worker's).
+
+    Each worker picks from its own patches — a coreset of up to `memory_size`, or a random
+    share in proportion to its patches — and rank 0 picks the bank from the union again, so
+    the bank covers every shard and no worker ships all its patches. With one worker the
+    union is the bank: a local run and a one-worker Ray run pick the same. Returns what the
+    checkpoint's meta keeps of it (on rank 0; {} elsewhere): bank size, candidates, seconds.
+    """
+    assert model.memory is not None
+    model.eval()
+    start = time.perf_counter()
+    seed = memory_seed(config.seed, strategy.rank)
+    patches = memory_candidates(model, images, device, config.batch_size, seed)
+    (total,) = strategy.all_reduce([float(len(patches))])
+    share = config.memory_size
+    if config.memory_sampling == "random":
+        share = round(config.memory_size * len(patches) / max(total, 1.0))
+    mine = select_bank(patches, share, config.memory_sampling, seed)
+    del patches
+    parts = strategy.all_gather(mine)
+    if strategy.rank != 0:
+        return {}
+    union = torch.cat(parts)
+    bank = union
+    if len(union) > config.memory_size:
+        again = memory_seed(config.seed, strategy.world)
+        bank = select_bank(union, config.memory_size, config.memory_sampling, again)
+    model.memory.bank = bank.to(model.memory.bank.device)
+    seconds = time.perf_counter() - start
+    log.info(
+        "memory: %d of %d patches (%s) in %.1f s", len(bank), int(total), config.memory_sampling,
+        seconds,
+    )  # fmt: skip
+    return {
+        "bank": len(bank), "candidates": int(total), "sampling": config.memory_sampling,
+        "workers": strategy.world, "fit_s": round(seconds, 2),
+    }  # fmt: skip
 
 
 # --- what differs between one process and a worker group ----------------------------------------
@@ -453,8 +569,8 @@ class OneProcess:
 
     rank, world = 0, 1
 
-    def __init__(self, out: str) -> None:
-        self.out = out
+    def __init__(self, out: str | None) -> None:
+        self.out = out  # None: keep nothing (the caller saves the final checkpoint)
 
     def wrap(self, students: Students, device: torch.device) -> nn.Module:
         return students
@@ -468,12 +584,13 @@ class OneProcess:
     def checkpoint(
         self, epoch: int, stats: EpochStats, last: bool, make: Callable[[], Checkpoint]
     ) -> None:
-        if not last:  # the last epoch's state goes into the final checkpoint, calibrated
+        if not last and self.out is not None:  # the last epoch's goes into the final one
             save_checkpoint(make(), self.out)
 
     def finish(self, final: Checkpoint | None) -> None:
         assert final is not None
-        save_checkpoint(final, self.out)
+        if self.out is not None:
+            save_checkpoint(final, self.out)
 
 
 def resume_config(requested: DSKDConfig, state: Checkpoint) -> DSKDConfig:
@@ -494,10 +611,11 @@ def fit(
     on_progress: ProgressCallback | None = None,
     on_epoch: Callable[[int, EpochStats], None] | None = None,
 ) -> Checkpoint | None:
-    """Train on `images` from `state` (an unfinished run's checkpoint) or from scratch, then
-    calibrate; returns the final checkpoint (on rank 0; None on the others).
+    """Train on `images` from `state` (an unfinished run's checkpoint) or from scratch, fit the
+    memory, then calibrate; returns the final checkpoint (on rank 0; None on the others).
 
     `on_epoch(epoch, stats)` runs on every worker after each epoch, before its checkpoint.
+    With no student (`students="none"`) nothing is trained: the memory is fitted at once.
     """
     rank, world = strategy.rank, strategy.world
     seed_everything(config.seed)
@@ -505,9 +623,6 @@ def fit(
     # channels_last on every device (2x the training step on the reference CPU:
     # bench/train_step.py); bf16 autocast on CUDA where the GPU has it.
     model = model.to(device).to(memory_format=torch.channels_last)
-    cuda = device.type == "cuda"
-    autocast = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
-    student_forward = strategy.wrap(Students(model), device)
 
     # This worker's share of the training images, decoded once.
     uris = shard(images.train_uris, rank, world)
@@ -521,14 +636,51 @@ def fit(
         where = "a worker's shard" if world > 1 else "them"
         raise DataError(f"{images.data}: no readable training image in {where}")
     skipped = [s for part in strategy.all_gather(skipped) for s in part]
-    length = int(longest)
+    train_images = torch.from_numpy(decoded)
+    if device.type == "cuda":
+        train_images = train_images.pin_memory()
+    meta = {
+        "data": images.data,
+        "category": images.name,
+        "n_train": len(images.train_uris) - len(skipped),
+        "n_holdout": len(images.holdout_uris),
+        **(meta or {}),
+    }
+    training = {"epoch": 0, "history": [], "resumed_at": []}
+    if config.has_students:
+        training = _train_students(
+            model, config, train_images, int(longest), strategy, device, state, meta,
+            on_progress, on_epoch,
+        )  # fmt: skip
+    model = model.to(memory_format=torch.contiguous_format)
+    return _finish(
+        model, images, train_images, kept, owner, skipped, strategy, device, training, meta
+    )
+
+
+def _train_students(
+    model: DSKD,
+    config: DSKDConfig,
+    train_images: torch.Tensor,
+    length: int,
+    strategy: Strategy,
+    device: torch.device,
+    state: Checkpoint | None,
+    meta: dict[str, Any],
+    on_progress: ProgressCallback | None,
+    on_epoch: Callable[[int, EpochStats], None] | None,
+) -> dict[str, Any]:
+    """The epochs: this worker's `train_images` (each worker walks `length` of them an epoch),
+    from `state` if it is an unfinished run. Returns the training record (epoch, history,
+    resumed_at) the final checkpoint keeps."""
+    rank, world = strategy.rank, strategy.world
+    cuda = device.type == "cuda"
+    autocast = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
+    student_forward = strategy.wrap(Students(model), device)
     per_worker = config.batch_size // world  # config.batch_size is the global batch
     worker_config = config.replace(batch_size=per_worker)
-    train_images = torch.from_numpy(decoded)
-    if cuda:
-        train_images = train_images.pin_memory()
     cache = None
-    need = TeacherCache.bytes_needed(model, len(decoded), config.image_size)
+    need = TeacherCache.bytes_needed(model, len(train_images), config.image_size)
     if need <= config.teacher_cache_mb * 2**20:
         cache = TeacherCache.build(model, train_images, device, per_worker)
 
@@ -545,16 +697,9 @@ def fit(
         if rank == 0:
             log.info("resuming at epoch %d of %d", start_epoch + 1, config.epochs)
 
-    meta = {
-        "data": images.data,
-        "category": images.name,
-        "n_train": len(images.train_uris) - len(skipped),
-        "n_holdout": len(images.holdout_uris),
-        **(meta or {}),
-    }
     started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
-        order = epoch_order(len(decoded), config.seed, epoch, rank, world, length)
+        order = epoch_order(len(train_images), config.seed, epoch, rank, world, length)
         stats = run_epoch(
             model, optimizer, scheduler, train_images, order, worker_config, device, cache,
             epoch + 1, on_progress, student_forward, autocast, channels_last=True,
@@ -581,28 +726,87 @@ def fit(
             return make_checkpoint(model, None, {**progress, **state}, meta)
 
         strategy.checkpoint(epoch + 1, stats, epoch + 1 == config.epochs, resumable)
+    return {"epoch": config.epochs, "history": history, "resumed_at": resumed_at}
 
+
+def _finish(
+    model: DSKD,
+    images: TrainingSet,
+    train_images: torch.Tensor,
+    kept: list[str],
+    owner: np.ndarray,
+    skipped: list[tuple[str, str]],
+    strategy: Strategy,
+    device: torch.device,
+    training: dict[str, Any],
+    meta: dict[str, Any],
+) -> Checkpoint | None:
+    """After the last epoch: the memory from every worker's images, then calibration and the
+    final checkpoint on rank 0 (returned there; None elsewhere)."""
+    config = model.config
+    if model.memory is not None:
+        meta = {**meta, "memory": fit_memory(model, train_images, config, strategy, device)}
     final = None
-    if rank == 0:
+    if strategy.rank == 0:
         # Calibration on rank 0, on the same images whichever path trained: the held-out
         # ones and an even sample of every readable training image (not only this shard).
         unreadable = {s[0] for s in skipped}
         readable = [u for u in images.train_uris if u not in unreadable]
         sample = _baseline_images(
-            [readable[i] for i in baseline_sample(len(readable))], decoded, kept, owner, config
-        )
+            [readable[i] for i in baseline_sample(len(readable))],
+            train_images.numpy(), kept, owner, config,
+        )  # fmt: skip
         if config.tiled:
             holdout, _, holdout_skipped = decode_images(images.holdout_uris, None)
         else:
             holdout, _, holdout_skipped = load_images(images.holdout_uris, config.image_size)
-        model = model.to(memory_format=torch.contiguous_format)
         threshold = calibrate(model, sample, holdout, config, device)
         # The finished checkpoint drops the optimizer state: scoring actors load it, and Adam's
         # moments would triple its size.
-        done = {"epoch": config.epochs, "complete": True, "history": history}
+        done = {**training, "complete": True}
         final_meta = {**meta, "n_holdout": len(holdout), "skipped": skipped + holdout_skipped}
-        final = make_checkpoint(model, threshold, {**done, "resumed_at": resumed_at}, final_meta)
+        final = make_checkpoint(model, threshold, done, final_meta)
     strategy.finish(final)
+    return final
+
+
+def add_memory(
+    checkpoint: Checkpoint,
+    data: str,
+    config: DSKDConfig,
+    out: str | None = None,
+    device: str = "auto",
+) -> Checkpoint:
+    """A trained model with the teacher's memory added, trained no further: `config` is the
+    checkpoint's with the memory's fields changed. The memory is fitted on the training images
+    the run had (the same hold-out split), then the model is calibrated again — what `fit`
+    does after its last epoch, so the result scores as a run trained with the memory would.
+    Written to `out` when given.
+    """
+    if not config.has_memory:
+        raise DSKDError("add_memory needs a config with memory='knn'")
+    unchanged = ("memory", "memory_size", "memory_sampling")
+    if config.replace(**{k: getattr(checkpoint.config, k) for k in unchanged}) != checkpoint.config:
+        raise DSKDError("add_memory changes the memory's fields only; train again for the rest")
+    dev = resolve_device(device)
+    model = DSKD(config, load_weights=False)
+    state = {k: v for k, v in checkpoint.state_dict.items() if not k.startswith("memory.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("memory.") for k in missing):
+        raise CheckpointError(f"checkpoint does not fit its own config: {missing[:3]}")
+    model.teacher_identity = checkpoint.teacher_identity
+    model = model.to(dev).eval()
+    images = plan_training(data, config)
+    decoded, kept, skipped, owner = load_model_inputs(
+        images.train_uris, config.image_size, config.tiled, config.tile_overlap
+    )
+    training = {k: v for k, v in (checkpoint.training or {}).items() if k != "complete"}
+    meta = {k: v for k, v in checkpoint.meta.items() if k not in ("model_id", "created_at")}
+    final = _finish(
+        model, images, torch.from_numpy(decoded), kept, owner, skipped, OneProcess(out), dev,
+        training, {**meta, "memory_added_to": checkpoint.model_id},
+    )  # fmt: skip
+    assert final is not None
     return final
 
 
