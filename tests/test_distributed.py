@@ -26,7 +26,7 @@ from dskd_ray.distributed import (
 )
 from dskd_ray.errors import ConfigError
 from dskd_ray.model import DSKD
-from dskd_ray.train import EpochStats, Students, epoch_order, shard, train
+from dskd_ray.train import EpochStats, Students, epoch_order, plan_training, shard, train
 
 
 def _config(**changes: object) -> DSKDConfig:
@@ -205,10 +205,13 @@ def test_ddp_step_on_two_workers_equals_one_process_with_the_double_batch(
 def test_one_ray_worker_trains_and_calibrates_exactly_as_a_local_run(
     ray_cluster, tmp_path: Path
 ) -> None:
-    """The same routine on both paths: same weights, same per-pixel baseline, same threshold."""
+    """The same routine on both paths: same weights, same memory bank, same per-pixel baseline,
+    same threshold."""
     data = tmp_path / "normal"
     write_textures(data, 10)
-    config = _config(epochs=2, batch_size=4, level_normalization="mean")
+    config = _config(
+        epochs=2, batch_size=4, level_normalization="mean", memory="knn", memory_size=100
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the Ray worker (cpus_per_worker=1): the same float sums
     try:
@@ -225,6 +228,8 @@ def test_one_ray_worker_trains_and_calibrates_exactly_as_a_local_run(
     for key, value in local.state_dict.items():
         torch.testing.assert_close(ray.state_dict[key], value, rtol=1e-5, atol=1e-6, msg=key)
     assert not torch.equal(local.state_dict["pixel_baseline"], torch.ones(64, 64))
+    assert local.state_dict["memory.bank"].shape == (100, 128 + 256)
+    assert local.meta["memory"]["candidates"] == ray.meta["memory"]["candidates"] == 8 * 64
     assert local.threshold is not None and ray.threshold is not None
     assert ray.threshold.value == pytest.approx(local.threshold.value, rel=1e-5)
     assert ray.threshold.normal_scores == pytest.approx(local.threshold.normal_scores, rel=1e-5)
@@ -275,8 +280,9 @@ def test_two_worker_training_from_s3_then_scoring(
         fs.put_file(str(p), f"dskd-train/normal/{p.name}")
     out = tmp_path / "model.pt"
     storage = tmp_path / "runs"
+    config = _config(epochs=2, batch_size=4, memory="knn", memory_size=64)
     result = train_distributed(
-        _config(epochs=2, batch_size=4),
+        config,
         "s3://dskd-train/normal",
         str(out),
         RayOptions(workers=2, storage_path=str(storage), run_name="two-workers"),
@@ -287,6 +293,21 @@ def test_two_worker_training_from_s3_then_scoring(
     assert ckpt.training["complete"] and ckpt.training["epoch"] == 2
     assert ckpt.meta["ray"]["workers"] == 2 and ckpt.meta["ray"]["per_worker_batch_size"] == 2
     assert ckpt.threshold is not None and len(ckpt.threshold.normal_scores) == 2
+    # The memory is picked from every worker's shard, not rank 0's: the bank holds patches of
+    # images only worker 1 decoded.
+    assert ckpt.meta["memory"] == {**ckpt.meta["memory"], "workers": 2, "candidates": 8 * 64}
+    bank = ckpt.state_dict["memory.bank"].double()
+    assert bank.shape == (64, 384)
+    train_uris = plan_training("s3://dskd-train/normal", config).train_uris
+    owner = {}
+    for rank in range(2):
+        names = [Path(u).name for u in shard(train_uris, rank, 2)]
+        patches = _memory_patches(ckpt.build_model(), [tmp_path / "normal" / n for n in names])
+        owner[rank] = torch.cdist(bank, patches).amin(dim=1)
+    from_rank_1 = (owner[1] < 1e-4) & (owner[0] > 1e-2)
+    from_rank_0 = (owner[0] < 1e-4) & (owner[1] > 1e-2)
+    assert int(from_rank_1.sum()) >= 8 and int(from_rank_0.sum()) >= 8
+    assert bool(((owner[0] < 1e-4) | (owner[1] < 1e-4)).all())  # every row is a training patch
     # One checkpoint per epoch (2 kept) and the final one, in the run's storage folder.
     listed = {p.name for p in (storage / "two-workers").iterdir()}
     assert {"epoch_0002", "final"} <= listed
@@ -296,7 +317,7 @@ def test_two_worker_training_from_s3_then_scoring(
 
     # The same command again: the finished run hands back its final model, no retraining.
     again = train_distributed(
-        _config(epochs=2, batch_size=4),
+        config,
         "s3://dskd-train/normal",
         str(tmp_path / "again.pt"),
         RayOptions(workers=2, storage_path=str(storage), run_name="two-workers"),
@@ -309,6 +330,18 @@ def test_two_worker_training_from_s3_then_scoring(
     scored = scorer.score_batch(images)
     assert scored.maps.shape == (3, 64, 64) and np.isfinite(scored.scores).all()
     assert scorer.threshold == pytest.approx(ckpt.threshold.value)
+
+
+def _memory_patches(model: DSKD, paths: list[Path]) -> torch.Tensor:
+    """(n·64, 384) float64: the memory patches of 64² images, as the model computes them."""
+    from dskd_ray.anomaly_map import memory_features
+    from dskd_ray.scoring import images_to_tensor
+
+    images = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    with torch.no_grad():
+        x = model.normalize(images_to_tensor(images, torch.device("cpu")))
+        patches = memory_features(model.teacher_features(x))
+    return patches.permute(0, 2, 3, 1).reshape(-1, patches.shape[1]).double()
 
 
 def test_dead_worker_is_replaced_and_a_rerun_resumes(ray_cluster, tmp_path: Path) -> None:
