@@ -17,6 +17,14 @@ process, as a new scoring actor pays them, with torch's compile cache empty (a n
 warm (the next actor on it). From those and the speeds: how many images an actor must score
 before each pays for its start.
 
+With `--memory-sizes`, the cost of the teacher's memory instead (docs/design.md §2): for the
+first backbone, the students alone (size 0) and with a memory bank of each size, and the memory
+alone (`--memory-students none`), two backends (eager PyTorch and ONNX
+Runtime; compiled PyTorch is opt-in and left out) taking turns, and each model's peak memory
+scoring in a process of its own (VmHWM). The bank's contents do not change its cost: random.
+
+    python bench/backends.py --memory-sizes 0 512 1024 2048 4096 --memory-students both none
+
 Last line, machine-readable, for the first backbone:
     onnxruntime_vs_eager=<ratio> compile_vs_eager=<ratio> compile_pays_after=<images per actor, cold cache>
     export_pays_after=<images, first run of a model>
@@ -156,6 +164,91 @@ def measure(backbone: str, args: argparse.Namespace, folder: Path) -> dict[str, 
     return row
 
 
+_PEAK_MEMORY = """
+import sys
+import numpy as np, torch
+from dskd_ray.onnx_scoring import OnnxScorer
+from dskd_ray.scoring import Scorer
+path, batch, backend = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+scorer = OnnxScorer(path, batch) if backend == "onnxruntime" else Scorer(path, "cpu", batch)
+size = scorer.image_size
+before = [ln for ln in open("/proc/self/status") if ln.startswith("VmRSS")][0].split()[1]
+images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), np.uint8)
+for _ in range(3):
+    scorer.score_batch(images)
+peak = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")][0].split()[1]
+print(int(before) // 1024, int(peak) // 1024)
+"""
+
+
+def peak_memory_mb(path: Path, batch: int, backend: str) -> dict[str, int]:
+    """A new process's resident memory with the model loaded, and its peak while scoring."""
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_MEMORY, str(path), str(batch), backend],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    return {"loaded_mb": int(out[-2]), "peak_mb": int(out[-1])}
+
+
+def measure_memory(args: argparse.Namespace, folder: Path) -> list[dict[str, object]]:
+    """Images/s and peak memory of the students alone and with each bank size, and of the memory
+    alone, on eager PyTorch and ONNX Runtime, the backends taking turns (best round each)."""
+    backbone = args.backbones[0]
+    weights = "imagenet" if backbone == "efficientnet_lite0" else "random"
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (args.batch_size, args.image_size, args.image_size, 3), np.uint8)
+    models: dict[tuple[str, int], dict[str, BatchScorer]] = {}
+    files: dict[tuple[str, int], tuple[Path, Path]] = {}
+    for students in args.memory_students:
+        for size in args.memory_sizes:
+            if students == "none" and size == 0:
+                continue
+            memory = "knn" if size else "none"
+            config = DSKDConfig(
+                backbone=backbone, teacher_weights=weights, image_size=args.image_size,
+                students=students, memory=memory,
+            )  # fmt: skip
+            torch.manual_seed(0)
+            model = DSKD(config).eval()
+            if model.memory is not None:
+                model.memory.bank = torch.randn(size, model.memory.channels)
+            path = folder / f"{students}-{size}.pt"
+            save_checkpoint(make_checkpoint(model, training={"complete": True}), path)
+            graph = folder / f"{students}-{size}.onnx"
+            graph.write_bytes(export_graph(str(path), images).graph)
+            files[students, size] = path, graph
+            models[students, size] = {
+                "torch eager": Scorer(str(path), device="cpu", batch_size=args.batch_size),
+                "onnxruntime": OnnxScorer(str(graph), batch_size=args.batch_size),
+            }
+            for scorer in models[students, size].values():
+                scorer.score_batch(images)  # warm-up
+    best = {key: dict.fromkeys(scorers, 0.0) for key, scorers in models.items()}
+    for _ in range(args.rounds):
+        for key, scorers in models.items():
+            for name, scorer in scorers.items():
+                best[key][name] = max(best[key][name], images_per_s(scorer, images, args.seconds))
+    rows = []
+    for (students, size), speeds in best.items():
+        alone = best.get((students if students != "none" else "both", 0))
+        path, graph = files[students, size]
+        row = {
+            "backbone": backbone, "students": students, "memory_size": size,
+            "images_per_s": {k: round(v, 2) for k, v in speeds.items()},
+            "ms_per_image": {k: round(1000 / v, 2) for k, v in speeds.items()},
+            "vs_students_alone": (
+                {k: round(alone[k] / v, 3) for k, v in speeds.items()} if alone else None
+            ),
+            "peak_memory": {
+                "torch eager": peak_memory_mb(path, args.batch_size, "torch"),
+                "onnxruntime": peak_memory_mb(graph, args.batch_size, "onnxruntime"),
+            },
+        }  # fmt: skip
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -166,12 +259,30 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="per backend per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default="bench/out/backends.json")
+    parser.add_argument(
+        "--memory-sizes", type=int, nargs="+", help="measure the memory's cost at these banks"
+    )
+    parser.add_argument(
+        "--memory-students", nargs="+", default=["both", "none"], help="with --memory-sizes"
+    )
     args = parser.parse_args()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average "
         f"{os.getloadavg()[0]:.1f} at start",
         flush=True,
     )
+    if args.memory_sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = measure_memory(args, Path(tmp))
+        print(f"load average at end {os.getloadavg()[0]:.1f}", flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+        for row in rows:
+            print(
+                f"students={row['students']} memory_size={row['memory_size']} "
+                f"ms_per_image={row['ms_per_image']} vs_students_alone={row['vs_students_alone']}"
+            )
+        return
     with tempfile.TemporaryDirectory() as tmp:
         rows = [measure(b, args, Path(tmp)) for b in args.backbones]
     print(f"load average at end {os.getloadavg()[0]:.1f}", flush=True)

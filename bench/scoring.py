@@ -224,9 +224,12 @@ def plain_loop(
                 )
                 features = net(net.normalize(x))
             with timers("map"), torch.inference_mode():
+                # The memory's search is part of the map here, as the students' comparison is.
+                memory = net.memory.distances(features["teacher"]) if net.memory else None
                 maps = anomaly_map(
                     features, (MODEL_SIZE, MODEL_SIZE), cfg.level_fusion, cfg.blur_sigma,
-                    *net.level_statistics(), net.baseline(),
+                    *net.level_statistics(), net.baseline(), cfg.map_baseline, memory,
+                    net.memory.scale() if net.memory else 1.0,
                 )  # fmt: skip
                 scores = image_score(maps, cfg.score_top_k).numpy()
                 maps = maps.numpy()
@@ -403,6 +406,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--backend", choices=["auto", "torch"], default="auto", help="dskd score's --backend"
     )
+    parser.add_argument(
+        "--memory-size",
+        type=int,
+        default=0,
+        help="the model has the teacher's memory with a bank of this many patches (0: none)",
+    )
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="dskd-bench-scoring-"))
@@ -410,12 +419,18 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     model = work / "model.pt"
     config = DSKDConfig(
-        backbone="efficientnet_lite0", teacher_weights="imagenet", image_size=MODEL_SIZE
-    )
-    checkpoint = make_checkpoint(DSKD(config).eval())
+        backbone="efficientnet_lite0", teacher_weights="imagenet", image_size=MODEL_SIZE,
+        memory="knn" if args.memory_size else "none",
+    )  # fmt: skip
+    net = DSKD(config).eval()
+    if net.memory is not None:  # its cost does not depend on what it holds
+        net.memory.bank = torch.randn(args.memory_size, net.memory.channels)
+    checkpoint = make_checkpoint(net, training={"complete": True})
     save_checkpoint(checkpoint, model)
+    memory = f" + memory of {args.memory_size} patches" if args.memory_size else ""
     print(
-        f"{args.images} images per set; model Lite0 DSKD at {MODEL_SIZE}², batch {args.batch_size}; "
+        f"{args.images} images per set; model Lite0 DSKD{memory} at {MODEL_SIZE}², batch "
+        f"{args.batch_size}; "
         f"--backend {args.backend}; {os.cpu_count()} CPUs; load average "
         f"{os.getloadavg()[0]:.1f} at start",
         flush=True,
