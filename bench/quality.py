@@ -278,8 +278,11 @@ FUSIONS: dict[str, str] = {
     "students only": "students",
     "memory only": "memory",
     "memory only, no per-pixel baseline": "memory-raw",
+    # bench/knn_reference.py's rule on the product's bank: the map blurred, no baseline, the
+    # score the largest patch distance (before upsampling and blur).
+    "memory only, the reference's rule": "memory-reference",
 }
-MEMORY_ONLY = ("memory", "memory-raw")  # the ways a model with no student has
+MEMORY_ONLY = ("memory", "memory-raw", "memory-reference")  # the ways of a model with no student
 
 
 @torch.inference_mode()
@@ -324,13 +327,16 @@ def fusion_maps(
             fused = 0.5 * torch.stack(students).mean(dim=0) + 0.5 * mem
         elif kind == "students":
             fused = torch.stack(students).mean(dim=0)
-        elif kind == "memory":
+        elif kind.startswith("memory"):
             fused = mem
         else:
             fused = torch.stack([*students, mem]).mean(dim=0)
         m = apply_baseline(gaussian_blur(fused, cfg.blur_sigma), baseline, cfg.map_baseline)
         maps.append(m.numpy())
-        scores.append(image_score(m, cfg.score_top_k).numpy())
+        if kind == "memory-reference":
+            scores.append(distances[sl].flatten(1).amax(dim=1).numpy())
+        else:
+            scores.append(image_score(m, cfg.score_top_k).numpy())
     return np.concatenate(maps), np.concatenate(scores)
 
 
@@ -347,7 +353,7 @@ def evaluate_fusions(
         if not model.config.has_students and kind not in MEMORY_ONLY:
             continue
         baseline = None
-        if model.config.map_baseline != "none" and kind != "memory-raw":
+        if model.config.map_baseline != "none" and kind not in ("memory-raw", "memory-reference"):
             train_maps, _ = fusion_maps(model, *train_inputs, kind)
             baseline = torch.from_numpy(train_maps).mean(dim=0)
             if model.config.map_baseline == "mean":

@@ -512,7 +512,8 @@ def fit_memory(
     share = config.memory_size
     if config.memory_sampling == "random":
         share = round(config.memory_size * len(patches) / max(total, 1.0))
-    mine = select_bank(patches, share, config.memory_sampling, seed)
+    # The coreset's passes over every candidate run where the model does (a GPU's are fast).
+    mine = select_bank(patches.to(device), share, config.memory_sampling, seed).cpu()
     del patches
     parts = strategy.all_gather(mine)
     if strategy.rank != 0:
@@ -521,7 +522,7 @@ def fit_memory(
     bank = union
     if len(union) > config.memory_size:
         again = memory_seed(config.seed, strategy.world)
-        bank = select_bank(union, config.memory_size, config.memory_sampling, again)
+        bank = select_bank(union.to(device), config.memory_size, config.memory_sampling, again)
     model.memory.bank = bank.to(model.memory.bank.device)
     seconds = time.perf_counter() - start
     log.info(
