@@ -525,9 +525,9 @@ def fit_memory(
         bank = select_bank(union.to(device), config.memory_size, config.memory_sampling, again)
     model.memory.bank = bank.to(model.memory.bank.device)
     seconds = time.perf_counter() - start
-    log.info(
-        "memory: %d of %d patches (%s) in %.1f s", len(bank), int(total), config.memory_sampling,
-        seconds,
+    PROGRESS.info(
+        "memory: %d of %d patches (%s) in %s", len(bank), int(total), config.memory_sampling,
+        clock(seconds),
     )  # fmt: skip
     return {
         "bank": len(bank), "candidates": int(total), "sampling": config.memory_sampling,
