@@ -273,7 +273,11 @@ def evaluate_rules(
 # student's normal spread (its gain).
 FUSIONS: dict[str, str] = {
     "members equal (product)": "equal",
+    # The per-pixel baseline fitted on the students' part only (the memory member zero on the
+    # training images, whose own patches the bank holds), then subtracted from the whole map.
+    "members equal, baseline of the students' part": "equal-students-baseline",
     "memory ½, students' mean ½": "half",
+    "memory ½, students' mean ½, baseline of the students' part": "half-students-baseline",
     "members equal, memory not scaled to a student": "unscaled",
     "students only": "students",
     "memory only": "memory",
@@ -323,6 +327,10 @@ def fusion_maps(
         sl = slice(start, start + 64)
         students = member_maps(take(levels, sl), size, cfg.level_fusion, location, spread)
         mem = memory_member(distances[sl], size, scale)
+        if kind.endswith("-without-memory"):  # what a students'-part baseline is the mean of
+            mem = torch.zeros_like(mem)
+            kind = kind.removesuffix("-without-memory")
+        kind = kind.removesuffix("-students-baseline")
         if kind == "half":
             fused = 0.5 * torch.stack(students).mean(dim=0) + 0.5 * mem
         elif kind == "students":
@@ -354,7 +362,8 @@ def evaluate_fusions(
             continue
         baseline = None
         if model.config.map_baseline != "none" and kind not in ("memory-raw", "memory-reference"):
-            train_maps, _ = fusion_maps(model, *train_inputs, kind)
+            fitted_on = f"{kind}-without-memory" if kind.endswith("-students-baseline") else kind
+            train_maps, _ = fusion_maps(model, *train_inputs, fitted_on)
             baseline = torch.from_numpy(train_maps).mean(dim=0)
             if model.config.map_baseline == "mean":
                 baseline = baseline_from_mean(baseline)
