@@ -33,6 +33,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,12 +66,22 @@ from dskd_ray.train import split_holdout, train  # noqa: E402
 # by training again.
 
 # name → config changes for training. `sd` alone reads the teacher's pyramid (there is no Se).
-VARIANTS: dict[str, dict[str, str]] = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "dskd": {"students": "both", "df_input": "se"},
     "dskd-df-teacher": {"students": "both", "df_input": "teacher"},
     "se": {"students": "se"},  # ≈ STFPM
     "sd": {"students": "sd", "df_input": "teacher"},  # ≈ Reverse Distillation
 }
+# The students' switches (docs/design.md §1, §3), each alone on every set: `<set>-<switch>`.
+SWITCHES: dict[str, dict[str, Any]] = {
+    "flat": {"loss_form": "flat"},  # Reverse Distillation's loss
+    "flat-hm": {"loss_form": "flat", "hard_mining": 0.9},  # and Dinomaly's hard mining
+    "hm": {"hard_mining": 0.9},
+}
+VARIANTS.update(
+    {f"{name}-{switch}": {**VARIANTS[name], **changes}
+     for name in ("dskd", "se", "sd") for switch, changes in SWITCHES.items()}
+)  # fmt: skip
 # name → (level_normalization, level_fusion, map_baseline, score_top_k): how the map is made
 # from the same trained pyramids.
 RULES: dict[str, tuple[str, str, str, int]] = {

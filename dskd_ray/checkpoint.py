@@ -24,14 +24,17 @@ from dskd_ray.errors import CheckpointError, StorageError
 from dskd_ray.model import DSKD
 from dskd_ray.storage import describe_failure, exists, read_object, storage_errors, write_object
 
-FORMAT = "dskd_ray.checkpoint/4"
+FORMAT = "dskd_ray.checkpoint/5"
+# /4 → /5: the students' training and architecture switches joined the config (docs/design.md
+# §1, §3); a /4 file was trained and scores with today's defaults of each.
 # /3 → /4: tiling (`tiled`, `tile_overlap`) joined the config and the model id's fields.
 # /2 → /3: the per-pixel baseline buffer `map_baseline` became `pixel_baseline` (the config's
 # `map_baseline` names the rule, the buffer holds the fitted values).
 # /1 → /2: per-level normalisation became (m − location) / spread (was m / scale, named
 # `map_normalization` and `level_scales`); the image score gained `score_top_k`.
 V1, V2, V3 = "dskd_ray.checkpoint/1", "dskd_ray.checkpoint/2", "dskd_ray.checkpoint/3"
-OLDER_FORMATS = (V1, V2, V3)
+V4 = "dskd_ray.checkpoint/4"
+OLDER_FORMATS = (V1, V2, V3, V4)
 V1_MODEL_ID_FIELDS = (
     "backbone", "students", "df_input", "level_fusion", "map_normalization", "image_size",
     "blur_sigma",
@@ -41,7 +44,12 @@ V3_MODEL_ID_FIELDS = (
     "backbone", "students", "df_input", "level_fusion", "level_normalization", "map_baseline",
     "image_size", "blur_sigma", "score_top_k",
 )  # fmt: skip
-MODEL_ID_FIELDS = (*V3_MODEL_ID_FIELDS, "tiled", "tile_overlap")
+V4_MODEL_ID_FIELDS = (*V3_MODEL_ID_FIELDS, "tiled", "tile_overlap")
+# Training-only switches (loss form, hard mining, …) are in the config but not here: like lr,
+# they change the weights, which the id hashes, not what given weights compute.
+MODEL_ID_FIELDS = V4_MODEL_ID_FIELDS
+# What a /4 file was, in the fields /5 added: the values that reproduce its behaviour.
+V4_DEFAULTS: dict[str, Any] = {"loss_form": "pixel", "hard_mining": 0.0}
 
 
 @dataclass
@@ -197,9 +205,10 @@ def load_checkpoint(uri: str | Path) -> Checkpoint:
             f"and {', '.join(OLDER_FORMATS)}"
         )
     # Verified as written, then renamed; an older one keeps its id (it scores exactly as before).
-    fields = {V1: V1_MODEL_ID_FIELDS, V2: V3_MODEL_ID_FIELDS, V3: V3_MODEL_ID_FIELDS}.get(
-        found, MODEL_ID_FIELDS
-    )
+    fields = {
+        V1: V1_MODEL_ID_FIELDS, V2: V3_MODEL_ID_FIELDS, V3: V3_MODEL_ID_FIELDS,
+        V4: V4_MODEL_ID_FIELDS,
+    }.get(found, MODEL_ID_FIELDS)  # fmt: skip
     _verify(uri, meta, _content_hash(payload["config"], fields, payload["state_dict"]))
     if found == V1:
         payload = _upgrade_from_v1(payload)
@@ -207,6 +216,8 @@ def load_checkpoint(uri: str | Path) -> Checkpoint:
         payload = _upgrade_from_v2(payload)
     if payload["format"] == V3:
         payload = _upgrade_from_v3(payload)
+    if payload["format"] == V4:
+        payload = _upgrade_from_v4(payload)
     config = DSKDConfig.from_dict(payload["config"])
     threshold = payload.get("threshold")
     return Checkpoint(
@@ -259,6 +270,13 @@ def _upgrade_from_v2(payload: dict[str, Any]) -> dict[str, Any]:
 def _upgrade_from_v3(payload: dict[str, Any]) -> dict[str, Any]:
     """A /3 checkpoint as /4: written before tiling, so an untiled model."""
     config = {**payload["config"], "tiled": False}
+    return {**payload, "format": V4, "config": config}
+
+
+def _upgrade_from_v4(payload: dict[str, Any]) -> dict[str, Any]:
+    """A /4 checkpoint as /5: written before the students' switches, so each at the value that
+    was the only behaviour then."""
+    config = {**payload["config"], **V4_DEFAULTS}
     return {**payload, "format": FORMAT, "config": config}
 
 

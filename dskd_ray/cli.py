@@ -262,6 +262,23 @@ def train(
     ] = None,
     lr: Annotated[float | None, _opt(DEFAULTS.lr, min=0.0, help="Adam learning rate (> 0)")] = None,
     lr_schedule: Annotated[str | None, _opt(DEFAULTS.lr_schedule, help="constant | cosine")] = None,
+    loss_form: Annotated[
+        str | None,
+        _opt(
+            DEFAULTS.loss_form,
+            help="Loss per level: pixel (mean of per-position 1 − cos) | flat (1 − cos of each "
+            "image's whole level map, as Reverse Distillation)",
+        ),
+    ] = None,
+    hard_mining: Annotated[
+        float | None,
+        _opt(
+            DEFAULTS.hard_mining,
+            min=0.0,
+            max=1.0,
+            help="Share of the easiest positions whose gradients are scaled by 0.1 (< 1)",
+        ),
+    ] = None,
     seed: Annotated[int | None, _opt(DEFAULTS.seed, min=0, help="Random seed")] = None,
     holdout_fraction: Annotated[
         float | None,
@@ -366,6 +383,7 @@ def train(
         teacher_weights=teacher_weights, students=students, df_input=df_input,
         level_fusion=level_fusion, level_normalization=level_normalization, map_baseline=map_baseline,
         score_top_k=score_top_k, lr=lr, lr_schedule=lr_schedule, seed=seed,
+        loss_form=loss_form, hard_mining=hard_mining,
         holdout_fraction=holdout_fraction, threshold_quantile=threshold_quantile,
     ))  # fmt: skip
     start = time.perf_counter()

@@ -21,6 +21,7 @@ BACKBONES: tuple[str, ...] = (
 STUDENTS: tuple[str, ...] = ("both", "se", "sd")
 DF_INPUTS: tuple[str, ...] = ("se", "teacher")
 LEVEL_FUSIONS: tuple[str, ...] = ("sum", "product")
+LOSS_FORMS: tuple[str, ...] = ("pixel", "flat")
 LEVEL_NORMALIZATIONS: tuple[str, ...] = ("none", "mean", "standardize")
 MAP_BASELINES: tuple[str, ...] = ("none", "mean", "subtract")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
@@ -84,6 +85,13 @@ class DSKDConfig:
     weight_decay: float = 0.0
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     grad_clip: float | None = 1.0
+    # The distillation loss per level (docs/design.md §3): "pixel", the mean over positions of
+    # 1 − cos along channels; "flat", Reverse Distillation's own loss, 1 − cos between each
+    # sample's whole flattened level map. Maps are per-pixel either way.
+    loss_form: str = "pixel"
+    # Hard-position mining: the gradients at the easiest `hard_mining` share of each level's
+    # positions are scaled by 0.1, the share ramped in from 0 over the first tenth of the run.
+    hard_mining: float = 0.0
     seed: int = 0
     holdout_fraction: float = 0.1
     threshold_quantile: float = 0.99
@@ -104,6 +112,7 @@ class DSKDConfig:
             "level_normalization": LEVEL_NORMALIZATIONS,
             "map_baseline": MAP_BASELINES,
             "lr_schedule": ("constant", "cosine"),
+            "loss_form": LOSS_FORMS,
         }
         for name, allowed in choices.items():
             value = getattr(self, name)
@@ -132,6 +141,8 @@ class DSKDConfig:
             raise ConfigError(f"threshold_quantile={self.threshold_quantile} must be in (0, 1]")
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be positive")
+        if not 0.0 <= self.hard_mining < 1.0:
+            raise ConfigError(f"hard_mining={self.hard_mining} must be in [0, 1)")
 
     @property
     def uses_encoder_student(self) -> bool:

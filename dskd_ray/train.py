@@ -202,12 +202,14 @@ def train_step(
     grad_clip: float | None,
     student_forward: nn.Module | None = None,
     autocast_dtype: torch.dtype | None = None,
+    hard_share: float = 0.0,
 ) -> torch.Tensor:
     """One optimisation step on a normalised batch; returns the (detached) loss.
 
     `student_forward` lets a DDP or torch.compile wrapper of `Students` stand in for it.
     `autocast_dtype` (e.g. torch.bfloat16 on CUDA) runs the forward passes under autocast;
-    the loss is always computed in float32 (`distillation_loss` upcasts).
+    the loss is always computed in float32 (`distillation_loss` upcasts), in the form the
+    config names, with hard mining over `hard_share` of the positions (`hard_mining_share`).
     """
     amp = (
         torch.autocast(x.device.type, dtype=autocast_dtype)
@@ -220,7 +222,7 @@ def train_step(
         # `is None`, not `or`: a torch.compile'd module has no truth value.
         forward = student_forward if student_forward is not None else Students(model)
         students = forward(x, teacher)
-    loss = distillation_loss(teacher, students)
+    loss = distillation_loss(teacher, students, model.config.loss_form, hard_share)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip:
@@ -249,6 +251,16 @@ class Students(nn.Module):
         self, x: torch.Tensor, teacher: list[torch.Tensor]
     ) -> dict[str, list[torch.Tensor]]:
         return self._dskd.student_features(x, teacher)
+
+
+def hard_mining_share(config: DSKDConfig, step: int, total_steps: int) -> float:
+    """The share of easy positions mined at `step` (0-based over the run): config.hard_mining,
+    ramped in linearly over the first tenth of the run's `total_steps`, as Dinomaly ramps its
+    0.9 over the first 1000 of 10000 iterations. A pure function of the step: resume is exact."""
+    if config.hard_mining <= 0:
+        return 0.0
+    ramp = max(1, math.ceil(0.1 * total_steps))
+    return config.hard_mining * min(1.0, step / ramp)
 
 
 def iterate_batches(order: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
@@ -287,8 +299,9 @@ def run_epoch(
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         teacher = cache.take(index.to(cache.levels[0].device)) if cache is not None else None
+        share = hard_mining_share(config, (epoch - 1) * steps + step - 1, config.epochs * steps)
         loss = train_step(
-            model, optimizer, x, teacher, config.grad_clip, student_forward, autocast_dtype
+            model, optimizer, x, teacher, config.grad_clip, student_forward, autocast_dtype, share
         )
         if scheduler is not None:
             scheduler.step()

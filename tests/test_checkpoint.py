@@ -8,6 +8,8 @@ import torch
 from dskd_ray.checkpoint import (
     V1_MODEL_ID_FIELDS,
     V3_MODEL_ID_FIELDS,
+    V4_DEFAULTS,
+    V4_MODEL_ID_FIELDS,
     Threshold,
     _content_hash,
     load_checkpoint,
@@ -137,9 +139,14 @@ def test_teacher_weights_from_a_state_dict_path(tmp_path: Path) -> None:
     assert model.teacher_identity.startswith("sha256:")
 
 
+def _as_v4_config(payload: dict) -> dict:
+    """The config of a /5 payload as /4 and older wrote it: without the students' switches."""
+    return {k: v for k, v in payload["config"].items() if k not in V4_DEFAULTS}
+
+
 def _as_format_1(payload: dict, with_baseline: bool) -> dict:
     """What dskd_ray wrote under checkpoint/1: `map_normalization` and `level_scales`."""
-    config = dict(payload["config"])
+    config = _as_v4_config(payload)
     normalization = config.pop("level_normalization")
     config.pop("score_top_k")
     config["map_normalization"] = "normal" if normalization == "mean" else "none"
@@ -210,7 +217,7 @@ def test_a_format_2_checkpoint_loads_keeps_its_id_and_scores_as_before(
     payload = torch.load(tmp_path / "v3.pt", weights_only=True)
     state = dict(payload["state_dict"])
     state["map_baseline"] = state.pop("pixel_baseline")
-    config = {k: v for k, v in payload["config"].items() if k not in ("tiled", "tile_overlap")}
+    config = {k: v for k, v in _as_v4_config(payload).items() if k not in ("tiled", "tile_overlap")}
     meta = json.loads(payload["meta"])
     meta["model_id"] = _content_hash(config, V3_MODEL_ID_FIELDS, state)
     v2 = {**payload, "format": "dskd_ray.checkpoint/2", "config": config, "state_dict": state}
@@ -232,7 +239,7 @@ def test_a_format_3_checkpoint_loads_as_an_untiled_model_and_keeps_its_id(
     """/3 was written before tiling: no `tiled` in its config, nor in its id's fields."""
     save_checkpoint(make_checkpoint(DSKD(tiny_config)), tmp_path / "v4.pt")
     payload = torch.load(tmp_path / "v4.pt", weights_only=True)
-    config = {k: v for k, v in payload["config"].items() if k not in ("tiled", "tile_overlap")}
+    config = {k: v for k, v in _as_v4_config(payload).items() if k not in ("tiled", "tile_overlap")}
     meta = json.loads(payload["meta"])
     meta["model_id"] = _content_hash(config, V3_MODEL_ID_FIELDS, payload["state_dict"])
     v3 = {**payload, "format": "dskd_ray.checkpoint/3", "config": config}
@@ -242,9 +249,36 @@ def test_a_format_3_checkpoint_loads_as_an_untiled_model_and_keeps_its_id(
     assert meta["model_id"] != json.loads(payload["meta"])["model_id"]  # /4 hashes tiling too
 
 
+def test_a_format_4_checkpoint_loads_with_the_old_students_and_keeps_its_id(
+    tmp_path: Path, tiny_config: DSKDConfig
+) -> None:
+    """/4 was written before the students' switches: it trained and scores as their defaults."""
+    from dskd_ray.scoring import compute_maps
+
+    model = DSKD(tiny_config).eval()
+    save_checkpoint(make_checkpoint(model), tmp_path / "v5.pt")
+    payload = torch.load(tmp_path / "v5.pt", weights_only=True)
+    config = _as_v4_config(payload)
+    meta = json.loads(payload["meta"])
+    meta["model_id"] = _content_hash(config, V4_MODEL_ID_FIELDS, payload["state_dict"])
+    v4 = {**payload, "format": "dskd_ray.checkpoint/4", "config": config}
+    torch.save({**v4, "meta": json.dumps(meta)}, tmp_path / "v4.pt")
+    old = load_checkpoint(tmp_path / "v4.pt")
+    assert old.model_id == meta["model_id"]  # results written under /4 keep naming this model
+    assert {k: getattr(old.config, k) for k in V4_DEFAULTS} == V4_DEFAULTS
+    x = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(compute_maps(old.build_model(), x), compute_maps(model, x))
+    v4["state_dict"] = dict(v4["state_dict"])
+    key = next(k for k in v4["state_dict"] if k.endswith("weight"))
+    v4["state_dict"][key] = v4["state_dict"][key] * 2
+    torch.save({**v4, "meta": json.dumps(meta)}, tmp_path / "v4-bad.pt")
+    with pytest.raises(CheckpointError, match="do not match its model id"):
+        load_checkpoint(tmp_path / "v4-bad.pt")
+
+
 def test_an_unknown_format_names_both_versions(tmp_path: Path, tiny_config: DSKDConfig) -> None:
     save_checkpoint(make_checkpoint(DSKD(tiny_config)), tmp_path / "m.pt")
     payload = torch.load(tmp_path / "m.pt", weights_only=True)
     torch.save({**payload, "format": "dskd_ray.checkpoint/9"}, tmp_path / "future.pt")
-    with pytest.raises(CheckpointError, match=r"checkpoint/9.*reads dskd_ray\.checkpoint/4"):
+    with pytest.raises(CheckpointError, match=r"checkpoint/9.*reads dskd_ray\.checkpoint/5"):
         load_checkpoint(tmp_path / "future.pt")

@@ -8,7 +8,8 @@ from dskd_ray.checkpoint import load_checkpoint
 from dskd_ray.config import DSKDConfig
 from dskd_ray.errors import CheckpointError, DataError
 from dskd_ray.model import DSKD
-from dskd_ray.train import make_optimizer, split_holdout, train, train_step
+from dskd_ray.scoring import Scorer
+from dskd_ray.train import hard_mining_share, make_optimizer, split_holdout, train, train_step
 
 
 def test_teacher_weights_and_batchnorm_statistics_do_not_change(tiny_config: DSKDConfig) -> None:
@@ -47,6 +48,39 @@ def test_each_switch_trains_and_the_loss_falls(switch: dict, tiny_config: DSKDCo
     x = torch.rand(4, 3, 64, 64)
     losses = [float(train_step(model, optimizer, x, None, config.grad_clip)) for _ in range(8)]
     assert losses[-1] < losses[0]
+
+
+def test_hard_mining_share_ramps_in_over_the_first_tenth_of_the_run(
+    tiny_config: DSKDConfig,
+) -> None:
+    mined = tiny_config.replace(hard_mining=0.9)
+    shares = [hard_mining_share(mined, step, 400) for step in (0, 20, 40, 41, 399)]
+    assert shares == pytest.approx([0.0, 0.45, 0.9, 0.9, 0.9])
+    assert hard_mining_share(tiny_config, 399, 400) == 0.0  # off by default
+
+
+# Each of the students' switches (docs/design.md §1, §3) through the whole product path: the
+# config reaches the checkpoint, and the trained model scores finite, non-constant maps.
+STUDENT_SWITCHES = [
+    {"loss_form": "flat"},
+    {"hard_mining": 0.9},
+    {"loss_form": "flat", "hard_mining": 0.9, "students": "sd", "df_input": "teacher"},
+]
+
+
+@pytest.mark.parametrize("switch", STUDENT_SWITCHES, ids=lambda s: "-".join(map(str, s.values())))
+def test_each_student_switch_trains_and_scores_finite_maps(
+    switch: dict, tmp_path: Path, normal_folder: Path, tiny_config: DSKDConfig
+) -> None:
+    config = tiny_config.replace(**switch)
+    result = train(config, str(normal_folder), str(tmp_path / "m.pt"), device="cpu")
+    assert all(np.isfinite(h.loss) for h in result.history)
+    checkpoint = load_checkpoint(tmp_path / "m.pt")
+    assert {k: getattr(checkpoint.config, k) for k in switch} == switch
+    images = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    scored = Scorer(checkpoint, device="cpu").score_batch(images)
+    assert np.isfinite(scored.maps).all() and np.isfinite(scored.scores).all()
+    assert np.ptp(scored.maps) > 0
 
 
 def test_holdout_split_is_deterministic_and_disjoint() -> None:
