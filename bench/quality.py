@@ -77,6 +77,9 @@ SWITCHES: dict[str, dict[str, Any]] = {
     "flat": {"loss_form": "flat"},  # Reverse Distillation's loss
     "flat-hm": {"loss_form": "flat", "hard_mining": 0.9},  # and Dinomaly's hard mining
     "hm": {"hard_mining": 0.9},
+    "std-cos": {"feature_norm": "standardize"},  # EfficientAD's feature scale, cosine kept
+    "std-l2": {"feature_norm": "standardize", "distance": "l2"},  # and its distance
+    "l2": {"distance": "l2"},
 }
 VARIANTS.update(
     {f"{name}-{switch}": {**VARIANTS[name], **changes}

@@ -1,8 +1,8 @@
 """Pixel anomaly maps and image scores from teacher–student discrepancy (docs/design.md §2).
 
 The map in four steps, each a function here so the quality bench can vary one at a time:
-1. `level_maps`: per student and pyramid level, 1 − cos(T, S) along channels, at the level's
-   own resolution.
+1. `level_maps`: per student and pyramid level, 1 − cos(T, S) along channels (or the mean
+   squared difference, `distance="l2"`), at the level's own resolution.
 2. `fuse_levels`: each level standardised by statistics fitted on normal images
    ((m − location) / spread), upsampled to the input size, summed (or multiplied) over levels,
    averaged over students.
@@ -46,15 +46,19 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return x.squeeze(1)
 
 
-def level_maps(features: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
-    """{student: [(B, h_k, w_k) for each level]}: 1 − cos(T_k, S_k), float32, native size.
+def level_maps(
+    features: dict[str, list[torch.Tensor]], distance: str = "cosine"
+) -> dict[str, list[torch.Tensor]]:
+    """{student: [(B, h_k, w_k) for each level]}: 1 − cos(T_k, S_k) (or, distance="l2", the
+    mean squared difference over channels), float32, native size.
 
     `features` as DSKD.forward gives ({"teacher": [...], "se": [...], "sd": [...]}).
     """
     teacher = features["teacher"]
     return {
         name: [
-            level_discrepancy(t.float(), s.float()) for t, s in zip(teacher, pyramid, strict=True)
+            level_discrepancy(t.float(), s.float(), distance)
+            for t, s in zip(teacher, pyramid, strict=True)
         ]
         for name, pyramid in features.items()
         if name != "teacher"
@@ -162,10 +166,12 @@ def anomaly_map(
     spread: torch.Tensor | None = None,
     baseline: torch.Tensor | None = None,
     baseline_mode: str = "mean",
+    distance: str = "cosine",
 ) -> torch.Tensor:
     """(B, H, W) map from the network's pyramids: fused levels, blurred, then the per-pixel
     `baseline` (H, W) divided out ("mean") or subtracted ("subtract")."""
-    maps = gaussian_blur(fuse_levels(level_maps(features), size, fusion, location, spread), sigma)
+    levels = level_maps(features, distance)
+    maps = gaussian_blur(fuse_levels(levels, size, fusion, location, spread), sigma)
     return apply_baseline(maps, baseline, baseline_mode)
 
 

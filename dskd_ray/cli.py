@@ -260,6 +260,21 @@ def train(
             help="Image score: mean of the K highest map pixels (1: the max)",
         ),
     ] = None,
+    feature_norm: Annotated[
+        str | None,
+        _opt(
+            DEFAULTS.feature_norm,
+            help="Compare features as they are (none) or with each teacher channel standardised "
+            "by its training-image mean and std (standardize), in the loss and the map",
+        ),
+    ] = None,
+    distance: Annotated[
+        str | None,
+        _opt(
+            DEFAULTS.distance,
+            help="Teacher-student distance per position: cosine | l2 (mean squared difference)",
+        ),
+    ] = None,
     lr: Annotated[float | None, _opt(DEFAULTS.lr, min=0.0, help="Adam learning rate (> 0)")] = None,
     lr_schedule: Annotated[str | None, _opt(DEFAULTS.lr_schedule, help="constant | cosine")] = None,
     loss_form: Annotated[
@@ -383,7 +398,7 @@ def train(
         teacher_weights=teacher_weights, students=students, df_input=df_input,
         level_fusion=level_fusion, level_normalization=level_normalization, map_baseline=map_baseline,
         score_top_k=score_top_k, lr=lr, lr_schedule=lr_schedule, seed=seed,
-        loss_form=loss_form, hard_mining=hard_mining,
+        loss_form=loss_form, hard_mining=hard_mining, feature_norm=feature_norm, distance=distance,
         holdout_fraction=holdout_fraction, threshold_quantile=threshold_quantile,
     ))  # fmt: skip
     start = time.perf_counter()

@@ -22,6 +22,8 @@ STUDENTS: tuple[str, ...] = ("both", "se", "sd")
 DF_INPUTS: tuple[str, ...] = ("se", "teacher")
 LEVEL_FUSIONS: tuple[str, ...] = ("sum", "product")
 LOSS_FORMS: tuple[str, ...] = ("pixel", "flat")
+FEATURE_NORMS: tuple[str, ...] = ("none", "standardize")
+DISTANCES: tuple[str, ...] = ("cosine", "l2")
 LEVEL_NORMALIZATIONS: tuple[str, ...] = ("none", "mean", "standardize")
 MAP_BASELINES: tuple[str, ...] = ("none", "mean", "subtract")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
@@ -69,6 +71,13 @@ class DSKDConfig:
     # Subtracting, not dividing: division amplified quiet backgrounds and cost image AUROC on
     # three real object categories (docs/design.md §2).
     map_baseline: str = "subtract"
+    # How teacher and student features are compared, in the loss and in the map alike
+    # (docs/design.md §3): "standardize" first puts every teacher channel in units of its
+    # spread over the training images (fitted once before training; applied to both sides), as
+    # EfficientAD does; "distance" is "cosine" (1 − cos along channels, blind to magnitude) or
+    # "l2" (the mean squared difference over channels).
+    feature_norm: str = "none"
+    distance: str = "cosine"
     image_size: int = 256
     # Tiling (docs/design.md §8): images are cut into image_size × image_size tiles at full
     # resolution, not shrunk to image_size; their maps are stitched into one map of the image.
@@ -113,6 +122,8 @@ class DSKDConfig:
             "map_baseline": MAP_BASELINES,
             "lr_schedule": ("constant", "cosine"),
             "loss_form": LOSS_FORMS,
+            "feature_norm": FEATURE_NORMS,
+            "distance": DISTANCES,
         }
         for name, allowed in choices.items():
             value = getattr(self, name)
@@ -143,6 +154,9 @@ class DSKDConfig:
             raise ConfigError(f"lr={self.lr} must be positive")
         if not 0.0 <= self.hard_mining < 1.0:
             raise ConfigError(f"hard_mining={self.hard_mining} must be in [0, 1)")
+        if self.loss_form == "flat" and self.distance != "cosine":
+            # The mean squared difference over a flattened map is the per-pixel mean itself.
+            raise ConfigError("loss_form='flat' is a cosine loss: use it with distance='cosine'")
 
     @property
     def uses_encoder_student(self) -> bool:

@@ -1,7 +1,7 @@
 """The distillation loss (docs/design.md §1, §3): Σ over students and levels of a per-level loss,
-equal weights. Per level: the mean over positions of 1 − cos(T, S) ("pixel"), or Reverse
-Distillation's 1 − cos between each sample's whole flattened level map ("flat"); optionally with
-the gradients at the easiest positions scaled down (hard-position mining)."""
+equal weights. Per level: the mean over positions of 1 − cos(T, S) or of the squared difference
+("pixel"), or Reverse Distillation's 1 − cos between each sample's whole flattened level map
+("flat"); optionally with the gradients at the easiest positions scaled down (hard mining)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,20 @@ import torch.nn.functional as F
 EASY_GRADIENT_SCALE = 0.1
 
 
-def level_discrepancy(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-    """1 − cosine similarity along channels: (B, C, H, W) × 2 → (B, H, W).
+def level_discrepancy(
+    teacher: torch.Tensor, student: torch.Tensor, distance: str = "cosine"
+) -> torch.Tensor:
+    """1 − cosine similarity along channels: (B, C, H, W) × 2 → (B, H, W); or, with
+    distance="l2", the mean squared difference over channels.
 
-    Computed as ½‖t̂ − ŝ‖² of the unit vectors (equal in exact arithmetic): `1 − cos` subtracts
-    two numbers near 1 exactly where the students are good, and loses float32 digits there. On
-    a trained ResNet18 model this form halves the scores' float32 error against float64 (6e-6
-    vs 1.3e-5) and the ONNX export's score error (4e-6 vs 1e-5; docs/design.md §6).
+    Cosine is computed as ½‖t̂ − ŝ‖² of the unit vectors (equal in exact arithmetic): `1 − cos`
+    subtracts two numbers near 1 exactly where the students are good, and loses float32 digits
+    there. On a trained ResNet18 model this form halves the scores' float32 error against
+    float64 (6e-6 vs 1.3e-5) and the ONNX export's score error (4e-6 vs 1e-5; docs/design.md
+    §6). The L2 form subtracts the features themselves first, so it has no such cancellation.
     """
+    if distance == "l2":
+        return (teacher - student).pow(2).mean(dim=1)
     t = F.normalize(teacher, dim=1, eps=1e-8)
     s = F.normalize(student, dim=1, eps=1e-8)
     return 0.5 * (t - s).pow(2).sum(dim=1)
@@ -70,10 +76,12 @@ def distillation_loss(
     students: dict[str, list[torch.Tensor]],
     form: str = "pixel",
     hard_share: float = 0.0,
+    distance: str = "cosine",
 ) -> torch.Tensor:
     """L = Σ_students Σ_k loss_k(T_k, S_k), equal weights, always in float32.
 
-    form "pixel": loss_k = mean_{b,h,w}(1 − cos(T_k, S_k)) along channels; "flat":
+    form "pixel": loss_k = mean_{b,h,w} of `level_discrepancy` (1 − cos along channels, or
+    the mean squared difference with distance="l2"); "flat" (cosine only):
     mean_b(1 − cos(flatten(T_k[b]), flatten(S_k[b]))). `hard_share` > 0 scales the gradients
     at that share of each level's easiest positions by EASY_GRADIENT_SCALE (the value is
     unchanged, only what the students learn from).
@@ -84,10 +92,10 @@ def distillation_loss(
             t, s = t.float(), s.float()
             if hard_share > 0:
                 with torch.no_grad():
-                    weights = easy_position_weights(level_discrepancy(t, s), hard_share)
-                s = _ScaleGradient.apply(s, weights)
+                    near = level_discrepancy(t, s, distance)
+                s = _ScaleGradient.apply(s, easy_position_weights(near, hard_share))
             if form == "flat":
                 total = total + flat_discrepancy(t, s).mean()
             else:
-                total = total + level_discrepancy(t, s).mean()
+                total = total + level_discrepancy(t, s, distance).mean()
     return total

@@ -144,6 +144,13 @@ class DSKD(nn.Module):
         size = config.image_size
         self.register_buffer("pixel_baseline", torch.ones(size, size))
 
+        if config.feature_norm == "standardize":
+            # Per level, each teacher channel's mean and std over the training images' features,
+            # fitted once before training (train.fit_feature_statistics); 0 and 1 until then.
+            for k, channels in enumerate(spec.channels):
+                self.register_buffer(f"feature_mean{k}", torch.zeros(1, channels, 1, 1))
+                self.register_buffer(f"feature_std{k}", torch.ones(1, channels, 1, 1))
+
         self.teacher = build_trunk(config.backbone, student=False)
         self.teacher_identity = "unloaded"
         if load_weights:
@@ -195,6 +202,27 @@ class DSKD(nn.Module):
         with torch.no_grad():
             return self.teacher(x)
 
+    def feature_statistics(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(mean, std)] per level, each (1, C_k, 1, 1); empty unless feature_norm=standardize."""
+        if self.config.feature_norm != "standardize":
+            return []
+        return [
+            (getattr(self, f"feature_mean{k}"), getattr(self, f"feature_std{k}"))
+            for k in range(len(self.spec.channels))
+        ]
+
+    def comparable(self, features: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+        """The pyramids as the loss and the map compare them: unchanged, or, with
+        feature_norm=standardize, every one (teacher's and students' alike) in float32 units of
+        the teacher's per-channel training statistics (docs/design.md §3)."""
+        statistics = self.feature_statistics()
+        if not statistics:
+            return features
+        return {
+            name: [(f.float() - m) / s for f, (m, s) in zip(pyramid, statistics, strict=True)]
+            for name, pyramid in features.items()
+        }
+
     def student_features(
         self, x: torch.Tensor, teacher: list[torch.Tensor]
     ) -> dict[str, list[torch.Tensor]]:
@@ -209,9 +237,9 @@ class DSKD(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-        """x: normalised images (B, 3, H, W)."""
+        """x: normalised images (B, 3, H, W) → the pyramids as compared (`comparable`)."""
         teacher = self.teacher_features(x)
-        return {"teacher": teacher, **self.student_features(x, teacher)}
+        return self.comparable({"teacher": teacher, **self.student_features(x, teacher)})
 
     @torch.inference_mode()
     def predict(
@@ -247,6 +275,6 @@ class DSKD(nn.Module):
         cfg = self.config
         maps = anomaly_map(
             features, tuple(images.shape[-2:]), cfg.level_fusion, cfg.blur_sigma, location,
-            spread, self.baseline() if divide_baseline else None, cfg.map_baseline,
+            spread, self.baseline() if divide_baseline else None, cfg.map_baseline, cfg.distance,
         )  # fmt: skip
         return maps, image_score(maps, cfg.score_top_k)

@@ -166,6 +166,9 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
+FEATURE_STD_FLOOR = 1e-3  # the smallest per-channel spread feature_norm=standardize divides by
+
+
 class TeacherCache:
     """Teacher pyramids of every training image, computed once (the teacher is frozen and
     there is no augmentation, so they are the same every epoch)."""
@@ -192,6 +195,51 @@ class TeacherCache:
             c * (image_size // s) ** 2 for c, s in zip(model.spec.channels, (4, 8, 16), strict=True)
         )
         return per_image * 4 * n
+
+
+@torch.no_grad()
+def fit_feature_statistics(
+    model: DSKD,
+    images: torch.Tensor,
+    cache: TeacherCache | None,
+    device: torch.device,
+    batch_size: int,
+    all_reduce: Callable[[list[float]], list[float]] = lambda values: values,
+) -> None:
+    """Set the model's per-channel teacher statistics (feature_norm=standardize) to the mean
+    and std of the teacher's features over every position of every training image.
+
+    From the teacher cache when there is one (no extra forward pass), else batch by batch;
+    `all_reduce` sums the moments over a worker group, so every worker gets the same values.
+    """
+    sizes = model.spec.channels
+    moments = [torch.zeros(3, c, dtype=torch.float64) for c in sizes]  # count, Σx, Σx² per level
+
+    def pyramids() -> Iterator[list[torch.Tensor]]:
+        for start in range(0, len(images), batch_size):
+            if cache is not None:
+                yield [level[start : start + batch_size] for level in cache.levels]
+            else:
+                batch = images_to_tensor(images[start : start + batch_size], device)
+                yield model.teacher_features(model.normalize(batch))
+
+    for pyramid in pyramids():
+        for k, level in enumerate(pyramid):
+            f = level.double().transpose(0, 1).flatten(1)  # (C, B·h·w)
+            moments[k] += torch.stack(
+                [torch.full_like(f[:, 0], f.shape[1]), f.sum(1), f.square().sum(1)]
+            ).cpu()
+    total = all_reduce(torch.cat([m.flatten() for m in moments]).tolist())
+    flat = torch.tensor(total, dtype=torch.float64)
+    for k, (mean, std) in enumerate(model.feature_statistics()):
+        count, sums, squares = flat[: 3 * sizes[k]].view(3, -1)
+        flat = flat[3 * sizes[k] :]
+        m = sums / count.clamp_min(1)
+        var = squares / count.clamp_min(1) - m.square()
+        # A channel the training images never move would divide by ~0: floor its spread.
+        s = var.clamp_min(0).sqrt().clamp_min(FEATURE_STD_FLOOR)
+        mean.copy_(m.float().view_as(mean))
+        std.copy_(s.float().view_as(std))
 
 
 def train_step(
@@ -222,7 +270,11 @@ def train_step(
         # `is None`, not `or`: a torch.compile'd module has no truth value.
         forward = student_forward if student_forward is not None else Students(model)
         students = forward(x, teacher)
-    loss = distillation_loss(teacher, students, model.config.loss_form, hard_share)
+    compared = model.comparable({"teacher": teacher, **students})
+    cfg = model.config
+    loss = distillation_loss(
+        compared.pop("teacher"), compared, cfg.loss_form, hard_share, cfg.distance
+    )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip:
@@ -341,7 +393,7 @@ def fit_level_statistics(
     moments = torch.zeros(3, 2, 3, dtype=torch.float64)
     for start in range(0, len(images), batch_size):
         x = model.normalize(images_to_tensor(images[start : start + batch_size], device))
-        moments += level_moments(level_maps(model(x)))
+        moments += level_moments(level_maps(model(x), model.config.distance))
     location, spread = level_statistics(moments, model.config.level_normalization)
     model.level_location.copy_(location.to(model.level_location.device))
     model.level_spread.copy_(spread.to(model.level_spread.device))
@@ -544,6 +596,10 @@ def fit(
     need = TeacherCache.bytes_needed(model, len(decoded), config.image_size)
     if need <= config.teacher_cache_mb * 2**20:
         cache = TeacherCache.build(model, train_images, device, per_worker)
+    if config.feature_norm == "standardize" and state is None:  # a resumed run has its own
+        fit_feature_statistics(
+            model, train_images, cache, device, per_worker, lambda v: strategy.all_reduce(v)
+        )
 
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, math.ceil(length / per_worker))

@@ -52,21 +52,23 @@ def test_images(demo: Path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def trained(demo: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - a function
-    """students, backbone → a checkpoint trained for one epoch on the demo washer, made once."""
+    """students, backbone, switches → a checkpoint trained for one epoch on the demo washer,
+    made once."""
     folder = tmp_path_factory.mktemp("models")
-    made: dict[tuple[str, str], Path] = {}
+    made: dict[tuple[str, str, str], Path] = {}
 
-    def get(students: str, backbone: str = "efficientnet_lite0") -> Path:
-        if (students, backbone) not in made:
+    def get(students: str, backbone: str = "efficientnet_lite0", **switches: object) -> Path:
+        key = (students, backbone, json.dumps(switches, sort_keys=True))
+        if key not in made:
             weights = "imagenet" if backbone == "efficientnet_lite0" else "random"
             config = DSKDConfig(
                 backbone=backbone, teacher_weights=weights, students=students, image_size=SIZE,
-                epochs=1, batch_size=4, holdout_fraction=0.25,
+                epochs=1, batch_size=4, holdout_fraction=0.25, **switches,
             )  # fmt: skip
-            path = folder / f"{students}-{backbone}.pt"
+            path = folder / f"{students}-{backbone}-{len(made)}.pt"
             train(config, str(demo), str(path), device="cpu")
-            made[students, backbone] = path
-        return made[students, backbone]
+            made[key] = path
+        return made[key]
 
     return get
 
@@ -83,9 +85,11 @@ def assert_same_scoring(got, want, threshold: float) -> None:
 
 
 @pytest.mark.parametrize(
-    ("students", "backbone"),
-    [("both", "efficientnet_lite0"), ("se", "efficientnet_lite0"), ("sd", "efficientnet_lite0"),
-     ("both", "resnet18")],
+    ("students", "backbone", "switches"),
+    [("both", "efficientnet_lite0", {}), ("se", "efficientnet_lite0", {}),
+     ("sd", "efficientnet_lite0", {}), ("both", "resnet18", {}),
+     # The students' switches that change the graph (docs/design.md §3).
+     ("both", "efficientnet_lite0", {"feature_norm": "standardize", "distance": "l2"})],
 )  # fmt: skip
 def test_exported_graph_scores_the_demo_images_like_pytorch(
     trained,
@@ -93,8 +97,9 @@ def test_exported_graph_scores_the_demo_images_like_pytorch(
     tmp_path: Path,
     students: str,
     backbone: str,
+    switches: dict,
 ) -> None:
-    ckpt_path = trained(students, backbone)
+    ckpt_path = trained(students, backbone, **switches)
     out = tmp_path / "model.onnx"
     result = export_onnx(str(ckpt_path), str(out), test_images)
     assert result.check.passed and result.check.images == len(test_images)
@@ -108,6 +113,7 @@ def test_exported_graph_scores_the_demo_images_like_pytorch(
     assert int(meta["image_size"]) == SIZE
     assert json.loads(meta["threshold"]) == pytest.approx(checkpoint.threshold.value)
     assert json.loads(meta["config"])["students"] == students
+    assert {k: json.loads(meta["config"])[k] for k in switches} == switches
 
     want = Scorer(checkpoint, device="cpu").score_batch(test_images)
     scorer = OnnxScorer(str(out), batch_size=5)  # other chunks than PyTorch's: N is dynamic

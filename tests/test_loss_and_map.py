@@ -74,6 +74,18 @@ def test_hard_mining_scales_the_easy_positions_gradients_and_not_the_loss(form: 
     assert torch.allclose(ratio.permute(0, 2, 3, 1)[~easy], torch.tensor(1.0))
 
 
+def test_l2_distance_is_the_mean_squared_difference_over_channels() -> None:
+    t = torch.tensor([1.0, 2.0, 0.0]).view(1, 3, 1, 1)
+    s = torch.tensor([0.0, 0.0, 3.0]).view(1, 3, 1, 1)
+    levels = level_maps({"teacher": [t, 2 * t], "sd": [s, t]}, distance="l2")
+    assert levels["sd"][0].item() == pytest.approx((1 + 4 + 9) / 3)
+    assert levels["sd"][1].item() == pytest.approx((1 + 4 + 0) / 3)
+    # The loss is the same quantity's mean; magnitude counts, where cosine would see 0 for 2t.
+    loss = distillation_loss([2 * t], {"sd": [t]}, distance="l2")
+    assert loss.item() == pytest.approx(5 / 3)
+    assert distillation_loss([2 * t], {"sd": [t]}).item() == pytest.approx(0.0, abs=1e-7)
+
+
 def test_fuse_levels_upsamples_and_fuses_levels() -> None:
     t = [torch.ones(1, 2, 2, 2), torch.ones(1, 2, 1, 1)]
     s = [torch.ones(1, 2, 2, 2), torch.ones(1, 2, 1, 1)]

@@ -93,6 +93,10 @@ def test_signed_backbone_decoder_can_output_negative_values() -> None:
         {"df_input": "x"},
         {"level_fusion": "max"},
         {"image_size": 100},
+        {"loss_form": "mean"},
+        {"hard_mining": 1.0},
+        {"feature_norm": "whiten"},
+        {"distance": "l1"},
     ],
 )
 def test_bad_config_values_are_clear_errors(change: dict) -> None:
@@ -105,3 +109,22 @@ def test_config_round_trips_through_a_dict() -> None:
     assert DSKDConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match="unknown"):
         DSKDConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_standardized_features_are_compared_alike_in_loss_and_map() -> None:
+    torch.manual_seed(0)
+    config = DSKDConfig(teacher_weights="random", image_size=64, feature_norm="standardize")
+    model = DSKD(config).eval()
+    plain = DSKD(config.replace(feature_norm="none")).eval()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    statistics = model.feature_statistics()
+    assert len(statistics) == 3 and "feature_mean0" in model.state_dict()
+    assert "feature_mean0" not in plain.state_dict()  # the default model's weights are as before
+    for mean, std in statistics:
+        mean.uniform_(-1, 1), std.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        got, raw = model(x), plain(x)
+    for name in raw:  # the teacher's and both students' pyramids, each by the teacher's stats
+        for g, r, (mean, std) in zip(got[name], raw[name], statistics, strict=True):
+            torch.testing.assert_close(g, (r - mean) / std)

@@ -8,8 +8,17 @@ from dskd_ray.checkpoint import load_checkpoint
 from dskd_ray.config import DSKDConfig
 from dskd_ray.errors import CheckpointError, DataError
 from dskd_ray.model import DSKD
-from dskd_ray.scoring import Scorer
-from dskd_ray.train import hard_mining_share, make_optimizer, split_holdout, train, train_step
+from dskd_ray.scoring import Scorer, images_to_tensor
+from dskd_ray.train import (
+    FEATURE_STD_FLOOR,
+    TeacherCache,
+    fit_feature_statistics,
+    hard_mining_share,
+    make_optimizer,
+    split_holdout,
+    train,
+    train_step,
+)
 
 
 def test_teacher_weights_and_batchnorm_statistics_do_not_change(tiny_config: DSKDConfig) -> None:
@@ -65,6 +74,9 @@ STUDENT_SWITCHES = [
     {"loss_form": "flat"},
     {"hard_mining": 0.9},
     {"loss_form": "flat", "hard_mining": 0.9, "students": "sd", "df_input": "teacher"},
+    {"feature_norm": "standardize"},
+    {"distance": "l2"},
+    {"feature_norm": "standardize", "distance": "l2", "students": "se"},
 ]
 
 
@@ -77,10 +89,35 @@ def test_each_student_switch_trains_and_scores_finite_maps(
     assert all(np.isfinite(h.loss) for h in result.history)
     checkpoint = load_checkpoint(tmp_path / "m.pt")
     assert {k: getattr(checkpoint.config, k) for k in switch} == switch
+    if switch.get("feature_norm") == "standardize":  # fitted before training, kept
+        assert not torch.equal(checkpoint.state_dict["feature_std2"], torch.ones(1, 256, 1, 1))
     images = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     scored = Scorer(checkpoint, device="cpu").score_batch(images)
     assert np.isfinite(scored.maps).all() and np.isfinite(scored.scores).all()
     assert np.ptp(scored.maps) > 0
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_feature_statistics_are_the_teachers_per_channel_moments_on_training_images(
+    cached: bool, tiny_config: DSKDConfig
+) -> None:
+    model = DSKD(tiny_config.replace(feature_norm="standardize"))
+    images = torch.from_numpy(
+        np.random.default_rng(0).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
+    )
+    cpu = torch.device("cpu")
+    cache = TeacherCache.build(model, images, cpu, 4) if cached else None
+    fit_feature_statistics(model, images, cache, cpu, batch_size=4)
+    with torch.no_grad():
+        teacher = model.teacher_features(model.normalize(images_to_tensor(images.numpy(), cpu)))
+    for level, (mean, std) in zip(teacher, model.feature_statistics(), strict=True):
+        want_mean = level.double().mean(dim=(0, 2, 3))
+        want_std = level.double().std(dim=(0, 2, 3), unbiased=False).clamp_min(FEATURE_STD_FLOOR)
+        torch.testing.assert_close(mean.flatten().double(), want_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(std.flatten().double(), want_std, rtol=1e-5, atol=1e-6)
+    # As compared, the teacher's training features are centred and of unit spread.
+    standardised = model.comparable({"teacher": teacher})["teacher"]
+    assert all(level.mean(dim=(0, 2, 3)).abs().max() < 1e-4 for level in standardised)
 
 
 def test_holdout_split_is_deterministic_and_disjoint() -> None:
