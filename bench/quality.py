@@ -80,6 +80,7 @@ SWITCHES: dict[str, dict[str, Any]] = {
     "std-cos": {"feature_norm": "standardize"},  # EfficientAD's feature scale, cosine kept
     "std-l2": {"feature_norm": "standardize", "distance": "l2"},  # and its distance
     "l2": {"distance": "l2"},
+    "denoise": {"denoise": 0.5},  # DeSTSeg-style synthetic defects in half of each batch
 }
 VARIANTS.update(
     {f"{name}-{switch}": {**VARIANTS[name], **changes}

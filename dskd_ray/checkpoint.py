@@ -51,6 +51,7 @@ MODEL_ID_FIELDS = (*V4_MODEL_ID_FIELDS, "feature_norm", "distance")
 # What a /4 file was, in the fields /5 added: the values that reproduce its behaviour.
 V4_DEFAULTS: dict[str, Any] = {
     "loss_form": "pixel", "hard_mining": 0.0, "feature_norm": "none", "distance": "cosine",
+    "denoise": 0.0,
 }  # fmt: skip
 
 

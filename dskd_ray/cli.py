@@ -260,6 +260,16 @@ def train(
             help="Image score: mean of the K highest map pixels (1: the max)",
         ),
     ] = None,
+    denoise: Annotated[
+        float | None,
+        _opt(
+            DEFAULTS.denoise,
+            min=0.0,
+            max=1.0,
+            help="Share of each batch given synthetic defects (made from the training images) "
+            "that the students learn to ignore: 0 (off) to 1",
+        ),
+    ] = None,
     feature_norm: Annotated[
         str | None,
         _opt(
@@ -399,6 +409,7 @@ def train(
         level_fusion=level_fusion, level_normalization=level_normalization, map_baseline=map_baseline,
         score_top_k=score_top_k, lr=lr, lr_schedule=lr_schedule, seed=seed,
         loss_form=loss_form, hard_mining=hard_mining, feature_norm=feature_norm, distance=distance,
+        denoise=denoise,
         holdout_fraction=holdout_fraction, threshold_quantile=threshold_quantile,
     ))  # fmt: skip
     start = time.perf_counter()

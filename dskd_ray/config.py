@@ -101,6 +101,10 @@ class DSKDConfig:
     # Hard-position mining: the gradients at the easiest `hard_mining` share of each level's
     # positions are scaled by 0.1, the share ramped in from 0 over the first tenth of the run.
     hard_mining: float = 0.0
+    # Denoising students (DeSTSeg's idea): this share of each training batch gets synthetic
+    # defects made from the training images themselves (`synthetic_defects.py`); the students
+    # see them and are trained towards the teacher's features of the clean image.
+    denoise: float = 0.0
     seed: int = 0
     holdout_fraction: float = 0.1
     threshold_quantile: float = 0.99
@@ -154,6 +158,8 @@ class DSKDConfig:
             raise ConfigError(f"lr={self.lr} must be positive")
         if not 0.0 <= self.hard_mining < 1.0:
             raise ConfigError(f"hard_mining={self.hard_mining} must be in [0, 1)")
+        if not 0.0 <= self.denoise <= 1.0:
+            raise ConfigError(f"denoise={self.denoise} must be in [0, 1]")
         if self.loss_form == "flat" and self.distance != "cosine":
             # The mean squared difference over a flattened map is the per-pixel mean itself.
             raise ConfigError("loss_form='flat' is a cosine loss: use it with distance='cosine'")

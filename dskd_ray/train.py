@@ -38,6 +38,7 @@ from dskd_ray.loss import distillation_loss
 from dskd_ray.model import DSKD
 from dskd_ray.progress import PROGRESS, clock, eta
 from dskd_ray.scoring import ModelScorer, images_to_tensor, resolve_device
+from dskd_ray.synthetic_defects import defect_generator, synthesize_defects
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +252,7 @@ def train_step(
     student_forward: nn.Module | None = None,
     autocast_dtype: torch.dtype | None = None,
     hard_share: float = 0.0,
+    corrupted: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One optimisation step on a normalised batch; returns the (detached) loss.
 
@@ -258,6 +260,10 @@ def train_step(
     `autocast_dtype` (e.g. torch.bfloat16 on CUDA) runs the forward passes under autocast;
     the loss is always computed in float32 (`distillation_loss` upcasts), in the form the
     config names, with hard mining over `hard_share` of the positions (`hard_mining_share`).
+
+    `corrupted` (denoising students): the same batch with synthetic defects, normalised. The
+    students read it — and a decoder fed by the teacher reads the teacher's pyramid *of it* —
+    while the targets stay the teacher's features of the clean `x` (`teacher`, the cache).
     """
     amp = (
         torch.autocast(x.device.type, dtype=autocast_dtype)
@@ -267,9 +273,14 @@ def train_step(
     with amp:
         if teacher is None:
             teacher = model.teacher_features(x)
+        seen, decoder_input = x, teacher
+        if corrupted is not None:
+            seen = corrupted
+            if decoder_reads_teacher(model.config):
+                decoder_input = model.teacher_features(corrupted)
         # `is None`, not `or`: a torch.compile'd module has no truth value.
         forward = student_forward if student_forward is not None else Students(model)
-        students = forward(x, teacher)
+        students = forward(seen, decoder_input)
     compared = model.comparable({"teacher": teacher, **students})
     cfg = model.config
     loss = distillation_loss(
@@ -305,6 +316,13 @@ class Students(nn.Module):
         return self._dskd.student_features(x, teacher)
 
 
+def decoder_reads_teacher(config: DSKDConfig) -> bool:
+    """The decoder student's DF embedding reads the teacher's pyramid (not Se's)."""
+    return config.uses_decoder_student and (
+        config.df_input == "teacher" or not config.uses_encoder_student
+    )
+
+
 def hard_mining_share(config: DSKDConfig, step: int, total_steps: int) -> float:
     """The share of easy positions mined at `step` (0-based over the run): config.hard_mining,
     ramped in linearly over the first tenth of the run's `total_steps`, as Dinomaly ramps its
@@ -334,6 +352,7 @@ def run_epoch(
     student_forward: nn.Module | None = None,
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    rank: int = 0,
 ) -> EpochStats:
     """One pass over `images[order]` (uint8, (N, S, S, 3), on CPU or device).
 
@@ -347,14 +366,22 @@ def run_epoch(
     steps = math.ceil(len(order) / config.batch_size)
     for step, idx in enumerate(iterate_batches(order, config.batch_size), 1):
         index = torch.from_numpy(idx)
-        x = model.normalize(_batch(images, index, device))
+        clean = _batch(images, index, device)
+        x = model.normalize(clean)
+        corrupted = None
+        if config.denoise > 0:  # defects drawn from (seed, epoch, step, rank): resume is exact
+            generator = defect_generator(config.seed, epoch, step, rank, device)
+            corrupted = model.normalize(synthesize_defects(clean, config.denoise, generator)[0])
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+            if corrupted is not None:
+                corrupted = corrupted.contiguous(memory_format=torch.channels_last)
         teacher = cache.take(index.to(cache.levels[0].device)) if cache is not None else None
         share = hard_mining_share(config, (epoch - 1) * steps + step - 1, config.epochs * steps)
         loss = train_step(
-            model, optimizer, x, teacher, config.grad_clip, student_forward, autocast_dtype, share
-        )
+            model, optimizer, x, teacher, config.grad_clip, student_forward, autocast_dtype, share,
+            corrupted,
+        )  # fmt: skip
         if scheduler is not None:
             scheduler.step()
         total_loss += loss * len(idx)
@@ -626,7 +653,7 @@ def fit(
         order = epoch_order(len(decoded), config.seed, epoch, rank, world, length)
         stats = run_epoch(
             model, optimizer, scheduler, train_images, order, worker_config, device, cache,
-            epoch + 1, on_progress, student_forward, autocast, channels_last=True,
+            epoch + 1, on_progress, student_forward, autocast, channels_last=True, rank=rank,
         )  # fmt: skip
         loss_sum, seen = strategy.all_reduce([stats.loss * stats.images, float(stats.images)])
         stats = EpochStats(loss_sum / max(seen, 1), int(seen), stats.seconds)

@@ -177,6 +177,7 @@ STUDENT_FLAGS = {
     "--hard-mining": ("0.5", "hard_mining", 0.5),
     "--feature-norm": ("standardize", "feature_norm", "standardize"),
     "--distance": ("cosine", "distance", "cosine"),  # l2 does not go with the flat loss
+    "--denoise": ("0.5", "denoise", 0.5),
 }
 
 

@@ -7,8 +7,10 @@ import torch
 from dskd_ray.checkpoint import load_checkpoint
 from dskd_ray.config import DSKDConfig
 from dskd_ray.errors import CheckpointError, DataError
+from dskd_ray.loss import distillation_loss
 from dskd_ray.model import DSKD
 from dskd_ray.scoring import Scorer, images_to_tensor
+from dskd_ray.synthetic_defects import defect_generator, synthesize_defects
 from dskd_ray.train import (
     FEATURE_STD_FLOOR,
     TeacherCache,
@@ -77,6 +79,8 @@ STUDENT_SWITCHES = [
     {"feature_norm": "standardize"},
     {"distance": "l2"},
     {"feature_norm": "standardize", "distance": "l2", "students": "se"},
+    {"denoise": 0.5},
+    {"denoise": 1.0, "students": "sd", "df_input": "teacher"},
 ]
 
 
@@ -118,6 +122,32 @@ def test_feature_statistics_are_the_teachers_per_channel_moments_on_training_ima
     # As compared, the teacher's training features are centred and of unit spread.
     standardised = model.comparable({"teacher": teacher})["teacher"]
     assert all(level.mean(dim=(0, 2, 3)).abs().max() < 1e-4 for level in standardised)
+
+
+@pytest.mark.parametrize(("students", "df_input"), [("both", "se"), ("sd", "teacher")])
+def test_denoising_students_see_the_defects_and_are_trained_towards_the_clean_teacher(
+    students: str, df_input: str, tiny_config: DSKDConfig
+) -> None:
+    config = tiny_config.replace(students=students, df_input=df_input, denoise=1.0)
+    torch.manual_seed(0)
+    model = DSKD(config).eval()  # eval: BatchNorm gives the same outputs on every call
+    clean = torch.rand(4, 3, 64, 64)
+    noisy, masks = synthesize_defects(clean, 1.0, defect_generator(0, 1, 1, 0, torch.device("cpu")))
+    assert (masks.flatten(1).amax(dim=1) > 0).all()
+    x, corrupted = model.normalize(clean), model.normalize(noisy)
+    with torch.no_grad():
+        target, seen_by_teacher = model.teacher_features(x), model.teacher_features(corrupted)
+        # What the decoder reads: Se's pyramid of the corrupted image, or the teacher's of it.
+        reads = seen_by_teacher if df_input == "teacher" else target
+        students_out = model.student_features(corrupted, reads)
+        want = distillation_loss(target, students_out)
+        wrong_target = distillation_loss(seen_by_teacher, students_out)
+        wrong_input = distillation_loss(target, model.student_features(x, target))
+    optimizer = torch.optim.SGD(model.student_parameters(), lr=0.0)
+    got = train_step(model, optimizer, x, target, None, corrupted=corrupted)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    assert abs(got.item() - wrong_target.item()) > 1e-4  # not the corrupted image's features
+    assert abs(got.item() - wrong_input.item()) > 1e-4  # and the students saw the defects
 
 
 def test_holdout_split_is_deterministic_and_disjoint() -> None:
@@ -187,10 +217,13 @@ def test_resume_continues_from_the_last_epoch(
         train(config, str(normal_folder), str(out), resume=True)
 
 
+@pytest.mark.parametrize(
+    "switches", [{}, {"denoise": 0.5, "hard_mining": 0.9, "feature_norm": "standardize"}]
+)
 def test_resumed_run_equals_uninterrupted_run(
-    tmp_path: Path, normal_folder: Path, tiny_config: DSKDConfig
+    tmp_path: Path, normal_folder: Path, tiny_config: DSKDConfig, switches: dict
 ) -> None:
-    config = tiny_config.replace(epochs=2)
+    config = tiny_config.replace(epochs=2, **switches)
     full = train(config, str(normal_folder), str(tmp_path / "full.pt")).checkpoint
 
     class Stop(Exception):
