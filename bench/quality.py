@@ -81,6 +81,7 @@ SWITCHES: dict[str, dict[str, Any]] = {
     "std-l2": {"feature_norm": "standardize", "distance": "l2"},  # and its distance
     "l2": {"distance": "l2"},
     "denoise": {"denoise": 0.5},  # DeSTSeg-style synthetic defects in half of each batch
+    "p8": {"pyramid": "8-16-32"},  # the levels the kNN reference reads, and one deeper
 }
 VARIANTS.update(
     {f"{name}-{switch}": {**VARIANTS[name], **changes}
@@ -241,7 +242,7 @@ def evaluate_rules(
                     metrics=score_metrics(test, scores, maps, aupro=False),
                 ))  # fmt: skip
     for student, maps_k in test_levels.items():
-        for k, stride in enumerate((4, 8, 16)):
+        for k, stride in enumerate(cfg.strides):
             one = {student: [maps_k[k]]}
             up = F.interpolate(one[student][0].unsqueeze(1), size=(size, size), mode="bilinear")
             maps = gaussian_blur(up.squeeze(1), sigma).numpy()
@@ -380,7 +381,7 @@ def markdown(runs: list[Run], header: str, incumbent: str | None = None) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     levels = [f"{s} alone, {r}" for s in ("se", "sd") for r in ("raw sum", "standardised sum")]
-    levels += [f"{s} stride {k}" for s in ("se", "sd") for k in (4, 8, 16)]
+    levels += [f"{s} stride {k}" for s in ("se", "sd") for k in (4, 8, 16, 32)]
     keys = [(c, m, lv) for c in categories for m in methods for lv in levels]
     diagnostics = [r for r in runs if r.kind in ("level", "student")]
     out += table(diagnostics, keys, ("image_auroc", "pixel_auroc"))

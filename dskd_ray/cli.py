@@ -270,6 +270,14 @@ def train(
             "that the students learn to ignore: 0 (off) to 1",
         ),
     ] = None,
+    pyramid: Annotated[
+        str | None,
+        _opt(
+            DEFAULTS.pyramid,
+            help="Teacher levels distilled, by stride: 4-8-16 | 8-16-32 (the trunk runs on to "
+            "stride 32)",
+        ),
+    ] = None,
     feature_norm: Annotated[
         str | None,
         _opt(
@@ -409,7 +417,7 @@ def train(
         level_fusion=level_fusion, level_normalization=level_normalization, map_baseline=map_baseline,
         score_top_k=score_top_k, lr=lr, lr_schedule=lr_schedule, seed=seed,
         loss_form=loss_form, hard_mining=hard_mining, feature_norm=feature_norm, distance=distance,
-        denoise=denoise,
+        denoise=denoise, pyramid=pyramid,
         holdout_fraction=holdout_fraction, threshold_quantile=threshold_quantile,
     ))  # fmt: skip
     start = time.perf_counter()

@@ -23,6 +23,8 @@ DF_INPUTS: tuple[str, ...] = ("se", "teacher")
 LEVEL_FUSIONS: tuple[str, ...] = ("sum", "product")
 LOSS_FORMS: tuple[str, ...] = ("pixel", "flat")
 FEATURE_NORMS: tuple[str, ...] = ("none", "standardize")
+# Which teacher levels are distilled, by stride (docs/design.md §1, §3).
+PYRAMIDS: dict[str, tuple[int, int, int]] = {"4-8-16": (4, 8, 16), "8-16-32": (8, 16, 32)}
 DISTANCES: tuple[str, ...] = ("cosine", "l2")
 LEVEL_NORMALIZATIONS: tuple[str, ...] = ("none", "mean", "standardize")
 MAP_BASELINES: tuple[str, ...] = ("none", "mean", "subtract")
@@ -78,6 +80,9 @@ class DSKDConfig:
     # "l2" (the mean squared difference over channels).
     feature_norm: str = "none"
     distance: str = "cosine"
+    # The teacher levels distilled, by stride: "4-8-16", or "8-16-32" (the teacher's trunk
+    # runs on to stride 32; the DF code then stays at stride 32, the deepest level's size).
+    pyramid: str = "4-8-16"
     image_size: int = 256
     # Tiling (docs/design.md §8): images are cut into image_size × image_size tiles at full
     # resolution, not shrunk to image_size; their maps are stitched into one map of the image.
@@ -128,6 +133,7 @@ class DSKDConfig:
             "loss_form": LOSS_FORMS,
             "feature_norm": FEATURE_NORMS,
             "distance": DISTANCES,
+            "pyramid": tuple(PYRAMIDS),
         }
         for name, allowed in choices.items():
             value = getattr(self, name)
@@ -163,6 +169,11 @@ class DSKDConfig:
         if self.loss_form == "flat" and self.distance != "cosine":
             # The mean squared difference over a flattened map is the per-pixel mean itself.
             raise ConfigError("loss_form='flat' is a cosine loss: use it with distance='cosine'")
+
+    @property
+    def strides(self) -> tuple[int, int, int]:
+        """The pyramid's strides, shallowest first."""
+        return PYRAMIDS[self.pyramid]
 
     @property
     def uses_encoder_student(self) -> bool:

@@ -74,10 +74,13 @@ class DFEmbedding(nn.Module):
     """Deep-feature embedding: fuse the three pyramid levels into one compact 1/32 code.
 
     Level 1 is strided down twice and level 2 once, to level 3's shape; the concatenation
-    goes through a ResNet stage of two BasicBlocks, the first with stride 2.
+    goes through a ResNet stage of two BasicBlocks. For the 4-8-16 pyramid the stage's first
+    block has stride 2 and doubles the channels (code 2·C3 at 1/32); for 8-16-32 level 3 is
+    already at 1/32, so the stage keeps the size (no 1/64 code, which would need image sizes in
+    multiples of 64) and the code has C3 channels, as wide as the deepest level.
     """
 
-    def __init__(self, channels: tuple[int, int, int]) -> None:
+    def __init__(self, channels: tuple[int, int, int], strided: bool = True) -> None:
         super().__init__()
         c1, c2, c3 = channels
 
@@ -86,39 +89,56 @@ class DFEmbedding(nn.Module):
 
         self.level1 = nn.Sequential(down(c1, c2), down(c2, c3))
         self.level2 = down(c2, c3)
-        self.stage = nn.Sequential(BasicBlock(3 * c3, 2 * c3, stride=2), BasicBlock(2 * c3, 2 * c3))
-        self.out_channels = 2 * c3
+        code = 2 * c3 if strided else c3
+        self.stage = nn.Sequential(
+            BasicBlock(3 * c3, code, stride=2 if strided else 1), BasicBlock(code, code)
+        )
+        self.out_channels = code
 
     def forward(self, pyramid: list[torch.Tensor]) -> torch.Tensor:
-        f4, f8, f16 = pyramid
-        fused = torch.cat([self.level1(f4), self.level2(f8), f16], dim=1)  # (B, 768, 16, 16)
+        f1, f2, f3 = pyramid
+        fused = torch.cat([self.level1(f1), self.level2(f2), f3], dim=1)  # (B, 768, 16, 16)
         return self.stage(fused)  # (B, 512, 8, 8)
 
 
 class DecoderStudent(nn.Module):
-    """Sd: a reverse trunk from the 1/32 code back up to the teacher's three levels."""
+    """Sd: a reverse trunk from the 1/32 code back up to the teacher's three levels.
 
-    def __init__(self, channels: tuple[int, int, int], in_channels: int, signed: bool) -> None:
+    Its stages are named by the stride they end at (stage16, stage8, stage4 for the default
+    pyramid). The deepest stage upsamples the code ×2 unless the code is at that level's size
+    already (the 8-16-32 pyramid).
+    """
+
+    def __init__(
+        self,
+        channels: tuple[int, int, int],
+        in_channels: int,
+        signed: bool,
+        strides: tuple[int, int, int] = (4, 8, 16),
+    ) -> None:
         super().__init__()
         c1, c2, c3 = channels
 
-        def stage(cin: int, cout: int) -> nn.Sequential:
+        def stage(cin: int, cout: int, upsample: bool = True) -> nn.Sequential:
             return nn.Sequential(
-                DeconvBlock(cin, cout, upsample=True),
+                DeconvBlock(cin, cout, upsample=upsample),
                 DeconvBlock(cout, cout, upsample=False, linear_output=signed),
             )
 
-        self.stage16 = stage(in_channels, c3)
-        self.stage8 = stage(c3, c2)
-        self.stage4 = stage(c2, c1)
+        s1, s2, s3 = strides
+        self.names = (f"stage{s3}", f"stage{s2}", f"stage{s1}")  # deepest first
+        setattr(self, self.names[0], stage(in_channels, c3, upsample=s3 < 32))
+        setattr(self, self.names[1], stage(c3, c2))
+        setattr(self, self.names[2], stage(c2, c1))
         self.signed = signed
 
     def forward(self, code: torch.Tensor) -> list[torch.Tensor]:
-        f16 = self.stage16(code)  # (B, 256, 16, 16)
+        deep, middle, shallow = (getattr(self, name) for name in self.names)
+        f3 = deep(code)  # (B, 256, 16, 16)
         # A signed level ends linear; the next stage still wants a rectified input.
-        f8 = self.stage8(torch.relu(f16) if self.signed else f16)  # (B, 128, 32, 32)
-        f4 = self.stage4(torch.relu(f8) if self.signed else f8)  # (B, 64, 64, 64)
-        return [f4, f8, f16]
+        f2 = middle(torch.relu(f3) if self.signed else f3)  # (B, 128, 32, 32)
+        f1 = shallow(torch.relu(f2) if self.signed else f2)  # (B, 64, 64, 64)
+        return [f1, f2, f3]
 
 
 class DSKD(nn.Module):
@@ -130,7 +150,7 @@ class DSKD(nn.Module):
     def __init__(self, config: DSKDConfig, load_weights: bool = True) -> None:
         super().__init__()
         self.config = config
-        spec = backbone_spec(config.backbone)
+        spec = backbone_spec(config.backbone, config.strides)
         self.spec = spec
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
@@ -151,7 +171,7 @@ class DSKD(nn.Module):
                 self.register_buffer(f"feature_mean{k}", torch.zeros(1, channels, 1, 1))
                 self.register_buffer(f"feature_std{k}", torch.ones(1, channels, 1, 1))
 
-        self.teacher = build_trunk(config.backbone, student=False)
+        self.teacher = build_trunk(config.backbone, student=False, strides=config.strides)
         self.teacher_identity = "unloaded"
         if load_weights:
             self.teacher_identity = load_teacher_weights(
@@ -161,14 +181,17 @@ class DSKD(nn.Module):
         self.teacher.eval()
 
         self.encoder_student = (
-            build_trunk(config.backbone, student=True) if config.uses_encoder_student else None
+            build_trunk(config.backbone, student=True, strides=config.strides)
+            if config.uses_encoder_student
+            else None
         )
         self.df_embedding: DFEmbedding | None = None
         self.decoder_student: DecoderStudent | None = None
         if config.uses_decoder_student:
-            self.df_embedding = DFEmbedding(spec.channels)
+            # The 1/32 code: strided down from a stride-16 level 3, level 3's own size else.
+            self.df_embedding = DFEmbedding(spec.channels, strided=config.strides[-1] < 32)
             self.decoder_student = DecoderStudent(
-                spec.channels, self.df_embedding.out_channels, spec.signed
+                spec.channels, self.df_embedding.out_channels, spec.signed, config.strides
             )
 
     def train(self, mode: bool = True) -> DSKD:

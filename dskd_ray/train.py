@@ -193,7 +193,8 @@ class TeacherCache:
     @staticmethod
     def bytes_needed(model: DSKD, n: int, image_size: int) -> int:
         per_image = sum(
-            c * (image_size // s) ** 2 for c, s in zip(model.spec.channels, (4, 8, 16), strict=True)
+            c * (image_size // s) ** 2
+            for c, s in zip(model.spec.channels, model.config.strides, strict=True)
         )
         return per_image * 4 * n
 

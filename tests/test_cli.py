@@ -178,6 +178,7 @@ STUDENT_FLAGS = {
     "--feature-norm": ("standardize", "feature_norm", "standardize"),
     "--distance": ("cosine", "distance", "cosine"),  # l2 does not go with the flat loss
     "--denoise": ("0.5", "denoise", 0.5),
+    "--pyramid": ("8-16-32", "pyramid", "8-16-32"),
 }
 
 

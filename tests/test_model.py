@@ -7,23 +7,44 @@ from dskd_ray.model import DSKD
 
 
 @pytest.mark.parametrize(
-    ("backbone", "channels"),
+    ("backbone", "pyramid", "channels"),
     [
-        ("resnet18", (64, 128, 256)),
-        ("wide_resnet50_2", (256, 512, 1024)),
-        ("efficientnet_lite0", (24, 40, 112)),
+        ("resnet18", "4-8-16", (64, 128, 256)),
+        ("wide_resnet50_2", "4-8-16", (256, 512, 1024)),
+        ("efficientnet_lite0", "4-8-16", (24, 40, 112)),
+        ("resnet18", "8-16-32", (128, 256, 512)),
+        ("efficientnet_lite0", "8-16-32", (40, 112, 320)),
     ],
 )
-def test_pyramid_shapes_for_each_backbone(backbone: str, channels: tuple[int, int, int]) -> None:
-    model = DSKD(DSKDConfig(backbone=backbone, teacher_weights="random", image_size=128)).eval()
+def test_pyramid_shapes_for_each_backbone(
+    backbone: str, pyramid: str, channels: tuple[int, int, int]
+) -> None:
+    config = DSKDConfig(
+        backbone=backbone, teacher_weights="random", image_size=128, pyramid=pyramid
+    )
+    model = DSKD(config).eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, 128, 128))
     assert set(out) == {"teacher", "se", "sd"}
-    for pyramid in out.values():
-        shapes = [tuple(f.shape) for f in pyramid]
+    for pyramid_out in out.values():
+        shapes = [tuple(f.shape) for f in pyramid_out]
         assert shapes == [
-            (1, c, 128 // s, 128 // s) for c, s in zip(channels, (4, 8, 16), strict=True)
+            (1, c, 128 // s, 128 // s) for c, s in zip(channels, config.strides, strict=True)
         ]
+    assert model.df_embedding is not None  # the code stays at 1/32 either way
+    with torch.no_grad():
+        code = model.df_embedding(out["teacher"])
+    assert tuple(code.shape[-2:]) == (4, 4)
+
+
+def test_the_default_pyramid_keeps_its_weights_names() -> None:
+    """A checkpoint from before the pyramid switch must load: the default's keys are unchanged."""
+    keys = set(DSKD(DSKDConfig(teacher_weights="random", image_size=64)).state_dict())
+    assert {"decoder_student.stage16.0.conv1.weight", "decoder_student.stage4.1.bn2.bias"} <= keys
+    assert not any(k.startswith(("teacher.layer4", "encoder_student.layer4")) for k in keys)
+    deep = DSKD(DSKDConfig(teacher_weights="random", image_size=64, pyramid="8-16-32"))
+    assert "decoder_student.stage32.0.conv1.weight" in deep.state_dict()
+    assert "teacher.layer4.1.bn2.weight" in deep.state_dict()
 
 
 def test_resnet18_shapes_at_256_and_parameter_counts() -> None:
@@ -97,6 +118,7 @@ def test_signed_backbone_decoder_can_output_negative_values() -> None:
         {"hard_mining": 1.0},
         {"feature_norm": "whiten"},
         {"distance": "l1"},
+        {"pyramid": "16-32-64"},
     ],
 )
 def test_bad_config_values_are_clear_errors(change: dict) -> None:

@@ -81,6 +81,7 @@ STUDENT_SWITCHES = [
     {"feature_norm": "standardize", "distance": "l2", "students": "se"},
     {"denoise": 0.5},
     {"denoise": 1.0, "students": "sd", "df_input": "teacher"},
+    {"pyramid": "8-16-32"},
 ]
 
 
