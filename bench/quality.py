@@ -82,10 +82,12 @@ SWITCHES: dict[str, dict[str, Any]] = {
     "l2": {"distance": "l2"},
     "denoise": {"denoise": 0.5},  # DeSTSeg-style synthetic defects in half of each batch
     "p8": {"pyramid": "8-16-32"},  # the levels the kNN reference reads, and one deeper
+    "resnet": {"encoder_student": "resnet"},  # Se of another architecture than the teacher
 }
 VARIANTS.update(
     {f"{name}-{switch}": {**VARIANTS[name], **changes}
-     for name in ("dskd", "se", "sd") for switch, changes in SWITCHES.items()}
+     for name in ("dskd", "se", "sd") for switch, changes in SWITCHES.items()
+     if not (name == "sd" and "encoder_student" in changes)}  # sd has no encoder student
 )  # fmt: skip
 # name → (level_normalization, level_fusion, map_baseline, score_top_k): how the map is made
 # from the same trained pyramids.

@@ -47,11 +47,13 @@ V3_MODEL_ID_FIELDS = (
 V4_MODEL_ID_FIELDS = (*V3_MODEL_ID_FIELDS, "tiled", "tile_overlap")
 # Training-only switches (loss form, hard mining, …) are in the config but not here: like lr,
 # they change the weights, which the id hashes, not what given weights compute.
-MODEL_ID_FIELDS = (*V4_MODEL_ID_FIELDS, "feature_norm", "distance", "pyramid")
+MODEL_ID_FIELDS = (
+    *V4_MODEL_ID_FIELDS, "feature_norm", "distance", "pyramid", "encoder_student",
+)  # fmt: skip
 # What a /4 file was, in the fields /5 added: the values that reproduce its behaviour.
 V4_DEFAULTS: dict[str, Any] = {
     "loss_form": "pixel", "hard_mining": 0.0, "feature_norm": "none", "distance": "cosine",
-    "denoise": 0.0, "pyramid": "4-8-16",
+    "denoise": 0.0, "pyramid": "4-8-16", "encoder_student": "teacher",
 }  # fmt: skip
 
 

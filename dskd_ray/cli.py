@@ -278,6 +278,14 @@ def train(
             "stride 32)",
         ),
     ] = None,
+    encoder_student: Annotated[
+        str | None,
+        _opt(
+            DEFAULTS.encoder_student,
+            help="The encoder student: teacher (a fresh copy of its trunk) | resnet (a fresh "
+            "ResNet18-style network read out to the teacher's channels)",
+        ),
+    ] = None,
     feature_norm: Annotated[
         str | None,
         _opt(
@@ -417,7 +425,7 @@ def train(
         level_fusion=level_fusion, level_normalization=level_normalization, map_baseline=map_baseline,
         score_top_k=score_top_k, lr=lr, lr_schedule=lr_schedule, seed=seed,
         loss_form=loss_form, hard_mining=hard_mining, feature_norm=feature_norm, distance=distance,
-        denoise=denoise, pyramid=pyramid,
+        denoise=denoise, pyramid=pyramid, encoder_student=encoder_student,
         holdout_fraction=holdout_fraction, threshold_quantile=threshold_quantile,
     ))  # fmt: skip
     start = time.perf_counter()

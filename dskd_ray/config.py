@@ -25,6 +25,7 @@ LOSS_FORMS: tuple[str, ...] = ("pixel", "flat")
 FEATURE_NORMS: tuple[str, ...] = ("none", "standardize")
 # Which teacher levels are distilled, by stride (docs/design.md §1, §3).
 PYRAMIDS: dict[str, tuple[int, int, int]] = {"4-8-16": (4, 8, 16), "8-16-32": (8, 16, 32)}
+ENCODER_STUDENTS: tuple[str, ...] = ("teacher", "resnet")
 DISTANCES: tuple[str, ...] = ("cosine", "l2")
 LEVEL_NORMALIZATIONS: tuple[str, ...] = ("none", "mean", "standardize")
 MAP_BASELINES: tuple[str, ...] = ("none", "mean", "subtract")
@@ -83,6 +84,9 @@ class DSKDConfig:
     # The teacher levels distilled, by stride: "4-8-16", or "8-16-32" (the teacher's trunk
     # runs on to stride 32; the DF code then stays at stride 32, the deepest level's size).
     pyramid: str = "4-8-16"
+    # The encoder student: a fresh copy of the teacher's trunk ("teacher"), or a fresh
+    # ResNet18-style network with a 1×1 read-out to the teacher's channels per level ("resnet").
+    encoder_student: str = "teacher"
     image_size: int = 256
     # Tiling (docs/design.md §8): images are cut into image_size × image_size tiles at full
     # resolution, not shrunk to image_size; their maps are stitched into one map of the image.
@@ -134,6 +138,7 @@ class DSKDConfig:
             "feature_norm": FEATURE_NORMS,
             "distance": DISTANCES,
             "pyramid": tuple(PYRAMIDS),
+            "encoder_student": ENCODER_STUDENTS,
         }
         for name, allowed in choices.items():
             value = getattr(self, name)
@@ -166,6 +171,11 @@ class DSKDConfig:
             raise ConfigError(f"hard_mining={self.hard_mining} must be in [0, 1)")
         if not 0.0 <= self.denoise <= 1.0:
             raise ConfigError(f"denoise={self.denoise} must be in [0, 1]")
+        if self.encoder_student != "teacher" and not self.uses_encoder_student:
+            raise ConfigError(
+                f"encoder_student={self.encoder_student!r} needs an encoder student: "
+                "students both or se"
+            )
         if self.loss_form == "flat" and self.distance != "cosine":
             # The mean squared difference over a flattened map is the per-pixel mean itself.
             raise ConfigError("loss_form='flat' is a cosine loss: use it with distance='cosine'")

@@ -12,7 +12,12 @@ import torch
 from torch import nn
 
 from dskd_ray.anomaly_map import anomaly_map, image_score
-from dskd_ray.backbones import backbone_spec, build_trunk, load_teacher_weights
+from dskd_ray.backbones import (
+    backbone_spec,
+    build_encoder_student,
+    build_trunk,
+    load_teacher_weights,
+)
 from dskd_ray.config import DSKDConfig
 
 
@@ -181,7 +186,7 @@ class DSKD(nn.Module):
         self.teacher.eval()
 
         self.encoder_student = (
-            build_trunk(config.backbone, student=True, strides=config.strides)
+            build_encoder_student(config.encoder_student, config.backbone, config.strides)
             if config.uses_encoder_student
             else None
         )

@@ -179,6 +179,7 @@ STUDENT_FLAGS = {
     "--distance": ("cosine", "distance", "cosine"),  # l2 does not go with the flat loss
     "--denoise": ("0.5", "denoise", 0.5),
     "--pyramid": ("8-16-32", "pyramid", "8-16-32"),
+    "--encoder-student": ("resnet", "encoder_student", "resnet"),
 }
 
 

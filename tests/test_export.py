@@ -90,7 +90,7 @@ def assert_same_scoring(got, want, threshold: float) -> None:
      ("sd", "efficientnet_lite0", {}), ("both", "resnet18", {}),
      # The students' switches that change the graph (docs/design.md §3).
      ("both", "efficientnet_lite0", {"feature_norm": "standardize", "distance": "l2"}),
-     ("both", "efficientnet_lite0", {"pyramid": "8-16-32"})],
+     ("both", "efficientnet_lite0", {"pyramid": "8-16-32", "encoder_student": "resnet"})],
 )  # fmt: skip
 def test_exported_graph_scores_the_demo_images_like_pytorch(
     trained,

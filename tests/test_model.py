@@ -119,6 +119,8 @@ def test_signed_backbone_decoder_can_output_negative_values() -> None:
         {"feature_norm": "whiten"},
         {"distance": "l1"},
         {"pyramid": "16-32-64"},
+        {"encoder_student": "vit"},
+        {"encoder_student": "resnet", "students": "sd"},
     ],
 )
 def test_bad_config_values_are_clear_errors(change: dict) -> None:
@@ -150,3 +152,22 @@ def test_standardized_features_are_compared_alike_in_loss_and_map() -> None:
     for name in raw:  # the teacher's and both students' pyramids, each by the teacher's stats
         for g, r, (mean, std) in zip(got[name], raw[name], statistics, strict=True):
             torch.testing.assert_close(g, (r - mean) / std)
+
+
+@pytest.mark.parametrize("pyramid", ["4-8-16", "8-16-32"])
+def test_a_resnet_encoder_student_gives_the_teachers_pyramid_shapes(pyramid: str) -> None:
+    config = DSKDConfig(
+        backbone="efficientnet_lite0", teacher_weights="random", image_size=64, pyramid=pyramid
+    )
+    model = DSKD(config.replace(encoder_student="resnet"))
+    assert any(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (7, 7)
+               for m in model.encoder_student.modules())  # ResNet's stem, not Lite's  # fmt: skip
+    with torch.no_grad():
+        out = model.eval()(torch.randn(2, 3, 64, 64))
+    assert [f.shape for f in out["se"]] == [f.shape for f in out["teacher"]]
+    assert all((f < 0).any() for f in out["se"])  # a linear read-out reaches signed teachers
+    # Sd's loss still reaches the new Se through DF (df_input=se).
+    model.train()
+    model(torch.randn(2, 3, 64, 64))["sd"][0].sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for p in model.encoder_student.parameters())  # fmt: skip

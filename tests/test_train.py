@@ -82,6 +82,7 @@ STUDENT_SWITCHES = [
     {"denoise": 0.5},
     {"denoise": 1.0, "students": "sd", "df_input": "teacher"},
     {"pyramid": "8-16-32"},
+    {"encoder_student": "resnet", "backbone": "efficientnet_lite0"},
 ]
 
 

@@ -20,6 +20,7 @@ from dskd_ray.backbones.resnet import (
     IMAGENET_STD,
     RESNET_CHANNELS,
     RESNET_STAGE_CHANNELS,
+    ResNetStudent,
     ResNetTrunk,
     torchvision_imagenet_state_dict,
 )
@@ -71,6 +72,16 @@ def build_trunk(name: str, student: bool, strides: tuple[int, int, int] = (4, 8,
         momentum = 0.1 if student else 0.01
         return EfficientNetLiteTrunk(LITE_BACKBONES[name], momentum, 0.0, strides)
     raise ConfigError(f"unknown backbone {name!r}")
+
+
+def build_encoder_student(
+    kind: str, backbone: str, strides: tuple[int, int, int] = (4, 8, 16)
+) -> nn.Module:
+    """Se: a fresh copy of the teacher's trunk ("teacher"), or a fresh ResNet18-style forward
+    network read out to the teacher's channels at the same strides ("resnet")."""
+    if kind == "resnet":
+        return ResNetStudent(backbone_spec(backbone, strides).channels, strides)
+    return build_trunk(backbone, student=True, strides=strides)
 
 
 def _read_state_dict(source: str) -> tuple[dict[str, torch.Tensor], str]:

@@ -63,6 +63,23 @@ class ResNetTrunk(nn.Module):
         return [levels[s] for s in self.strides]
 
 
+class ResNetStudent(nn.Module):
+    """An encoder student of another architecture than its teacher (encoder_student="resnet"):
+    a fresh ResNet18 trunk to the pyramid's deepest stride, each level read out by a 1×1 conv
+    (with bias, no activation: it reaches signed teachers) to the teacher's channels there."""
+
+    def __init__(self, channels: tuple[int, ...], strides: tuple[int, ...]) -> None:
+        super().__init__()
+        self.trunk = ResNetTrunk("resnet18", strides)
+        self.heads = nn.ModuleList(
+            nn.Conv2d(width, c, 1) for width, c in zip(self.trunk.channels, channels, strict=True)
+        )
+        self.channels = tuple(channels)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [head(f) for head, f in zip(self.heads, self.trunk(x), strict=True)]
+
+
 def torchvision_imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
     """torchvision's official weights, from its cache or a download where the network allows."""
     from torchvision import models
