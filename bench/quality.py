@@ -83,6 +83,7 @@ SWITCHES: dict[str, dict[str, Any]] = {
     "denoise": {"denoise": 0.5},  # DeSTSeg-style synthetic defects in half of each batch
     "p8": {"pyramid": "8-16-32"},  # the levels the kNN reference reads, and one deeper
     "resnet": {"encoder_student": "resnet"},  # Se of another architecture than the teacher
+    "sgd": {"optimizer": "sgd", "lr": 0.4, "weight_decay": 1e-3},  # STFPM's optimiser
 }
 VARIANTS.update(
     {f"{name}-{switch}": {**VARIANTS[name], **changes}

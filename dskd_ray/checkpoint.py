@@ -53,7 +53,7 @@ MODEL_ID_FIELDS = (
 # What a /4 file was, in the fields /5 added: the values that reproduce its behaviour.
 V4_DEFAULTS: dict[str, Any] = {
     "loss_form": "pixel", "hard_mining": 0.0, "feature_norm": "none", "distance": "cosine",
-    "denoise": 0.0, "pyramid": "4-8-16", "encoder_student": "teacher",
+    "denoise": 0.0, "pyramid": "4-8-16", "encoder_student": "teacher", "optimizer": "adam",
 }  # fmt: skip
 
 

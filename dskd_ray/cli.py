@@ -301,7 +301,13 @@ def train(
             help="Teacher-student distance per position: cosine | l2 (mean squared difference)",
         ),
     ] = None,
-    lr: Annotated[float | None, _opt(DEFAULTS.lr, min=0.0, help="Adam learning rate (> 0)")] = None,
+    optimizer: Annotated[
+        str | None, _opt(DEFAULTS.optimizer, help="adam | sgd (momentum 0.9; STFPM: --lr 0.4)")
+    ] = None,
+    lr: Annotated[float | None, _opt(DEFAULTS.lr, min=0.0, help="Learning rate (> 0)")] = None,
+    weight_decay: Annotated[
+        float | None, _opt(DEFAULTS.weight_decay, min=0.0, help="The optimiser's weight decay")
+    ] = None,
     lr_schedule: Annotated[str | None, _opt(DEFAULTS.lr_schedule, help="constant | cosine")] = None,
     loss_form: Annotated[
         str | None,
@@ -425,7 +431,8 @@ def train(
         level_fusion=level_fusion, level_normalization=level_normalization, map_baseline=map_baseline,
         score_top_k=score_top_k, lr=lr, lr_schedule=lr_schedule, seed=seed,
         loss_form=loss_form, hard_mining=hard_mining, feature_norm=feature_norm, distance=distance,
-        denoise=denoise, pyramid=pyramid, encoder_student=encoder_student,
+        denoise=denoise, pyramid=pyramid, encoder_student=encoder_student, optimizer=optimizer,
+        weight_decay=weight_decay,
         holdout_fraction=holdout_fraction, threshold_quantile=threshold_quantile,
     ))  # fmt: skip
     start = time.perf_counter()

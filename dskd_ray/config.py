@@ -26,6 +26,7 @@ FEATURE_NORMS: tuple[str, ...] = ("none", "standardize")
 # Which teacher levels are distilled, by stride (docs/design.md §1, §3).
 PYRAMIDS: dict[str, tuple[int, int, int]] = {"4-8-16": (4, 8, 16), "8-16-32": (8, 16, 32)}
 ENCODER_STUDENTS: tuple[str, ...] = ("teacher", "resnet")
+OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
 DISTANCES: tuple[str, ...] = ("cosine", "l2")
 LEVEL_NORMALIZATIONS: tuple[str, ...] = ("none", "mean", "standardize")
 MAP_BASELINES: tuple[str, ...] = ("none", "mean", "subtract")
@@ -98,6 +99,8 @@ class DSKDConfig:
     # training
     epochs: int = 50
     batch_size: int = 16
+    # "adam" (with `betas`) or "sgd" (momentum 0.9, as STFPM: lr 0.4, weight_decay 1e-3).
+    optimizer: str = "adam"
     lr: float = 0.005
     betas: tuple[float, float] = (0.5, 0.999)
     weight_decay: float = 0.0
@@ -139,6 +142,7 @@ class DSKDConfig:
             "distance": DISTANCES,
             "pyramid": tuple(PYRAMIDS),
             "encoder_student": ENCODER_STUDENTS,
+            "optimizer": OPTIMIZERS,
         }
         for name, allowed in choices.items():
             value = getattr(self, name)
@@ -167,6 +171,8 @@ class DSKDConfig:
             raise ConfigError(f"threshold_quantile={self.threshold_quantile} must be in (0, 1]")
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be positive")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay={self.weight_decay} must be 0 or more")
         if not 0.0 <= self.hard_mining < 1.0:
             raise ConfigError(f"hard_mining={self.hard_mining} must be in [0, 1)")
         if not 0.0 <= self.denoise <= 1.0:

@@ -145,7 +145,17 @@ def shard(items: list[str], rank: int, world: int) -> list[str]:
     return items[rank::world]
 
 
+SGD_MOMENTUM = 0.9  # STFPM's
+
+
 def make_optimizer(model: DSKD, config: DSKDConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.student_parameters(),
+            lr=config.lr,
+            momentum=SGD_MOMENTUM,
+            weight_decay=config.weight_decay,
+        )
     return torch.optim.Adam(
         model.student_parameters(),
         lr=config.lr,

@@ -180,6 +180,8 @@ STUDENT_FLAGS = {
     "--denoise": ("0.5", "denoise", 0.5),
     "--pyramid": ("8-16-32", "pyramid", "8-16-32"),
     "--encoder-student": ("resnet", "encoder_student", "resnet"),
+    "--optimizer": ("sgd", "optimizer", "sgd"),
+    "--weight-decay": ("0.001", "weight_decay", 0.001),
 }
 
 

@@ -120,6 +120,8 @@ def test_signed_backbone_decoder_can_output_negative_values() -> None:
         {"distance": "l1"},
         {"pyramid": "16-32-64"},
         {"encoder_student": "vit"},
+        {"optimizer": "lbfgs"},
+        {"weight_decay": -1.0},
         {"encoder_student": "resnet", "students": "sd"},
     ],
 )

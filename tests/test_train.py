@@ -61,6 +61,15 @@ def test_each_switch_trains_and_the_loss_falls(switch: dict, tiny_config: DSKDCo
     assert losses[-1] < losses[0]
 
 
+def test_sgd_is_stfpms_optimiser(tiny_config: DSKDConfig) -> None:
+    config = tiny_config.replace(optimizer="sgd", lr=0.4, weight_decay=1e-3)
+    optimizer = make_optimizer(DSKD(config), config)
+    assert isinstance(optimizer, torch.optim.SGD)
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.4, 0.9, 1e-3)
+    assert isinstance(make_optimizer(DSKD(tiny_config), tiny_config), torch.optim.Adam)
+
+
 def test_hard_mining_share_ramps_in_over_the_first_tenth_of_the_run(
     tiny_config: DSKDConfig,
 ) -> None:
@@ -83,6 +92,7 @@ STUDENT_SWITCHES = [
     {"denoise": 1.0, "students": "sd", "df_input": "teacher"},
     {"pyramid": "8-16-32"},
     {"encoder_student": "resnet", "backbone": "efficientnet_lite0"},
+    {"optimizer": "sgd", "lr": 0.4, "weight_decay": 1e-3},
 ]
 
 
