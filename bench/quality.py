@@ -167,7 +167,8 @@ def cached_levels(
     chunks: list[dict[str, list[torch.Tensor]]] = []
     for start in range(0, len(images), batch_size):
         x = model.normalize(images_to_tensor(images[start : start + batch_size], device))
-        chunks.append({k: [m.cpu() for m in v] for k, v in level_maps(model(x)).items()})
+        levels = level_maps(model(x), model.config.distance)
+        chunks.append({k: [m.cpu() for m in v] for k, v in levels.items()})
     return {name: [torch.cat([c[name][k] for c in chunks]) for k in range(3)] for name in chunks[0]}
 
 
