@@ -44,6 +44,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,18 +79,43 @@ from dskd_ray.train import add_memory, plan_training, split_holdout, train  # no
 # by training again.
 
 # name → config changes for training. `sd` alone reads the teacher's pyramid (there is no Se).
-VARIANTS: dict[str, dict[str, str]] = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "dskd": {"students": "both", "df_input": "se"},
     "dskd-df-teacher": {"students": "both", "df_input": "teacher"},
     "se": {"students": "se"},  # ≈ STFPM
     "sd": {"students": "sd", "df_input": "teacher"},  # ≈ Reverse Distillation
     "knn": {"students": "none", "memory": "knn"},  # the teacher's memory alone: no training
 }
+# The students' switches (docs/design.md §1, §3), each alone on every set: `<set>-<switch>`.
+SWITCHES: dict[str, dict[str, Any]] = {
+    "flat": {"loss_form": "flat"},  # Reverse Distillation's loss
+    "flat-hm": {"loss_form": "flat", "hard_mining": 0.9},  # and Dinomaly's hard mining
+    "hm": {"hard_mining": 0.9},
+    "std-cos": {"feature_norm": "standardize"},  # EfficientAD's feature scale, cosine kept
+    "std-l2": {"feature_norm": "standardize", "distance": "l2"},  # and its distance
+    "l2": {"distance": "l2"},
+    "denoise": {"denoise": 0.5},  # DeSTSeg-style synthetic defects in half of each batch
+    "p8": {"pyramid": "8-16-32"},  # the levels the kNN reference reads, and one deeper
+    "resnet": {"encoder_student": "resnet"},  # Se of another architecture than the teacher
+    "sgd": {"optimizer": "sgd", "lr": 0.4, "weight_decay": 1e-3},  # STFPM's optimiser
+}
+# Switches that lifted MTD alone (flat, p8, denoise: +0.05 each at 10 epochs), together
+# (`<student>-<a>-<b>`).
+SWITCHES.update(
+    {"-".join(parts): {k: v for part in parts for k, v in SWITCHES[part].items()}
+     for parts in [("flat", "p8"), ("flat", "denoise"), ("p8", "denoise"),
+                   ("flat", "p8", "denoise")]}
+)  # fmt: skip
+VARIANTS.update(
+    {f"{name}-{switch}": {**VARIANTS[name], **changes}
+     for name in ("dskd", "se", "sd") for switch, changes in SWITCHES.items()
+     if not (name == "sd" and "encoder_student" in changes)}  # sd has no encoder student
+)  # fmt: skip
 # `<base>+knn`: the trained students of <base> (kept in OUT/models) with the memory added.
 MEMORY_SUFFIX = "+knn"
 VARIANTS.update(
-    {f"{name}{MEMORY_SUFFIX}": {**changes, "memory": "knn"} for name, changes in list(VARIANTS.items())
-     if name != "knn"}
+    {f"{name}{MEMORY_SUFFIX}": {**changes, "memory": "knn"}
+     for name, changes in list(VARIANTS.items()) if name != "knn"}
 )  # fmt: skip
 # name → (level_normalization, level_fusion, map_baseline, score_top_k): how the map is made
 # from the same trained pyramids.
@@ -178,7 +204,8 @@ def cached_levels(
     chunks: list[dict[str, list[torch.Tensor]]] = []
     for start in range(0, len(images), batch_size):
         x = model.normalize(images_to_tensor(images[start : start + batch_size], device))
-        chunks.append({k: [m.cpu() for m in v] for k, v in level_maps(model(x)).items()})
+        levels = level_maps(model(x), model.config.distance)
+        chunks.append({k: [m.cpu() for m in v] for k, v in levels.items()})
     return {name: [torch.cat([c[name][k] for c in chunks]) for k in range(3)] for name in chunks[0]}
 
 
@@ -256,7 +283,7 @@ def evaluate_rules(
                     metrics=score_metrics(test, scores, maps, aupro=False),
                 ))  # fmt: skip
     for student, maps_k in test_levels.items():
-        for k, stride in enumerate((4, 8, 16)):
+        for k, stride in enumerate(cfg.strides):
             one = {student: [maps_k[k]]}
             up = F.interpolate(one[student][0].unsqueeze(1), size=(size, size), mode="bilinear")
             maps = gaussian_blur(up.squeeze(1), sigma).numpy()
@@ -299,12 +326,12 @@ def cached_inputs(
     distances = []
     for start in range(0, len(images), batch_size):
         x = model.normalize(images_to_tensor(images[start : start + batch_size], device))
-        features = model(x)
-        for name, maps in level_maps(features).items():
+        teacher, features = model.pyramids(x)
+        for name, maps in level_maps(features, model.config.distance).items():
             levels.setdefault(name, [[], [], []])
             for k, m in enumerate(maps):
                 levels[name][k].append(m.cpu())
-        distances.append(model.memory.distances(features["teacher"]).cpu())
+        distances.append(model.memory.distances(teacher, model.config.strides).cpu())
     return {n: [torch.cat(v) for v in ks] for n, ks in levels.items()}, torch.cat(distances)
 
 
@@ -505,7 +532,7 @@ def markdown(runs: list[Run], header: str, incumbent: str | None = None) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     levels = [f"{s} alone, {r}" for s in ("se", "sd") for r in ("raw sum", "standardised sum")]
-    levels += [f"{s} stride {k}" for s in ("se", "sd") for k in (4, 8, 16)]
+    levels += [f"{s} stride {k}" for s in ("se", "sd") for k in (4, 8, 16, 32)]
     keys = [(c, m, lv) for c in categories for m in methods for lv in levels]
     diagnostics = [r for r in runs if r.kind in ("level", "student")]
     out += table(diagnostics, keys, ("image_auroc", "pixel_auroc"))

@@ -222,14 +222,14 @@ def plain_loop(
                 x = images_to_tensor(images, scorer.device).contiguous(
                     memory_format=torch.channels_last
                 )
-                features = net(net.normalize(x))
+                teacher, features = net.pyramids(net.normalize(x))
             with timers("map"), torch.inference_mode():
                 # The memory's search is part of the map here, as the students' comparison is.
-                memory = net.memory.distances(features["teacher"]) if net.memory else None
+                memory = net.memory.distances(teacher, cfg.strides) if net.memory else None
                 maps = anomaly_map(
                     features, (MODEL_SIZE, MODEL_SIZE), cfg.level_fusion, cfg.blur_sigma,
                     *net.level_statistics(), net.baseline(), cfg.map_baseline, memory,
-                    net.memory.scale() if net.memory else 1.0,
+                    net.memory.scale() if net.memory else 1.0, cfg.distance,
                 )  # fmt: skip
                 scores = image_score(maps, cfg.score_top_k).numpy()
                 maps = maps.numpy()

@@ -2,9 +2,10 @@
 memory (docs/design.md §2).
 
 The map in four steps, each a function here so the quality bench can vary one at a time:
-1. `level_maps`: per student and pyramid level, 1 − cos(T, S) along channels, at the level's
-   own resolution; `memory_distances`: the teacher's memory level, each patch's distance to
-   its nearest normal patch in the bank (`memory_features` are the patches).
+1. `level_maps`: per student and pyramid level, 1 − cos(T, S) along channels (or the mean
+   squared difference, `distance="l2"`), at the level's own resolution; `memory_distances`:
+   the teacher's memory level, each patch's distance to its nearest normal patch in the bank
+   (`memory_features` are the patches).
 2. `member_maps`: per student, each level standardised by statistics fitted on normal images
    ((m − location) / spread), upsampled to the input size, summed (or multiplied) over
    levels; `memory_member`: the memory level standardised, upsampled and put on a student's
@@ -52,15 +53,19 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return x.squeeze(1)
 
 
-def level_maps(features: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
-    """{student: [(B, h_k, w_k) for each level]}: 1 − cos(T_k, S_k), float32, native size.
+def level_maps(
+    features: dict[str, list[torch.Tensor]], distance: str = "cosine"
+) -> dict[str, list[torch.Tensor]]:
+    """{student: [(B, h_k, w_k) for each level]}: 1 − cos(T_k, S_k) (or, distance="l2", the
+    mean squared difference over channels), float32, native size.
 
     `features` as DSKD.forward gives ({"teacher": [...], "se": [...], "sd": [...]}).
     """
     teacher = features["teacher"]
     return {
         name: [
-            level_discrepancy(t.float(), s.float()) for t, s in zip(teacher, pyramid, strict=True)
+            level_discrepancy(t.float(), s.float(), distance)
+            for t, s in zip(teacher, pyramid, strict=True)
         ]
         for name, pyramid in features.items()
         if name != "teacher"
@@ -107,7 +112,13 @@ def level_statistics(
     return location, spread
 
 
-def memory_features(teacher: list[torch.Tensor]) -> torch.Tensor:
+# The teacher levels the memory holds, whichever pyramid the students distil.
+MEMORY_STRIDES = (8, 16)
+
+
+def memory_features(
+    teacher: list[torch.Tensor], strides: tuple[int, ...] = (4, 8, 16)
+) -> torch.Tensor:
     """(B, C8 + C16, H/8, W/8) float32: the teacher's patches as its memory holds them.
 
     PatchCore's recipe on our teacher: the stride-8 and stride-16 levels, each averaged over
@@ -116,7 +127,7 @@ def memory_features(teacher: list[torch.Tensor]) -> torch.Tensor:
     stride-16 level upsampled to stride 8, concatenated. On MTD strides 8 + 16 beat 4 + 8 + 16
     (0.898 vs 0.878), and PatchCore's ablation also drops the finest level.
     """
-    _, f8, f16 = (level.float() for level in teacher)
+    f8, f16 = (teacher[strides.index(s)].float() for s in MEMORY_STRIDES)
     f8 = F.avg_pool2d(f8, 3, stride=1, padding=1)
     f16 = F.avg_pool2d(f16, 3, stride=1, padding=1)
     f16 = F.interpolate(f16, size=f8.shape[-2:], mode="bilinear", align_corners=False)
@@ -253,11 +264,12 @@ def anomaly_map(
     baseline_mode: str = "mean",
     memory: torch.Tensor | None = None,
     memory_scale: torch.Tensor | float = 1.0,
+    distance: str = "cosine",
 ) -> torch.Tensor:
     """(B, H, W) map from the network's pyramids and the memory's distances (`memory`, (B, h,
     w), or None): the members fused, blurred, then the per-pixel `baseline` (H, W) divided out
     ("mean") or subtracted ("subtract")."""
-    members = member_maps(level_maps(features), size, fusion, location, spread)
+    members = member_maps(level_maps(features, distance), size, fusion, location, spread)
     if memory is not None:
         members.append(memory_member(memory, size, memory_scale))
     return fuse_members(members, sigma, baseline, baseline_mode)

@@ -26,7 +26,9 @@ from dskd_ray.storage import describe_failure, exists, read_object, storage_erro
 
 FORMAT = "dskd_ray.checkpoint/5"
 # /4 → /5: the teacher's memory (`memory`, `memory_size`, `memory_sampling`; buffers under
-# `memory.`) and `students="none"`; `memory` joined the model id's fields.
+# `memory.`) and `students="none"`, and the students' training and architecture switches
+# (docs/design.md §1, §3) joined the config; a /4 file is a model without memory whose switches
+# are at the values that were the only behaviour then.
 # /3 → /4: tiling (`tiled`, `tile_overlap`) joined the config and the model id's fields.
 # /2 → /3: the per-pixel baseline buffer `map_baseline` became `pixel_baseline` (the config's
 # `map_baseline` names the rule, the buffer holds the fitted values).
@@ -45,8 +47,18 @@ V3_MODEL_ID_FIELDS = (
     "image_size", "blur_sigma", "score_top_k",
 )  # fmt: skip
 V4_MODEL_ID_FIELDS = (*V3_MODEL_ID_FIELDS, "tiled", "tile_overlap")
-# The bank's size and sampling are not here: the bank itself is in the weights.
-MODEL_ID_FIELDS = (*V4_MODEL_ID_FIELDS, "memory")
+# Training-only switches (loss form, hard mining, …) are in the config but not here: like lr,
+# they change the weights, which the id hashes, not what given weights compute. The bank's size
+# and sampling are not here either: the bank itself is in the weights.
+MODEL_ID_FIELDS = (
+    *V4_MODEL_ID_FIELDS, "memory", "feature_norm", "distance", "pyramid", "encoder_student",
+)  # fmt: skip
+# What a /4 file was, in the fields /5 added: the values that reproduce its behaviour.
+V4_DEFAULTS: dict[str, Any] = {
+    "memory": "none", "loss_form": "pixel", "hard_mining": 0.0, "feature_norm": "none",
+    "distance": "cosine", "denoise": 0.0, "pyramid": "4-8-16", "encoder_student": "teacher",
+    "optimizer": "adam",
+}  # fmt: skip
 
 
 @dataclass
@@ -295,8 +307,9 @@ def _upgrade_from_v3(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def _upgrade_from_v4(payload: dict[str, Any]) -> dict[str, Any]:
-    """A /4 checkpoint as /5: written before the teacher's memory, so a model without one."""
-    config = {**payload["config"], "memory": "none"}
+    """A /4 checkpoint as /5: written before the teacher's memory and the students' switches,
+    so a model without memory and each switch at the value that was the only behaviour then."""
+    config = {**payload["config"], **V4_DEFAULTS}
     return {**payload, "format": FORMAT, "config": config}
 
 

@@ -279,8 +279,72 @@ def train(
             help="Image score: mean of the K highest map pixels (1: the max)",
         ),
     ] = None,
-    lr: Annotated[float | None, _opt(DEFAULTS.lr, min=0.0, help="Adam learning rate (> 0)")] = None,
+    denoise: Annotated[
+        float | None,
+        _opt(
+            DEFAULTS.denoise,
+            min=0.0,
+            max=1.0,
+            help="Share of each batch given synthetic defects (made from the training images) "
+            "that the students learn to ignore: 0 (off) to 1",
+        ),
+    ] = None,
+    pyramid: Annotated[
+        str | None,
+        _opt(
+            DEFAULTS.pyramid,
+            help="Teacher levels distilled, by stride: 4-8-16 | 8-16-32 (the trunk runs on to "
+            "stride 32)",
+        ),
+    ] = None,
+    encoder_student: Annotated[
+        str | None,
+        _opt(
+            DEFAULTS.encoder_student,
+            help="The encoder student: teacher (a fresh copy of its trunk) | resnet (a fresh "
+            "ResNet18-style network read out to the teacher's channels)",
+        ),
+    ] = None,
+    feature_norm: Annotated[
+        str | None,
+        _opt(
+            DEFAULTS.feature_norm,
+            help="Compare features as they are (none) or with each teacher channel standardised "
+            "by its training-image mean and std (standardize), in the loss and the map",
+        ),
+    ] = None,
+    distance: Annotated[
+        str | None,
+        _opt(
+            DEFAULTS.distance,
+            help="Teacher-student distance per position: cosine | l2 (mean squared difference)",
+        ),
+    ] = None,
+    optimizer: Annotated[
+        str | None, _opt(DEFAULTS.optimizer, help="adam | sgd (momentum 0.9; STFPM: --lr 0.4)")
+    ] = None,
+    lr: Annotated[float | None, _opt(DEFAULTS.lr, min=0.0, help="Learning rate (> 0)")] = None,
+    weight_decay: Annotated[
+        float | None, _opt(DEFAULTS.weight_decay, min=0.0, help="The optimiser's weight decay")
+    ] = None,
     lr_schedule: Annotated[str | None, _opt(DEFAULTS.lr_schedule, help="constant | cosine")] = None,
+    loss_form: Annotated[
+        str | None,
+        _opt(
+            DEFAULTS.loss_form,
+            help="Loss per level: pixel (mean of per-position 1 − cos) | flat (1 − cos of each "
+            "image's whole level map, as Reverse Distillation)",
+        ),
+    ] = None,
+    hard_mining: Annotated[
+        float | None,
+        _opt(
+            DEFAULTS.hard_mining,
+            min=0.0,
+            max=1.0,
+            help="Share of the easiest positions whose gradients are scaled by 0.1 (< 1)",
+        ),
+    ] = None,
     seed: Annotated[int | None, _opt(DEFAULTS.seed, min=0, help="Random seed")] = None,
     holdout_fraction: Annotated[
         float | None,
@@ -387,6 +451,9 @@ def train(
         memory_size=memory_size, memory_sampling=memory_sampling,
         level_fusion=level_fusion, level_normalization=level_normalization, map_baseline=map_baseline,
         score_top_k=score_top_k, lr=lr, lr_schedule=lr_schedule, seed=seed,
+        loss_form=loss_form, hard_mining=hard_mining, feature_norm=feature_norm, distance=distance,
+        denoise=denoise, pyramid=pyramid, encoder_student=encoder_student, optimizer=optimizer,
+        weight_decay=weight_decay,
         holdout_fraction=holdout_fraction, threshold_quantile=threshold_quantile,
     ))  # fmt: skip
     start = time.perf_counter()

@@ -23,6 +23,13 @@ MEMORIES: tuple[str, ...] = ("none", "knn")
 MEMORY_SAMPLINGS: tuple[str, ...] = ("coreset", "random")
 DF_INPUTS: tuple[str, ...] = ("se", "teacher")
 LEVEL_FUSIONS: tuple[str, ...] = ("sum", "product")
+LOSS_FORMS: tuple[str, ...] = ("pixel", "flat")
+FEATURE_NORMS: tuple[str, ...] = ("none", "standardize")
+# Which teacher levels are distilled, by stride (docs/design.md §1, §3).
+PYRAMIDS: dict[str, tuple[int, int, int]] = {"4-8-16": (4, 8, 16), "8-16-32": (8, 16, 32)}
+ENCODER_STUDENTS: tuple[str, ...] = ("teacher", "resnet")
+OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
+DISTANCES: tuple[str, ...] = ("cosine", "l2")
 LEVEL_NORMALIZATIONS: tuple[str, ...] = ("none", "mean", "standardize")
 MAP_BASELINES: tuple[str, ...] = ("none", "mean", "subtract")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
@@ -80,6 +87,19 @@ class DSKDConfig:
     # Subtracting, not dividing: division amplified quiet backgrounds and cost image AUROC on
     # three real object categories (docs/design.md §2).
     map_baseline: str = "subtract"
+    # How teacher and student features are compared, in the loss and in the map alike
+    # (docs/design.md §3): "standardize" first puts every teacher channel in units of its
+    # spread over the training images (fitted once before training; applied to both sides), as
+    # EfficientAD does; "distance" is "cosine" (1 − cos along channels, blind to magnitude) or
+    # "l2" (the mean squared difference over channels).
+    feature_norm: str = "none"
+    distance: str = "cosine"
+    # The teacher levels distilled, by stride: "4-8-16", or "8-16-32" (the teacher's trunk
+    # runs on to stride 32; the DF code then stays at stride 32, the deepest level's size).
+    pyramid: str = "4-8-16"
+    # The encoder student: a fresh copy of the teacher's trunk ("teacher"), or a fresh
+    # ResNet18-style network with a 1×1 read-out to the teacher's channels per level ("resnet").
+    encoder_student: str = "teacher"
     image_size: int = 256
     # Tiling (docs/design.md §8): images are cut into image_size × image_size tiles at full
     # resolution, not shrunk to image_size; their maps are stitched into one map of the image.
@@ -91,11 +111,24 @@ class DSKDConfig:
     # training
     epochs: int = 50
     batch_size: int = 16
+    # "adam" (with `betas`) or "sgd" (momentum 0.9, as STFPM: lr 0.4, weight_decay 1e-3).
+    optimizer: str = "adam"
     lr: float = 0.005
     betas: tuple[float, float] = (0.5, 0.999)
     weight_decay: float = 0.0
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     grad_clip: float | None = 1.0
+    # The distillation loss per level (docs/design.md §3): "pixel", the mean over positions of
+    # 1 − cos along channels; "flat", Reverse Distillation's own loss, 1 − cos between each
+    # sample's whole flattened level map. Maps are per-pixel either way.
+    loss_form: str = "pixel"
+    # Hard-position mining: the gradients at the easiest `hard_mining` share of each level's
+    # positions are scaled by 0.1, the share ramped in from 0 over the first tenth of the run.
+    hard_mining: float = 0.0
+    # Denoising students (DeSTSeg's idea): this share of each training batch gets synthetic
+    # defects made from the training images themselves (`synthetic_defects.py`); the students
+    # see them and are trained towards the teacher's features of the clean image.
+    denoise: float = 0.0
     seed: int = 0
     holdout_fraction: float = 0.1
     threshold_quantile: float = 0.99
@@ -118,6 +151,12 @@ class DSKDConfig:
             "level_normalization": LEVEL_NORMALIZATIONS,
             "map_baseline": MAP_BASELINES,
             "lr_schedule": ("constant", "cosine"),
+            "loss_form": LOSS_FORMS,
+            "feature_norm": FEATURE_NORMS,
+            "distance": DISTANCES,
+            "pyramid": tuple(PYRAMIDS),
+            "encoder_student": ENCODER_STUDENTS,
+            "optimizer": OPTIMIZERS,
         }
         for name, allowed in choices.items():
             value = getattr(self, name)
@@ -152,6 +191,25 @@ class DSKDConfig:
             raise ConfigError(f"threshold_quantile={self.threshold_quantile} must be in (0, 1]")
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be positive")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay={self.weight_decay} must be 0 or more")
+        if not 0.0 <= self.hard_mining < 1.0:
+            raise ConfigError(f"hard_mining={self.hard_mining} must be in [0, 1)")
+        if not 0.0 <= self.denoise <= 1.0:
+            raise ConfigError(f"denoise={self.denoise} must be in [0, 1]")
+        if self.encoder_student != "teacher" and not self.uses_encoder_student:
+            raise ConfigError(
+                f"encoder_student={self.encoder_student!r} needs an encoder student: "
+                "students both or se"
+            )
+        if self.loss_form == "flat" and self.distance != "cosine":
+            # The mean squared difference over a flattened map is the per-pixel mean itself.
+            raise ConfigError("loss_form='flat' is a cosine loss: use it with distance='cosine'")
+
+    @property
+    def strides(self) -> tuple[int, int, int]:
+        """The pyramid's strides, shallowest first."""
+        return PYRAMIDS[self.pyramid]
 
     @property
     def uses_encoder_student(self) -> bool:

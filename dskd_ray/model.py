@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dskd_ray.anomaly_map import (
+    MEMORY_STRIDES,
     apply_baseline,
     fuse_members,
     image_score,
@@ -22,7 +23,12 @@ from dskd_ray.anomaly_map import (
     memory_features,
     memory_member,
 )
-from dskd_ray.backbones import backbone_spec, build_trunk, load_teacher_weights
+from dskd_ray.backbones import (
+    backbone_spec,
+    build_encoder_student,
+    build_trunk,
+    load_teacher_weights,
+)
 from dskd_ray.config import DSKDConfig
 
 
@@ -84,10 +90,13 @@ class DFEmbedding(nn.Module):
     """Deep-feature embedding: fuse the three pyramid levels into one compact 1/32 code.
 
     Level 1 is strided down twice and level 2 once, to level 3's shape; the concatenation
-    goes through a ResNet stage of two BasicBlocks, the first with stride 2.
+    goes through a ResNet stage of two BasicBlocks. For the 4-8-16 pyramid the stage's first
+    block has stride 2 and doubles the channels (code 2·C3 at 1/32); for 8-16-32 level 3 is
+    already at 1/32, so the stage keeps the size (no 1/64 code, which would need image sizes in
+    multiples of 64) and the code has C3 channels, as wide as the deepest level.
     """
 
-    def __init__(self, channels: tuple[int, int, int]) -> None:
+    def __init__(self, channels: tuple[int, int, int], strided: bool = True) -> None:
         super().__init__()
         c1, c2, c3 = channels
 
@@ -96,39 +105,56 @@ class DFEmbedding(nn.Module):
 
         self.level1 = nn.Sequential(down(c1, c2), down(c2, c3))
         self.level2 = down(c2, c3)
-        self.stage = nn.Sequential(BasicBlock(3 * c3, 2 * c3, stride=2), BasicBlock(2 * c3, 2 * c3))
-        self.out_channels = 2 * c3
+        code = 2 * c3 if strided else c3
+        self.stage = nn.Sequential(
+            BasicBlock(3 * c3, code, stride=2 if strided else 1), BasicBlock(code, code)
+        )
+        self.out_channels = code
 
     def forward(self, pyramid: list[torch.Tensor]) -> torch.Tensor:
-        f4, f8, f16 = pyramid
-        fused = torch.cat([self.level1(f4), self.level2(f8), f16], dim=1)  # (B, 768, 16, 16)
+        f1, f2, f3 = pyramid
+        fused = torch.cat([self.level1(f1), self.level2(f2), f3], dim=1)  # (B, 768, 16, 16)
         return self.stage(fused)  # (B, 512, 8, 8)
 
 
 class DecoderStudent(nn.Module):
-    """Sd: a reverse trunk from the 1/32 code back up to the teacher's three levels."""
+    """Sd: a reverse trunk from the 1/32 code back up to the teacher's three levels.
 
-    def __init__(self, channels: tuple[int, int, int], in_channels: int, signed: bool) -> None:
+    Its stages are named by the stride they end at (stage16, stage8, stage4 for the default
+    pyramid). The deepest stage upsamples the code ×2 unless the code is at that level's size
+    already (the 8-16-32 pyramid).
+    """
+
+    def __init__(
+        self,
+        channels: tuple[int, int, int],
+        in_channels: int,
+        signed: bool,
+        strides: tuple[int, int, int] = (4, 8, 16),
+    ) -> None:
         super().__init__()
         c1, c2, c3 = channels
 
-        def stage(cin: int, cout: int) -> nn.Sequential:
+        def stage(cin: int, cout: int, upsample: bool = True) -> nn.Sequential:
             return nn.Sequential(
-                DeconvBlock(cin, cout, upsample=True),
+                DeconvBlock(cin, cout, upsample=upsample),
                 DeconvBlock(cout, cout, upsample=False, linear_output=signed),
             )
 
-        self.stage16 = stage(in_channels, c3)
-        self.stage8 = stage(c3, c2)
-        self.stage4 = stage(c2, c1)
+        s1, s2, s3 = strides
+        self.names = (f"stage{s3}", f"stage{s2}", f"stage{s1}")  # deepest first
+        setattr(self, self.names[0], stage(in_channels, c3, upsample=s3 < 32))
+        setattr(self, self.names[1], stage(c3, c2))
+        setattr(self, self.names[2], stage(c2, c1))
         self.signed = signed
 
     def forward(self, code: torch.Tensor) -> list[torch.Tensor]:
-        f16 = self.stage16(code)  # (B, 256, 16, 16)
+        deep, middle, shallow = (getattr(self, name) for name in self.names)
+        f3 = deep(code)  # (B, 256, 16, 16)
         # A signed level ends linear; the next stage still wants a rectified input.
-        f8 = self.stage8(torch.relu(f16) if self.signed else f16)  # (B, 128, 32, 32)
-        f4 = self.stage4(torch.relu(f8) if self.signed else f8)  # (B, 64, 64, 64)
-        return [f4, f8, f16]
+        f2 = middle(torch.relu(f3) if self.signed else f3)  # (B, 128, 32, 32)
+        f1 = shallow(torch.relu(f2) if self.signed else f2)  # (B, 64, 64, 64)
+        return [f1, f2, f3]
 
 
 class PatchMemory(nn.Module):
@@ -158,9 +184,9 @@ class PatchMemory(nn.Module):
             self.bank = torch.empty_like(bank, device=self.bank.device, dtype=self.bank.dtype)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def distances(self, teacher: list[torch.Tensor]) -> torch.Tensor:
+    def distances(self, teacher: list[torch.Tensor], strides: tuple[int, ...]) -> torch.Tensor:
         """(B, H/8, W/8): each patch's distance to its nearest bank patch."""
-        return memory_distances(memory_features(teacher), self.bank.float())
+        return memory_distances(memory_features(teacher, strides), self.bank.float())
 
     def scale(self) -> torch.Tensor:
         return self.gain / self.spread
@@ -176,7 +202,7 @@ class DSKD(nn.Module):
     def __init__(self, config: DSKDConfig, load_weights: bool = True) -> None:
         super().__init__()
         self.config = config
-        spec = backbone_spec(config.backbone)
+        spec = backbone_spec(config.backbone, config.strides)
         self.spec = spec
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
@@ -190,7 +216,14 @@ class DSKD(nn.Module):
         size = config.image_size
         self.register_buffer("pixel_baseline", torch.ones(size, size))
 
-        self.teacher = build_trunk(config.backbone, student=False)
+        if config.feature_norm == "standardize":
+            # Per level, each teacher channel's mean and std over the training images' features,
+            # fitted once before training (train.fit_feature_statistics); 0 and 1 until then.
+            for k, channels in enumerate(spec.channels):
+                self.register_buffer(f"feature_mean{k}", torch.zeros(1, channels, 1, 1))
+                self.register_buffer(f"feature_std{k}", torch.ones(1, channels, 1, 1))
+
+        self.teacher = build_trunk(config.backbone, student=False, strides=config.strides)
         self.teacher_identity = "unloaded"
         if load_weights:
             self.teacher_identity = load_teacher_weights(
@@ -200,17 +233,22 @@ class DSKD(nn.Module):
         self.teacher.eval()
 
         self.memory = (
-            PatchMemory(spec.channels[1] + spec.channels[2]) if config.has_memory else None
+            PatchMemory(sum(spec.channels[config.strides.index(s)] for s in MEMORY_STRIDES))
+            if config.has_memory
+            else None
         )
         self.encoder_student = (
-            build_trunk(config.backbone, student=True) if config.uses_encoder_student else None
+            build_encoder_student(config.encoder_student, config.backbone, config.strides)
+            if config.uses_encoder_student
+            else None
         )
         self.df_embedding: DFEmbedding | None = None
         self.decoder_student: DecoderStudent | None = None
         if config.uses_decoder_student:
-            self.df_embedding = DFEmbedding(spec.channels)
+            # The 1/32 code: strided down from a stride-16 level 3, level 3's own size else.
+            self.df_embedding = DFEmbedding(spec.channels, strided=config.strides[-1] < 32)
             self.decoder_student = DecoderStudent(
-                spec.channels, self.df_embedding.out_channels, spec.signed
+                spec.channels, self.df_embedding.out_channels, spec.signed, config.strides
             )
 
     def train(self, mode: bool = True) -> DSKD:
@@ -244,6 +282,27 @@ class DSKD(nn.Module):
         with torch.no_grad():
             return self.teacher(x)
 
+    def feature_statistics(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(mean, std)] per level, each (1, C_k, 1, 1); empty unless feature_norm=standardize."""
+        if self.config.feature_norm != "standardize":
+            return []
+        return [
+            (getattr(self, f"feature_mean{k}"), getattr(self, f"feature_std{k}"))
+            for k in range(len(self.spec.channels))
+        ]
+
+    def comparable(self, features: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+        """The pyramids as the loss and the map compare them: unchanged, or, with
+        feature_norm=standardize, every one (teacher's and students' alike) in float32 units of
+        the teacher's per-channel training statistics (docs/design.md §3)."""
+        statistics = self.feature_statistics()
+        if not statistics:
+            return features
+        return {
+            name: [(f.float() - m) / s for f, (m, s) in zip(pyramid, statistics, strict=True)]
+            for name, pyramid in features.items()
+        }
+
     def student_features(
         self, x: torch.Tensor, teacher: list[torch.Tensor]
     ) -> dict[str, list[torch.Tensor]]:
@@ -258,9 +317,13 @@ class DSKD(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-        """x: normalised images (B, 3, H, W)."""
+        """x: normalised images (B, 3, H, W) → the pyramids as compared (`comparable`)."""
+        return self.pyramids(x)[1]
+
+    def pyramids(self, x: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
+        """The teacher's raw pyramid (what the memory holds) and every pyramid as compared."""
         teacher = self.teacher_features(x)
-        return {"teacher": teacher, **self.student_features(x, teacher)}
+        return teacher, self.comparable({"teacher": teacher, **self.student_features(x, teacher)})
 
     @torch.inference_mode()
     def predict(
@@ -301,15 +364,18 @@ class DSKD(nn.Module):
             if autocast_dtype is not None
             else contextlib.nullcontext()
         )
+        x = self.normalize(images)
         with amp:
-            features = self(self.normalize(images))
+            teacher, features = self.pyramids(x)
         location, spread = self.level_statistics()
+        cfg = self.config
         size = tuple(images.shape[-2:])
         members = member_maps(
-            level_maps(features), size, self.config.level_fusion, location, spread
+            level_maps(features, cfg.distance), size, cfg.level_fusion, location, spread
         )
         if self.memory is not None:
-            # Outside autocast: the search's ‖q‖² + ‖b‖² − 2q·b needs float32's digits.
-            distances = self.memory.distances(features["teacher"])
+            # The raw teacher, as the bank holds it (not `comparable`'s standardised one), and
+            # outside autocast: the search's ‖q‖² + ‖b‖² − 2q·b needs float32's digits.
+            distances = self.memory.distances(teacher, cfg.strides)
             members.append(memory_member(distances, size, self.memory.scale()))
         return members

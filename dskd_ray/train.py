@@ -47,6 +47,7 @@ from dskd_ray.memory import candidates_per_image, select_bank
 from dskd_ray.model import DSKD
 from dskd_ray.progress import PROGRESS, clock, eta
 from dskd_ray.scoring import ModelScorer, images_to_tensor, resolve_device
+from dskd_ray.synthetic_defects import defect_generator, synthesize_defects
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,17 @@ def shard(items: list[str], rank: int, world: int) -> list[str]:
     return items[rank::world]
 
 
+SGD_MOMENTUM = 0.9  # STFPM's
+
+
 def make_optimizer(model: DSKD, config: DSKDConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.student_parameters(),
+            lr=config.lr,
+            momentum=SGD_MOMENTUM,
+            weight_decay=config.weight_decay,
+        )
     return torch.optim.Adam(
         model.student_parameters(),
         lr=config.lr,
@@ -173,6 +184,9 @@ def make_scheduler(
             lambda step: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(step, total) / total)),
         )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+FEATURE_STD_FLOOR = 1e-3  # the smallest per-channel spread feature_norm=standardize divides by
 
 
 class TeacherCache:
@@ -198,9 +212,55 @@ class TeacherCache:
     @staticmethod
     def bytes_needed(model: DSKD, n: int, image_size: int) -> int:
         per_image = sum(
-            c * (image_size // s) ** 2 for c, s in zip(model.spec.channels, (4, 8, 16), strict=True)
+            c * (image_size // s) ** 2
+            for c, s in zip(model.spec.channels, model.config.strides, strict=True)
         )
         return per_image * 4 * n
+
+
+@torch.no_grad()
+def fit_feature_statistics(
+    model: DSKD,
+    images: torch.Tensor,
+    cache: TeacherCache | None,
+    device: torch.device,
+    batch_size: int,
+    all_reduce: Callable[[list[float]], list[float]] = lambda values: values,
+) -> None:
+    """Set the model's per-channel teacher statistics (feature_norm=standardize) to the mean
+    and std of the teacher's features over every position of every training image.
+
+    From the teacher cache when there is one (no extra forward pass), else batch by batch;
+    `all_reduce` sums the moments over a worker group, so every worker gets the same values.
+    """
+    sizes = model.spec.channels
+    moments = [torch.zeros(3, c, dtype=torch.float64) for c in sizes]  # count, Σx, Σx² per level
+
+    def pyramids() -> Iterator[list[torch.Tensor]]:
+        for start in range(0, len(images), batch_size):
+            if cache is not None:
+                yield [level[start : start + batch_size] for level in cache.levels]
+            else:
+                batch = images_to_tensor(images[start : start + batch_size], device)
+                yield model.teacher_features(model.normalize(batch))
+
+    for pyramid in pyramids():
+        for k, level in enumerate(pyramid):
+            f = level.double().transpose(0, 1).flatten(1)  # (C, B·h·w)
+            moments[k] += torch.stack(
+                [torch.full_like(f[:, 0], f.shape[1]), f.sum(1), f.square().sum(1)]
+            ).cpu()
+    total = all_reduce(torch.cat([m.flatten() for m in moments]).tolist())
+    flat = torch.tensor(total, dtype=torch.float64)
+    for k, (mean, std) in enumerate(model.feature_statistics()):
+        count, sums, squares = flat[: 3 * sizes[k]].view(3, -1)
+        flat = flat[3 * sizes[k] :]
+        m = sums / count.clamp_min(1)
+        var = squares / count.clamp_min(1) - m.square()
+        # A channel the training images never move would divide by ~0: floor its spread.
+        s = var.clamp_min(0).sqrt().clamp_min(FEATURE_STD_FLOOR)
+        mean.copy_(m.float().view_as(mean))
+        std.copy_(s.float().view_as(std))
 
 
 def train_step(
@@ -211,12 +271,19 @@ def train_step(
     grad_clip: float | None,
     student_forward: nn.Module | None = None,
     autocast_dtype: torch.dtype | None = None,
+    hard_share: float = 0.0,
+    corrupted: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One optimisation step on a normalised batch; returns the (detached) loss.
 
     `student_forward` lets a DDP or torch.compile wrapper of `Students` stand in for it.
     `autocast_dtype` (e.g. torch.bfloat16 on CUDA) runs the forward passes under autocast;
-    the loss is always computed in float32 (`distillation_loss` upcasts).
+    the loss is always computed in float32 (`distillation_loss` upcasts), in the form the
+    config names, with hard mining over `hard_share` of the positions (`hard_mining_share`).
+
+    `corrupted` (denoising students): the same batch with synthetic defects, normalised. The
+    students read it — and a decoder fed by the teacher reads the teacher's pyramid *of it* —
+    while the targets stay the teacher's features of the clean `x` (`teacher`, the cache).
     """
     amp = (
         torch.autocast(x.device.type, dtype=autocast_dtype)
@@ -226,10 +293,19 @@ def train_step(
     with amp:
         if teacher is None:
             teacher = model.teacher_features(x)
+        seen, decoder_input = x, teacher
+        if corrupted is not None:
+            seen = corrupted
+            if decoder_reads_teacher(model.config):
+                decoder_input = model.teacher_features(corrupted)
         # `is None`, not `or`: a torch.compile'd module has no truth value.
         forward = student_forward if student_forward is not None else Students(model)
-        students = forward(x, teacher)
-    loss = distillation_loss(teacher, students)
+        students = forward(seen, decoder_input)
+    compared = model.comparable({"teacher": teacher, **students})
+    cfg = model.config
+    loss = distillation_loss(
+        compared.pop("teacher"), compared, cfg.loss_form, hard_share, cfg.distance
+    )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip:
@@ -260,6 +336,23 @@ class Students(nn.Module):
         return self._dskd.student_features(x, teacher)
 
 
+def decoder_reads_teacher(config: DSKDConfig) -> bool:
+    """The decoder student's DF embedding reads the teacher's pyramid (not Se's)."""
+    return config.uses_decoder_student and (
+        config.df_input == "teacher" or not config.uses_encoder_student
+    )
+
+
+def hard_mining_share(config: DSKDConfig, step: int, total_steps: int) -> float:
+    """The share of easy positions mined at `step` (0-based over the run): config.hard_mining,
+    ramped in linearly over the first tenth of the run's `total_steps`, as Dinomaly ramps its
+    0.9 over the first 1000 of 10000 iterations. A pure function of the step: resume is exact."""
+    if config.hard_mining <= 0:
+        return 0.0
+    ramp = max(1, math.ceil(0.1 * total_steps))
+    return config.hard_mining * min(1.0, step / ramp)
+
+
 def iterate_batches(order: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
@@ -279,6 +372,7 @@ def run_epoch(
     student_forward: nn.Module | None = None,
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    rank: int = 0,
 ) -> EpochStats:
     """One pass over `images[order]` (uint8, (N, S, S, 3), on CPU or device).
 
@@ -292,13 +386,22 @@ def run_epoch(
     steps = math.ceil(len(order) / config.batch_size)
     for step, idx in enumerate(iterate_batches(order, config.batch_size), 1):
         index = torch.from_numpy(idx)
-        x = model.normalize(_batch(images, index, device))
+        clean = _batch(images, index, device)
+        x = model.normalize(clean)
+        corrupted = None
+        if config.denoise > 0:  # defects drawn from (seed, epoch, step, rank): resume is exact
+            generator = defect_generator(config.seed, epoch, step, rank, device)
+            corrupted = model.normalize(synthesize_defects(clean, config.denoise, generator)[0])
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+            if corrupted is not None:
+                corrupted = corrupted.contiguous(memory_format=torch.channels_last)
         teacher = cache.take(index.to(cache.levels[0].device)) if cache is not None else None
+        share = hard_mining_share(config, (epoch - 1) * steps + step - 1, config.epochs * steps)
         loss = train_step(
-            model, optimizer, x, teacher, config.grad_clip, student_forward, autocast_dtype
-        )
+            model, optimizer, x, teacher, config.grad_clip, student_forward, autocast_dtype, share,
+            corrupted,
+        )  # fmt: skip
         if scheduler is not None:
             scheduler.step()
         total_loss += loss * len(idx)
@@ -339,10 +442,10 @@ def fit_level_statistics(
     memory = torch.zeros(3, dtype=torch.float64)
     for start in range(0, len(images), batch_size):
         x = model.normalize(images_to_tensor(images[start : start + batch_size], device))
-        features = model(x)
-        student += level_moments(level_maps(features))
+        teacher, features = model.pyramids(x)
+        student += level_moments(level_maps(features, model.config.distance))
         if model.memory is not None:
-            memory += moments(model.memory.distances(features["teacher"]))
+            memory += moments(model.memory.distances(teacher, model.config.strides))
     normalization = model.config.level_normalization
     location, spread = level_statistics(student, normalization)
     model.level_location.copy_(location.to(model.level_location.device))
@@ -482,7 +585,7 @@ def memory_candidates(
     for start in range(0, n, batch_size):
         batch = images[start : start + batch_size]
         x = model.normalize(_batch(batch, torch.arange(len(batch)), device))
-        patches = memory_features(model.teacher_features(x))  # (B, C, S/8, S/8)
+        patches = memory_features(model.teacher_features(x), model.config.strides)  # (B, C, S/8, …)
         rows = patches.permute(0, 2, 3, 1).reshape(len(batch), per_image, channels).cpu()
         if keep < per_image:
             pick = torch.stack([torch.randperm(per_image, generator=generator)[:keep]
@@ -684,6 +787,10 @@ def _train_students(
     need = TeacherCache.bytes_needed(model, len(train_images), config.image_size)
     if need <= config.teacher_cache_mb * 2**20:
         cache = TeacherCache.build(model, train_images, device, per_worker)
+    if config.feature_norm == "standardize" and state is None:  # a resumed run has its own
+        fit_feature_statistics(
+            model, train_images, cache, device, per_worker, lambda v: strategy.all_reduce(v)
+        )
 
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, math.ceil(length / per_worker))
@@ -703,7 +810,7 @@ def _train_students(
         order = epoch_order(len(train_images), config.seed, epoch, rank, world, length)
         stats = run_epoch(
             model, optimizer, scheduler, train_images, order, worker_config, device, cache,
-            epoch + 1, on_progress, student_forward, autocast, channels_last=True,
+            epoch + 1, on_progress, student_forward, autocast, channels_last=True, rank=rank,
         )  # fmt: skip
         loss_sum, seen = strategy.all_reduce([stats.loss * stats.images, float(stats.images)])
         stats = EpochStats(loss_sum / max(seen, 1), int(seen), stats.seconds)

@@ -8,6 +8,7 @@ import torch
 from dskd_ray.checkpoint import (
     V1_MODEL_ID_FIELDS,
     V3_MODEL_ID_FIELDS,
+    V4_DEFAULTS,
     V4_MODEL_ID_FIELDS,
     Threshold,
     _content_hash,
@@ -127,28 +128,39 @@ def test_teacher_weights_errors_never_fall_back_to_random(tmp_path: Path) -> Non
         DSKD(DSKDConfig(teacher_weights=str(tmp_path / "junk.pth")))
 
 
-def test_teacher_weights_from_a_state_dict_path(tmp_path: Path) -> None:
-    source = DSKD(DSKDConfig(teacher_weights="random", image_size=64))
-    torch.save(source.teacher.state_dict(), tmp_path / "teacher.pth")
-    model = DSKD(DSKDConfig(teacher_weights=str(tmp_path / "teacher.pth"), image_size=64))
-    for a, b in zip(
-        source.teacher.state_dict().values(), model.teacher.state_dict().values(), strict=True
-    ):
-        assert torch.equal(a, b)
+@pytest.mark.parametrize("pyramid", ["4-8-16", "8-16-32"])
+def test_teacher_weights_from_a_state_dict_path(tmp_path: Path, pyramid: str) -> None:
+    # The whole network's state dict, as torchvision saves it: the 8-16-32 trunk takes layer4 too.
+    from torchvision.models import resnet18
+
+    full = resnet18().state_dict()
+    torch.save(full, tmp_path / "teacher.pth")
+    config = DSKDConfig(teacher_weights=str(tmp_path / "teacher.pth"), image_size=64)
+    model = DSKD(config.replace(pyramid=pyramid))
+    own = model.teacher.state_dict()
+    assert ("layer4.0.conv1.weight" in own) == (pyramid == "8-16-32")
+    for key, value in own.items():
+        assert torch.equal(value, full[key]), key
     assert model.teacher_identity.startswith("sha256:")
 
 
-MEMORY_FIELDS = ("memory", "memory_size", "memory_sampling")  # joined in /5
+# Joined in /5 with the memory, besides V4_DEFAULTS' fields: the bank's size and sampling.
+MEMORY_SETTINGS = ("memory_size", "memory_sampling")
 
 
-def _before_memory(config: dict) -> dict:
-    """A config as dskd_ray wrote it before /5: no memory fields."""
-    return {k: v for k, v in config.items() if k not in MEMORY_FIELDS}
+def _as_v4_config(payload: dict) -> dict:
+    """The config of a /5 payload as /4 and older wrote it: without the memory's fields and
+    the students' switches."""
+    return {
+        k: v
+        for k, v in payload["config"].items()
+        if k not in V4_DEFAULTS and k not in MEMORY_SETTINGS
+    }
 
 
 def _as_format_1(payload: dict, with_baseline: bool) -> dict:
     """What dskd_ray wrote under checkpoint/1: `map_normalization` and `level_scales`."""
-    config = _before_memory(payload["config"])
+    config = _as_v4_config(payload)
     normalization = config.pop("level_normalization")
     config.pop("score_top_k")
     config["map_normalization"] = "normal" if normalization == "mean" else "none"
@@ -219,8 +231,7 @@ def test_a_format_2_checkpoint_loads_keeps_its_id_and_scores_as_before(
     payload = torch.load(tmp_path / "v3.pt", weights_only=True)
     state = dict(payload["state_dict"])
     state["map_baseline"] = state.pop("pixel_baseline")
-    config = _before_memory(payload["config"])
-    config = {k: v for k, v in config.items() if k not in ("tiled", "tile_overlap")}
+    config = {k: v for k, v in _as_v4_config(payload).items() if k not in ("tiled", "tile_overlap")}
     meta = json.loads(payload["meta"])
     meta["model_id"] = _content_hash(config, V3_MODEL_ID_FIELDS, state)
     v2 = {**payload, "format": "dskd_ray.checkpoint/2", "config": config, "state_dict": state}
@@ -242,8 +253,7 @@ def test_a_format_3_checkpoint_loads_as_an_untiled_model_and_keeps_its_id(
     """/3 was written before tiling: no `tiled` in its config, nor in its id's fields."""
     save_checkpoint(make_checkpoint(DSKD(tiny_config)), tmp_path / "v4.pt")
     payload = torch.load(tmp_path / "v4.pt", weights_only=True)
-    config = _before_memory(payload["config"])
-    config = {k: v for k, v in config.items() if k not in ("tiled", "tile_overlap")}
+    config = {k: v for k, v in _as_v4_config(payload).items() if k not in ("tiled", "tile_overlap")}
     meta = json.loads(payload["meta"])
     meta["model_id"] = _content_hash(config, V3_MODEL_ID_FIELDS, payload["state_dict"])
     v3 = {**payload, "format": "dskd_ray.checkpoint/3", "config": config}
@@ -253,27 +263,23 @@ def test_a_format_3_checkpoint_loads_as_an_untiled_model_and_keeps_its_id(
     assert meta["model_id"] != json.loads(payload["meta"])["model_id"]  # /4 hashes tiling too
 
 
-def test_a_format_4_checkpoint_loads_as_a_model_without_memory_keeps_its_id_and_scores_alike(
+def test_a_format_4_checkpoint_loads_with_the_old_students_and_keeps_its_id(
     tmp_path: Path, tiny_config: DSKDConfig
 ) -> None:
-    """/4 was written before the teacher's memory: no memory fields, none in its id's fields."""
+    """/4 was written before the students' switches: it trained and scores as their defaults."""
     from dskd_ray.scoring import compute_maps
 
     model = DSKD(tiny_config).eval()
-    with torch.no_grad():
-        model.pixel_baseline.uniform_(0.0, 0.5)
     save_checkpoint(make_checkpoint(model), tmp_path / "v5.pt")
     payload = torch.load(tmp_path / "v5.pt", weights_only=True)
-    config = _before_memory(payload["config"])
+    config = _as_v4_config(payload)
     meta = json.loads(payload["meta"])
     meta["model_id"] = _content_hash(config, V4_MODEL_ID_FIELDS, payload["state_dict"])
     v4 = {**payload, "format": "dskd_ray.checkpoint/4", "config": config}
     torch.save({**v4, "meta": json.dumps(meta)}, tmp_path / "v4.pt")
-
     old = load_checkpoint(tmp_path / "v4.pt")
     assert old.model_id == meta["model_id"]  # results written under /4 keep naming this model
-    assert meta["model_id"] != json.loads(payload["meta"])["model_id"]  # /5 hashes memory too
-    assert old.config.memory == "none" and old.build_model().memory is None
+    assert {k: getattr(old.config, k) for k in V4_DEFAULTS} == V4_DEFAULTS
     x = torch.rand(2, 3, 64, 64)
     torch.testing.assert_close(compute_maps(old.build_model(), x), compute_maps(model, x))
     v4["state_dict"] = dict(v4["state_dict"])

@@ -171,6 +171,41 @@ def test_tile_flags_that_cannot_go_together_are_one_line(tmp_path: Path) -> None
     assert not (tmp_path / "m.pt").exists()
 
 
+# The students' switches (docs/design.md §1, §3): flag → (value given, config field, value kept).
+STUDENT_FLAGS = {
+    "--loss-form": ("flat", "loss_form", "flat"),
+    "--hard-mining": ("0.5", "hard_mining", 0.5),
+    "--feature-norm": ("standardize", "feature_norm", "standardize"),
+    "--distance": ("cosine", "distance", "cosine"),  # l2 does not go with the flat loss
+    "--denoise": ("0.5", "denoise", 0.5),
+    "--pyramid": ("8-16-32", "pyramid", "8-16-32"),
+    "--encoder-student": ("resnet", "encoder_student", "resnet"),
+    "--optimizer": ("sgd", "optimizer", "sgd"),
+    "--weight-decay": ("0.001", "weight_decay", 0.001),
+}
+
+
+def test_train_flags_for_the_students_switches_reach_the_checkpoint(tmp_path: Path) -> None:
+    from dskd_ray.checkpoint import load_checkpoint
+
+    write_textures(tmp_path / "imgs", 4)
+    flags = [a for flag, (value, _, _) in STUDENT_FLAGS.items() for a in (flag, value)]
+    result = dskd("train", str(tmp_path / "imgs"), "--out", str(tmp_path / "m.pt"),
+                  *TINY_TRAIN, *flags)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    config = load_checkpoint(tmp_path / "m.pt").config
+    assert {f: getattr(config, f) for _, f, _ in STUDENT_FLAGS.values()} == {
+        f: kept for _, f, kept in STUDENT_FLAGS.values()
+    }
+    bad = dskd("train", str(tmp_path / "imgs"), "--out", str(tmp_path / "b.pt"),
+               "--loss-form", "sum")  # fmt: skip
+    one_line_error(bad, 1, "loss_form='sum' is not one of pixel, flat")
+    bad = dskd("train", str(tmp_path / "imgs"), "--out", str(tmp_path / "b.pt"),
+               "--loss-form", "flat", "--distance", "l2")  # fmt: skip
+    one_line_error(bad, 1, "loss_form='flat' is a cosine loss")
+    assert not (tmp_path / "b.pt").exists()
+
+
 def test_image_size_has_an_upper_bound_shown_in_help(tmp_path: Path) -> None:
     result = dskd("train", str(tmp_path), "--out", str(tmp_path / "m.pt"),
                   "--image-size", "100000")  # fmt: skip

@@ -340,7 +340,7 @@ def _memory_patches(model: DSKD, paths: list[Path]) -> torch.Tensor:
     images = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
     with torch.no_grad():
         x = model.normalize(images_to_tensor(images, torch.device("cpu")))
-        patches = memory_features(model.teacher_features(x))
+        patches = memory_features(model.teacher_features(x), model.config.strides)
     return patches.permute(0, 2, 3, 1).reshape(-1, patches.shape[1]).double()
 
 

@@ -22,6 +22,7 @@ from dskd_ray.backbones.efficientnet_lite import (
     EfficientNetLite,
     EfficientNetLite0,
     EfficientNetLite0Trunk,
+    EfficientNetLiteTrunk,
     SameConv2d,
     WeightsMismatchError,
     WeightsNotFoundError,
@@ -155,6 +156,27 @@ def test_trunk_matches_classifier_pyramid(classifier: EfficientNetLite0) -> None
         assert torch.equal(a, b)
     # Linear bottlenecks: the teacher's pyramid is signed, so nothing may clamp it at zero.
     assert all((f < 0).any() and (f > 0).any() for f in from_trunk)
+
+
+def test_the_8_16_32_trunk_runs_on_to_block_15_with_the_imagenet_weights(
+    classifier: EfficientNetLite0,
+) -> None:
+    """The 8-16-32 pyramid (docs/design.md §3): the trunk stops at block 15, not 10, and the
+    packaged weights hold every block it needs."""
+    trunk = EfficientNetLiteTrunk("lite0", strides=(8, 16, 32)).eval()
+    load_lite_imagenet_weights(trunk)
+    assert len(trunk.blocks) == 16 and trunk.channels == (40, 112, 320)
+    x = _normalise(torch.rand(1, 3, 128, 96), LITE0_MEAN, LITE0_STD)
+    with torch.no_grad():
+        levels = trunk(x)
+        stem = F.relu6(classifier.stem_bn(classifier.stem_conv(x)))
+        outputs = []
+        for block in classifier.blocks:
+            stem = block(stem)
+            outputs.append(stem)
+    assert [tuple(f.shape) for f in levels] == [(1, 40, 16, 12), (1, 112, 8, 6), (1, 320, 4, 3)]
+    for level, block in zip(levels, (4, 10, 15), strict=True):
+        assert torch.equal(level, outputs[block])
 
 
 def test_student_trunk_settings() -> None:

@@ -34,39 +34,60 @@ SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("demo")
-    make_demo_data(
-        root, categories=["washer"], n_train=8, n_test_good=3, n_test_defect_per_type=1,
-        image_size=SIZE,
-    )  # fmt: skip
-    return root / "washer"
+def demo_at(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - a function
+    """size → the demo washer at that size, made once."""
+    made: dict[int, Path] = {}
+
+    def get(size: int) -> Path:
+        if size not in made:
+            root = tmp_path_factory.mktemp(f"demo{size}")
+            make_demo_data(
+                root, categories=["washer"], n_train=8, n_test_good=3,
+                n_test_defect_per_type=1, image_size=size,
+            )  # fmt: skip
+            made[size] = root / "washer"
+        return made[size]
+
+    return get
 
 
 @pytest.fixture(scope="module")
-def test_images(demo: Path) -> np.ndarray:
-    images, kept, _ = load_images(list_images(str(demo / "test")), SIZE)
+def demo(demo_at) -> Path:  # noqa: ANN001
+    return demo_at(SIZE)
+
+
+def demo_test_images(demo: Path, size: int) -> np.ndarray:
+    images, kept, _ = load_images(list_images(str(demo / "test")), size)
     assert len(kept) >= 6  # normal images and one of each washer defect
     return images
 
 
 @pytest.fixture(scope="module")
-def trained(demo: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - a function
-    """students, backbone → a checkpoint trained for one epoch on the demo washer, made once."""
-    folder = tmp_path_factory.mktemp("models")
-    made: dict[tuple[str, str], Path] = {}
+def test_images(demo: Path) -> np.ndarray:
+    return demo_test_images(demo, SIZE)
 
-    def get(students: str, backbone: str = "efficientnet_lite0") -> Path:
-        if (students, backbone) not in made:
+
+@pytest.fixture(scope="module")
+def trained(demo_at, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN001, ANN201
+    """students, backbone, size, switches → a checkpoint trained for one epoch on the demo
+    washer, made once."""
+    folder = tmp_path_factory.mktemp("models")
+    made: dict[tuple[str, str, int, str], Path] = {}
+
+    def get(
+        students: str, backbone: str = "efficientnet_lite0", size: int = SIZE, **switches: object
+    ) -> Path:
+        key = (students, backbone, size, json.dumps(switches, sort_keys=True))
+        if key not in made:
             weights = "imagenet" if backbone == "efficientnet_lite0" else "random"
             config = DSKDConfig(
-                backbone=backbone, teacher_weights=weights, students=students, image_size=SIZE,
-                epochs=1, batch_size=4, holdout_fraction=0.25,
+                backbone=backbone, teacher_weights=weights, students=students, image_size=size,
+                epochs=1, batch_size=4, holdout_fraction=0.25, **switches,
             )  # fmt: skip
-            path = folder / f"{students}-{backbone}.pt"
-            train(config, str(demo), str(path), device="cpu")
-            made[students, backbone] = path
-        return made[students, backbone]
+            path = folder / f"{students}-{backbone}-{len(made)}.pt"
+            train(config, str(demo_at(size)), str(path), device="cpu")
+            made[key] = path
+        return made[key]
 
     return get
 
@@ -83,18 +104,27 @@ def assert_same_scoring(got, want, threshold: float) -> None:
 
 
 @pytest.mark.parametrize(
-    ("students", "backbone"),
-    [("both", "efficientnet_lite0"), ("se", "efficientnet_lite0"), ("sd", "efficientnet_lite0"),
-     ("both", "resnet18")],
+    ("students", "backbone", "switches", "size"),
+    [("both", "efficientnet_lite0", {}, SIZE), ("se", "efficientnet_lite0", {}, SIZE),
+     ("sd", "efficientnet_lite0", {}, SIZE), ("both", "resnet18", {}, SIZE),
+     # The students' switches that change the graph (docs/design.md §3).
+     ("both", "efficientnet_lite0", {"feature_norm": "standardize", "distance": "l2"}, SIZE),
+     # At 64² the stride-32 level is 2×2: its spread, fitted on 2 held-out images' 8 values,
+     # came out 0.008 and scaled float32's noise ×20 in PyTorch itself (score error against
+     # float64 7e-6; ONNX 1.1e-5, over the bar). At 128² (4×4): 1e-6 and 4e-6.
+     ("both", "efficientnet_lite0", {"pyramid": "8-16-32", "encoder_student": "resnet"}, 128)],
 )  # fmt: skip
 def test_exported_graph_scores_the_demo_images_like_pytorch(
     trained,
-    test_images: np.ndarray,
+    demo_at,  # noqa: ANN001
     tmp_path: Path,
     students: str,
     backbone: str,
+    switches: dict,
+    size: int,
 ) -> None:
-    ckpt_path = trained(students, backbone)
+    ckpt_path = trained(students, backbone, size, **switches)
+    test_images = demo_test_images(demo_at(size), size)
     out = tmp_path / "model.onnx"
     result = export_onnx(str(ckpt_path), str(out), test_images)
     assert result.check.passed and result.check.images == len(test_images)
@@ -105,9 +135,10 @@ def test_exported_graph_scores_the_demo_images_like_pytorch(
     meta = read_metadata(str(out))
     assert meta["model_id"] == checkpoint.model_id
     assert meta["checkpoint_format"] == FORMAT
-    assert int(meta["image_size"]) == SIZE
+    assert int(meta["image_size"]) == size
     assert json.loads(meta["threshold"]) == pytest.approx(checkpoint.threshold.value)
     assert json.loads(meta["config"])["students"] == students
+    assert {k: json.loads(meta["config"])[k] for k in switches} == switches
 
     want = Scorer(checkpoint, device="cpu").score_batch(test_images)
     scorer = OnnxScorer(str(out), batch_size=5)  # other chunks than PyTorch's: N is dynamic

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dskd_ray.anomaly_map import (
     anomaly_map,
@@ -13,7 +14,7 @@ from dskd_ray.anomaly_map import (
     level_moments,
     level_statistics,
 )
-from dskd_ray.loss import distillation_loss
+from dskd_ray.loss import EASY_GRADIENT_SCALE, distillation_loss
 
 
 def test_loss_matches_hand_computation() -> None:
@@ -32,6 +33,57 @@ def test_loss_averages_over_pixels_and_sums_levels() -> None:
     loss = distillation_loss([t1, t2], {"se": [s1, -t2]})
     # Level 1: mean(0, 1) = 0.5; level 2: opposite vectors → 2 everywhere.
     assert loss.item() == pytest.approx(0.5 + 2.0, abs=1e-6)
+
+
+def test_flat_loss_is_reverse_distillations_cosine_of_whole_level_maps() -> None:
+    torch.manual_seed(0)
+    teacher = [torch.randn(3, 4, 5, 5), torch.randn(3, 6, 2, 2)]
+    students = {name: [t + torch.randn_like(t) for t in teacher] for name in ("se", "sd")}
+
+    def reference(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        # RD4AD's loss_function: 1 − cos of each sample's flattened map, mean over the batch.
+        return torch.mean(1 - F.cosine_similarity(t.view(t.shape[0], -1), s.view(s.shape[0], -1)))
+
+    want = sum(reference(t, s) for p in students.values() for t, s in zip(teacher, p, strict=True))
+    got = distillation_loss(teacher, students, form="flat")
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    # Not the per-pixel mean: the two forms differ on the same features.
+    assert abs(distillation_loss(teacher, students).item() - got.item()) > 1e-2
+
+
+@pytest.mark.parametrize("form", ["pixel", "flat"])
+def test_hard_mining_scales_the_easy_positions_gradients_and_not_the_loss(form: str) -> None:
+    torch.manual_seed(0)
+    t = torch.randn(2, 8, 6, 6)
+    s0 = t + torch.randn(2, 8, 6, 6) * torch.rand(2, 1, 6, 6)  # some positions easy, some hard
+
+    def grad(share: float) -> tuple[torch.Tensor, torch.Tensor]:
+        s = s0.clone().requires_grad_(True)
+        loss = distillation_loss([t], {"se": [s]}, form=form, hard_share=share)
+        loss.backward()
+        return loss.detach(), s.grad
+
+    plain_loss, plain = grad(0.0)
+    mined_loss, mined = grad(0.75)
+    assert mined_loss == plain_loss  # the value is the same; only the gradients change
+    distance = 1 - F.cosine_similarity(t, s0, dim=1)  # (2, 6, 6)
+    easy = distance <= distance.flatten().kthvalue(54).values  # 75% of 72 positions
+    assert int(easy.sum()) == 54
+    ratio = mined / plain  # (2, 8, 6, 6); every channel of a position scaled alike
+    assert torch.allclose(ratio.permute(0, 2, 3, 1)[easy], torch.tensor(EASY_GRADIENT_SCALE))
+    assert torch.allclose(ratio.permute(0, 2, 3, 1)[~easy], torch.tensor(1.0))
+
+
+def test_l2_distance_is_the_mean_squared_difference_over_channels() -> None:
+    t = torch.tensor([1.0, 2.0, 0.0]).view(1, 3, 1, 1)
+    s = torch.tensor([0.0, 0.0, 3.0]).view(1, 3, 1, 1)
+    levels = level_maps({"teacher": [t, 2 * t], "sd": [s, t]}, distance="l2")
+    assert levels["sd"][0].item() == pytest.approx((1 + 4 + 9) / 3)
+    assert levels["sd"][1].item() == pytest.approx((1 + 4 + 0) / 3)
+    # The loss is the same quantity's mean; magnitude counts, where cosine would see 0 for 2t.
+    loss = distillation_loss([2 * t], {"sd": [t]}, distance="l2")
+    assert loss.item() == pytest.approx(5 / 3)
+    assert distillation_loss([2 * t], {"sd": [t]}).item() == pytest.approx(0.0, abs=1e-7)
 
 
 def test_fuse_levels_upsamples_and_fuses_levels() -> None:

@@ -7,23 +7,44 @@ from dskd_ray.model import DSKD
 
 
 @pytest.mark.parametrize(
-    ("backbone", "channels"),
+    ("backbone", "pyramid", "channels"),
     [
-        ("resnet18", (64, 128, 256)),
-        ("wide_resnet50_2", (256, 512, 1024)),
-        ("efficientnet_lite0", (24, 40, 112)),
+        ("resnet18", "4-8-16", (64, 128, 256)),
+        ("wide_resnet50_2", "4-8-16", (256, 512, 1024)),
+        ("efficientnet_lite0", "4-8-16", (24, 40, 112)),
+        ("resnet18", "8-16-32", (128, 256, 512)),
+        ("efficientnet_lite0", "8-16-32", (40, 112, 320)),
     ],
 )
-def test_pyramid_shapes_for_each_backbone(backbone: str, channels: tuple[int, int, int]) -> None:
-    model = DSKD(DSKDConfig(backbone=backbone, teacher_weights="random", image_size=128)).eval()
+def test_pyramid_shapes_for_each_backbone(
+    backbone: str, pyramid: str, channels: tuple[int, int, int]
+) -> None:
+    config = DSKDConfig(
+        backbone=backbone, teacher_weights="random", image_size=128, pyramid=pyramid
+    )
+    model = DSKD(config).eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, 128, 128))
     assert set(out) == {"teacher", "se", "sd"}
-    for pyramid in out.values():
-        shapes = [tuple(f.shape) for f in pyramid]
+    for pyramid_out in out.values():
+        shapes = [tuple(f.shape) for f in pyramid_out]
         assert shapes == [
-            (1, c, 128 // s, 128 // s) for c, s in zip(channels, (4, 8, 16), strict=True)
+            (1, c, 128 // s, 128 // s) for c, s in zip(channels, config.strides, strict=True)
         ]
+    assert model.df_embedding is not None  # the code stays at 1/32 either way
+    with torch.no_grad():
+        code = model.df_embedding(out["teacher"])
+    assert tuple(code.shape[-2:]) == (4, 4)
+
+
+def test_the_default_pyramid_keeps_its_weights_names() -> None:
+    """A checkpoint from before the pyramid switch must load: the default's keys are unchanged."""
+    keys = set(DSKD(DSKDConfig(teacher_weights="random", image_size=64)).state_dict())
+    assert {"decoder_student.stage16.0.conv1.weight", "decoder_student.stage4.1.bn2.bias"} <= keys
+    assert not any(k.startswith(("teacher.layer4", "encoder_student.layer4")) for k in keys)
+    deep = DSKD(DSKDConfig(teacher_weights="random", image_size=64, pyramid="8-16-32"))
+    assert "decoder_student.stage32.0.conv1.weight" in deep.state_dict()
+    assert "teacher.layer4.1.bn2.weight" in deep.state_dict()
 
 
 def test_resnet18_shapes_at_256_and_parameter_counts() -> None:
@@ -93,6 +114,15 @@ def test_signed_backbone_decoder_can_output_negative_values() -> None:
         {"df_input": "x"},
         {"level_fusion": "max"},
         {"image_size": 100},
+        {"loss_form": "mean"},
+        {"hard_mining": 1.0},
+        {"feature_norm": "whiten"},
+        {"distance": "l1"},
+        {"pyramid": "16-32-64"},
+        {"encoder_student": "vit"},
+        {"optimizer": "lbfgs"},
+        {"weight_decay": -1.0},
+        {"encoder_student": "resnet", "students": "sd"},
     ],
 )
 def test_bad_config_values_are_clear_errors(change: dict) -> None:
@@ -105,3 +135,41 @@ def test_config_round_trips_through_a_dict() -> None:
     assert DSKDConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match="unknown"):
         DSKDConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_standardized_features_are_compared_alike_in_loss_and_map() -> None:
+    torch.manual_seed(0)
+    config = DSKDConfig(teacher_weights="random", image_size=64, feature_norm="standardize")
+    model = DSKD(config).eval()
+    plain = DSKD(config.replace(feature_norm="none")).eval()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    statistics = model.feature_statistics()
+    assert len(statistics) == 3 and "feature_mean0" in model.state_dict()
+    assert "feature_mean0" not in plain.state_dict()  # the default model's weights are as before
+    for mean, std in statistics:
+        mean.uniform_(-1, 1), std.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        got, raw = model(x), plain(x)
+    for name in raw:  # the teacher's and both students' pyramids, each by the teacher's stats
+        for g, r, (mean, std) in zip(got[name], raw[name], statistics, strict=True):
+            torch.testing.assert_close(g, (r - mean) / std)
+
+
+@pytest.mark.parametrize("pyramid", ["4-8-16", "8-16-32"])
+def test_a_resnet_encoder_student_gives_the_teachers_pyramid_shapes(pyramid: str) -> None:
+    config = DSKDConfig(
+        backbone="efficientnet_lite0", teacher_weights="random", image_size=64, pyramid=pyramid
+    )
+    model = DSKD(config.replace(encoder_student="resnet"))
+    assert any(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (7, 7)
+               for m in model.encoder_student.modules())  # ResNet's stem, not Lite's  # fmt: skip
+    with torch.no_grad():
+        out = model.eval()(torch.randn(2, 3, 64, 64))
+    assert [f.shape for f in out["se"]] == [f.shape for f in out["teacher"]]
+    assert all((f < 0).any() for f in out["se"])  # a linear read-out reaches signed teachers
+    # Sd's loss still reaches the new Se through DF (df_input=se).
+    model.train()
+    model(torch.randn(2, 3, 64, 64))["sd"][0].sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for p in model.encoder_student.parameters())  # fmt: skip

@@ -7,8 +7,20 @@ import torch
 from dskd_ray.checkpoint import load_checkpoint
 from dskd_ray.config import DSKDConfig
 from dskd_ray.errors import CheckpointError, DataError
+from dskd_ray.loss import distillation_loss
 from dskd_ray.model import DSKD
-from dskd_ray.train import make_optimizer, split_holdout, train, train_step
+from dskd_ray.scoring import Scorer, images_to_tensor
+from dskd_ray.synthetic_defects import defect_generator, synthesize_defects
+from dskd_ray.train import (
+    FEATURE_STD_FLOOR,
+    TeacherCache,
+    fit_feature_statistics,
+    hard_mining_share,
+    make_optimizer,
+    split_holdout,
+    train,
+    train_step,
+)
 
 
 def test_teacher_weights_and_batchnorm_statistics_do_not_change(tiny_config: DSKDConfig) -> None:
@@ -47,6 +59,107 @@ def test_each_switch_trains_and_the_loss_falls(switch: dict, tiny_config: DSKDCo
     x = torch.rand(4, 3, 64, 64)
     losses = [float(train_step(model, optimizer, x, None, config.grad_clip)) for _ in range(8)]
     assert losses[-1] < losses[0]
+
+
+def test_sgd_is_stfpms_optimiser(tiny_config: DSKDConfig) -> None:
+    config = tiny_config.replace(optimizer="sgd", lr=0.4, weight_decay=1e-3)
+    optimizer = make_optimizer(DSKD(config), config)
+    assert isinstance(optimizer, torch.optim.SGD)
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.4, 0.9, 1e-3)
+    assert isinstance(make_optimizer(DSKD(tiny_config), tiny_config), torch.optim.Adam)
+
+
+def test_hard_mining_share_ramps_in_over_the_first_tenth_of_the_run(
+    tiny_config: DSKDConfig,
+) -> None:
+    mined = tiny_config.replace(hard_mining=0.9)
+    shares = [hard_mining_share(mined, step, 400) for step in (0, 20, 40, 41, 399)]
+    assert shares == pytest.approx([0.0, 0.45, 0.9, 0.9, 0.9])
+    assert hard_mining_share(tiny_config, 399, 400) == 0.0  # off by default
+
+
+# Each of the students' switches (docs/design.md §1, §3) through the whole product path: the
+# config reaches the checkpoint, and the trained model scores finite, non-constant maps.
+STUDENT_SWITCHES = [
+    {"loss_form": "flat"},
+    {"hard_mining": 0.9},
+    {"loss_form": "flat", "hard_mining": 0.9, "students": "sd", "df_input": "teacher"},
+    {"feature_norm": "standardize"},
+    {"distance": "l2"},
+    {"feature_norm": "standardize", "distance": "l2", "students": "se"},
+    {"denoise": 0.5},
+    {"denoise": 1.0, "students": "sd", "df_input": "teacher"},
+    {"pyramid": "8-16-32"},
+    {"encoder_student": "resnet", "backbone": "efficientnet_lite0"},
+    {"optimizer": "sgd", "lr": 0.4, "weight_decay": 1e-3},
+]
+
+
+@pytest.mark.parametrize("switch", STUDENT_SWITCHES, ids=lambda s: "-".join(map(str, s.values())))
+def test_each_student_switch_trains_and_scores_finite_maps(
+    switch: dict, tmp_path: Path, normal_folder: Path, tiny_config: DSKDConfig
+) -> None:
+    config = tiny_config.replace(**switch)
+    result = train(config, str(normal_folder), str(tmp_path / "m.pt"), device="cpu")
+    assert all(np.isfinite(h.loss) for h in result.history)
+    checkpoint = load_checkpoint(tmp_path / "m.pt")
+    assert {k: getattr(checkpoint.config, k) for k in switch} == switch
+    if switch.get("feature_norm") == "standardize":  # fitted before training, kept
+        assert not torch.equal(checkpoint.state_dict["feature_std2"], torch.ones(1, 256, 1, 1))
+    images = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    scored = Scorer(checkpoint, device="cpu").score_batch(images)
+    assert np.isfinite(scored.maps).all() and np.isfinite(scored.scores).all()
+    assert np.ptp(scored.maps) > 0
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_feature_statistics_are_the_teachers_per_channel_moments_on_training_images(
+    cached: bool, tiny_config: DSKDConfig
+) -> None:
+    model = DSKD(tiny_config.replace(feature_norm="standardize"))
+    images = torch.from_numpy(
+        np.random.default_rng(0).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
+    )
+    cpu = torch.device("cpu")
+    cache = TeacherCache.build(model, images, cpu, 4) if cached else None
+    fit_feature_statistics(model, images, cache, cpu, batch_size=4)
+    with torch.no_grad():
+        teacher = model.teacher_features(model.normalize(images_to_tensor(images.numpy(), cpu)))
+    for level, (mean, std) in zip(teacher, model.feature_statistics(), strict=True):
+        want_mean = level.double().mean(dim=(0, 2, 3))
+        want_std = level.double().std(dim=(0, 2, 3), unbiased=False).clamp_min(FEATURE_STD_FLOOR)
+        torch.testing.assert_close(mean.flatten().double(), want_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(std.flatten().double(), want_std, rtol=1e-5, atol=1e-6)
+    # As compared, the teacher's training features are centred and of unit spread.
+    standardised = model.comparable({"teacher": teacher})["teacher"]
+    assert all(level.mean(dim=(0, 2, 3)).abs().max() < 1e-4 for level in standardised)
+
+
+@pytest.mark.parametrize(("students", "df_input"), [("both", "se"), ("sd", "teacher")])
+def test_denoising_students_see_the_defects_and_are_trained_towards_the_clean_teacher(
+    students: str, df_input: str, tiny_config: DSKDConfig
+) -> None:
+    config = tiny_config.replace(students=students, df_input=df_input, denoise=1.0)
+    torch.manual_seed(0)
+    model = DSKD(config).eval()  # eval: BatchNorm gives the same outputs on every call
+    clean = torch.rand(4, 3, 64, 64)
+    noisy, masks = synthesize_defects(clean, 1.0, defect_generator(0, 1, 1, 0, torch.device("cpu")))
+    assert (masks.flatten(1).amax(dim=1) > 0).all()
+    x, corrupted = model.normalize(clean), model.normalize(noisy)
+    with torch.no_grad():
+        target, seen_by_teacher = model.teacher_features(x), model.teacher_features(corrupted)
+        # What the decoder reads: Se's pyramid of the corrupted image, or the teacher's of it.
+        reads = seen_by_teacher if df_input == "teacher" else target
+        students_out = model.student_features(corrupted, reads)
+        want = distillation_loss(target, students_out)
+        wrong_target = distillation_loss(seen_by_teacher, students_out)
+        wrong_input = distillation_loss(target, model.student_features(x, target))
+    optimizer = torch.optim.SGD(model.student_parameters(), lr=0.0)
+    got = train_step(model, optimizer, x, target, None, corrupted=corrupted)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    assert abs(got.item() - wrong_target.item()) > 1e-4  # not the corrupted image's features
+    assert abs(got.item() - wrong_input.item()) > 1e-4  # and the students saw the defects
 
 
 def test_holdout_split_is_deterministic_and_disjoint() -> None:
@@ -116,10 +229,13 @@ def test_resume_continues_from_the_last_epoch(
         train(config, str(normal_folder), str(out), resume=True)
 
 
+@pytest.mark.parametrize(
+    "switches", [{}, {"denoise": 0.5, "hard_mining": 0.9, "feature_norm": "standardize"}]
+)
 def test_resumed_run_equals_uninterrupted_run(
-    tmp_path: Path, normal_folder: Path, tiny_config: DSKDConfig
+    tmp_path: Path, normal_folder: Path, tiny_config: DSKDConfig, switches: dict
 ) -> None:
-    config = tiny_config.replace(epochs=2)
+    config = tiny_config.replace(epochs=2, **switches)
     full = train(config, str(normal_folder), str(tmp_path / "full.pt")).checkpoint
 
     class Stop(Exception):

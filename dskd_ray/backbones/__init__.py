@@ -1,4 +1,5 @@
-"""Backbones that give a three-level feature pyramid (strides 4, 8, 16) and how to load them.
+"""Backbones that give a three-level feature pyramid (strides 4, 8, 16, or 8, 16, 32) and how
+to load them.
 
 A teacher is a trunk with pretrained weights, frozen; an encoder student is the same trunk,
 freshly initialised. `build_trunk` makes either; `load_teacher_weights` fills a teacher.
@@ -18,6 +19,8 @@ from dskd_ray.backbones.resnet import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     RESNET_CHANNELS,
+    RESNET_STAGE_CHANNELS,
+    ResNetStudent,
     ResNetTrunk,
     torchvision_imagenet_state_dict,
 )
@@ -44,29 +47,41 @@ class BackboneSpec:
     signed: bool
 
 
-def backbone_spec(name: str) -> BackboneSpec:
+def backbone_spec(name: str, strides: tuple[int, int, int] = (4, 8, 16)) -> BackboneSpec:
+    """The backbone's pyramid at `strides` (config.strides): channels, input normalisation."""
     if name in RESNET_CHANNELS:
-        return BackboneSpec(RESNET_CHANNELS[name], IMAGENET_MEAN, IMAGENET_STD, signed=False)
+        channels = tuple(RESNET_STAGE_CHANNELS[name][s] for s in strides)
+        return BackboneSpec(channels, IMAGENET_MEAN, IMAGENET_STD, signed=False)  # type: ignore[arg-type]
     if name in LITE_BACKBONES:
         from dskd_ray.backbones.efficientnet_lite import LITE_MEAN, LITE_STD, LITE_VARIANTS
 
-        channels = LITE_VARIANTS[LITE_BACKBONES[name]].pyramid_channels
-        return BackboneSpec(channels, LITE_MEAN, LITE_STD, signed=True)
+        channels = LITE_VARIANTS[LITE_BACKBONES[name]].level_channels(strides)
+        return BackboneSpec(channels, LITE_MEAN, LITE_STD, signed=True)  # type: ignore[arg-type]
     raise ConfigError(f"unknown backbone {name!r}")
 
 
-def build_trunk(name: str, student: bool) -> nn.Module:
-    """The pyramid trunk; a student gets the training-friendly BatchNorm settings
-    (docs/design.md §3)."""
+def build_trunk(name: str, student: bool, strides: tuple[int, int, int] = (4, 8, 16)) -> nn.Module:
+    """The pyramid trunk, run to the deepest of `strides`; a student gets the training-friendly
+    BatchNorm settings (docs/design.md §3)."""
     if name in RESNET_CHANNELS:
-        return ResNetTrunk(name)
+        return ResNetTrunk(name, strides)
     if name in LITE_BACKBONES:
         from dskd_ray.backbones.efficientnet_lite import EfficientNetLiteTrunk
 
         # Lite's own BN momentum (0.01) barely moves in a few hundred steps.
         momentum = 0.1 if student else 0.01
-        return EfficientNetLiteTrunk(LITE_BACKBONES[name], momentum, drop_connect_rate=0.0)
+        return EfficientNetLiteTrunk(LITE_BACKBONES[name], momentum, 0.0, strides)
     raise ConfigError(f"unknown backbone {name!r}")
+
+
+def build_encoder_student(
+    kind: str, backbone: str, strides: tuple[int, int, int] = (4, 8, 16)
+) -> nn.Module:
+    """Se: a fresh copy of the teacher's trunk ("teacher"), or a fresh ResNet18-style forward
+    network read out to the teacher's channels at the same strides ("resnet")."""
+    if kind == "resnet":
+        return ResNetStudent(backbone_spec(backbone, strides).channels, strides)
+    return build_trunk(backbone, student=True, strides=strides)
 
 
 def _read_state_dict(source: str) -> tuple[dict[str, torch.Tensor], str]:

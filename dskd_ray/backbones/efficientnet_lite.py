@@ -87,15 +87,26 @@ class LiteVariant:
     def num_blocks(self) -> int:
         return sum(s.repeats for s in self.stages)
 
+    # The stage whose last block gives each stride's level (stages 1, 2, 4 and 6 end at strides
+    # 4, 8, 16 and 32; stages 3 and 5 are inside a level).
+    LEVEL_STAGES = {4: 1, 8: 2, 16: 4, 32: 6}
+
+    def level_blocks(self, strides: tuple[int, ...]) -> tuple[int, ...]:
+        """Index of the last block of the stage that ends each stride's level."""
+        ends = list(itertools.accumulate(s.repeats for s in self.stages))
+        return tuple(ends[self.LEVEL_STAGES[s]] - 1 for s in strides)
+
+    def level_channels(self, strides: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(self.stages[self.LEVEL_STAGES[s]].out_ch for s in strides)
+
     @property
     def pyramid_blocks(self) -> tuple[int, int, int]:
         """Index of the last block of the stride-4, -8 and -16 stages (the pyramid's levels)."""
-        ends = list(itertools.accumulate(s.repeats for s in self.stages))
-        return ends[1] - 1, ends[2] - 1, ends[4] - 1
+        return self.level_blocks((4, 8, 16))  # type: ignore[return-value]
 
     @property
     def pyramid_channels(self) -> tuple[int, int, int]:
-        return self.stages[1].out_ch, self.stages[2].out_ch, self.stages[4].out_ch
+        return self.level_channels((4, 8, 16))  # type: ignore[return-value]
 
     @property
     def package(self) -> str:
@@ -245,9 +256,9 @@ class _LiteBody(nn.Module):
                 )
         self.blocks = nn.ModuleList(blocks)
 
-    def _pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def _pyramid(self, x: torch.Tensor, ends: tuple[int, ...] | None = None) -> list[torch.Tensor]:
         x = F.relu6(self.stem_bn(self.stem_conv(x)))  # (B, 32, H/2, W/2)
-        ends = self.variant.pyramid_blocks
+        ends = ends or self.variant.pyramid_blocks
         levels: list[torch.Tensor] = []
         for idx in range(ends[-1] + 1):
             x = self.blocks[idx](x)
@@ -287,17 +298,23 @@ class EfficientNetLite(_LiteBody):
 
 
 class EfficientNetLiteTrunk(_LiteBody):
-    """Stem and the blocks up to the stride-16 level only: the teacher / encoder-student trunk."""
+    """Stem and the blocks up to the deepest level's only (stride 16, or 32 for the 8-16-32
+    pyramid): the teacher / encoder-student trunk."""
 
     def __init__(
-        self, variant: str = "lite0", bn_momentum: float = 0.01, drop_connect_rate: float = 0.0
+        self,
+        variant: str = "lite0",
+        bn_momentum: float = 0.01,
+        drop_connect_rate: float = 0.0,
+        strides: tuple[int, ...] = (4, 8, 16),
     ) -> None:
         spec = LITE_VARIANTS[variant]
-        super().__init__(spec, spec.pyramid_blocks[-1] + 1, bn_momentum, drop_connect_rate)
-        self.channels = spec.pyramid_channels
+        self.ends = spec.level_blocks(strides)
+        super().__init__(spec, self.ends[-1] + 1, bn_momentum, drop_connect_rate)
+        self.channels = spec.level_channels(strides)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self._pyramid(x)
+        return self._pyramid(x, self.ends)
 
 
 class EfficientNetLite0(EfficientNetLite):
