@@ -207,6 +207,27 @@ def test_adding_the_memory_to_trained_students_equals_training_with_it(
         add_memory(students, str(textures), _config(lr=0.1), device="cpu")
 
 
+@pytest.mark.parametrize("switches", [{"pyramid": "8-16-32"}, {"feature_norm": "standardize"}])
+def test_the_memory_holds_the_raw_teachers_stride_8_and_16_whatever_the_students_distil(
+    textures: Path, tmp_path: Path, switches: dict[str, str]
+) -> None:
+    """The students' switches change what they compare (a pyramid 8-16-32, standardised
+    channels), never the memory: the bank is fitted from, and scoring searches with, the raw
+    teacher's stride-8 and stride-16 patches. With every training patch in the bank, a training
+    image's memory member is zero everywhere on the scoring path."""
+    config = _config(memory_size=10_000, **switches)
+    ckpt = train(config, str(textures), str(tmp_path / "m.pt"), device="cpu").checkpoint
+    model = ckpt.build_model()
+    assert ckpt.state_dict["memory.bank"].shape == (8 * 64, 384)  # every patch: 128 + 256 ch
+    from dskd_ray.data import load_images
+
+    decoded, _, _ = load_images(plan_training(str(textures), config).train_uris, 64)
+    with torch.no_grad():
+        members = model.members(images_to_tensor(decoded, "cpu"))
+    assert len(members) == 3 and float(members[-1].abs().max()) < 1e-3
+    assert float(members[0].abs().max()) > 1e-2  # the students' members are not
+
+
 # --- the checkpoint's bank ----------------------------------------------------------------------
 
 
