@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -28,7 +26,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dskd_ray import tiling
-from dskd_ray.batch_attempts import Attempts, score_guarded
+from dskd_ray.batch_attempts import (
+    Attempts,
+    clean_stale_scratch,
+    remove_run_scratch,
+    score_guarded,
+)
 from dskd_ray.config import ScoringOptions
 from dskd_ray.decoder_process import DecoderCrashed, shared_decoder
 from dskd_ray.drift import run_drift
@@ -272,14 +275,18 @@ class ScoringActor:
         precision: str = "fp32",
         compile: bool = False,
         graph: list | None = None,
-        attempts_dir: str | None = None,
+        run_id: str | None = None,
     ) -> None:
         import torch
 
         from dskd_ray.checkpoint import Checkpoint
 
-        # On Ray: a batch that kills this actor twice is scored image by image (batch_attempts).
-        self.attempts = Attempts(attempts_dir) if attempts_dir else None
+        # On Ray: a batch that kills this actor twice is scored image by image, counted in this
+        # node's scratch folder (batch_attempts), where a killed run's leftovers are cleaned.
+        self.attempts = None
+        if run_id is not None:
+            clean_stale_scratch()
+            self.attempts = Attempts.for_run(run_id)
 
         # Ray sets OMP_NUM_THREADS=1 in actors (docs/design.md §7): ask for the threads we want.
         torch.set_num_threads(threads)
@@ -844,7 +851,6 @@ def score_images(
 
 
 def _in_process(images: int, options: ScoringOptions, address: str | None) -> bool:
-    import os
     import sys
 
     if images > options.in_process_max or address or os.environ.get("RAY_ADDRESS"):
@@ -887,8 +893,6 @@ def _run_in_process(
 ) -> _Progress:
     """The pipeline's three stages, one block after the other, in this process: a handful of
     images is scored in seconds, where starting Ray and an actor takes half a minute."""
-    import os
-
     del address
     if options.device.startswith("cuda"):
         device = options.device
@@ -951,8 +955,7 @@ def _run_pipeline(
     backend, graph = _choose_backend(options, plan.device, table.num_rows, checkpoint)
     graph_ref = None if graph is None else ray.put(graph)  # exported and checked once, here
     del graph
-    # Where scoring actors count the attempts that died (batch_attempts), on each node's disk.
-    attempts_dir = os.path.join(tempfile.gettempdir(), "dskd_ray", f"run-{run_id}", "scoring")
+    clean_stale_scratch()  # what killed runs left on this node (the actors clean theirs)
     progress = _Progress(start=time.perf_counter(), backend=backend)
     ds = (
         ray.data.from_arrow(blocks)
@@ -982,7 +985,7 @@ def _run_pipeline(
                 "precision": options.precision,
                 "compile": options.compile,
                 "graph": None if graph_ref is None else [graph_ref],
-                "attempts_dir": attempts_dir,
+                "run_id": run_id,  # the actors count attempts in its scratch folder
             },
         )
         .map_batches(
@@ -999,14 +1002,21 @@ def _run_pipeline(
             },
         )
     )
+    batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    ended_well = False
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for batch in batches:
             statuses = batch["status"].to_pylist()
             counts["ok"] += statuses.count("ok")
             counts["error"] += len(statuses) - statuses.count("ok")
             writer.write(batch)
             progress.update(batch.num_rows, table.num_rows)
+        ended_well = True
     finally:
-        shutil.rmtree(os.path.dirname(attempts_dir), ignore_errors=True)  # this node's
+        # A run that stops early (Ctrl-C, a failure) shuts its pipeline down now, its actors
+        # killed, rather than when the iterator is collected.
+        batches.close()
+        # This node's scratch; where actors end well they leave none (batch_attempts).
+        remove_run_scratch(run_id, linger_s=0.0 if ended_well else 2.0)
     del checkpoint_ref, graph_ref
     return progress

@@ -28,7 +28,14 @@ import torch
 from fsspec.core import url_to_fs
 from PIL import Image
 
-from conftest import broken_files, good_files, make_bucket, texture, write_textures
+from conftest import (
+    broken_files,
+    good_files,
+    make_bucket,
+    texture,
+    write_textures,
+)
+from dskd_ray.batch_attempts import SCRATCH_DIR
 from dskd_ray.batch_scoring import ScoringOptions, dry_run, plan_pool, score_images
 from dskd_ray.checkpoint import Threshold, make_checkpoint, save_checkpoint
 from dskd_ray.config import DSKDConfig
@@ -476,8 +483,30 @@ def _pids(pattern: str) -> list[int]:
     return found
 
 
+def _own_temp_dir(tmp_path: Path, env: dict[str, str] | None = None) -> tuple[dict[str, str], Path]:
+    """(`env` or this environment, with a temp directory of the test's own for the `dskd score`
+    process and, through the job's runtime_env, its Ray workers; that directory)."""
+    import json
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = dict(os.environ if env is None else env)
+    job = json.loads(env.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    job.setdefault("runtime_env", {}).setdefault("env_vars", {})["TMPDIR"] = str(temp)
+    return env | {"TMPDIR": str(temp), "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job)}, temp
+
+
+def _check_no_scratch_left(temp: Path) -> None:
+    """A run leaves nothing of ours in the temp directory; above all no folder named like the
+    package, which shadows the installed one for anyone whose working directory it is (issue
+    25). (torch leaves its own caches there, `torchinductor_<user>`.)"""
+    ours = [p.name for p in temp.iterdir() if "dskd" in p.name.lower()]
+    assert ours == [], (ours, list((temp / SCRATCH_DIR).rglob("*")))
+
+
 def _score_and_kill(ray_cluster, tmp_path: Path, blobs: dict[str, bytes], pattern: str,  # noqa: ANN001
-                    ready: Callable[[], bool]) -> tuple[list[int], subprocess.CompletedProcess]:  # fmt: skip
+                    ready: Callable[[], bool], env: dict[str, str] | None = None,
+                    ) -> tuple[list[int], subprocess.CompletedProcess]:  # fmt: skip
     """A real `dskd score` job on the session's Ray; SIGKILL the first process whose title
     contains `pattern` once `ready()` says so. Returns (killed pids, the job's result)."""
     model, _ = make_model(tmp_path)
@@ -485,7 +514,7 @@ def _score_and_kill(ray_cluster, tmp_path: Path, blobs: dict[str, bytes], patter
         [sys.executable, "-m", "dskd_ray.cli", "score", str(tmp_path / "images"), "--model",
          str(model), "--out", str(tmp_path / "out"), "--address",
          ray_cluster.get_runtime_context().gcs_address, "--batch-size", "4"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     killed: list[int] = []
     deadline = time.time() + 900  # a guard against a hang, not a timing: shared CI is slow
@@ -538,16 +567,19 @@ def test_a_scoring_actor_killed_mid_run_still_commits_one_row_per_image(
 ) -> None:
     """SIGKILL the scoring actor once its first maps are written: Ray restarts it (the model
     loads again) and retries its batch; the run commits every image exactly once, and does not
-    hang on the dead actor of its one-actor pool."""
+    hang on the dead actor of its one-actor pool. The attempt counters it kept on the node's
+    disk are gone at the end."""
     blobs = _write_images(tmp_path / "images", 24)
     maps = tmp_path / "out" / "maps"
+    env, temp = _own_temp_dir(tmp_path)
     killed, result = _score_and_kill(
         ray_cluster, tmp_path, blobs, "MapBatches(ScoringActor)",
-        lambda: maps.is_dir() and any(maps.rglob("*.png")),
+        lambda: maps.is_dir() and any(maps.rglob("*.png")), env,
     )  # fmt: skip
     assert killed, f"no scoring actor was seen to kill:\n{result.stderr[-3000:]}"
     assert len(list(maps.rglob("*.png"))) < 2 * len(blobs)
     _check_one_row_each(tmp_path, blobs, result)
+    _check_no_scratch_left(temp)
 
 
 def test_a_decode_worker_killed_mid_task_still_commits_one_row_per_image(
