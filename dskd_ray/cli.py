@@ -346,6 +346,7 @@ def train(
     With --workers N it runs on Ray Train (DDP over the students, one image shard per worker),
     checkpoints every epoch to --storage-path/--run-name, and resumes when run again.
     """
+    global _interrupt_note
     _setup_logging(verbose)
     from dskd_ray.train import train as run_training
 
@@ -381,8 +382,20 @@ def train(
         logging.getLogger("dskd_ray.distributed").setLevel(logging.INFO)
         result = train_distributed(config, data, out, options)
     else:
-        with _ProgressBar(Path(data).name or data) as bar:
-            result = run_training(config, data, out, device=device, resume=resume, on_progress=bar)
+        from dskd_ray.checkpoint import checkpoint_exists
+
+        had_out = checkpoint_exists(out) and not resume  # a file this run may not have written
+        try:
+            with _ProgressBar(Path(data).name or data) as bar:
+                result = run_training(
+                    config, data, out, device=device, resume=resume, on_progress=bar
+                )
+        except KeyboardInterrupt:
+            if not had_out and checkpoint_exists(out):  # written after a whole epoch
+                _interrupt_note = (
+                    f"; {out} holds the last whole epoch: the same command with --resume goes on"
+                )
+            raise
     ckpt = result.checkpoint
     if result.skipped:
         _echo(f"skipped {len(result.skipped)} unreadable image(s): see the warnings above")
@@ -819,9 +832,14 @@ def main() -> None:
         raise
 
 
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process Ctrl-C ended
+
+
 def _main() -> None:
     try:
-        app(standalone_mode=False)
+        # Without standalone mode typer *returns* the code of an Exit it caught, and it turns
+        # Ctrl-C (KeyboardInterrupt) into Exit(130): a returned code is the run's own.
+        code = app(standalone_mode=False)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
@@ -839,8 +857,7 @@ def _main() -> None:
     except FileExistsError as e:
         _fail(e, str(e))
     except KeyboardInterrupt:
-        typer.echo("dskd: interrupted", err=True)
-        sys.exit(130)
+        _interrupted()
     except Exception as e:
         from dskd_ray.storage import describe_failure, is_storage_failure
 
@@ -848,6 +865,19 @@ def _main() -> None:
             raise
         # A storage failure the library did not name a URI for: still one line.
         _fail(e, f"storage failure: {describe_failure(e)}")
+    if code == INTERRUPTED:
+        _interrupted()
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def _interrupted() -> None:
+    """Ctrl-C: one line, and the shell's code for it, so `dskd train … && dskd export …` stops."""
+    typer.echo(f"dskd: interrupted{_interrupt_note}", err=True)
+    sys.exit(INTERRUPTED)
+
+
+_interrupt_note = ""  # set by a command that can say what an interruption leaves behind
 
 
 def _fail(error: BaseException, message: str) -> None:

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import signal
 import struct
+import subprocess
 import sys
+import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +134,34 @@ def normal_folder(tmp_path: Path) -> Path:
 @pytest.fixture(autouse=True)
 def _quiet_random_teacher_warning(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="dskd_ray")
+
+
+# --- Ctrl-C as a terminal sends it -----------------------------------------------------------
+
+
+def interrupted(args: list[str], ready: Callable[[str], bool], tmp_path: Path,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """Run `dskd ARGS` as a terminal runs it (a process group of its own) and press Ctrl-C:
+    SIGINT to the whole group once `ready(stderr so far)` says so."""
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        job = subprocess.Popen(
+            [sys.executable, "-m", "dskd_ray.cli", *args], stdout=subprocess.PIPE, stderr=err,
+            text=True, start_new_session=True, env=env,
+        )  # fmt: skip
+        try:
+            deadline = time.time() + 600
+            while not ready(log.read_text()):
+                assert job.poll() is None, f"it ended before Ctrl-C:\n{log.read_text()}"
+                assert time.time() < deadline, log.read_text()
+                time.sleep(0.05)
+            os.killpg(job.pid, signal.SIGINT)
+            stdout, _ = job.communicate(timeout=300)
+        finally:
+            if job.poll() is None:
+                job.kill()
+                job.wait()
+    return subprocess.CompletedProcess(job.args, job.returncode, stdout, log.read_text())
 
 
 def _free_port() -> int:

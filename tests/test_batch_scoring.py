@@ -31,6 +31,7 @@ from PIL import Image
 from conftest import (
     broken_files,
     good_files,
+    interrupted,
     make_bucket,
     texture,
     write_textures,
@@ -579,6 +580,27 @@ def test_a_scoring_actor_killed_mid_run_still_commits_one_row_per_image(
     assert killed, f"no scoring actor was seen to kill:\n{result.stderr[-3000:]}"
     assert len(list(maps.rglob("*.png"))) < 2 * len(blobs)
     _check_one_row_each(tmp_path, blobs, result)
+    _check_no_scratch_left(temp)
+
+
+def test_ctrl_c_on_ray_exits_130_commits_nothing_and_leaves_no_scratch(
+    ray_cluster,
+    tmp_path: Path,  # noqa: ANN001
+) -> None:
+    """Ctrl-C once the first maps are written: one line, exit 130 (a script or a scheduler
+    must not carry on), no manifest, and no scratch folder left in the temp directory."""
+    _write_images(tmp_path / "images", 48)
+    model, _ = make_model(tmp_path)
+    out = tmp_path / "out"
+    env, temp = _own_temp_dir(tmp_path)
+    result = interrupted(
+        ["score", str(tmp_path / "images"), "--model", str(model), "--out", str(out),
+         "--address", ray_cluster.get_runtime_context().gcs_address, "--batch-size", "4"],
+        lambda _: (out / "maps").is_dir() and any((out / "maps").rglob("*.png")), tmp_path, env,
+    )  # fmt: skip
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == "dskd: interrupted"
+    assert "committed" not in result.stdout and not (out / "_manifests").exists()
     _check_no_scratch_left(temp)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import write_textures
+from conftest import interrupted, write_textures
 
 # A random teacher at 64² for one epoch: seconds, enough to exercise the command paths.
 TINY_TRAIN = [
@@ -371,3 +371,44 @@ def test_the_exit_code_survives_a_teardown_that_aborts(
     )
     assert done.returncode == code, done.stderr
     assert hook.read_text() == "ran"
+
+
+# --- Ctrl-C: exit 130 and one line, never 0 (issue 24) -----------------------------------------
+
+
+def test_ctrl_c_during_training_exits_130_and_keeps_the_last_whole_epoch(tmp_path: Path) -> None:
+    from dskd_ray.checkpoint import load_checkpoint
+
+    write_textures(tmp_path / "imgs", 8)
+    out = tmp_path / "m.pt"
+    # The encoder student alone: the smallest model, whose epoch still takes a while.
+    train = ["train", str(tmp_path / "imgs"), "--out", str(out), *TINY_TRAIN, "--epochs", "6",
+             "--students", "se"]  # fmt: skip
+    result = interrupted(train, lambda _: out.exists(), tmp_path)  # once epoch 1 is saved
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"dskd: interrupted; {out} holds the last whole epoch: the same command with --resume "
+        "goes on"
+    )
+    assert "Traceback" not in result.stderr and "checkpoint:" not in result.stdout
+    saved = load_checkpoint(out).training
+    assert not saved.get("complete") and 1 <= saved["epoch"] < 6
+    resumed = dskd(*train, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    done = load_checkpoint(out).training
+    assert done["complete"] and done["resumed_at"] == [saved["epoch"]]
+
+
+def test_ctrl_c_during_scoring_in_process_exits_130_and_commits_nothing(tmp_path: Path) -> None:
+    good, _ = save_tiny_models(tmp_path)
+    write_textures(tmp_path / "imgs", 48)
+    out = tmp_path / "out"
+    result = interrupted(
+        ["score", str(tmp_path / "imgs"), "--model", str(good), "--out", str(out), "-v",
+         "--batch-size", "4"],
+        lambda err: "scoring 48 images in this process" in err, tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "dskd: interrupted"
+    assert "Traceback" not in result.stderr and "committed" not in result.stdout
+    assert not (out / "_manifests").exists()
