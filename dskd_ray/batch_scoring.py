@@ -56,6 +56,7 @@ from dskd_ray.storage import (
     ListingStats,
     canonical_uri,
     check_output,
+    check_writable,
     iter_images,
     join_uri,
     map_uri,
@@ -719,6 +720,7 @@ def dry_run(
     options = options or ScoringOptions()
     options.validate()
     check_output(input_uri, output)
+    check_writable(output)  # what the real run would find only after scoring every image
     start = time.perf_counter()
     model_id = load_checkpoint(model).model_id
     listing_start = time.perf_counter()
@@ -761,6 +763,7 @@ def score_images(
     options = options or ScoringOptions()
     options.validate()  # before Ray starts, not inside an actor
     check_output(input_uri, output)
+    check_writable(output)  # before a night of scoring, not after it
     start = time.perf_counter()
     started_at = utc_now()
     checkpoint = load_checkpoint(model)

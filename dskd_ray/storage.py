@@ -17,6 +17,7 @@ import posixpath
 import queue
 import random
 import re
+import secrets
 import tempfile
 import threading
 import time
@@ -212,6 +213,47 @@ def _write_local(target: Path, data: bytes, durable: bool) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+WRITE_PROBE = "_dskd-write-probe-"  # the marker object's name under an output, then a token
+
+
+def check_writable(uri: str) -> None:
+    """Write a small marker object under `uri` and remove it, or raise StorageError naming
+    `uri` and the cause: an output that cannot be written (a folder the process may not write,
+    a bucket that does not exist, a key pair denied s3:PutObject) is found before a night of
+    scoring, not after it. Folders the marker needed locally are removed with it, so a dry run
+    leaves nothing behind. A marker that cannot be removed (a key allowed to put but not to
+    delete) is left, with a warning: writing is what the run needs."""
+    fs, path = filesystem(uri)
+    created: list[str] = []  # local folders that did not exist, deepest first
+    if is_local(fs):
+        folder = path
+        while folder and not os.path.lexists(folder) and folder != os.path.dirname(folder):
+            created.append(folder)
+            folder = os.path.dirname(folder)
+    marker = join_uri(to_uri(fs, path), f"{WRITE_PROBE}{secrets.token_hex(6)}")
+    try:
+        write_object(marker, b"dskd_ray: can this output be written?\n")
+    except Exception as e:
+        _remove_folders(created)
+        if isinstance(e, DSKDError) or not is_storage_failure(e):
+            raise
+        cause = describe_failure(e)
+        if isinstance(e, OSError) and e.strerror and is_local(fs):  # not the chain of mkdirs
+            cause = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+        raise StorageError(f"cannot write to the output {uri}: {cause}") from e
+    try:
+        with_retries(lambda: fs.rm_file(filesystem(marker)[1]), f"remove {marker}")
+    except Exception as e:  # noqa: BLE001 - the output is writable: that is what was asked
+        log.warning("could not remove the write probe %s: %s", marker, describe_failure(e))
+    _remove_folders(created)
+
+
+def _remove_folders(folders: list[str]) -> None:
+    for folder in folders:  # deepest first; each empty unless someone else wrote there
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
 
 
 def exists(uri: str) -> bool:

@@ -412,3 +412,20 @@ def test_ctrl_c_during_scoring_in_process_exits_130_and_commits_nothing(tmp_path
     assert result.stderr.strip().splitlines()[-1] == "dskd: interrupted"
     assert "Traceback" not in result.stderr and "committed" not in result.stdout
     assert not (out / "_manifests").exists()
+
+
+# --- an output that cannot be written: found before anything is listed (issue 24) ---------------
+
+
+def test_an_output_that_cannot_be_written_is_one_line_before_listing(tmp_path: Path) -> None:
+    """INPUT and the model do not exist either: the output is probed first, in the dry run too
+    (the real run used to score every image, then fail writing)."""
+    (tmp_path / "a-file").write_text("in the way")
+    for out, cause in [
+        ("/sys/dskd-out", "Operation not permitted: /sys/dskd-out"),
+        (f"{tmp_path}/a-file/out", f"Not a directory: {tmp_path}/a-file/out"),
+    ]:
+        for dry in ([], ["--dry-run"]):
+            result = dskd("score", str(tmp_path / "nowhere"), "--model", str(tmp_path / "absent.pt"),
+                          "--out", out, *dry)  # fmt: skip
+            one_line_error(result, 1, f"cannot write to the output {out}: {cause}")

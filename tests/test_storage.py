@@ -99,3 +99,28 @@ def test_s3_listing_pages_and_shards_find_every_key_once(s3_server: dict) -> Non
     # The output inside the input is left out, as for local folders.
     rest = [e for e in iter_images("s3://st-listing/plant", exclude="s3://st-listing/plant/big")]
     assert sum(e is not None for e in rest) == len(keys) - 1100
+
+
+# --- the output's write probe (issue 24) -------------------------------------------------------
+
+
+def test_the_write_probe_leaves_nothing_and_names_an_output_it_cannot_write(
+    tmp_path: Path,
+) -> None:
+    from dskd_ray.errors import StorageError
+    from dskd_ray.storage import check_writable
+
+    check_writable(str(tmp_path / "new" / "deeper" / "out"))  # folders made for the probe…
+    assert list(tmp_path.iterdir()) == []  # …are removed with it
+    (tmp_path / "out").mkdir()
+    check_writable(str(tmp_path / "out"))
+    assert list((tmp_path / "out").iterdir()) == []
+    (tmp_path / "a-file").write_text("in the way")
+    with pytest.raises(StorageError) as e:
+        check_writable(str(tmp_path / "a-file" / "out"))
+    assert str(e.value) == (
+        f"cannot write to the output {tmp_path}/a-file/out: Not a directory: {tmp_path}/a-file/out"
+    )
+    # A folder no process may write (root included): the cause, and nothing left behind.
+    with pytest.raises(StorageError, match=r"output /sys/dskd-probe/out: Operation not permitted"):
+        check_writable("/sys/dskd-probe/out")
