@@ -94,7 +94,41 @@ def test_loading_never_runs_pickled_code(tmp_path: Path) -> None:
         pickle.dump({"format": "dskd_ray.checkpoint/1", "x": _Evil()}, f)
     with pytest.raises(CheckpointError):
         load_checkpoint(tmp_path / "evil.pt")
+    torch.save({"format": "dskd_ray.checkpoint/4", "x": _Evil()}, tmp_path / "evil-zip.pt")
+    with pytest.raises(CheckpointError, match="PyTorch could not read it"):
+        load_checkpoint(tmp_path / "evil-zip.pt")
     assert not target.exists()
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named_in_one_line(tmp_path: Path) -> None:
+    """An ONNX graph, an image, JSON, a pickle as --model: what it looks like, in one line, and
+    no word of PyTorch's advice to load with weights_only=False (which runs pickled code)."""
+    import io
+
+    from PIL import Image
+
+    onnx = b"\x08\x0e\x12\x07pytorch\x1a\x052.14:\x00"  # how a ModelProto starts
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(jpeg, format="JPEG")
+    files = {
+        "model.onnx": (onnx, "an ONNX file"),
+        "exported.pt": (onnx, "an ONNX file"),  # by its bytes, whatever its name
+        "photo.pt": (jpeg.getvalue(), "a JPEG image"),
+        "config.json": (b'{"backbone": "resnet18"}', "JSON"),
+        "model.pkl": (pickle.dumps({"state_dict": {}}), "a Python pickle"),
+        "empty.pt": (b"", "an empty file"),
+        "notes.pt": (b"trained on line 3\n", "a text file"),
+    }
+    for name, (data, kind) in files.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError) as refused:
+            load_checkpoint(tmp_path / name)
+        assert str(refused.value) == (
+            f"{tmp_path / name} is not a dskd_ray checkpoint (this looks like {kind})"
+        )
+    (tmp_path / "noise.pt").write_bytes(bytes(range(256)))
+    with pytest.raises(CheckpointError, match=r"noise.pt is not a dskd_ray checkpoint \(not a"):
+        load_checkpoint(tmp_path / "noise.pt")
 
 
 def test_failed_save_leaves_the_previous_checkpoint(

@@ -429,3 +429,12 @@ def test_an_output_that_cannot_be_written_is_one_line_before_listing(tmp_path: P
             result = dskd("score", str(tmp_path / "nowhere"), "--model", str(tmp_path / "absent.pt"),
                           "--out", out, *dry)  # fmt: skip
             one_line_error(result, 1, f"cannot write to the output {out}: {cause}")
+
+
+def test_an_onnx_file_as_model_is_one_line_without_unsafe_advice(tmp_path: Path) -> None:
+    (tmp_path / "washer.onnx").write_bytes(b"\x08\x0e\x12\x07pytorch:\x00")
+    write_textures(tmp_path / "imgs", 1)
+    result = dskd("predict", str(tmp_path / "imgs" / "000.png"), "--model",
+                  str(tmp_path / "washer.onnx"), "--out", str(tmp_path / "pred"))  # fmt: skip
+    one_line_error(result, 1, "washer.onnx is not a dskd_ray checkpoint (this looks like an ONNX")
+    assert "weights_only" not in result.stderr
