@@ -691,14 +691,19 @@ def export(
             "default: 4 synthetic images)"
         ),
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Replace an existing --out file that is not an ONNX graph"),
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
 ) -> None:
     """Export the scoring graph to ONNX: images in [0, 1] → anomaly_map and score, exactly as
     `dskd score` computes them. Checked against PyTorch before it is written; a graph that
     scores differently is never written."""
     _setup_logging(verbose)
-    from dskd_ray.export import export_onnx
+    from dskd_ray.export import check_export_target, export_onnx
 
+    check_export_target(model, out, force)  # before the check images are read
     images = None
     if check_images is not None:
         from dskd_ray.checkpoint import load_checkpoint
@@ -708,7 +713,7 @@ def export(
         images, _, _ = load_images(list_images(check_images)[:16], size)
         if not len(images):
             raise DSKDError(f"--check-images {check_images}: no readable images there")
-    result = export_onnx(model, out, images)
+    result = export_onnx(model, out, images, force=force)
     meta = result.metadata
     _echo(
         f"wrote {out}: model {meta['dskd_ray.model_id']}, {meta['dskd_ray.image_size']}² input, "

@@ -347,6 +347,17 @@ def _resolved(uri: str) -> tuple[type, str]:
     return type(fs), "/".join(p for p in path.split("/") if p)
 
 
+def same_place(a: str, b: str) -> bool:
+    """`a` and `b` name one file or object, however each is spelled (symlinks, "..", "//")."""
+    return _resolved(a) == _resolved(b)
+
+
+def read_head(uri: str, size: int) -> bytes:
+    """The first `size` bytes of an object (fewer if it is shorter), transient errors retried."""
+    fs, path = filesystem(uri)
+    return with_retries(lambda: fs.cat_file(path, start=0, end=size), f"read {uri}")
+
+
 def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
