@@ -93,7 +93,9 @@ def score_half(images: str, out: str, model_id: str, nights: int) -> None:
         writer.write(pa.table(columns, schema=RESULT_SCHEMA))
         files = writer.close()
         state, covers = latest_state(out, model_id)
-        write_index(out, model_id, run_id, fold(state, read_parts(out, files, model_id)), covers)
+        write_index(
+            out, model_id, run_id, fold(state, read_parts(out, files, model_id, run_id)), covers
+        )
         commit_run(out, run_id, files, model_id=model_id)
     state, _ = latest_state(out, model_id)
     assert pc.sum(pc.equal(state["status"], "ok")).as_py() == half.num_rows

@@ -826,7 +826,7 @@ def score_images(
         )
     del table
     # The index first, the manifest last: a committed run always has its index.
-    rows = read_parts(output, files, model_id)
+    rows = read_parts(output, files, model_id, run_id)
     write_index(output, model_id, run_id, fold(plan.state, rows), plan.covers)
     summary.seconds = time.perf_counter() - start
     summary.manifest = join_uri(output, manifest_path(run_id))

@@ -802,6 +802,10 @@ def results(
 
         path = write_gallery(output, report, run=run, top=top or GALLERY_TOP, since=since)
         _echo(f"report: {path}")
+    damaged = [r.damaged for r in summary.runs if r.damaged]
+    if damaged:  # the other runs are listed above; the exit code still says something is wrong
+        more = f" (and {len(damaged) - 1} more damaged run(s), listed above)" if damaged[1:] else ""
+        raise DSKDError(damaged[0] + more)
 
 
 _exit_code = 1  # what the process exits with if `main` never reaches its end

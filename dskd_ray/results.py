@@ -224,15 +224,36 @@ def _read_results(
     for run in _committed_runs(output):
         if model_id is not None and run.model_id not in (None, model_id):
             continue
-        for relative in run.files:
-            data = read_object(join_uri(output, relative))
-            tables.append(read_part(data, schema))
+        tables += [read_run_part(output, run.run_id, relative, schema) for relative in run.files]
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     if model_id is not None:
         table = table.filter(pc.equal(table["model_id"], model_id))
     if latest and table.num_rows:
         table = _latest_per_image(table)
     return table.select(wanted)
+
+
+class DamagedRunError(DataError):
+    """A committed run's part file is missing or cannot be read as Parquet."""
+
+    def __init__(self, run_id: str, part: str, cause: str) -> None:
+        super().__init__(f"run {run_id} is damaged: its result part {part} {cause}")
+        self.run_id, self.part, self.cause = run_id, part, cause
+
+
+def read_run_part(output: str, run_id: str, relative: str, schema: pa.Schema) -> pa.Table:
+    """`read_part` of one part file a committed run's manifest names; DamagedRunError naming the
+    file when it is missing or is not readable Parquet (truncated, overwritten, bit rot)."""
+    uri = join_uri(output, relative)
+    try:
+        data = read_object(uri)
+    except FileNotFoundError:
+        raise DamagedRunError(run_id, uri, "is missing") from None
+    try:
+        return read_part(data, schema)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        why = " ".join(str(e).split())
+        raise DamagedRunError(run_id, uri, f"cannot be read as Parquet ({why})") from e
 
 
 def read_part(data: bytes, schema: pa.Schema) -> pa.Table:

@@ -21,7 +21,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dskd_ray.results import MANIFEST_FORMAT, MANIFESTS_DIR, RESULT_SCHEMA
+from dskd_ray.results import (
+    MANIFEST_FORMAT,
+    MANIFESTS_DIR,
+    RESULT_SCHEMA,
+    DamagedRunError,
+    read_run_part,
+)
 from dskd_ray.storage import join_uri, list_folder, read_object, storage_errors, write_object
 
 log = logging.getLogger(__name__)
@@ -101,15 +107,19 @@ def _run_rows(output: str, model_id: str, run_id: str) -> pa.Table | None:
         model_id,
     ):
         return None
-    return read_parts(output, manifest.get("files", []), model_id)
+    try:
+        return read_parts(output, manifest.get("files", []), model_id, run_id)
+    except DamagedRunError as e:  # its images are scored again: better than no night at all
+        log.warning("%s; scoring its images as if it had not run", e)
+        return None
 
 
-def read_parts(output: str, files: list[dict], model_id: str) -> pa.Table:
-    """INDEX_COLUMNS of `model_id`'s rows in a run's part files (manifest entries)."""
+def read_parts(output: str, files: list[dict], model_id: str, run_id: str) -> pa.Table:
+    """INDEX_COLUMNS of `model_id`'s rows in run `run_id`'s part files (manifest entries)."""
+    schema = pa.schema([*INDEX_SCHEMA, RESULT_SCHEMA.field("model_id")])
     tables = []
     for f in files:
-        data = read_object(join_uri(output, f["path"]))
-        table = pq.read_table(io.BytesIO(data), columns=[*INDEX_COLUMNS, "model_id"])
+        table = read_run_part(output, run_id, f["path"], schema)
         table = table.filter(pc.equal(table["model_id"], model_id))
         tables.append(table.select(INDEX_COLUMNS).cast(INDEX_SCHEMA))
     return pa.concat_tables(tables) if tables else empty_state()

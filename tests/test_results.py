@@ -259,6 +259,68 @@ def test_bad_flags_are_one_line(tmp_path: Path) -> None:
     assert empty.returncode == 0 and "no committed runs" in empty.stdout
 
 
+# --- damaged outputs and hostile names, without a scoring run ----------------------------------
+
+
+def synthetic_run(out: Path, run_id: str, uris: list[str], model_id: str = "m-synthetic") -> None:
+    """A committed run as `score_images` leaves it (parts, index, manifest), scores 1, 2, …"""
+    import pyarrow as pa
+
+    from dskd_ray.results import RESULT_SCHEMA, PartWriter, commit_run
+    from dskd_ray.run_index import INDEX_COLUMNS, write_index
+
+    n = len(uris)
+    columns = {c: pa.nulls(n, RESULT_SCHEMA.field(c).type) for c in RESULT_SCHEMA.names}
+    columns |= {
+        "image_uri": pa.array(uris), "image_version": pa.array(["v1"] * n),
+        "score": pa.array([float(i + 1) for i in range(n)], pa.float32()),
+        "threshold": pa.array([1.5] * n), "is_anomalous": pa.array([i > 0 for i in range(n)]),
+        "map_uri": pa.array([f"{out}/maps/{i}.png" for i in range(n)]),
+        "status": pa.array(["ok"] * n), "retryable": pa.array([False] * n),
+        "model_id": pa.array([model_id] * n), "run_id": pa.array([run_id] * n),
+    }  # fmt: skip
+    table = pa.table(columns, schema=RESULT_SCHEMA)
+    writer = PartWriter(str(out), run_id)
+    writer.write(table)
+    files = writer.close()
+    write_index(str(out), model_id, run_id, table.select(INDEX_COLUMNS), [])
+    commit_run(str(out), run_id, files, model_id=model_id, summary={"listed": n, "skipped": 0})
+
+
+def test_a_damaged_part_is_one_line_naming_it_and_the_other_runs_still_list(
+    tmp_path: Path,
+) -> None:
+    """A committed run's Parquet part overwritten (bit rot, a bad copy) used to end `dskd
+    results`, `--report` and `read_results` in a traceback."""
+    from dskd_ray.errors import DataError
+
+    out = tmp_path / "scores"
+    good, bad = "20260101T000000Z-aaaaaa", "20260102T000000Z-bbbbbb"
+    synthetic_run(out, good, ["/img/a.png", "/img/b.png"])
+    synthetic_run(out, bad, ["/img/c.png"])
+    [part] = (out / "results").glob(f"date=*/run={bad}/part-*.parquet")
+    part.write_bytes(part.read_bytes()[:-40] + b"\0" * 40)  # the footer gone
+    why = f"run {bad} is damaged: its result part {part} cannot be read as Parquet ("
+
+    with pytest.raises(DataError) as e:
+        read_results(str(out))
+    assert str(e.value).startswith(why) and "\n" not in str(e.value)
+    result = dskd("results", str(out))
+    assert result.returncode == 1 and result.stderr.startswith(f"dskd: error: {why}")
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    lines = result.stdout.splitlines()
+    [good_line] = [line for line in lines if line.startswith(good)]
+    assert good_line.split()[3:6] == ["2", "2", "0"]  # listed, scored, errors: read as usual
+    [bad_line] = [line for line in lines if line.startswith(bad)]
+    assert bad_line.endswith("DAMAGED: its rows cannot be read (below)")
+    assert any(line.startswith(f"damaged: {why}") for line in lines)
+    report = json.loads(dskd("results", str(out), "--json").stdout)
+    assert [r["damaged"] is None for r in report["runs"]] == [True, False]
+    gallery = dskd("results", str(out), "--report", str(tmp_path / "gallery"))  # the latest run
+    assert gallery.returncode == 1 and gallery.stderr.startswith(f"dskd: error: {why}")
+    assert len(gallery.stderr.strip().splitlines()) == 1 and "Traceback" not in gallery.stderr
+
+
 # --- drift -------------------------------------------------------------------------------------
 
 

@@ -36,7 +36,7 @@ def commit(out: str, run_id: str, table: pa.Table, index: bool = True, model: st
     if index:
         state, covers = latest_state(out, model)
 
-        write_index(out, model, run_id, fold(state, read_parts(out, files, model)), covers)
+        write_index(out, model, run_id, fold(state, read_parts(out, files, model, run_id)), covers)
     commit_run(out, run_id, files, model_id=model)
 
 
@@ -80,7 +80,7 @@ def test_runs_without_an_index_or_overlapping_are_folded_by_run_order(tmp_path: 
     writer = PartWriter(out, R2, rows_per_file=10)
     writer.write(rows(R2, {"/a": ("1", "error", True), "/c": ("1", "ok", False)}))
     files = writer.close()
-    write_index(out, MODEL, R2, read_parts(out, files, MODEL), [R1])
+    write_index(out, MODEL, R2, read_parts(out, files, MODEL, R2), [R1])
     commit_run(out, R2, files, model_id=MODEL)
     state, covers = latest_state(out, MODEL)
     assert covers == [R1, R2, R3]
@@ -103,3 +103,8 @@ def test_an_uncommitted_or_broken_index_and_other_models_are_ignored(tmp_path: P
     (tmp_path / "out" / INDEX_DIR / f"model={MODEL}" / f"run={R1}.parquet").write_bytes(b"PAR1")
     assert as_dict(latest_state(out, MODEL)[0]) == {"/a": ("1", "ok", R1)}
     assert as_dict(latest_state(str(tmp_path / "nothing-yet"), MODEL)[0]) == {}
+    # A damaged index and a damaged part of that run: its images count as not scored (they are
+    # scored again), said in a warning, rather than a traceback before the night starts.
+    [part] = (tmp_path / "out" / "results").glob(f"date=*/run={R1}/part-*.parquet")
+    part.write_bytes(b"PAR1 no longer a Parquet file")
+    assert as_dict(latest_state(out, MODEL)[0]) == {}
