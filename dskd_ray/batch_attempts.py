@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dskd_ray.storage import printable
+
 log = logging.getLogger(__name__)
 
 DEATHS_ALLOWED = 2  # attempts that may die before a batch is split, or an image given up
@@ -180,7 +182,7 @@ def score_guarded(
     log.warning(
         "a batch of %d images (first %s) killed the scoring process %d times: scoring it one "
         "image at a time",
-        len(uris), uris[0], DEATHS_ALLOWED,
+        len(uris), printable(str(uris[0])), DEATHS_ALLOWED,
     )  # fmt: skip
     rows = []
     for i in range(len(uris)):
@@ -188,7 +190,11 @@ def score_guarded(
         one_key = batch_key(uris[i : i + 1], versions[i : i + 1])
         deaths = attempts.unfinished(one_key)
         if deaths >= DEATHS_ALLOWED:
-            log.error("%s killed the scoring process %d times: an error row", uris[i], deaths)
+            log.error(
+                "%s killed the scoring process %d times: an error row",
+                printable(str(uris[i])),
+                deaths,
+            )
             rows.append(give_up(one, f"the scoring process died {deaths} times scoring it"))
         else:
             rows.append(_counted(one_key, [str(uris[i])], lambda one=one: score(one), attempts))

@@ -61,6 +61,7 @@ from dskd_ray.storage import (
     join_uri,
     map_uri,
     open_object,
+    printable,
     read_object,
     write_object,
 )
@@ -244,7 +245,7 @@ def decode_batch(
                 except ImageDecodeError as e:  # the same bytes will fail the same way
                     fail(i, str(e), retry=False)
                 except DecoderCrashed as e:
-                    log.error("%s: %s", uris[i], e)
+                    log.error("%s: %s", printable(uris[i]), e)
                     fail(i, str(e), retry=e.retryable)
                 except MemoryError as e:
                     fail(i, f"out of memory: {e}", retry=True)

@@ -781,13 +781,16 @@ def results(
     """
     _setup_logging(verbose)
     from dskd_ray.results_summary import format_runs, format_top, runs_csv, summarize_runs, top_csv
+    from dskd_ray.storage import printable
 
     if as_json and as_csv:
         raise typer.BadParameter("choose one of --json and --csv", param_hint="--json/--csv")
     summary = summarize_runs(output, run=run, since=since, top=top)
     for figures in summary.runs:
         if figures.drift_warning:
-            typer.echo(f"dskd: warning: run {figures.run_id}: {figures.drift_warning}", err=True)
+            typer.echo(
+                f"dskd: warning: run {printable(figures.run_id)}: {figures.drift_warning}", err=True
+            )
     if as_json:
         typer.echo(summary.to_json(), nl=False)
     elif as_csv:

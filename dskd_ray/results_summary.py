@@ -30,7 +30,7 @@ from dskd_ray.results import (
     read_run_part,
     run_partition,
 )
-from dskd_ray.storage import exists, storage_errors
+from dskd_ray.storage import exists, printable, storage_errors
 
 QUANTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0}
 TOP_COLUMNS = ["run_id", "image_uri", "score", "threshold", "is_anomalous", "map_uri"]
@@ -226,7 +226,9 @@ def format_runs(summary: ResultsSummary) -> str:
     for r in summary.runs:
         rate = "—" if r.anomalous_rate is None else f"{r.anomalous_rate:.1%}"
         shift = (r.drift or {}).get("median_shift")
-        line = f"{r.run_id:24} {r.date:10} {(r.model_id or '—'):16} {_num(r.listed, 'd'):>7} "
+        # Ids come from manifests, which anyone who can write OUTPUT can write: shown escaped.
+        run, model = printable(r.run_id), printable(r.model_id or "—")
+        line = f"{run:24} {r.date:10} {model:16} {_num(r.listed, 'd'):>7} "
         if r.damaged:  # no counts: its rows could not all be read
             lines.append(line + "DAMAGED: its rows cannot be read (below)")
             continue
@@ -239,9 +241,9 @@ def format_runs(summary: ResultsSummary) -> str:
     for r in summary.runs:
         if r.errors_by_reason:
             reasons = "; ".join(f"{n} {why}" for why, n in r.errors_by_reason.items())
-            lines.append(f"errors in {r.run_id}: {reasons}")
+            lines.append(printable(f"errors in {r.run_id}: {reasons}"))
         if r.damaged:
-            lines.append(f"damaged: {r.damaged}")
+            lines.append(printable(f"damaged: {r.damaged}"))
     lines.append(
         "drift: the night's median score minus the calibration median, in calibration IQRs"
     )
@@ -252,8 +254,8 @@ def format_top(summary: ResultsSummary) -> str:
     lines = [f"{'score':>9} {'threshold':>9}  image  →  map  (run)"]
     for row in summary.top.to_pylist():
         lines.append(
-            f"{_num(row['score']):>9} {_num(row['threshold']):>9}  {row['image_uri']}  →  "
-            f"{row['map_uri']}  ({row['run_id']})"
+            f"{_num(row['score']):>9} {_num(row['threshold']):>9}  {printable(row['image_uri'])}"
+            f"  →  {printable(row['map_uri'] or '—')}  ({printable(row['run_id'])})"
         )
     return "\n".join(lines)
 

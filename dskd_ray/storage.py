@@ -172,6 +172,23 @@ def printable_name(name: str) -> str:
         return raw.decode("utf-8", "backslashreplace")
 
 
+# C0 and C1 controls, DEL, and the Unicode controls that reorder or break a line on screen
+# (bidirectional overrides and isolates, line and paragraph separators).
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` safe to print on a terminal: `printable_name`, and control characters (an ESC
+    sequence that recolours or rewrites the screen, a newline that splits a table row) as
+    \\xNN or \\uNNNN escapes. For what is shown; what is stored stays exact."""
+    return _CONTROLS.sub(_escape, printable_name(text))
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
 def read_object(uri: str) -> bytes:
     """The bytes of one object, transient errors retried."""
     fs, path = filesystem(uri)
@@ -442,7 +459,7 @@ def _walk_local(path: str, excluded: str | None, stats: ListingStats) -> Iterato
             with os.scandir(folder) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as e:  # an unreadable folder: said, and the rest is still listed
-            log.warning("cannot list %s: %s", printable_name(folder), e)
+            log.warning("cannot list %s: %s", printable(folder), e)
             continue
         subfolders = []
         for entry in entries:
@@ -469,7 +486,7 @@ def _walk_local(path: str, excluded: str | None, stats: ListingStats) -> Iterato
                 else:
                     continue  # a socket or a pipe: not a file to read
             except OSError as e:  # gone between the listing and the stat
-                log.warning("cannot stat %s: %s", printable_name(full), e)
+                log.warning("cannot stat %s: %s", printable(full), e)
                 continue
             yield full, {"size": st.st_size, "mtime": st.st_mtime}
         stack.extend(reversed(subfolders))

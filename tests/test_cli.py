@@ -321,10 +321,15 @@ def test_predict_and_evaluate_say_so_on_nan_scores_and_odd_names(tmp_path: Path)
     assert [r["score"] for r in rows] == ["", ""] and all("not finite" in r["error"] for r in rows)
     assert rows[1]["image"] == f"{tmp_path}/caf\\xe9.png"  # escaped, not a crash
 
-    result = dskd("predict", odd_arg, "--model", str(good), "--out", str(tmp_path / "q"))
+    escape = tmp_path / "\x1b[2Jwiped\nline.png"  # an ESC sequence and a newline in the name
+    escape.write_bytes(image.read_bytes())
+    result = dskd("predict", odd_arg, str(escape), "--model", str(good), "--out",
+                  str(tmp_path / "q"))  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert f"{tmp_path}/caf\\xe9.png: " in result.stdout
     assert (tmp_path / "q" / "caf\\xe9_overlay.png").is_file()
+    assert f"{tmp_path}/\\x1b[2Jwiped\\x0aline.png: " in result.stdout
+    assert "\x1b" not in result.stdout and len(result.stdout.splitlines()) == 3
 
     result = dskd("evaluate", str(cat), "--model", str(nan))
     one_line_error(result, 1, "non-finite score on 4 of 4", "score not finite")

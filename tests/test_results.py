@@ -321,6 +321,27 @@ def test_a_damaged_part_is_one_line_naming_it_and_the_other_runs_still_list(
     assert len(gallery.stderr.strip().splitlines()) == 1 and "Traceback" not in gallery.stderr
 
 
+def test_control_characters_in_names_never_reach_the_terminal(tmp_path: Path) -> None:
+    """An ESC sequence in a file name used to recolour the terminal through `dskd results`,
+    and a newline split a table row: shown escaped, as bytes that are not UTF-8 are. The
+    rows keep the exact names (JSON escapes them its own way)."""
+    out = tmp_path / "scores"
+    red = "/img/\x1b[31mred\x1b[0m.png"
+    names = [red, "/img/two\nlines.png", "/img/\u202egnp.exe"]
+    synthetic_run(out, "20260101T000000Z-aaaaaa", names, model_id="m\x1b[2J")
+    result = dskd("results", str(out), "--top", "3")
+    assert result.returncode == 0, result.stderr
+    assert not any(c in result.stdout for c in "\x1b\u202e"), result.stdout
+    lines = result.stdout.splitlines()
+    top = lines[lines.index(next(line for line in lines if line.strip().startswith("score"))) :]
+    assert len(top) == 4  # a header and three images: no row split by the newline
+    assert "/img/\\x1b[31mred\\x1b[0m.png" in top[3] and "/img/two\\x0alines.png" in top[2]
+    assert "/img/\\u202egnp.exe" in top[1] and "m\\x1b[2J" in result.stdout
+    assert sorted(read_results(str(out))["image_uri"].to_pylist()) == sorted(names)  # exact
+    assert red in [r["image_uri"] for r in json.loads(dskd("results", str(out), "--json",
+                                                            "--top", "3").stdout)["top"]]  # fmt: skip
+
+
 # --- drift -------------------------------------------------------------------------------------
 
 
