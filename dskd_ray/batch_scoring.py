@@ -56,13 +56,16 @@ from dskd_ray.storage import (
     ListingStats,
     canonical_uri,
     check_output,
+    check_schemes,
     check_writable,
+    explain_read_failure,
     iter_images,
     join_uri,
     map_uri,
     open_object,
     printable,
     read_object,
+    uri_scheme,
     write_object,
 )
 
@@ -236,8 +239,9 @@ def decode_batch(
             for i, future in futures:
                 try:
                     data = future.result()
-                except Exception as e:  # noqa: BLE001 - any read failure: the next run retries
-                    fail(i, f"cannot read: {_describe(e)}", retry=True)
+                except Exception as e:  # noqa: BLE001 - any read failure: said in its row
+                    why, retry = explain_read_failure(uris[i], e)
+                    fail(i, f"cannot read: {why}", retry=retry)
                     continue
                 sizes[i] = len(data)
                 try:
@@ -467,14 +471,15 @@ def is_manifest(input_uri: str) -> bool:
     return input_uri.lower().endswith((".parquet", ".csv"))
 
 
-def list_inputs(input_uri: str, output: str) -> _Listing:
-    """Every image under `input_uri` (or in the manifest it names) with its version.
+def list_inputs(input_uri: str, output: str, schemes: tuple[str, ...] = ()) -> _Listing:
+    """Every image under `input_uri` (or in the manifest it names) with its version; a manifest
+    may name s3://, file:// and local paths, and the URI `schemes` besides.
 
     Built in Arrow chunks as the listing pages arrive, never as one Python object per image
     (about 130 bytes per image on the driver, where a Python dict took about 1 KB).
     """
     if is_manifest(input_uri):
-        return _Listing(read_manifest(input_uri), ListingStats(), manifest=True)
+        return _Listing(read_manifest(input_uri, schemes), ListingStats(), manifest=True)
     chunks: list[pa.RecordBatch] = []
     rows: dict[str, list] = {name: [] for name in LISTING_SCHEMA.names}
     stats = ListingStats()
@@ -501,14 +506,37 @@ def list_inputs(input_uri: str, output: str) -> _Listing:
 
 MANIFEST_COLUMNS = ("image_uri", "image_version", "image_bytes")
 _URI = r"^([a-zA-Z][a-zA-Z0-9+.-]*://|/)"  # a scheme, or an absolute local path
+_SCHEME_PART = r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://"
+# A local path with something to resolve: "//", a "." or ".." segment (Arrow's RE2 syntax).
+_UNRESOLVED = r"^/(.*/)?(\.\.?)?(/|$)|//"
 
 
-def read_manifest(uri: str) -> pa.Table:
+def _one_spelling(uris: pa.Array) -> pa.Array:
+    """Local paths spelled as the listing spells them: file:///a → /a, and "//", ".", ".."
+    resolved (only the rows that need it, in Python). Other URIs as written."""
+    import posixpath
+
+    uris = pc.replace_substring_regex(uris, pattern="^(?i:file)://(/|$)", replacement="/")
+    local = pc.starts_with(uris, "/")
+    todo = pc.and_(local, pc.match_substring_regex(uris, _UNRESOLVED))
+    if not pc.any(todo).as_py():
+        return uris
+    values = uris.to_pylist()
+    for i in pc.indices_nonzero(todo).to_pylist():
+        values[i] = "/" + posixpath.normpath(values[i]).lstrip("/")
+    return pa.array(values, pa.string())
+
+
+def read_manifest(uri: str, schemes: tuple[str, ...] = ()) -> pa.Table:
     """The images a manifest names (LISTING_SCHEMA): column `image_uri`, optionally
     `image_version` (missing: the image is scored once per URI) and `image_bytes`.
 
     Read in record batches, only those columns. A manifest that cannot say exactly which
-    images to score (no such column, an empty or relative URI, a URI twice) is refused whole.
+    images to score (no such column, an empty or relative URI, a URI twice) is refused whole,
+    and so is one naming a scheme other than s3://, file:// and `schemes`. Local paths are
+    compared spelled one way (file:// dropped, ".", ".." and "//" resolved): two spellings of
+    one file are the same URI twice. Keys on object storage are taken as written: there
+    "a/../b" is a key of its own.
     """
     from pyarrow import csv, parquet
 
@@ -529,7 +557,8 @@ def read_manifest(uri: str) -> pa.Table:
                 _check_manifest_columns(name, batches.schema.names)
             offset = 0
             for batch in batches:
-                chunks.append(_manifest_chunk(name, pa.Table.from_batches([batch]), offset))
+                table = pa.Table.from_batches([batch])
+                chunks.append(_manifest_chunk(name, table, offset, schemes))
                 offset += batch.num_rows
     except FileNotFoundError:
         raise DataError(f"manifest {uri} does not exist") from None
@@ -542,7 +571,8 @@ def read_manifest(uri: str) -> pa.Table:
         twice = counts.filter(pc.greater(counts.field("counts"), 1))
         raise DataError(
             f"manifest {name} lists {twice[0]['values'].as_py()} more than once "
-            f"({len(twice)} URI(s) repeated): one row per image"
+            f"({len(twice)} URI(s) repeated, local paths compared spelled one way): one row "
+            "per image"
         )
     return table
 
@@ -554,14 +584,21 @@ def _check_manifest_columns(name: str, columns: list[str]) -> None:
         )
 
 
-def _manifest_chunk(name: str, chunk: pa.Table, offset: int) -> pa.Table:
-    uris = chunk["image_uri"].cast(pa.string())
+def _manifest_chunk(name: str, chunk: pa.Table, offset: int, schemes: tuple[str, ...]) -> pa.Table:
+    uris = chunk["image_uri"].cast(pa.string()).combine_chunks()
     bad = pc.invert(pc.fill_null(pc.match_substring_regex(uris, _URI), False))
     if pc.any(bad).as_py():
         i = pc.index(bad, True).as_py()
         value = uris[i].as_py()
         shown = "empty" if not value else f"{value!r} is not absolute (a path from / or a URI)"
         raise DataError(f"manifest {name}, row {offset + i + 1}: image_uri {shown}")
+    found = pc.unique(pc.utf8_lower(pc.extract_regex(uris, _SCHEME_PART).field("scheme")))
+    unknown = {s for s in found.to_pylist() if s} - {"s3", "file", *schemes}
+    if unknown:
+        scheme = sorted(unknown)[0]
+        i = pc.index(pc.starts_with(pc.utf8_lower(uris), f"{scheme}://"), True).as_py()
+        check_schemes({scheme}, schemes, f"manifest {name}, row {offset + i + 1},")
+    uris = _one_spelling(uris)
     n = chunk.num_rows
     if "image_version" in chunk.column_names:
         versions = pc.fill_null(chunk["image_version"].cast(pa.string()), "")
@@ -612,13 +649,20 @@ class _Plan:
     covers: list[str]  # the committed runs `state` was folded from
 
 
-def _plan(input_uri: str, output: str, model_id: str, run_id: str, rescore: bool) -> _Plan:
+def _plan(
+    input_uri: str,
+    output: str,
+    model_id: str,
+    run_id: str,
+    rescore: bool,
+    schemes: tuple[str, ...] = (),
+) -> _Plan:
     # The model's latest row per image, from its compact index: not one file per past night.
     state, covers = latest_state(output, model_id)
     # Done keys as sorted 64-bit hashes (8 bytes an image), made before the listing arrives:
     # the driver never holds a key string per image beside the listing itself.
     finished = np.unique(_hashes([done_keys(state)])) if state.num_rows and not rescore else None
-    listing = list_inputs(input_uri, output)
+    listing = list_inputs(input_uri, output, schemes)
     table = listing.table
     skipped = 0
     if finished is not None and table.num_rows:
@@ -720,12 +764,14 @@ def dry_run(
 
     options = options or ScoringOptions()
     options.validate()
+    # The scheme first: resolving INPUT's filesystem (check_output) may already connect.
+    check_schemes({uri_scheme(input_uri)}, options.schemes, f"INPUT {input_uri}")
     check_output(input_uri, output)
     check_writable(output)  # what the real run would find only after scoring every image
     start = time.perf_counter()
     model_id = load_checkpoint(model).model_id
     listing_start = time.perf_counter()
-    plan = _plan(input_uri, output, model_id, "dry-run", options.rescore)
+    plan = _plan(input_uri, output, model_id, "dry-run", options.rescore, options.schemes)
     listed_sizes = plan.listing.table["image_bytes"]
     sizes = plan.to_score["image_bytes"]
     known = pc.greater_equal(sizes, 0)
@@ -763,6 +809,8 @@ def score_images(
 
     options = options or ScoringOptions()
     options.validate()  # before Ray starts, not inside an actor
+    # The scheme first: resolving INPUT's filesystem (check_output) may already connect.
+    check_schemes({uri_scheme(input_uri)}, options.schemes, f"INPUT {input_uri}")
     check_output(input_uri, output)
     check_writable(output)  # before a night of scoring, not after it
     start = time.perf_counter()
@@ -771,7 +819,7 @@ def score_images(
     model_id = checkpoint.model_id
     run_id = options.run_id or new_run_id()
 
-    plan = _plan(input_uri, output, model_id, run_id, options.rescore)
+    plan = _plan(input_uri, output, model_id, run_id, options.rescore, options.schemes)
     table, gone = plan.to_score, plan.gone
     listed_count = plan.listing.table.num_rows
     stats = plan.listing.stats

@@ -635,6 +635,15 @@ def score(
             "or running (0: always on Ray)",
         ),
     ] = None,
+    allow_scheme: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="SCHEME",
+            help="Also read this URI scheme in INPUT or a manifest (gs, az, http…; its fsspec "
+            "filesystem installed on every node; repeat for several). Without it only local "
+            "paths, file:// and s3:// are read",
+        ),
+    ] = None,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -658,6 +667,7 @@ def score(
         rescore=rescore, rows_per_file=rows_per_file, precision=precision, compile=compile,
         backend=backend,
         in_process_max=in_process_max,
+        schemes=tuple(s.lower() for s in allow_scheme) if allow_scheme else None,
     ))  # fmt: skip
     if dry_run:
         _echo(plan_only(input_uri, model, out, options).format())

@@ -64,6 +64,39 @@ def canonical_uri(uri: str) -> str:
     return to_uri(*filesystem(uri))
 
 
+# What INPUT and a manifest's rows may name without asking: local paths, file:// and s3://.
+# Any other fsspec scheme (gs, az, http…) is read only when a run names it (--allow-scheme):
+# a manifest is data, and its rows must not make the driver and every worker fetch URLs.
+SUPPORTED_SCHEMES = ("s3", "file")
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+
+
+def uri_scheme(uri: str) -> str:
+    """ "s3", "file", "gs", …; "" for a local path."""
+    match = _SCHEME.match(uri)
+    return match.group(1).lower() if match else ""
+
+
+def check_schemes(schemes: set[str], allowed: tuple[str, ...], where: str) -> None:
+    """Refuse a scheme that is neither supported nor allowed, or allowed without a filesystem."""
+    for scheme in sorted(schemes - {"", *SUPPORTED_SCHEMES}):
+        if scheme not in allowed:
+            raise ConfigError(
+                f"{where} names a {scheme}:// URI: only local paths, file:// and s3:// are read "
+                f"unless the run allows more (--allow-scheme {scheme})"
+            )
+    for scheme in allowed:
+        check_filesystem(scheme)
+
+
+def check_filesystem(scheme: str) -> None:
+    """ConfigError unless fsspec has an installed filesystem for `scheme`."""
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except (ImportError, ValueError) as e:
+        raise ConfigError(f"--allow-scheme {scheme}: {' '.join(str(e).split())}") from None
+
+
 def join_uri(root: str, *parts: str) -> str:
     return posixpath.join(root.rstrip("/"), *parts)
 
@@ -106,6 +139,29 @@ def with_retries(
             )
             sleep(delay)
     raise AssertionError("unreachable")
+
+
+def explain_read_failure(uri: str, error: BaseException) -> tuple[str, bool]:
+    """(why an image could not be read, whether the next run should try again).
+
+    Not again what depends on the URI alone: a folder rather than a file, a scheme whose
+    filesystem is not installed or not known. A missing file, a refusal or a network failure
+    may pass another night (restored, permitted, reachable)."""
+    text = describe_failure(error)
+    if isinstance(error, IsADirectoryError | NotADirectoryError):
+        return f"not a file: {text}", False
+    if isinstance(error, ImportError | ValueError):
+        return f"no filesystem for this URI: {text}", False
+    if isinstance(error, FileNotFoundError) and (uri.endswith("/") or _is_folder(uri)):
+        return "not a file: a folder (a prefix on object storage)", False
+    return text, True
+
+
+def _is_folder(uri: str) -> bool:
+    try:
+        return is_dir(uri)
+    except Exception:  # noqa: BLE001 - only asked to explain a failure that already happened
+        return False
 
 
 def is_storage_failure(error: BaseException) -> bool:

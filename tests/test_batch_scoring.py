@@ -37,10 +37,17 @@ from conftest import (
     write_textures,
 )
 from dskd_ray.batch_attempts import SCRATCH_DIR
-from dskd_ray.batch_scoring import ScoringOptions, dry_run, plan_pool, score_images
+from dskd_ray.batch_scoring import (
+    ScoringOptions,
+    decode_batch,
+    dry_run,
+    plan_pool,
+    read_manifest,
+    score_images,
+)
 from dskd_ray.checkpoint import Threshold, make_checkpoint, save_checkpoint
 from dskd_ray.config import DSKDConfig
-from dskd_ray.errors import DataError, StorageError
+from dskd_ray.errors import ConfigError, DataError, StorageError
 from dskd_ray.images import decode_image
 from dskd_ray.map_png import decode_map_png
 from dskd_ray.model import DSKD
@@ -359,11 +366,29 @@ def test_bad_manifests_are_refused_in_one_line(tmp_path: Path) -> None:
         "empty.csv": ('image_uri\n/a.png\n""\n', "row 2: image_uri empty"),
         "twice.csv": ("image_uri\n/a.png\n/b.png\n/a.png\n", "lists /a.png more than once"),
         "garbage.parquet": ("not parquet at all", "cannot be read as parquet"),
+        # One file, two spellings: the same URI twice once spelled one way (issue 24).
+        "spellings.csv": ("image_uri\n/i/a/../a/x.png\n/i/a/x.png\n", "lists /i/a/x.png more"),
+        "file-uri.csv": ("image_uri\nfile:///i/y.png\n/i//./y.png\n", "lists /i/y.png more"),
     }
     for name, (text, words) in cases.items():
         (tmp_path / name).write_text(text)
         with pytest.raises(DataError, match=re.escape(words)):
             dry_run(str(tmp_path / name), str(model), out)
+    # Schemes the product does not read unless the run allows them, refused before anything.
+    (tmp_path / "web.csv").write_text("image_uri\n/a.png\nhttp://127.0.0.1:1/b.png\n")
+    with pytest.raises(ConfigError, match=re.escape(
+        "manifest web.csv, row 2, names a http:// URI: only local paths, file:// and s3:// are "
+        "read unless the run allows more (--allow-scheme http)"
+    )):  # fmt: skip
+        dry_run(str(tmp_path / "web.csv"), str(model), out)
+    with pytest.raises(ConfigError, match="INPUT ftp://host/images/ names a ftp:// URI"):
+        dry_run("ftp://host/images/", str(model), out)
+    with pytest.raises(ConfigError, match="--allow-scheme gs: .*gcsfs"):  # not installed here
+        dry_run(str(tmp_path / "web.csv"), str(model), out, ScoringOptions(schemes=("gs",)))
+    (tmp_path / "odd.csv").write_text("image_uri\n/i/./b//c/../d.png\nFILE:///i/e.png\n")
+    assert read_manifest(str(tmp_path / "odd.csv"))["image_uri"].to_pylist() == [
+        "/i/b/d.png", "/i/e.png",
+    ]  # fmt: skip
     result = subprocess.run(
         [sys.executable, "-m", "dskd_ray.cli", "score", str(tmp_path / "relative.csv"), "--model",
          str(model), "--out", out],
@@ -375,6 +400,27 @@ def test_bad_manifests_are_refused_in_one_line(tmp_path: Path) -> None:
         "(a path from / or a URI)"
     )
     assert not Path(out).exists()
+
+
+def test_what_can_never_be_read_is_not_retried_every_night(s3_server: dict, tmp_path: Path) -> None:
+    """A folder where an image should be (local, or a prefix on S3), a scheme without its
+    filesystem: error rows that the next run does not try again. A missing file may come back:
+    that one is retried."""
+    make_bucket(s3_server, "never-read")
+    s3fs.S3FileSystem().pipe({"never-read/folder/x.png": texture(np.random.default_rng(0))})
+    (tmp_path / "a-folder").mkdir()
+    uris = [str(tmp_path / "a-folder"), "s3://never-read/folder", "s3://never-read/folder/",
+            "gs://bucket/x.png", str(tmp_path / "missing.png")]  # fmt: skip
+    n = len(uris)
+    rows = decode_batch(
+        {"image_uri": np.array(uris, object), "image_version": np.array([""] * n, object),
+         "image_bytes": np.full(n, -1)}, 64, 2,
+    )  # fmt: skip
+    assert list(rows["status"]) == ["error"] * n
+    assert list(rows["retryable"]) == [False, False, False, False, True], list(rows["error"])
+    assert rows["error"][0].startswith("cannot read: not a file: ")
+    assert rows["error"][1] == "cannot read: not a file: a folder (a prefix on object storage)"
+    assert rows["error"][3].startswith("cannot read: no filesystem for this URI: ")
 
 
 def test_dry_run_lists_diffs_and_counts_but_writes_nothing(tmp_path: Path) -> None:
