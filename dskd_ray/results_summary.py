@@ -225,7 +225,7 @@ def format_runs(summary: ResultsSummary) -> str:
     lines = [head]
     for r in summary.runs:
         rate = "—" if r.anomalous_rate is None else f"{r.anomalous_rate:.1%}"
-        shift = (r.drift or {}).get("median_shift")
+        shift = ScoreDrift.from_dict(r.drift).shown() if r.drift else "—"
         # Ids come from manifests, which anyone who can write OUTPUT can write: shown escaped.
         run, model = printable(r.run_id), printable(r.model_id or "—")
         line = f"{run:24} {r.date:10} {model:16} {_num(r.listed, 'd'):>7} "
@@ -236,7 +236,7 @@ def format_runs(summary: ResultsSummary) -> str:
             f"{line}{r.scored:>7} {r.errors:>6} {r.anomalous:>9} {rate:>6} "
             f"{_num(r.scores.get('p50')):>8} {_num(r.scores.get('p90')):>8} "
             f"{_num(r.scores.get('p99')):>8} {_num(r.scores.get('max')):>8} "
-            f"{_num(shift, '+.1f'):>6}"
+            f"{shift:>6}"
         )
     for r in summary.runs:
         if r.errors_by_reason:

@@ -25,7 +25,7 @@ from conftest import broken_files, good_files, make_bucket, texture, write_textu
 from dskd_ray.batch_scoring import ScoringOptions, score_images
 from dskd_ray.checkpoint import Threshold, make_checkpoint, save_checkpoint
 from dskd_ray.config import DSKDConfig
-from dskd_ray.drift import MIN_NIGHT_IMAGES, score_drift
+from dskd_ray.drift import MIN_NIGHT_IMAGES, ScoreDrift, score_drift
 from dskd_ray.images import decode_image
 from dskd_ray.model import DSKD
 from dskd_ray.results import committed_runs, read_results
@@ -349,7 +349,12 @@ def test_drift_figure_is_the_median_shift_in_calibration_iqrs() -> None:
     calibration = [1.0, 2.0, 3.0, 4.0, 5.0]  # median 3, IQR 2
     drift = score_drift(np.full(20, 9.0), calibration, threshold=4.5)
     assert drift.median_shift == pytest.approx(3.0) and drift.above_threshold == 1.0
-    assert drift.flagged and "3.0 calibration IQRs above" in drift.warning()
+    assert drift.flagged and "3.00 calibration IQRs above" in drift.warning()
+    # Printed as it decides: never rounded up to the warning's level without a warning.
+    for shift, shown, flagged in [(-1.98, "-1.98", False), (1.999, "+1.99", False),
+                                  (-2.0, "-2.00", True), (2.004, "+2.00", True)]:  # fmt: skip
+        figure = ScoreDrift(shift, 20, 8)
+        assert (figure.shown(), figure.flagged) == (shown, flagged)
     assert not score_drift(np.full(20, 3.5), calibration).flagged
     few = score_drift(np.full(MIN_NIGHT_IMAGES - 1, 9.0), calibration)
     assert few.median_shift == pytest.approx(3.0) and not few.flagged  # too few to say
