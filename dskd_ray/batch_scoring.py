@@ -100,7 +100,7 @@ class RunSummary:
     seconds: float  # the whole run, listing and commit included
     symlinks: int = 0  # symlinks met under the input (local folders)
     symlinks_skipped: int = 0  # of those, not listed: pointing outside the input, nowhere…
-    gone: int = 0  # images scored before and no longer under the input: a "gone" row each
+    gone: int = 0  # images listed by an earlier run, no longer under the input: a "gone" row
     pipeline_seconds: float = 0.0  # Ray Data: first block in → last row out
     startup_seconds: float = 0.0  # pipeline start → first rows out (actor start, model load)
     startup_rows: int = 0  # rows in that first batch out
@@ -827,7 +827,9 @@ def score_images(
 
     writer = PartWriter(output, run_id, options.rows_per_file)
     if gone.num_rows:
-        log.info("%d image(s) scored before are no longer under %s", gone.num_rows, input_uri)
+        log.info(
+            "%d image(s) listed by an earlier run are no longer under %s", gone.num_rows, input_uri
+        )
         writer.write(gone)
     counts = {"ok": 0, "error": 0}
     pipeline_s = startup_s = 0.0

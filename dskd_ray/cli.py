@@ -681,7 +681,10 @@ def score(
     if summary.errors:
         _echo(f"{summary.errors} image(s) could not be scored: rows with status = 'error' say why")
     if summary.gone:
-        _echo(f"{summary.gone} image(s) scored before are gone from INPUT: rows with status 'gone'")
+        _echo(
+            f"{summary.gone} image(s) listed by an earlier run are gone from INPUT: rows with "
+            "status 'gone'"
+        )
     if summary.symlinks:
         _echo(summary.format_symlinks())
     _echo(f"run {summary.run_id}: {summary.partition}")

@@ -323,13 +323,17 @@ def gone_rows(
         "run_id": pa.array([run_id] * n, pa.string()),
         "scored_at": pa.array([utc_now()] * n, RESULT_SCHEMA.field("scored_at").type),
         "status": pa.array(["gone"] * n, pa.string()),
-        "error": pa.array([GONE] * n, pa.string()),
+        # What the image was before it went: scored, or only ever an error row.
+        "error": pc.if_else(pc.equal(rows["status"], "ok"), GONE, GONE_UNSCORED),
         "retryable": pa.array([False] * n, pa.bool_()),
     }
     return pa.table(columns, schema=RESULT_SCHEMA)
 
 
 GONE = "no longer under the input (deleted or moved since it was scored)"
+GONE_UNSCORED = (
+    "no longer under the input (deleted or moved since an earlier run listed it; never scored)"
+)
 
 
 def utc_now() -> datetime:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from dskd_ray.results import RESULT_SCHEMA, PartWriter, commit_run, done_keys
-from dskd_ray.run_index import INDEX_DIR, fold, latest_state, read_parts, write_index
+from dskd_ray.run_index import INDEX_COLUMNS, INDEX_DIR, fold, latest_state, read_parts, write_index
 
 MODEL = "m1"
 
@@ -108,3 +108,15 @@ def test_an_uncommitted_or_broken_index_and_other_models_are_ignored(tmp_path: P
     [part] = (tmp_path / "out" / "results").glob(f"date=*/run={R1}/part-*.parquet")
     part.write_bytes(b"PAR1 no longer a Parquet file")
     assert as_dict(latest_state(out, MODEL)[0]) == {}
+
+
+def test_a_gone_row_says_whether_the_image_was_ever_scored() -> None:
+    from dskd_ray.results import GONE, GONE_UNSCORED, gone_rows
+
+    latest = rows(R1, {"/in/a": ("1", "ok", False), "/in/b": ("1", "error", False),
+                       "/in/c": ("1", "ok", False)}).select(INDEX_COLUMNS)  # fmt: skip
+    gone = gone_rows(latest, pa.array(["/in/c"]), "/in", MODEL, R2).to_pydict()
+    assert dict(zip(gone["image_uri"], gone["error"], strict=True)) == {
+        "/in/a": GONE, "/in/b": GONE_UNSCORED,
+    }  # fmt: skip
+    assert "never scored" in GONE_UNSCORED and "since it was scored" in GONE
