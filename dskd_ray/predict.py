@@ -105,10 +105,12 @@ def _predict_one(scorer: Scorer, uri: str, overlay_path: Path) -> Prediction:
         whole = decode_image(data, None)[0]
         rgb = whole if scorer.tiled else decode_image(data, scorer.image_size)[0]
         full = _overlay_base(whole)
+    except ImageDecodeError as e:  # its message is whole, as in a scoring run's error row
+        return Prediction(shown, error=printable(str(e)))
     except Exception as e:
-        if not isinstance(e, ImageDecodeError) and not is_storage_failure(e):
+        if not is_storage_failure(e):
             raise
-        return Prediction(shown, error=printable(describe_failure(e)))
+        return Prediction(shown, error=printable(f"cannot read: {describe_failure(e)}"))
     scored = scorer.score_images([rgb])
     score = float(scored.scores[0])
     if not scored.finite[0]:  # never "nan normal": a broken model is an error

@@ -113,6 +113,9 @@ def test_train_evaluate_predict_round_trip(tmp_path: Path) -> None:
     )
     assert result.returncode == 1  # one image failed: said, and the other still scored
     assert "corrupt.png" in result.stderr and "Traceback" not in result.stderr
+    # The reason, as a scoring run's error row gives it; not Pillow's "<_io.BytesIO object …>".
+    assert "corrupt.png: not a recognised image format\n" in result.stderr
+    assert "BytesIO" not in result.stderr
     with open(tmp_path / "pred" / "scores.csv") as f:
         rows = list(csv.DictReader(f))
     assert [Path(r["image"]).name for r in rows] == [bad[0].name, "corrupt.png"]
