@@ -257,7 +257,21 @@ def export_onnx(
         check_export_target(checkpoint, out, force)
     result = export_graph(checkpoint, images)
     write_object(out, result.graph, durable=True)
+    _fill_cache(result)
     return result
+
+
+def _fill_cache(result: ExportResult) -> None:
+    """Keep the checked graph where `cached_graph` looks, so the model's first
+    `--backend onnxruntime` (or auto) run does not export it again. Best effort: the file at
+    --out is what was asked for."""
+    path = _cache_path(result.metadata[METADATA + "model_id"])
+    if path.is_file():
+        return
+    try:
+        write_object(str(path), result.graph, durable=False)
+    except Exception as e:  # noqa: BLE001 - a read-only home, a full disk: only the cache is lost
+        log.warning("could not keep the graph in the cache %s: %s", path, e)
 
 
 def check_export_target(checkpoint: str, out: str, force: bool = False) -> None:
@@ -285,8 +299,12 @@ def check_export_target(checkpoint: str, out: str, force: bool = False) -> None:
 
 def graph_cache_path(checkpoint: Checkpoint) -> Path:
     """Where `cached_graph` keeps this model's graph (for these library versions)."""
+    return _cache_path(checkpoint.model_id)
+
+
+def _cache_path(model_id: str) -> Path:
     versions = library_versions()
-    key = f"{checkpoint.model_id}-torch{versions.get('torch', '?')}-onnx{_version('onnx')}"
+    key = f"{model_id}-torch{versions.get('torch', '?')}-onnx{_version('onnx')}"
     root = Path(
         os.environ.get("DSKD_RAY_CACHE")
         or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dskd_ray"

@@ -133,8 +133,11 @@ def test_a_graph_that_does_not_match_is_refused_and_not_written(
     assert not out.exists() and not list(tmp_path.glob("*.onnx*"))
 
 
-def test_export_cli_writes_and_says_what_it_checked(trained, demo: Path, tmp_path: Path) -> None:
+def test_export_cli_writes_and_says_what_it_checked(
+    trained, demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ckpt_path = trained("sd")
+    monkeypatch.setenv("DSKD_RAY_CACHE", str(tmp_path / "cache"))  # for the subprocesses too
     model_bytes = ckpt_path.read_bytes()
     out = tmp_path / "exported" / "model.onnx"
     out.parent.mkdir()
@@ -167,6 +170,16 @@ def test_export_cli_writes_and_says_what_it_checked(trained, demo: Path, tmp_pat
     assert f"wrote {out}: model {load_checkpoint(str(ckpt_path)).model_id}" in done.stdout
     assert "verdicts identical" in done.stdout
     assert read_metadata(str(out))["model_id"] == load_checkpoint(str(ckpt_path)).model_id
+    # The checked graph is also where `--backend onnxruntime` looks: its first run exports
+    # nothing (an export now would fail this test).
+    [cached] = (tmp_path / "cache" / "onnx").glob("*.onnx")
+    assert cached.read_bytes() == out.read_bytes()
+
+    def no_export(*args: object) -> None:
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(export, "export_graph", no_export)
+    assert export.cached_graph(load_checkpoint(str(ckpt_path))) == out.read_bytes()
 
     missing = subprocess.run(
         [sys.executable, "-m", "dskd_ray.cli", "export", str(tmp_path / "nope.pt"), "--out",
