@@ -41,12 +41,26 @@ T = TypeVar("T")
 # --- file systems and URIs -------------------------------------------------------------------
 
 
+# The S3 client's own retries nest under `with_retries`: botocore's (5 attempts in its legacy
+# mode, each with its backoff) times s3fs's (5, for dropped connections) times ours (5) made
+# an endpoint that refuses connections take 34–46 s to report, and one that drops them 200 s.
+# botocore's are turned off unless the user configures them (AWS_MAX_ATTEMPTS,
+# AWS_RETRY_MODE); s3fs's quick ones stay (≤ 2 s of waits), and ours are bounded in time.
+S3_CLIENT_CONFIG = {"retries": {"max_attempts": 1}}
+
+
 def filesystem(uri: str, **options: object) -> tuple[fsspec.AbstractFileSystem, str]:
     """(file system, path without protocol and trailing slash) for a local path or URI."""
     if "://" not in uri:
         uri = os.path.abspath(os.path.expanduser(uri))
+    elif uri_scheme(uri) in ("s3", "s3a") and not _botocore_retries_configured():
+        options = {"config_kwargs": S3_CLIENT_CONFIG, **options}
     fs, path = url_to_fs(uri, **options)
     return fs, path.rstrip("/") or path
+
+
+def _botocore_retries_configured() -> bool:
+    return any(k in os.environ for k in ("AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"))
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -105,17 +119,40 @@ def join_uri(root: str, *parts: str) -> str:
 
 # Errors that say the object is not there or not ours to read: retrying cannot help.
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# The S3 client's errors that no retry can change: no or bad credentials, no such bucket or
+# key, access denied, a malformed request (by exception name, or by the service's error code).
+_PERMANENT_CLIENT_ERRORS = frozenset({
+    "NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+    "NoRegionError", "ParamValidationError", "InvalidConfigError", "UnknownServiceError",
+})  # fmt: skip
+_PERMANENT_CODES = frozenset({
+    "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+    "ExpiredToken", "InvalidToken", "AccountProblem", "NoSuchBucket", "NoSuchKey",
+    "InvalidBucketName", "InvalidRequest", "MethodNotAllowed", "NotImplemented",
+})  # fmt: skip
 
 
 def is_transient(error: BaseException) -> bool:
     """A network or server hiccup worth retrying (throttling, 5xx, timeouts, resets)."""
     if isinstance(error, _PERMANENT):
         return False
+    if type(error).__name__ in _PERMANENT_CLIENT_ERRORS:
+        return False
+    code = (getattr(error, "response", None) or {}).get("Error", {}).get("Code")
+    if code in _PERMANENT_CODES:
+        return False
     if isinstance(error, OSError | TimeoutError | ConnectionError):
         return True
+    return _from_storage_client(error)
+
+
+def _from_storage_client(error: BaseException) -> bool:
     # botocore / aiohttp errors do not all derive from OSError.
     module = type(error).__module__ or ""
     return module.startswith(("botocore", "aiobotocore", "aiohttp", "urllib3"))
+
+
+RETRY_BUDGET_S = 30.0  # the most one call spends retrying, whatever it is
 
 
 def with_retries(
@@ -125,8 +162,13 @@ def with_retries(
     base_delay_s: float = 0.2,
     max_delay_s: float = 5.0,
     sleep: Callable[[float], None] = time.sleep,
+    budget_s: float = RETRY_BUDGET_S,
+    clock: Callable[[], float] = time.monotonic,
 ) -> T:
-    """Call fn, retrying transient errors with exponential backoff and full jitter."""
+    """Call fn, retrying transient errors with exponential backoff and full jitter, for at
+    most `attempts` tries and `budget_s` seconds in all (a retry that would start later is not
+    made: the last error is raised)."""
+    start = clock()
     for attempt in range(1, attempts + 1):
         try:
             return fn()
@@ -134,6 +176,8 @@ def with_retries(
             if attempt == attempts or not is_transient(e):
                 raise
             delay = random.uniform(0, min(max_delay_s, base_delay_s * 2 ** (attempt - 1)))
+            if clock() + delay - start > budget_s:
+                raise
             log.info(
                 "%s failed (%s: %s); retry %d in %.2f s", what, type(e).__name__, e, attempt, delay
             )
@@ -166,7 +210,7 @@ def _is_folder(uri: str) -> bool:
 
 def is_storage_failure(error: BaseException) -> bool:
     """An error from reaching or asking the storage: OS errors, and the S3 client's own."""
-    return isinstance(error, OSError) or is_transient(error)
+    return isinstance(error, OSError) or _from_storage_client(error)
 
 
 def describe_failure(error: BaseException) -> str:

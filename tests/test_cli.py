@@ -243,8 +243,9 @@ def refused_endpoint_env() -> dict[str, str]:
 def test_an_unreachable_object_store_is_one_line_from_every_command(tmp_path: Path) -> None:
     env = refused_endpoint_env()
     commands = {
+        # The output is probed first: a night is not spent scoring into nowhere.
         "score": (["score", "s3://b/images/", "--model", "s3://b/m.pt", "--out", "s3://b/out/"],
-                  "s3://b/m.pt"),
+                  "cannot write to the output s3://b/out/"),
         "train": (["train", "s3://b/data/tile", "--out", str(tmp_path / "m.pt")],
                   "s3://b/data/tile"),
         "evaluate": (["evaluate", "s3://b/data/tile", "--model", "s3://b/m.pt"],
@@ -268,6 +269,49 @@ def test_an_unreachable_object_store_is_one_line_from_every_command(tmp_path: Pa
         result = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
         one_line_error(result, 1, commands[name][1], "127.0.0.1")
         assert stderr.startswith("dskd: error: "), (name, stderr)
+
+
+def test_storage_failures_are_retried_within_a_bound_and_never_in_vain(tmp_path: Path) -> None:
+    """Nested retries (ours × s3fs's × botocore's) made an endpoint that drops every
+    connection take 200 s to report; no credentials were retried too. Now: the client's
+    defaults, as a user has them (no AWS_MAX_ATTEMPTS), and the total bounded."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(128)
+
+    def drop_every_connection() -> None:
+        while True:
+            try:
+                server.accept()[0].close()
+            except OSError:
+                return
+
+    threading.Thread(target=drop_every_connection, daemon=True).start()
+    env = {k: v for k, v in refused_endpoint_env().items() if k != "AWS_MAX_ATTEMPTS"}
+    env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{server.getsockname()[1]}"
+    score = ["score", "s3://b/images/", "--model", "s3://b/m.pt", "--out", "s3://b/out/", "-v"]
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "dskd_ray.cli", *score], capture_output=True,
+                          text=True, env=env, timeout=600)  # fmt: skip
+    elapsed = time.perf_counter() - start
+    server.close()
+    assert done.returncode == 1 and "Connection was closed" in done.stderr.splitlines()[-1]
+    assert elapsed < 100, elapsed  # 30 s of retries at most, and the start; it was 200 s
+
+    no_keys = {
+        k: v for k, v in env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    }
+    no_keys |= {"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+                "AWS_CONFIG_FILE": str(tmp_path / "none")}  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "dskd_ray.cli", *score], capture_output=True,
+                          text=True, env=no_keys, timeout=600)  # fmt: skip
+    assert done.returncode == 1 and done.stderr.splitlines()[-1] == (
+        "dskd: error: cannot write to the output s3://b/out/: Unable to locate credentials"
+    )
+    assert " retry " not in done.stderr  # -v logs every retry: there was none
 
 
 def test_verbose_shows_the_traceback_behind_the_one_line(tmp_path: Path) -> None:

@@ -124,3 +124,46 @@ def test_the_write_probe_leaves_nothing_and_names_an_output_it_cannot_write(
     # A folder no process may write (root included): the cause, and nothing left behind.
     with pytest.raises(StorageError, match=r"output /sys/dskd-probe/out: Operation not permitted"):
         check_writable("/sys/dskd-probe/out")
+
+
+# --- retries: bounded, and none for what cannot succeed (issue 24) ------------------------------
+
+
+def test_what_no_retry_can_change_is_not_retried() -> None:
+    from botocore.exceptions import (
+        ClientError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        NoCredentialsError,
+    )
+
+    from dskd_ray.storage import is_storage_failure, is_transient
+
+    def client_error(code: str) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": code}}, "PutObject")
+
+    never = [NoCredentialsError(), client_error("AccessDenied"), client_error("NoSuchBucket"),
+             client_error("InvalidAccessKeyId"), PermissionError("denied")]  # fmt: skip
+    for error in never:
+        assert not is_transient(error) and is_storage_failure(error), error
+    again = [EndpointConnectionError(endpoint_url="http://x"), ConnectTimeoutError(endpoint_url="x"),
+             client_error("SlowDown"), client_error("InternalError"), ConnectionResetError()]  # fmt: skip
+    for error in again:
+        assert is_transient(error), error
+
+
+def test_retries_stop_at_their_time_budget() -> None:
+    from dskd_ray.storage import with_retries
+
+    now = [0.0]
+    calls: list[float] = []
+
+    def unreachable() -> None:
+        calls.append(now[0])
+        now[0] += 4.0  # each attempt waits out a connect timeout
+        raise ConnectionRefusedError("refused")
+
+    with pytest.raises(ConnectionRefusedError):
+        with_retries(unreachable, "read x", attempts=100, sleep=lambda s: None,
+                     clock=lambda: now[0], budget_s=10.0)  # fmt: skip
+    assert len(calls) == 3  # at 0, 4 and 8 s: a fourth would start past the 10 s budget
