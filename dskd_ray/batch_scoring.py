@@ -44,14 +44,13 @@ from dskd_ray.results import (
     RESULT_SCHEMA,
     PartWriter,
     commit_run,
-    done_keys,
     gone_rows,
     manifest_path,
     new_run_id,
     run_partition,
     utc_now,
 )
-from dskd_ray.run_index import fold, latest_state, read_parts, write_index
+from dskd_ray.run_index import ModelIndex, hash_rows, member
 from dskd_ray.storage import (
     ListingStats,
     canonical_uri,
@@ -73,6 +72,11 @@ if TYPE_CHECKING:
     from dskd_ray.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
+
+# Listed images become an Arrow chunk every this many: the Python objects of one chunk are all
+# the listing holds beside its Arrow columns (at 50 000 they were 12 MB, a fifth of a 10⁵
+# listing's driver memory; bench/listing.py).
+LISTING_CHUNK = 8192
 
 LISTING_SCHEMA = pa.schema(
     [
@@ -498,7 +502,7 @@ def list_inputs(input_uri: str, output: str, schemes: tuple[str, ...] = ()) -> _
         rows["image_version"].append(entry.version)
         rows["image_bytes"].append(entry.size)
         rows["listing_error"].append(entry.error)
-        if len(rows["image_uri"]) >= 50_000:
+        if len(rows["image_uri"]) >= LISTING_CHUNK:
             flush()
     flush()
     return _Listing(pa.Table.from_batches(chunks, schema=LISTING_SCHEMA), stats)
@@ -642,11 +646,16 @@ class _Plan:
     """Tonight's work: what is listed, what this model already did, what is left."""
 
     listing: _Listing
-    to_score: pa.Table  # LISTING_SCHEMA
+    done: np.ndarray | None  # per listed image: already scored by this model (None: nothing is)
     skipped: int
     gone: pa.Table  # RESULT_SCHEMA rows saying "gone", already stamped with the run id
-    state: pa.Table  # this model's latest row per image before this run (run_index)
-    covers: list[str]  # the committed runs `state` was folded from
+    index: ModelIndex  # this model's latest row per image before this run
+
+    @property
+    def to_score(self) -> pa.Table:
+        """LISTING_SCHEMA: the listed images left to score (a copy: made once, by the run)."""
+        table = self.listing.table
+        return table if self.done is None else table.filter(pa.array(~self.done))
 
 
 def _plan(
@@ -657,65 +666,39 @@ def _plan(
     rescore: bool,
     schemes: tuple[str, ...] = (),
 ) -> _Plan:
-    # The model's latest row per image, from its compact index: not one file per past night.
-    state, covers = latest_state(output, model_id)
-    # Done keys as sorted 64-bit hashes (8 bytes an image), made before the listing arrives:
-    # the driver never holds a key string per image beside the listing itself.
-    finished = np.unique(_hashes([done_keys(state)])) if state.num_rows and not rescore else None
+    # The model's latest row per image, from its compact index (run_index): hashes, 21 bytes an
+    # image, read before the listing arrives. The done keys are 64-bit hashes: the driver never
+    # holds a key string per image beside the listing itself.
+    index = ModelIndex.load(output, model_id)
+    finished = index.done_keys() if len(index) and not rescore else None
     listing = list_inputs(input_uri, output, schemes)
     table = listing.table
-    skipped = 0
+    done = None
     if finished is not None and table.num_rows:
         done = np.concatenate(
             [
-                _member(_hashes([b["image_uri"], b["image_version"]]), finished)
+                member(hash_rows([b["image_uri"], b["image_version"]]), finished)
                 for b in table.to_batches()
             ]
         )
-        skipped = int(done.sum())
-        table = table.filter(pa.array(~done))
-    if listing.manifest or not state.num_rows:  # absent from a manifest is not gone
+    del finished
+    if listing.manifest or not len(index):  # absent from a manifest is not gone
         gone = RESULT_SCHEMA.empty_table()
     else:
-        listed = np.unique(_hashes([listing.table["image_uri"]]))
-        missing = state.filter(pa.array(~_member(_hashes([state["image_uri"]]), listed)))
-        empty = pa.array([], pa.string())
-        gone = gone_rows(missing, empty, canonical_uri(input_uri), model_id, run_id)
+        listed = hash_rows([listing.table["image_uri"]])
+        listed.sort()  # in place (`member` needs it sorted, not unique)
+        prefix = canonical_uri(input_uri)
+        missing = index.missing(listed, prefix)  # strings read only for what is not listed
+        gone = gone_rows(missing, pa.array([], pa.string()), prefix, model_id, run_id)
+    skipped = int(done.sum()) if done is not None else 0
     log.info(
         "listed %d images in %s; %d already scored; %d to score",
         listing.table.num_rows,
         input_uri,
         skipped,
-        table.num_rows,
+        listing.table.num_rows - skipped,
     )
-    return _Plan(listing, table, skipped, gone, state, covers)
-
-
-def _hashes(columns: list[pa.Array | pa.ChunkedArray], rows: int = 65_536) -> np.ndarray:
-    """A 64-bit hash of each row's strings (joined by newlines, as `image_keys` joins them).
-
-    For set membership over up to ~10⁸ keys a collision is a one-in-10¹¹ event per lookup; its
-    cost would be one image skipped for one night, or one missing "gone" row.
-    """
-    import hashlib
-
-    n = len(columns[0])
-    out = np.empty(n, np.uint64)
-    for start in range(0, n, rows):
-        parts = [c.slice(start, rows).to_pylist() for c in columns]
-        out[start : start + len(parts[0])] = [
-            int.from_bytes(hashlib.blake2b("\n".join(r).encode(), digest_size=8).digest(), "little")
-            for r in zip(*parts, strict=True)
-        ]
-    return out
-
-
-def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    """values ∈ sorted_set, elementwise."""
-    if not len(sorted_set):
-        return np.zeros(len(values), bool)
-    at = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
-    return sorted_set[at] == values
+    return _Plan(listing, done, skipped, gone, index)
 
 
 @dataclass
@@ -876,9 +859,6 @@ def score_images(
             "not committing it (its images are scored again by the next run)"
         )
     del table
-    # The index first, the manifest last: a committed run always has its index.
-    rows = read_parts(output, files, model_id, run_id)
-    write_index(output, model_id, run_id, fold(plan.state, rows), plan.covers)
     summary.seconds = time.perf_counter() - start
     summary.manifest = join_uri(output, manifest_path(run_id))
     commit_run(
@@ -900,6 +880,13 @@ def score_images(
         versions=library_versions(),
         drift=run_drift(run_id, writer.scores(), checkpoint.threshold).to_dict(),
     )
+    # The index after the manifest: it only ever holds committed rows. A run that dies between
+    # the two leaves the index as it was, and the next run folds this one in from its parts.
+    try:
+        plan.index.write(run_id, files)
+    except Exception as e:  # noqa: BLE001 - the run is committed: a stale index costs time only
+        log.warning("run %s is committed, but its index was not written (%s): the next run "
+                    "reads this run's parts instead", run_id, e)  # fmt: skip
     log.info("%s", summary.format())
     return summary
 

@@ -277,31 +277,6 @@ def _latest_per_image(table: pa.Table) -> pa.Table:
     return table.take(rows.take(pc.sort_indices(rows)))  # in run order, as read_results promises
 
 
-def image_keys(uris: pa.ChunkedArray | pa.Array, versions: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """One string per (URI, version), for set membership."""
-    joined = pc.binary_join_element_wise(uris, versions, "\n")
-    return joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined
-
-
-def done_keys(latest: pa.Table) -> pa.Array:
-    """(URI, version) keys with a final latest row: scored, or failed for a reason another try
-    would not change (a corrupt file, a model that gives NaN). Retryable failures are not done,
-    nor are images marked gone (one that comes back is scored again).
-
-    `latest`: read_results(output, model_id, latest=True) with image_uri, image_version,
-    status and retryable. Rows are per model, so another model never inherits them.
-    """
-    final = pc.or_(
-        pc.equal(latest["status"], "ok"),
-        pc.and_(
-            pc.equal(latest["status"], "error"),
-            pc.invert(pc.fill_null(latest["retryable"], True)),
-        ),
-    )
-    table = latest.filter(final)
-    return pc.unique(image_keys(table["image_uri"], table["image_version"]))
-
-
 def gone_rows(
     latest: pa.Table, listed: pa.Array, prefix: str, model_id: str, run_id: str
 ) -> pa.Table:

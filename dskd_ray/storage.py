@@ -304,6 +304,21 @@ def open_object(uri: str) -> Iterator[fsspec.spec.AbstractBufferedFile]:
         yield f
 
 
+@contextlib.contextmanager
+def reader_source(uri: str) -> Iterator[str | fsspec.spec.AbstractBufferedFile]:
+    """What a native reader (pyarrow's Parquet reader) opens: a local path, which it reads with
+    its own file system, without a Python copy of every range it reads; or, remotely, a file
+    object read by range."""
+    fs, path = filesystem(uri)
+    if is_local(fs):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{uri} does not exist")
+        yield path
+        return
+    with open_object(uri) as f:
+        yield f
+
+
 def write_object(uri: str, data: bytes, durable: bool = False) -> None:
     """Write one object all-or-nothing, transient errors retried: a temp file renamed locally
     (fsync'd first when `durable`), a single PUT remotely.
@@ -371,6 +386,37 @@ def _remove_folders(folders: list[str]) -> None:
     for folder in folders:  # deepest first; each empty unless someone else wrote there
         with contextlib.suppress(OSError):
             os.rmdir(folder)
+
+
+@contextlib.contextmanager
+def local_copy_to(uri: str) -> Iterator[str]:
+    """A local file path to write `uri`'s new content to, however large; when the block ends
+    well it replaces `uri` all-or-nothing (a rename locally, one upload remotely), else it is
+    removed. For files written in pieces (the run index), where `write_object` wants bytes."""
+    fs, path = filesystem(uri)
+    local = is_local(fs)
+    if local:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{posixpath.basename(path)}.",
+        suffix=".tmp",
+        dir=os.path.dirname(path) if local else None,
+    )
+    os.close(fd)
+    try:
+        yield tmp
+        if local:
+            os.replace(tmp, path)
+        else:
+            with_retries(lambda: fs.put_file(tmp, path), f"write {uri}")
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def remove_object(uri: str) -> None:
+    """Remove one object or file (FileNotFoundError if it is not there)."""
+    fs, path = filesystem(uri)
+    with_retries(lambda: fs.rm_file(path), f"remove {uri}")
 
 
 def exists(uri: str) -> bool:

@@ -428,7 +428,7 @@ def test_dry_run_lists_diffs_and_counts_but_writes_nothing(tmp_path: Path) -> No
     deleted since: the dry run says what tonight's run would do, from the real CLI."""
     from dskd_ray.batch_scoring import list_inputs
     from dskd_ray.results import RESULT_SCHEMA
-    from dskd_ray.run_index import INDEX_COLUMNS, write_index
+    from dskd_ray.run_index import ModelIndex
 
     model, _ = make_model(tmp_path)
     model_id = Scorer(str(model), device="cpu").model_id
@@ -452,11 +452,12 @@ def test_dry_run_lists_diffs_and_counts_but_writes_nothing(tmp_path: Path) -> No
     }  # fmt: skip
     table = pa.table(rows, schema=RESULT_SCHEMA)
     out = tmp_path / "out"
+    index = ModelIndex.load(str(out), model_id)
     writer = PartWriter(str(out), run_id)
     writer.write(table)
     files = writer.close()
-    write_index(str(out), model_id, run_id, table.select(INDEX_COLUMNS), [])
     commit_run(str(out), run_id, files, model_id=model_id)
+    index.write(run_id, files)
     before = sorted(p for p in out.rglob("*"))
 
     result = subprocess.run(
@@ -634,8 +635,10 @@ def test_ctrl_c_on_ray_exits_130_commits_nothing_and_leaves_no_scratch(
     tmp_path: Path,  # noqa: ANN001
 ) -> None:
     """Ctrl-C once the first maps are written: one line, exit 130 (a script or a scheduler
-    must not carry on), no manifest, and no scratch folder left in the temp directory."""
-    _write_images(tmp_path / "images", 48)
+    must not carry on), no manifest, and no scratch folder left in the temp directory. Enough
+    images that the run is still going when the Ctrl-C lands on a loaded machine (at 48 it
+    once finished first)."""
+    _write_images(tmp_path / "images", 160)
     model, _ = make_model(tmp_path)
     out = tmp_path / "out"
     env, temp = _own_temp_dir(tmp_path)

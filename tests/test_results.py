@@ -267,7 +267,7 @@ def synthetic_run(out: Path, run_id: str, uris: list[str], model_id: str = "m-sy
     import pyarrow as pa
 
     from dskd_ray.results import RESULT_SCHEMA, PartWriter, commit_run
-    from dskd_ray.run_index import INDEX_COLUMNS, write_index
+    from dskd_ray.run_index import ModelIndex
 
     n = len(uris)
     columns = {c: pa.nulls(n, RESULT_SCHEMA.field(c).type) for c in RESULT_SCHEMA.names}
@@ -280,11 +280,12 @@ def synthetic_run(out: Path, run_id: str, uris: list[str], model_id: str = "m-sy
         "model_id": pa.array([model_id] * n), "run_id": pa.array([run_id] * n),
     }  # fmt: skip
     table = pa.table(columns, schema=RESULT_SCHEMA)
+    index = ModelIndex.load(str(out), model_id)
     writer = PartWriter(str(out), run_id)
     writer.write(table)
     files = writer.close()
-    write_index(str(out), model_id, run_id, table.select(INDEX_COLUMNS), [])
     commit_run(str(out), run_id, files, model_id=model_id, summary={"listed": n, "skipped": 0})
+    index.write(run_id, files)
 
 
 def test_a_damaged_part_is_one_line_naming_it_and_the_other_runs_still_list(
