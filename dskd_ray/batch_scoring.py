@@ -35,7 +35,7 @@ from dskd_ray.batch_attempts import (
 from dskd_ray.config import ScoringOptions
 from dskd_ray.decoder_process import DecoderCrashed, shared_decoder
 from dskd_ray.drift import run_drift
-from dskd_ray.errors import ConfigError, DataError, DSKDError
+from dskd_ray.errors import CheckpointError, ConfigError, DataError, DSKDError
 from dskd_ray.images import ImageDecodeError
 from dskd_ray.map_png import encode_map_png, quantize_map
 from dskd_ray.progress import PROGRESS, clock, eta
@@ -742,8 +742,11 @@ def _bytes(n: int) -> str:
 def dry_run(
     input_uri: str, model: str, output: str, options: ScoringOptions | None = None
 ) -> DryRunSummary:
-    """List, diff against what this model already scored, and count; score and write nothing."""
-    from dskd_ray.checkpoint import load_checkpoint
+    """List, diff against what this model already scored, and count; score and write nothing.
+
+    The model id comes from the checkpoint's header (`checkpoint_header`): no torch, no weights
+    read, so the driver holds the listing and the index and little else."""
+    from dskd_ray.checkpoint_header import read_model_id
 
     options = options or ScoringOptions()
     options.validate()
@@ -752,20 +755,28 @@ def dry_run(
     check_output(input_uri, output)
     check_writable(output)  # what the real run would find only after scoring every image
     start = time.perf_counter()
-    model_id = load_checkpoint(model).model_id
+    try:
+        model_id = read_model_id(model)
+    except CheckpointError:  # the full load is the authority: its error, as the run would say it
+        model_id = None
+    if model_id is None:  # a file from before ids were stored: the full load computes it
+        from dskd_ray.checkpoint import load_checkpoint
+
+        model_id = load_checkpoint(model).model_id
     listing_start = time.perf_counter()
     plan = _plan(input_uri, output, model_id, "dry-run", options.rescore, options.schemes)
     listed_sizes = plan.listing.table["image_bytes"]
-    sizes = plan.to_score["image_bytes"]
+    # Counted through the mask: the dry run never copies the rows left to score.
+    sizes = listed_sizes if plan.done is None else listed_sizes.filter(pa.array(~plan.done))
     known = pc.greater_equal(sizes, 0)
     return DryRunSummary(
         model_id=model_id,
         listed=plan.listing.table.num_rows,
         listed_bytes=int(pc.sum(pc.max_element_wise(listed_sizes, 0)).as_py() or 0),
         skipped=plan.skipped,
-        to_score=plan.to_score.num_rows,
+        to_score=len(sizes),
         to_score_bytes=int(pc.sum(sizes.filter(known)).as_py() or 0),
-        unknown_bytes=plan.to_score.num_rows - int(pc.sum(known).as_py() or 0),
+        unknown_bytes=len(sizes) - int(pc.sum(known).as_py() or 0),
         gone=plan.gone.num_rows,
         other_files=plan.listing.stats.other_files,
         seconds=time.perf_counter() - start,

@@ -222,12 +222,11 @@ def _torch_load(uri: str, blob: bytes) -> Any:
     is not shown (-v has it in the traceback): it advises `weights_only=False`, which would run
     whatever code a pickle holds."""
     from dskd_ray import file_kind
+    from dskd_ray.checkpoint_header import not_a_checkpoint
 
-    head = blob[: file_kind.HEAD_BYTES]
-    if not file_kind.is_torch_archive(head):
-        kind = file_kind.describe(head, uri)
-        looks = f"this looks like {kind}" if kind else "not a file PyTorch wrote"
-        raise CheckpointError(f"{uri} is not a dskd_ray checkpoint ({looks})")
+    refused = not_a_checkpoint(uri, blob[: file_kind.HEAD_BYTES])
+    if refused is not None:
+        raise refused
     try:
         return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a truncated archive, a pickle with code, …

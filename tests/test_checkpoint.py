@@ -282,3 +282,40 @@ def test_an_unknown_format_names_both_versions(tmp_path: Path, tiny_config: DSKD
     torch.save({**payload, "format": "dskd_ray.checkpoint/9"}, tmp_path / "future.pt")
     with pytest.raises(CheckpointError, match=r"checkpoint/9.*reads dskd_ray\.checkpoint/4"):
         load_checkpoint(tmp_path / "future.pt")
+
+
+def test_the_header_gives_the_model_id_without_torch_or_the_weights(
+    tmp_path: Path, tiny_config: DSKDConfig
+) -> None:
+    """What a dry run reads (issue 24): the stated model id, from `data.pkl` alone; in a
+    process that never imports torch or Ray."""
+    import subprocess
+    import sys
+
+    from dskd_ray.checkpoint_header import read_model_id
+
+    ckpt = make_checkpoint(DSKD(tiny_config))
+    save_checkpoint(ckpt, tmp_path / "m.pt")
+    assert read_model_id(str(tmp_path / "m.pt")) == ckpt.model_id
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(b"")
+    code = (
+        "import sys; from dskd_ray.batch_scoring import dry_run; "
+        f"s = dry_run({str(tmp_path / 'images')!r}, {str(tmp_path / 'm.pt')!r}, "
+        f"{str(tmp_path / 'out')!r}); "
+        "print(s.model_id, s.listed, [m for m in ('torch', 'ray') if m in sys.modules])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.split() == [ckpt.model_id, "1", "[]"], done.stderr
+    # A header that names anything but tensors and settings is refused; nothing runs.
+    target = Path("/tmp/dskd-evil-was-here")
+    target.unlink(missing_ok=True)
+    torch.save({"format": "dskd_ray.checkpoint/4", "x": _Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="evil.pt is not a dskd_ray checkpoint"):
+        read_model_id(str(tmp_path / "evil.pt"))
+    assert not target.exists()
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x0e\x12\x07pytorch:\x00")
+    with pytest.raises(CheckpointError, match=r"\(this looks like an ONNX file\)"):
+        read_model_id(str(tmp_path / "model.onnx"))
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*nope.pt"):
+        read_model_id(str(tmp_path / "nope.pt"))
