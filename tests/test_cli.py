@@ -298,7 +298,10 @@ def test_storage_failures_are_retried_within_a_bound_and_never_in_vain(tmp_path:
                           text=True, env=env, timeout=600)  # fmt: skip
     elapsed = time.perf_counter() - start
     server.close()
-    assert done.returncode == 1 and "Connection was closed" in done.stderr.splitlines()[-1]
+    # A close before or after the request arrives reads as closed or reset: either is one line.
+    last = done.stderr.splitlines()[-1]
+    assert done.returncode == 1 and last.startswith("dskd: error: "), done.stderr[-2000:]
+    assert re.search(r"Connection was closed|Connection reset by peer", last), last
     assert elapsed < 100, elapsed  # 30 s of retries at most, and the start; it was 200 s
 
     no_keys = {
