@@ -1,9 +1,9 @@
 """What listing costs the driver of `dskd score`: peak memory per object and objects per second.
 
 Each measurement is `dskd score INPUT --dry-run` in its own process, as a user runs it (list,
-diff against what this model already scored, count; nothing scored): its peak RSS (VmHWM, from
-wait4) and the listing-and-diff seconds it prints. Inputs are zero-byte image files, since a
-listing never reads one:
+diff against what this model already scored, count; nothing scored): its peak RSS (its own
+VmHWM, reported as it leaves) and the listing-and-diff seconds it prints. Inputs are zero-byte
+image files, since a listing never reads one:
 
   local   N files in a tree of 100 folders, for each N in --local (10⁴ and 10⁵ by default);
   s3      --s3 objects on a loopback S3 server (moto's, in its own process);
@@ -14,9 +14,10 @@ index the runs write, folded over --nights runs): the skip must add no per-night
     python bench/listing.py                          # 10⁴ and 10⁵ local, 10⁴ on S3
     python bench/listing.py --local 10000 100000 1000000
 
-Driver bytes per object come from the slope between the two largest local N (the interpreter,
-torch and pyarrow cancel out). The last line is machine-readable:
+Driver bytes per object come from the slope between the two largest local N (the interpreter
+and pyarrow cancel out). The last line is machine-readable:
     driver_bytes_per_object=<slope, dry run, half scored> listing_objects_per_s=<largest local N>
+    dry_run_peak_rss_mb=<the largest peak of any dry run measured>
 """
 
 from __future__ import annotations
@@ -35,14 +36,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from dskd_ray.batch_scoring import list_inputs
 from dskd_ray.checkpoint import make_checkpoint, save_checkpoint
 from dskd_ray.config import DSKDConfig
 from dskd_ray.model import DSKD
 from dskd_ray.results import RESULT_SCHEMA, PartWriter, commit_run
-from dskd_ray.run_index import INDEX_COLUMNS, fold, latest_state, read_parts, write_index
+from dskd_ray.run_index import ModelIndex
 
 LINE = re.compile(r"listed (\d+) .* skipped (\d+) .*\(listing and diff ([\d.]+) s\)")
 
@@ -89,40 +89,53 @@ def score_half(images: str, out: str, model_id: str, nights: int) -> None:
             "retryable": pa.array([False] * n), "model_id": pa.array([model_id] * n),
             "run_id": pa.array([run_id] * n),
         }  # fmt: skip
+        index = ModelIndex.load(out, model_id)  # as a run reads it before it starts
         writer = PartWriter(out, run_id)
         writer.write(pa.table(columns, schema=RESULT_SCHEMA))
         files = writer.close()
-        state, covers = latest_state(out, model_id)
-        write_index(out, model_id, run_id, fold(state, read_parts(out, files, model_id)), covers)
         commit_run(out, run_id, files, model_id=model_id)
-    state, _ = latest_state(out, model_id)
-    assert pc.sum(pc.equal(state["status"], "ok")).as_py() == half.num_rows
-    assert state.column_names == INDEX_COLUMNS
+        index.write(run_id, files)
+    index = ModelIndex.load(out, model_id)
+    assert len(index) == len(index.done_keys()) == half.num_rows
+
+
+# `dskd` as a user runs it, reporting its own peak RSS as it leaves. VmHWM, not wait4's
+# ru_maxrss: Linux carries the parent's RSS at the fork into the child's ru_maxrss across the
+# exec, so this bench's own ~1.2 GB (torch, to make the model) was every dry run's "peak".
+PEAK_LAUNCHER = """
+import os, sys
+leave = os._exit
+def report_and_leave(code):
+    hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
+    os.write(2, ("dskd-bench-peak " + hwm).encode())
+    leave(code)
+os._exit = report_and_leave  # cli.main leaves through os._exit, after every exit hook
+sys.argv = ["dskd", *sys.argv[1:]]
+from dskd_ray.cli import main
+main()
+"""
+PEAK = re.compile(r"dskd-bench-peak VmHWM:\s+(\d+) kB")
 
 
 def dry_run(images: str, model: str, out: str, env: dict[str, str]) -> dict:
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dskd_ray.cli", "score", images, "--model", model, "--out", out,
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_LAUNCHER, "score", images, "--model", model, "--out", out,
          "--dry-run"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=env, capture_output=True, text=True,
     )  # fmt: skip
-    stdout = proc.stdout.read().decode()
-    stderr = proc.stderr.read().decode()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise RuntimeError(f"dry run failed:\n{stderr[-3000:]}")
-    match = LINE.search(stdout)
-    if not match:
-        raise RuntimeError(f"unexpected output: {stdout}")
+    if done.returncode:
+        raise RuntimeError(f"dry run failed:\n{done.stderr[-3000:]}")
+    match, peak = LINE.search(done.stdout), PEAK.search(done.stderr)
+    if not match or not peak:
+        raise RuntimeError(f"unexpected output: {done.stdout}\n{done.stderr[-2000:]}")
     listed, skipped, seconds = int(match[1]), int(match[2]), float(match[3])
     return {
         "listed": listed,
         "skipped": skipped,
         "listing_s": seconds,
         "objects_per_s": listed / seconds if seconds else 0.0,
-        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "peak_rss_mb": int(peak[1]) / 1024,
         "wall_s": time.perf_counter() - start,
     }
 
@@ -200,12 +213,15 @@ def main(argv: list[str] | None = None) -> int:
         "driver_bytes_per_object_fresh": slope(a_fresh, b_fresh),
         "driver_bytes_per_object_half_scored": slope(a_half, b_half),
         "listing_objects_per_s": b_fresh["objects_per_s"],
+        # The whole dry run's peak (imports, the checkpoint's header, listing, index), largest N.
+        "dry_run_peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
     }
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(
         f"driver_bytes_per_object={result['driver_bytes_per_object_half_scored']:.0f} "
-        f"listing_objects_per_s={result['listing_objects_per_s']:.0f}"
+        f"listing_objects_per_s={result['listing_objects_per_s']:.0f} "
+        f"dry_run_peak_rss_mb={result['dry_run_peak_rss_mb']:.0f}"
     )
     return 0
 

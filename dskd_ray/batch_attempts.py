@@ -12,6 +12,13 @@ the same node. One restarted on another node starts counting again there, so on 
 batch may kill up to four actors per node before its culprit is found: more deaths, never an
 endless loop. (A cap on Ray's own retries would need `map_batches(**ray_remote_args)`, which Ray
 2.60 deprecates for removal in 2.64.)
+
+Where: `<temp dir>/dskd-ray-scratch/run-<run id>/` on each node (`run_scratch`). The name has
+hyphens so that it can never be imported: a folder named like the package in the temp directory
+would shadow the installed one for anyone whose working directory is the temp directory. A
+folder is removed as soon as it is empty (after every batch) and the run's folder whole when
+the run ends, well or not; a run killed outright leaves its folder, which the next run on that
+node removes once it is a day old.
 """
 
 from __future__ import annotations
@@ -20,14 +27,88 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from dskd_ray.storage import printable
+
 log = logging.getLogger(__name__)
 
 DEATHS_ALLOWED = 2  # attempts that may die before a batch is split, or an image given up
+
+SCRATCH_DIR = "dskd-ray-scratch"  # in the temp directory; not a Python identifier (see above)
+STALE_AFTER_S = 24 * 3600  # a run folder untouched this long was left by a killed run
+_OLD_SCRATCH_DIR = "dskd_ray"  # where earlier versions kept it: importable, so tidied away
+
+
+def scratch_root() -> Path:
+    """This node's scratch folder for scoring runs."""
+    return Path(tempfile.gettempdir()) / SCRATCH_DIR
+
+
+def run_scratch(run_id: str) -> Path:
+    """One run's attempt counters on this node."""
+    return scratch_root() / f"run-{run_id}"
+
+
+def remove_run_scratch(run_id: str, linger_s: float = 0.0) -> None:
+    """Remove a run's folder on this node, and the scratch folder if nothing else is in it.
+
+    `linger_s`: for a run stopped early. Its actors are being killed, and one may start a batch
+    it had already been sent (writing its attempt) in the moments before the kill lands: the
+    folder is removed again, every 0.1 s, for that long.
+    """
+    deadline = time.monotonic() + linger_s
+    while True:
+        shutil.rmtree(run_scratch(run_id), ignore_errors=True)
+        _remove_empty(scratch_root())
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.1)
+
+
+def clean_stale_scratch(max_age_s: float = STALE_AFTER_S, now: float | None = None) -> list[Path]:
+    """Remove the run folders on this node untouched for `max_age_s` (left by runs that were
+    killed: a live run touches its folder with every batch); returns what was removed.
+
+    Also removes the empty folders older versions left as `<temp dir>/dskd_ray/run-*/scoring`
+    (empty ones only: a folder of that name with anything else in it is not ours to delete).
+    """
+    now = time.time() if now is None else now
+    removed = []
+    root = scratch_root()
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        entries = []
+    for entry in entries:
+        try:
+            stale = entry.name.startswith("run-") and now - entry.stat().st_mtime > max_age_s
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+    _remove_empty(root)
+    old = root.parent / _OLD_SCRATCH_DIR
+    for run in old.glob("run-*") if old.is_dir() else []:
+        _remove_empty(run / "scoring")
+        _remove_empty(run)
+    _remove_empty(old)
+    return removed
+
+
+def _remove_empty(folder: Path) -> bool:
+    try:
+        folder.rmdir()
+        return True
+    except OSError:  # not empty, not there, not ours
+        return False
 
 
 def batch_key(uris: np.ndarray, versions: np.ndarray) -> str:
@@ -36,10 +117,20 @@ def batch_key(uris: np.ndarray, versions: np.ndarray) -> str:
 
 
 class Attempts:
-    """Attempts started on `folder`'s node and never finished, per key."""
+    """Attempts started on `folder`'s node and never finished, per key.
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    `tidy`: folders (innermost first) removed when an attempt ends and leaves them empty.
+    """
+
+    def __init__(self, folder: str | os.PathLike, tidy: tuple[Path, ...] = ()) -> None:
         self.folder = Path(folder)
+        self.tidy = tidy
+
+    @classmethod
+    def for_run(cls, run_id: str) -> Attempts:
+        """A run's attempts on this node, in its scratch folder, tidied as they end."""
+        folder = run_scratch(run_id)
+        return cls(folder, tidy=(folder, folder.parent))
 
     def _path(self, key: str) -> Path:
         return self.folder / f"{key}.json"
@@ -53,14 +144,23 @@ class Attempts:
     def begin(self, key: str, images: list[str]) -> int:
         """Record one more attempt; returns how many had died before it."""
         died = self.unfinished(key)
-        self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self._path(key).with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"attempts": died + 1, "images": images}))
+        for tries in range(1, 4):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                tmp.write_text(json.dumps({"attempts": died + 1, "images": images}))
+                break
+            except FileNotFoundError:  # another actor's `end` removed the empty folder
+                if tries == 3:
+                    raise
         tmp.replace(self._path(key))
         return died
 
     def end(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+        for folder in self.tidy:
+            if not _remove_empty(folder):
+                break
 
 
 Batch = dict[str, np.ndarray]
@@ -82,7 +182,7 @@ def score_guarded(
     log.warning(
         "a batch of %d images (first %s) killed the scoring process %d times: scoring it one "
         "image at a time",
-        len(uris), uris[0], DEATHS_ALLOWED,
+        len(uris), printable(str(uris[0])), DEATHS_ALLOWED,
     )  # fmt: skip
     rows = []
     for i in range(len(uris)):
@@ -90,7 +190,11 @@ def score_guarded(
         one_key = batch_key(uris[i : i + 1], versions[i : i + 1])
         deaths = attempts.unfinished(one_key)
         if deaths >= DEATHS_ALLOWED:
-            log.error("%s killed the scoring process %d times: an error row", uris[i], deaths)
+            log.error(
+                "%s killed the scoring process %d times: an error row",
+                printable(str(uris[i])),
+                deaths,
+            )
             rows.append(give_up(one, f"the scoring process died {deaths} times scoring it"))
         else:
             rows.append(_counted(one_key, [str(uris[i])], lambda one=one: score(one), attempts))

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -28,11 +26,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dskd_ray import tiling
-from dskd_ray.batch_attempts import Attempts, score_guarded
+from dskd_ray.batch_attempts import (
+    Attempts,
+    clean_stale_scratch,
+    remove_run_scratch,
+    score_guarded,
+)
 from dskd_ray.config import ScoringOptions
 from dskd_ray.decoder_process import DecoderCrashed, shared_decoder
 from dskd_ray.drift import run_drift
-from dskd_ray.errors import ConfigError, DataError, DSKDError
+from dskd_ray.errors import CheckpointError, ConfigError, DataError, DSKDError
 from dskd_ray.images import ImageDecodeError
 from dskd_ray.map_png import encode_map_png, quantize_map
 from dskd_ray.progress import PROGRESS, clock, eta
@@ -41,23 +44,27 @@ from dskd_ray.results import (
     RESULT_SCHEMA,
     PartWriter,
     commit_run,
-    done_keys,
     gone_rows,
     manifest_path,
     new_run_id,
     run_partition,
     utc_now,
 )
-from dskd_ray.run_index import fold, latest_state, read_parts, write_index
+from dskd_ray.run_index import ModelIndex, hash_rows, member
 from dskd_ray.storage import (
     ListingStats,
     canonical_uri,
     check_output,
+    check_schemes,
+    check_writable,
+    explain_read_failure,
     iter_images,
     join_uri,
     map_uri,
     open_object,
+    printable,
     read_object,
+    uri_scheme,
     write_object,
 )
 
@@ -65,6 +72,11 @@ if TYPE_CHECKING:
     from dskd_ray.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
+
+# Listed images become an Arrow chunk every this many: the Python objects of one chunk are all
+# the listing holds beside its Arrow columns (at 50 000 they were 12 MB, a fifth of a 10⁵
+# listing's driver memory; bench/listing.py).
+LISTING_CHUNK = 8192
 
 LISTING_SCHEMA = pa.schema(
     [
@@ -92,7 +104,7 @@ class RunSummary:
     seconds: float  # the whole run, listing and commit included
     symlinks: int = 0  # symlinks met under the input (local folders)
     symlinks_skipped: int = 0  # of those, not listed: pointing outside the input, nowhere…
-    gone: int = 0  # images scored before and no longer under the input: a "gone" row each
+    gone: int = 0  # images listed by an earlier run, no longer under the input: a "gone" row
     pipeline_seconds: float = 0.0  # Ray Data: first block in → last row out
     startup_seconds: float = 0.0  # pipeline start → first rows out (actor start, model load)
     startup_rows: int = 0  # rows in that first batch out
@@ -231,8 +243,9 @@ def decode_batch(
             for i, future in futures:
                 try:
                     data = future.result()
-                except Exception as e:  # noqa: BLE001 - any read failure: the next run retries
-                    fail(i, f"cannot read: {_describe(e)}", retry=True)
+                except Exception as e:  # noqa: BLE001 - any read failure: said in its row
+                    why, retry = explain_read_failure(uris[i], e)
+                    fail(i, f"cannot read: {why}", retry=retry)
                     continue
                 sizes[i] = len(data)
                 try:
@@ -240,7 +253,7 @@ def decode_batch(
                 except ImageDecodeError as e:  # the same bytes will fail the same way
                     fail(i, str(e), retry=False)
                 except DecoderCrashed as e:
-                    log.error("%s: %s", uris[i], e)
+                    log.error("%s: %s", printable(uris[i]), e)
                     fail(i, str(e), retry=e.retryable)
                 except MemoryError as e:
                     fail(i, f"out of memory: {e}", retry=True)
@@ -272,14 +285,18 @@ class ScoringActor:
         precision: str = "fp32",
         compile: bool = False,
         graph: list | None = None,
-        attempts_dir: str | None = None,
+        run_id: str | None = None,
     ) -> None:
         import torch
 
         from dskd_ray.checkpoint import Checkpoint
 
-        # On Ray: a batch that kills this actor twice is scored image by image (batch_attempts).
-        self.attempts = Attempts(attempts_dir) if attempts_dir else None
+        # On Ray: a batch that kills this actor twice is scored image by image, counted in this
+        # node's scratch folder (batch_attempts), where a killed run's leftovers are cleaned.
+        self.attempts = None
+        if run_id is not None:
+            clean_stale_scratch()
+            self.attempts = Attempts.for_run(run_id)
 
         # Ray sets OMP_NUM_THREADS=1 in actors (docs/design.md §7): ask for the threads we want.
         torch.set_num_threads(threads)
@@ -458,14 +475,15 @@ def is_manifest(input_uri: str) -> bool:
     return input_uri.lower().endswith((".parquet", ".csv"))
 
 
-def list_inputs(input_uri: str, output: str) -> _Listing:
-    """Every image under `input_uri` (or in the manifest it names) with its version.
+def list_inputs(input_uri: str, output: str, schemes: tuple[str, ...] = ()) -> _Listing:
+    """Every image under `input_uri` (or in the manifest it names) with its version; a manifest
+    may name s3://, file:// and local paths, and the URI `schemes` besides.
 
     Built in Arrow chunks as the listing pages arrive, never as one Python object per image
     (about 130 bytes per image on the driver, where a Python dict took about 1 KB).
     """
     if is_manifest(input_uri):
-        return _Listing(read_manifest(input_uri), ListingStats(), manifest=True)
+        return _Listing(read_manifest(input_uri, schemes), ListingStats(), manifest=True)
     chunks: list[pa.RecordBatch] = []
     rows: dict[str, list] = {name: [] for name in LISTING_SCHEMA.names}
     stats = ListingStats()
@@ -484,7 +502,7 @@ def list_inputs(input_uri: str, output: str) -> _Listing:
         rows["image_version"].append(entry.version)
         rows["image_bytes"].append(entry.size)
         rows["listing_error"].append(entry.error)
-        if len(rows["image_uri"]) >= 50_000:
+        if len(rows["image_uri"]) >= LISTING_CHUNK:
             flush()
     flush()
     return _Listing(pa.Table.from_batches(chunks, schema=LISTING_SCHEMA), stats)
@@ -492,14 +510,37 @@ def list_inputs(input_uri: str, output: str) -> _Listing:
 
 MANIFEST_COLUMNS = ("image_uri", "image_version", "image_bytes")
 _URI = r"^([a-zA-Z][a-zA-Z0-9+.-]*://|/)"  # a scheme, or an absolute local path
+_SCHEME_PART = r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://"
+# A local path with something to resolve: "//", a "." or ".." segment (Arrow's RE2 syntax).
+_UNRESOLVED = r"^/(.*/)?(\.\.?)?(/|$)|//"
 
 
-def read_manifest(uri: str) -> pa.Table:
+def _one_spelling(uris: pa.Array) -> pa.Array:
+    """Local paths spelled as the listing spells them: file:///a → /a, and "//", ".", ".."
+    resolved (only the rows that need it, in Python). Other URIs as written."""
+    import posixpath
+
+    uris = pc.replace_substring_regex(uris, pattern="^(?i:file)://(/|$)", replacement="/")
+    local = pc.starts_with(uris, "/")
+    todo = pc.and_(local, pc.match_substring_regex(uris, _UNRESOLVED))
+    if not pc.any(todo).as_py():
+        return uris
+    values = uris.to_pylist()
+    for i in pc.indices_nonzero(todo).to_pylist():
+        values[i] = "/" + posixpath.normpath(values[i]).lstrip("/")
+    return pa.array(values, pa.string())
+
+
+def read_manifest(uri: str, schemes: tuple[str, ...] = ()) -> pa.Table:
     """The images a manifest names (LISTING_SCHEMA): column `image_uri`, optionally
     `image_version` (missing: the image is scored once per URI) and `image_bytes`.
 
     Read in record batches, only those columns. A manifest that cannot say exactly which
-    images to score (no such column, an empty or relative URI, a URI twice) is refused whole.
+    images to score (no such column, an empty or relative URI, a URI twice) is refused whole,
+    and so is one naming a scheme other than s3://, file:// and `schemes`. Local paths are
+    compared spelled one way (file:// dropped, ".", ".." and "//" resolved): two spellings of
+    one file are the same URI twice. Keys on object storage are taken as written: there
+    "a/../b" is a key of its own.
     """
     from pyarrow import csv, parquet
 
@@ -520,7 +561,8 @@ def read_manifest(uri: str) -> pa.Table:
                 _check_manifest_columns(name, batches.schema.names)
             offset = 0
             for batch in batches:
-                chunks.append(_manifest_chunk(name, pa.Table.from_batches([batch]), offset))
+                table = pa.Table.from_batches([batch])
+                chunks.append(_manifest_chunk(name, table, offset, schemes))
                 offset += batch.num_rows
     except FileNotFoundError:
         raise DataError(f"manifest {uri} does not exist") from None
@@ -533,7 +575,8 @@ def read_manifest(uri: str) -> pa.Table:
         twice = counts.filter(pc.greater(counts.field("counts"), 1))
         raise DataError(
             f"manifest {name} lists {twice[0]['values'].as_py()} more than once "
-            f"({len(twice)} URI(s) repeated): one row per image"
+            f"({len(twice)} URI(s) repeated, local paths compared spelled one way): one row "
+            "per image"
         )
     return table
 
@@ -545,14 +588,21 @@ def _check_manifest_columns(name: str, columns: list[str]) -> None:
         )
 
 
-def _manifest_chunk(name: str, chunk: pa.Table, offset: int) -> pa.Table:
-    uris = chunk["image_uri"].cast(pa.string())
+def _manifest_chunk(name: str, chunk: pa.Table, offset: int, schemes: tuple[str, ...]) -> pa.Table:
+    uris = chunk["image_uri"].cast(pa.string()).combine_chunks()
     bad = pc.invert(pc.fill_null(pc.match_substring_regex(uris, _URI), False))
     if pc.any(bad).as_py():
         i = pc.index(bad, True).as_py()
         value = uris[i].as_py()
         shown = "empty" if not value else f"{value!r} is not absolute (a path from / or a URI)"
         raise DataError(f"manifest {name}, row {offset + i + 1}: image_uri {shown}")
+    found = pc.unique(pc.utf8_lower(pc.extract_regex(uris, _SCHEME_PART).field("scheme")))
+    unknown = {s for s in found.to_pylist() if s} - {"s3", "file", *schemes}
+    if unknown:
+        scheme = sorted(unknown)[0]
+        i = pc.index(pc.starts_with(pc.utf8_lower(uris), f"{scheme}://"), True).as_py()
+        check_schemes({scheme}, schemes, f"manifest {name}, row {offset + i + 1},")
+    uris = _one_spelling(uris)
     n = chunk.num_rows
     if "image_version" in chunk.column_names:
         versions = pc.fill_null(chunk["image_version"].cast(pa.string()), "")
@@ -596,73 +646,59 @@ class _Plan:
     """Tonight's work: what is listed, what this model already did, what is left."""
 
     listing: _Listing
-    to_score: pa.Table  # LISTING_SCHEMA
+    done: np.ndarray | None  # per listed image: already scored by this model (None: nothing is)
     skipped: int
     gone: pa.Table  # RESULT_SCHEMA rows saying "gone", already stamped with the run id
-    state: pa.Table  # this model's latest row per image before this run (run_index)
-    covers: list[str]  # the committed runs `state` was folded from
+    index: ModelIndex  # this model's latest row per image before this run
+
+    @property
+    def to_score(self) -> pa.Table:
+        """LISTING_SCHEMA: the listed images left to score (a copy: made once, by the run)."""
+        table = self.listing.table
+        return table if self.done is None else table.filter(pa.array(~self.done))
 
 
-def _plan(input_uri: str, output: str, model_id: str, run_id: str, rescore: bool) -> _Plan:
-    # The model's latest row per image, from its compact index: not one file per past night.
-    state, covers = latest_state(output, model_id)
-    # Done keys as sorted 64-bit hashes (8 bytes an image), made before the listing arrives:
-    # the driver never holds a key string per image beside the listing itself.
-    finished = np.unique(_hashes([done_keys(state)])) if state.num_rows and not rescore else None
-    listing = list_inputs(input_uri, output)
+def _plan(
+    input_uri: str,
+    output: str,
+    model_id: str,
+    run_id: str,
+    rescore: bool,
+    schemes: tuple[str, ...] = (),
+) -> _Plan:
+    # The model's latest row per image, from its compact index (run_index): hashes, 21 bytes an
+    # image, read before the listing arrives. The done keys are 64-bit hashes: the driver never
+    # holds a key string per image beside the listing itself.
+    index = ModelIndex.load(output, model_id)
+    finished = index.done_keys() if len(index) and not rescore else None
+    listing = list_inputs(input_uri, output, schemes)
     table = listing.table
-    skipped = 0
+    done = None
     if finished is not None and table.num_rows:
         done = np.concatenate(
             [
-                _member(_hashes([b["image_uri"], b["image_version"]]), finished)
+                member(hash_rows([b["image_uri"], b["image_version"]]), finished)
                 for b in table.to_batches()
             ]
         )
-        skipped = int(done.sum())
-        table = table.filter(pa.array(~done))
-    if listing.manifest or not state.num_rows:  # absent from a manifest is not gone
+    del finished
+    if listing.manifest or not len(index):  # absent from a manifest is not gone
         gone = RESULT_SCHEMA.empty_table()
     else:
-        listed = np.unique(_hashes([listing.table["image_uri"]]))
-        missing = state.filter(pa.array(~_member(_hashes([state["image_uri"]]), listed)))
-        empty = pa.array([], pa.string())
-        gone = gone_rows(missing, empty, canonical_uri(input_uri), model_id, run_id)
+        listed = hash_rows([listing.table["image_uri"]])
+        listed.sort()  # in place (`member` needs it sorted, not unique)
+        prefix = canonical_uri(input_uri)
+        missing = index.missing(listed, prefix)  # strings read only for what is not listed
+        gone = gone_rows(missing, pa.array([], pa.string()), prefix, model_id, run_id)
+    skipped = int(done.sum()) if done is not None else 0
     log.info(
         "listed %d images in %s; %d already scored; %d to score",
         listing.table.num_rows,
         input_uri,
         skipped,
-        table.num_rows,
+        listing.table.num_rows - skipped,
     )
-    return _Plan(listing, table, skipped, gone, state, covers)
-
-
-def _hashes(columns: list[pa.Array | pa.ChunkedArray], rows: int = 65_536) -> np.ndarray:
-    """A 64-bit hash of each row's strings (joined by newlines, as `image_keys` joins them).
-
-    For set membership over up to ~10⁸ keys a collision is a one-in-10¹¹ event per lookup; its
-    cost would be one image skipped for one night, or one missing "gone" row.
-    """
-    import hashlib
-
-    n = len(columns[0])
-    out = np.empty(n, np.uint64)
-    for start in range(0, n, rows):
-        parts = [c.slice(start, rows).to_pylist() for c in columns]
-        out[start : start + len(parts[0])] = [
-            int.from_bytes(hashlib.blake2b("\n".join(r).encode(), digest_size=8).digest(), "little")
-            for r in zip(*parts, strict=True)
-        ]
-    return out
-
-
-def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    """values ∈ sorted_set, elementwise."""
-    if not len(sorted_set):
-        return np.zeros(len(values), bool)
-    at = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
-    return sorted_set[at] == values
+    return _Plan(listing, done, skipped, gone, index)
 
 
 @dataclass
@@ -706,27 +742,41 @@ def _bytes(n: int) -> str:
 def dry_run(
     input_uri: str, model: str, output: str, options: ScoringOptions | None = None
 ) -> DryRunSummary:
-    """List, diff against what this model already scored, and count; score and write nothing."""
-    from dskd_ray.checkpoint import load_checkpoint
+    """List, diff against what this model already scored, and count; score and write nothing.
+
+    The model id comes from the checkpoint's header (`checkpoint_header`): no torch, no weights
+    read, so the driver holds the listing and the index and little else."""
+    from dskd_ray.checkpoint_header import read_model_id
 
     options = options or ScoringOptions()
     options.validate()
+    # The scheme first: resolving INPUT's filesystem (check_output) may already connect.
+    check_schemes({uri_scheme(input_uri)}, options.schemes, f"INPUT {input_uri}")
     check_output(input_uri, output)
+    check_writable(output)  # what the real run would find only after scoring every image
     start = time.perf_counter()
-    model_id = load_checkpoint(model).model_id
+    try:
+        model_id = read_model_id(model)
+    except CheckpointError:  # the full load is the authority: its error, as the run would say it
+        model_id = None
+    if model_id is None:  # a file from before ids were stored: the full load computes it
+        from dskd_ray.checkpoint import load_checkpoint
+
+        model_id = load_checkpoint(model).model_id
     listing_start = time.perf_counter()
-    plan = _plan(input_uri, output, model_id, "dry-run", options.rescore)
+    plan = _plan(input_uri, output, model_id, "dry-run", options.rescore, options.schemes)
     listed_sizes = plan.listing.table["image_bytes"]
-    sizes = plan.to_score["image_bytes"]
+    # Counted through the mask: the dry run never copies the rows left to score.
+    sizes = listed_sizes if plan.done is None else listed_sizes.filter(pa.array(~plan.done))
     known = pc.greater_equal(sizes, 0)
     return DryRunSummary(
         model_id=model_id,
         listed=plan.listing.table.num_rows,
         listed_bytes=int(pc.sum(pc.max_element_wise(listed_sizes, 0)).as_py() or 0),
         skipped=plan.skipped,
-        to_score=plan.to_score.num_rows,
+        to_score=len(sizes),
         to_score_bytes=int(pc.sum(sizes.filter(known)).as_py() or 0),
-        unknown_bytes=plan.to_score.num_rows - int(pc.sum(known).as_py() or 0),
+        unknown_bytes=len(sizes) - int(pc.sum(known).as_py() or 0),
         gone=plan.gone.num_rows,
         other_files=plan.listing.stats.other_files,
         seconds=time.perf_counter() - start,
@@ -753,14 +803,17 @@ def score_images(
 
     options = options or ScoringOptions()
     options.validate()  # before Ray starts, not inside an actor
+    # The scheme first: resolving INPUT's filesystem (check_output) may already connect.
+    check_schemes({uri_scheme(input_uri)}, options.schemes, f"INPUT {input_uri}")
     check_output(input_uri, output)
+    check_writable(output)  # before a night of scoring, not after it
     start = time.perf_counter()
     started_at = utc_now()
     checkpoint = load_checkpoint(model)
     model_id = checkpoint.model_id
     run_id = options.run_id or new_run_id()
 
-    plan = _plan(input_uri, output, model_id, run_id, options.rescore)
+    plan = _plan(input_uri, output, model_id, run_id, options.rescore, options.schemes)
     table, gone = plan.to_score, plan.gone
     listed_count = plan.listing.table.num_rows
     stats = plan.listing.stats
@@ -768,7 +821,9 @@ def score_images(
 
     writer = PartWriter(output, run_id, options.rows_per_file)
     if gone.num_rows:
-        log.info("%d image(s) scored before are no longer under %s", gone.num_rows, input_uri)
+        log.info(
+            "%d image(s) listed by an earlier run are no longer under %s", gone.num_rows, input_uri
+        )
         writer.write(gone)
     counts = {"ok": 0, "error": 0}
     pipeline_s = startup_s = 0.0
@@ -815,9 +870,6 @@ def score_images(
             "not committing it (its images are scored again by the next run)"
         )
     del table
-    # The index first, the manifest last: a committed run always has its index.
-    rows = read_parts(output, files, model_id)
-    write_index(output, model_id, run_id, fold(plan.state, rows), plan.covers)
     summary.seconds = time.perf_counter() - start
     summary.manifest = join_uri(output, manifest_path(run_id))
     commit_run(
@@ -839,12 +891,18 @@ def score_images(
         versions=library_versions(),
         drift=run_drift(run_id, writer.scores(), checkpoint.threshold).to_dict(),
     )
+    # The index after the manifest: it only ever holds committed rows. A run that dies between
+    # the two leaves the index as it was, and the next run folds this one in from its parts.
+    try:
+        plan.index.write(run_id, files)
+    except Exception as e:  # noqa: BLE001 - the run is committed: a stale index costs time only
+        log.warning("run %s is committed, but its index was not written (%s): the next run "
+                    "reads this run's parts instead", run_id, e)  # fmt: skip
     log.info("%s", summary.format())
     return summary
 
 
 def _in_process(images: int, options: ScoringOptions, address: str | None) -> bool:
-    import os
     import sys
 
     if images > options.in_process_max or address or os.environ.get("RAY_ADDRESS"):
@@ -887,8 +945,6 @@ def _run_in_process(
 ) -> _Progress:
     """The pipeline's three stages, one block after the other, in this process: a handful of
     images is scored in seconds, where starting Ray and an actor takes half a minute."""
-    import os
-
     del address
     if options.device.startswith("cuda"):
         device = options.device
@@ -951,8 +1007,7 @@ def _run_pipeline(
     backend, graph = _choose_backend(options, plan.device, table.num_rows, checkpoint)
     graph_ref = None if graph is None else ray.put(graph)  # exported and checked once, here
     del graph
-    # Where scoring actors count the attempts that died (batch_attempts), on each node's disk.
-    attempts_dir = os.path.join(tempfile.gettempdir(), "dskd_ray", f"run-{run_id}", "scoring")
+    clean_stale_scratch()  # what killed runs left on this node (the actors clean theirs)
     progress = _Progress(start=time.perf_counter(), backend=backend)
     ds = (
         ray.data.from_arrow(blocks)
@@ -982,7 +1037,7 @@ def _run_pipeline(
                 "precision": options.precision,
                 "compile": options.compile,
                 "graph": None if graph_ref is None else [graph_ref],
-                "attempts_dir": attempts_dir,
+                "run_id": run_id,  # the actors count attempts in its scratch folder
             },
         )
         .map_batches(
@@ -999,14 +1054,21 @@ def _run_pipeline(
             },
         )
     )
+    batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    ended_well = False
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for batch in batches:
             statuses = batch["status"].to_pylist()
             counts["ok"] += statuses.count("ok")
             counts["error"] += len(statuses) - statuses.count("ok")
             writer.write(batch)
             progress.update(batch.num_rows, table.num_rows)
+        ended_well = True
     finally:
-        shutil.rmtree(os.path.dirname(attempts_dir), ignore_errors=True)  # this node's
+        # A run that stops early (Ctrl-C, a failure) shuts its pipeline down now, its actors
+        # killed, rather than when the iterator is collected.
+        batches.close()
+        # This node's scratch; where actors end well they leave none (batch_attempts).
+        remove_run_scratch(run_id, linger_s=0.0 if ended_well else 2.0)
     del checkpoint_ref, graph_ref
     return progress

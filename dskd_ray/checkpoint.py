@@ -224,10 +224,7 @@ def load_checkpoint(uri: str | Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint not found: {uri}") from e
     except Exception as e:  # noqa: BLE001 - an unreachable store: one line, not a traceback
         raise StorageError(f"cannot read checkpoint {uri}: {describe_failure(e)}") from e
-    try:
-        payload = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - truncated zip, pickle with code, wrong file…
-        raise CheckpointError(f"{uri} is not a dskd_ray checkpoint (or is corrupt): {e}") from e
+    payload = _torch_load(uri, blob)
     found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
     if not isinstance(found, str) or not found.startswith("dskd_ray.checkpoint/"):
         raise CheckpointError(f"{uri} is not a dskd_ray checkpoint (found format {found!r})")
@@ -261,6 +258,26 @@ def load_checkpoint(uri: str | Path) -> Checkpoint:
         meta=meta,
         training=payload.get("training"),
     )
+
+
+def _torch_load(uri: str, blob: bytes) -> Any:
+    """`torch.load(weights_only=True)` of a file that should be a checkpoint. A file that is
+    not one (an ONNX graph, an image, JSON, a pickle) is named in one line; PyTorch's own text
+    is not shown (-v has it in the traceback): it advises `weights_only=False`, which would run
+    whatever code a pickle holds."""
+    from dskd_ray import file_kind
+    from dskd_ray.checkpoint_header import not_a_checkpoint
+
+    refused = not_a_checkpoint(uri, blob[: file_kind.HEAD_BYTES])
+    if refused is not None:
+        raise refused
+    try:
+        return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated archive, a pickle with code, …
+        raise CheckpointError(
+            f"{uri} is not a dskd_ray checkpoint, or is corrupt (PyTorch could not read it as "
+            "weights and settings only)"
+        ) from e
 
 
 def _verify(uri: str, meta: dict[str, Any], recomputed: str) -> None:

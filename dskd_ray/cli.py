@@ -430,6 +430,7 @@ def train(
     With --workers N it runs on Ray Train (DDP over the students, one image shard per worker),
     checkpoints every epoch to --storage-path/--run-name, and resumes when run again.
     """
+    global _interrupt_note
     _setup_logging(verbose)
     from dskd_ray.train import train as run_training
 
@@ -469,8 +470,20 @@ def train(
         logging.getLogger("dskd_ray.distributed").setLevel(logging.INFO)
         result = train_distributed(config, data, out, options)
     else:
-        with _ProgressBar(Path(data).name or data) as bar:
-            result = run_training(config, data, out, device=device, resume=resume, on_progress=bar)
+        from dskd_ray.checkpoint import checkpoint_exists
+
+        had_out = checkpoint_exists(out) and not resume  # a file this run may not have written
+        try:
+            with _ProgressBar(Path(data).name or data) as bar:
+                result = run_training(
+                    config, data, out, device=device, resume=resume, on_progress=bar
+                )
+        except KeyboardInterrupt:
+            if not had_out and checkpoint_exists(out):  # written after a whole epoch
+                _interrupt_note = (
+                    f"; {out} holds the last whole epoch: the same command with --resume goes on"
+                )
+            raise
     ckpt = result.checkpoint
     if result.skipped:
         _echo(f"skipped {len(result.skipped)} unreadable image(s): see the warnings above")
@@ -713,6 +726,15 @@ def score(
             "or running (0: always on Ray)",
         ),
     ] = None,
+    allow_scheme: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="SCHEME",
+            help="Also read this URI scheme in INPUT or a manifest (gs, az, http…; its fsspec "
+            "filesystem installed on every node; repeat for several). Without it only local "
+            "paths, file:// and s3:// are read",
+        ),
+    ] = None,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -736,6 +758,7 @@ def score(
         rescore=rescore, rows_per_file=rows_per_file, precision=precision, compile=compile,
         backend=backend,
         in_process_max=in_process_max,
+        schemes=tuple(s.lower() for s in allow_scheme) if allow_scheme else None,
     ))  # fmt: skip
     if dry_run:
         _echo(plan_only(input_uri, model, out, options).format())
@@ -749,7 +772,10 @@ def score(
     if summary.errors:
         _echo(f"{summary.errors} image(s) could not be scored: rows with status = 'error' say why")
     if summary.gone:
-        _echo(f"{summary.gone} image(s) scored before are gone from INPUT: rows with status 'gone'")
+        _echo(
+            f"{summary.gone} image(s) listed by an earlier run are gone from INPUT: rows with "
+            "status 'gone'"
+        )
     if summary.symlinks:
         _echo(summary.format_symlinks())
     _echo(f"run {summary.run_id}: {summary.partition}")
@@ -769,14 +795,19 @@ def export(
             "default: 4 synthetic images)"
         ),
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Replace an existing --out file that is not an ONNX graph"),
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more")] = False,
 ) -> None:
     """Export the scoring graph to ONNX: images in [0, 1] → anomaly_map and score, exactly as
     `dskd score` computes them. Checked against PyTorch before it is written; a graph that
     scores differently is never written."""
     _setup_logging(verbose)
-    from dskd_ray.export import export_onnx
+    from dskd_ray.export import check_export_target, export_onnx
 
+    check_export_target(model, out, force)  # before the check images are read
     images = None
     if check_images is not None:
         from dskd_ray.checkpoint import load_checkpoint
@@ -786,7 +817,7 @@ def export(
         images, _, _ = load_images(list_images(check_images)[:16], size)
         if not len(images):
             raise DSKDError(f"--check-images {check_images}: no readable images there")
-    result = export_onnx(model, out, images)
+    result = export_onnx(model, out, images, force=force)
     meta = result.metadata
     _echo(
         f"wrote {out}: model {meta['dskd_ray.model_id']}, {meta['dskd_ray.image_size']}² input, "
@@ -854,13 +885,16 @@ def results(
     """
     _setup_logging(verbose)
     from dskd_ray.results_summary import format_runs, format_top, runs_csv, summarize_runs, top_csv
+    from dskd_ray.storage import printable
 
     if as_json and as_csv:
         raise typer.BadParameter("choose one of --json and --csv", param_hint="--json/--csv")
     summary = summarize_runs(output, run=run, since=since, top=top)
     for figures in summary.runs:
         if figures.drift_warning:
-            typer.echo(f"dskd: warning: run {figures.run_id}: {figures.drift_warning}", err=True)
+            typer.echo(
+                f"dskd: warning: run {printable(figures.run_id)}: {figures.drift_warning}", err=True
+            )
     if as_json:
         typer.echo(summary.to_json(), nl=False)
     elif as_csv:
@@ -875,6 +909,10 @@ def results(
 
         path = write_gallery(output, report, run=run, top=top or GALLERY_TOP, since=since)
         _echo(f"report: {path}")
+    damaged = [r.damaged for r in summary.runs if r.damaged]
+    if damaged:  # the other runs are listed above; the exit code still says something is wrong
+        more = f" (and {len(damaged) - 1} more damaged run(s), listed above)" if damaged[1:] else ""
+        raise DSKDError(damaged[0] + more)
 
 
 _exit_code = 1  # what the process exits with if `main` never reaches its end
@@ -910,9 +948,14 @@ def main() -> None:
         raise
 
 
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process Ctrl-C ended
+
+
 def _main() -> None:
     try:
-        app(standalone_mode=False)
+        # Without standalone mode typer *returns* the code of an Exit it caught, and it turns
+        # Ctrl-C (KeyboardInterrupt) into Exit(130): a returned code is the run's own.
+        code = app(standalone_mode=False)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
@@ -930,8 +973,7 @@ def _main() -> None:
     except FileExistsError as e:
         _fail(e, str(e))
     except KeyboardInterrupt:
-        typer.echo("dskd: interrupted", err=True)
-        sys.exit(130)
+        _interrupted()
     except Exception as e:
         from dskd_ray.storage import describe_failure, is_storage_failure
 
@@ -939,6 +981,19 @@ def _main() -> None:
             raise
         # A storage failure the library did not name a URI for: still one line.
         _fail(e, f"storage failure: {describe_failure(e)}")
+    if code == INTERRUPTED:
+        _interrupted()
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def _interrupted() -> None:
+    """Ctrl-C: one line, and the shell's code for it, so `dskd train … && dskd export …` stops."""
+    typer.echo(f"dskd: interrupted{_interrupt_note}", err=True)
+    sys.exit(INTERRUPTED)
+
+
+_interrupt_note = ""  # set by a command that can say what an interruption leaves behind
 
 
 def _fail(error: BaseException, message: str) -> None:

@@ -301,6 +301,9 @@ class ScoringOptions:
     # "auto" exports a model's graph for ONNX Runtime (once: then it is cached) only for a run
     # of at least this many images; fewer are scored sooner by torch than exported first.
     onnx_export_min: int = 500
+    # URI schemes INPUT or a manifest may name besides local paths, file:// and s3:// (gs, az,
+    # http…), each with its fsspec filesystem installed on every node.
+    schemes: tuple[str, ...] = ()
 
     def validate(self) -> None:
         """Refuse what cannot work before anything is listed or started (a Ray start is slow)."""
@@ -327,6 +330,11 @@ class ScoringOptions:
             raise ConfigError(f"--in-process-max {self.in_process_max} must be 0 or more")
         if self.onnx_export_min < 0:
             raise ConfigError(f"onnx_export_min={self.onnx_export_min} must be 0 or more")
+        if self.schemes:
+            from dskd_ray.storage import check_filesystem
+
+            for scheme in self.schemes:
+                check_filesystem(scheme)
 
     def resolve_backend(
         self, device: str, images: int, graph_cached: bool, onnx_installed: bool

@@ -21,6 +21,7 @@ from dskd_ray.storage import (
     list_folder,
     names_storage_failures,
     path_name,
+    printable,
     read_object,
 )
 
@@ -169,7 +170,7 @@ def decode_images(
         except Exception as e:
             if not isinstance(e, ImageDecodeError) and not is_storage_failure(e):
                 raise
-            log.warning("skipping unreadable image %s: %s", uri, e)
+            log.warning("skipping unreadable image %s: %s", printable(uri), e)
             skipped.append((uri, str(e)))
             continue
         arrays.append(rgb)

@@ -64,6 +64,17 @@ class ScoreDrift:
             and abs(self.median_shift) >= WARN_SHIFT
         )
 
+    def shown(self, sign: bool = True) -> str:
+        """The figure as printed, two decimals, never rounded across `WARN_SHIFT`: what is
+        shown and what decides the warning agree (−1.98 is "−1.98", not "−2.0" without a
+        warning; 1.999 is "+1.99", cut rather than rounded up to the warning's level)."""
+        if self.median_shift is None:
+            return "—"
+        shift = round(self.median_shift, 2)
+        if abs(shift) >= WARN_SHIFT > abs(self.median_shift):
+            shift = math.trunc(self.median_shift * 100) / 100
+        return f"{shift:+.2f}" if sign else f"{abs(shift):.2f}"
+
     def warning(self) -> str | None:
         """One line for a flagged night, else None."""
         if not self.flagged:
@@ -77,7 +88,7 @@ class ScoreDrift:
         )
         return (
             f"the night's median score ({self.night_median:.4g}) is "
-            f"{abs(self.median_shift):.1f} calibration IQRs {way} the held-out normal median "
+            f"{self.shown(sign=False)} calibration IQRs {way} the held-out normal median "
             f"({self.calibration_median:.4g}){share}: a camera, lighting or product change "
             "moves every image; check the line before trusting these flags"
         )

@@ -25,11 +25,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from dskd_ray import file_kind
 from dskd_ray.checkpoint import FORMAT, Checkpoint, library_versions, load_checkpoint
 from dskd_ray.errors import DSKDError
 from dskd_ray.metrics import is_anomalous
 from dskd_ray.model import DSKD
-from dskd_ray.storage import write_object
+from dskd_ray.storage import (
+    exists,
+    is_dir,
+    read_head,
+    same_place,
+    storage_errors,
+    write_object,
+)
 
 log = logging.getLogger(__name__)
 
@@ -236,18 +244,67 @@ def export_graph(checkpoint: Checkpoint | str, images: np.ndarray | None = None)
 
 
 def export_onnx(
-    checkpoint: Checkpoint | str, out: str, images: np.ndarray | None = None
+    checkpoint: Checkpoint | str,
+    out: str,
+    images: np.ndarray | None = None,
+    force: bool = False,
 ) -> ExportResult:
-    """`export_graph`, then written to `out` (local or s3://) in one piece, only if it passed."""
+    """`export_graph`, then written to `out` (local or s3://) in one piece, only if it passed.
+
+    `out` is checked first (`check_export_target`): never the checkpoint itself, and never
+    over a file that is not an ONNX graph unless `force`."""
+    if isinstance(checkpoint, str):
+        check_export_target(checkpoint, out, force)
     result = export_graph(checkpoint, images)
     write_object(out, result.graph, durable=True)
+    _fill_cache(result)
     return result
+
+
+def _fill_cache(result: ExportResult) -> None:
+    """Keep the checked graph where `cached_graph` looks, so the model's first
+    `--backend onnxruntime` (or auto) run does not export it again. Best effort: the file at
+    --out is what was asked for."""
+    path = _cache_path(result.metadata[METADATA + "model_id"])
+    if path.is_file():
+        return
+    try:
+        write_object(str(path), result.graph, durable=False)
+    except Exception as e:  # noqa: BLE001 - a read-only home, a full disk: only the cache is lost
+        log.warning("could not keep the graph in the cache %s: %s", path, e)
+
+
+def check_export_target(checkpoint: str, out: str, force: bool = False) -> None:
+    """Refuse an `out` that is the checkpoint, however spelled (the export would replace the
+    model with its graph), or an existing file that is not an ONNX graph, unless `force`."""
+    with storage_errors(out):
+        if same_place(checkpoint, out):
+            raise ExportError(
+                f"--out {out} is the checkpoint {checkpoint} itself: write the graph to a new "
+                "file (model.onnx)"
+            )
+        if force or not exists(out) or is_dir(out):
+            return
+        head = read_head(out, file_kind.HEAD_BYTES)
+    if not file_kind.looks_like_onnx(head):
+        kind = file_kind.describe(head)
+        if file_kind.is_torch_archive(head):
+            kind = "a PyTorch file, a checkpoint perhaps"
+        looks = f" (this looks like {kind})" if kind else ""
+        raise ExportError(
+            f"--out {out} exists and is not an ONNX graph{looks}: not overwritten; choose "
+            "another --out, or add --force to replace it"
+        )
 
 
 def graph_cache_path(checkpoint: Checkpoint) -> Path:
     """Where `cached_graph` keeps this model's graph (for these library versions)."""
+    return _cache_path(checkpoint.model_id)
+
+
+def _cache_path(model_id: str) -> Path:
     versions = library_versions()
-    key = f"{checkpoint.model_id}-torch{versions.get('torch', '?')}-onnx{_version('onnx')}"
+    key = f"{model_id}-torch{versions.get('torch', '?')}-onnx{_version('onnx')}"
     root = Path(
         os.environ.get("DSKD_RAY_CACHE")
         or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dskd_ray"

@@ -7,7 +7,7 @@ import re
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm",
@@ -89,11 +89,32 @@ def open_image(data: bytes) -> Image.Image:
     return img
 
 
-def decode_image(data: bytes, size: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode `data` to (H, W, 3) uint8 RGB, resized to size×size if given.
+_ORIENTATION = 0x0112  # the EXIF tag
+_TURNED = (5, 6, 7, 8)  # orientations that swap width and height
 
-    Returns the array and the original (width, height). Raises ImageDecodeError for empty,
-    truncated, corrupt, unsupported or oversized input (over MAX_PIXELS).
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1: as stored). A broken EXIF block is not a broken image."""
+    try:
+        value = img.getexif().get(_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - Pillow raises several kinds on malformed EXIF
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _upright(img: Image.Image, orientation: int) -> Image.Image:
+    """The image as a viewer shows it: its EXIF orientation applied (a camera turned on its
+    side writes the pixels as they fell and says so in EXIF). Every decode does this, so
+    training, calibration, scoring, predict, tiling and masks all see the same pixels."""
+    return img if orientation == 1 else ImageOps.exif_transpose(img)
+
+
+def decode_image(data: bytes, size: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode `data` to (H, W, 3) uint8 RGB, upright (its EXIF orientation applied), resized to
+    size×size if given.
+
+    Returns the array and the original (width, height), upright. Raises ImageDecodeError for
+    empty, truncated, corrupt, unsupported or oversized input (over MAX_PIXELS).
     """
     try:
         img = open_image(data)
@@ -104,7 +125,12 @@ def decode_image(data: bytes, size: int | None = None) -> tuple[np.ndarray, tupl
                 # Let libjpeg decode at a reduced scale when the target is much smaller.
                 img.draft("RGB", (size, size))
             img.load()
-            img = _to_rgb(img)
+            # Read once the pixels are: a PNG's EXIF may follow them, and reading it first
+            # would decode the image outside the checks above.
+            orientation = _orientation(img)
+            if orientation in _TURNED:
+                width, height = height, width
+            img = _to_rgb(_upright(img, orientation))
             if size is not None and img.size != (size, size):
                 img = img.resize((size, size), Image.BILINEAR, reducing_gap=None)
             return np.asarray(img, dtype=np.uint8), (width, height)
@@ -120,7 +146,9 @@ def decode_mask(data: bytes, size: int | tuple[int, int]) -> np.ndarray:
     """Ground-truth mask → (size, size) or (height, width) bool, resized nearest (when its own
     size differs) and thresholded at half (docs/design.md §4)."""
     height, width = (size, size) if isinstance(size, int) else size
-    img = open_image(data).convert("L")
+    img = open_image(data)
+    img.load()
+    img = _upright(img, _orientation(img)).convert("L")
     if img.size != (width, height):
         img = img.resize((width, height), Image.NEAREST)
     return np.asarray(img) > 127

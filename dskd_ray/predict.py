@@ -18,7 +18,7 @@ from dskd_ray.checkpoint import Checkpoint
 from dskd_ray.images import ImageDecodeError, decode_image
 from dskd_ray.metrics import is_anomalous
 from dskd_ray.scoring import Scorer, not_finite_reason
-from dskd_ray.storage import describe_failure, is_storage_failure, printable_name, read_object
+from dskd_ray.storage import describe_failure, is_storage_failure, printable, read_object
 from dskd_ray.visualize import overlay
 
 # The image an overlay is drawn on is at most this a side: the overlay's float arithmetic takes
@@ -29,7 +29,7 @@ CSV_FIELDS = ("image", "score", "is_anomalous", "overlay", "error")
 
 @dataclass
 class Prediction:
-    image: str  # as given, with bytes that are not UTF-8 escaped
+    image: str  # as given, bytes that are not UTF-8 and control characters escaped
     score: float | None = None
     is_anomalous: bool | None = None  # None: no threshold in the checkpoint, or no score
     overlay: str | None = None
@@ -68,7 +68,7 @@ def predict_images(
     scorer = Scorer(model, device=device)
     out.mkdir(parents=True, exist_ok=True)
     result = Predictions(scorer.threshold, out / "scores.csv")
-    names = _overlay_names([printable_name(uri) for uri in images])
+    names = _overlay_names([printable(uri) for uri in images])
     for uri, name in zip(images, names, strict=True):
         prediction = _predict_one(scorer, uri, out / f"{name}_overlay.png")
         result.items.append(prediction)
@@ -97,7 +97,7 @@ def _overlay_names(shown: list[str]) -> list[str]:
 
 
 def _predict_one(scorer: Scorer, uri: str, overlay_path: Path) -> Prediction:
-    shown = printable_name(uri)  # a name that is not UTF-8 is printed and stored escaped
+    shown = printable(uri)  # bytes that are not UTF-8, control characters: escaped
     try:
         data = read_object(uri)
         # Decoded twice: at the model's size exactly as every other path decodes (JPEGs at a
@@ -105,10 +105,12 @@ def _predict_one(scorer: Scorer, uri: str, overlay_path: Path) -> Prediction:
         whole = decode_image(data, None)[0]
         rgb = whole if scorer.tiled else decode_image(data, scorer.image_size)[0]
         full = _overlay_base(whole)
+    except ImageDecodeError as e:  # its message is whole, as in a scoring run's error row
+        return Prediction(shown, error=printable(str(e)))
     except Exception as e:
-        if not isinstance(e, ImageDecodeError) and not is_storage_failure(e):
+        if not is_storage_failure(e):
             raise
-        return Prediction(shown, error=printable_name(describe_failure(e)))
+        return Prediction(shown, error=printable(f"cannot read: {describe_failure(e)}"))
     scored = scorer.score_images([rgb])
     score = float(scored.scores[0])
     if not scored.finite[0]:  # never "nan normal": a broken model is an error

@@ -224,15 +224,36 @@ def _read_results(
     for run in _committed_runs(output):
         if model_id is not None and run.model_id not in (None, model_id):
             continue
-        for relative in run.files:
-            data = read_object(join_uri(output, relative))
-            tables.append(read_part(data, schema))
+        tables += [read_run_part(output, run.run_id, relative, schema) for relative in run.files]
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     if model_id is not None:
         table = table.filter(pc.equal(table["model_id"], model_id))
     if latest and table.num_rows:
         table = _latest_per_image(table)
     return table.select(wanted)
+
+
+class DamagedRunError(DataError):
+    """A committed run's part file is missing or cannot be read as Parquet."""
+
+    def __init__(self, run_id: str, part: str, cause: str) -> None:
+        super().__init__(f"run {run_id} is damaged: its result part {part} {cause}")
+        self.run_id, self.part, self.cause = run_id, part, cause
+
+
+def read_run_part(output: str, run_id: str, relative: str, schema: pa.Schema) -> pa.Table:
+    """`read_part` of one part file a committed run's manifest names; DamagedRunError naming the
+    file when it is missing or is not readable Parquet (truncated, overwritten, bit rot)."""
+    uri = join_uri(output, relative)
+    try:
+        data = read_object(uri)
+    except FileNotFoundError:
+        raise DamagedRunError(run_id, uri, "is missing") from None
+    try:
+        return read_part(data, schema)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        why = " ".join(str(e).split())
+        raise DamagedRunError(run_id, uri, f"cannot be read as Parquet ({why})") from e
 
 
 def read_part(data: bytes, schema: pa.Schema) -> pa.Table:
@@ -256,31 +277,6 @@ def _latest_per_image(table: pa.Table) -> pa.Table:
     return table.take(rows.take(pc.sort_indices(rows)))  # in run order, as read_results promises
 
 
-def image_keys(uris: pa.ChunkedArray | pa.Array, versions: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """One string per (URI, version), for set membership."""
-    joined = pc.binary_join_element_wise(uris, versions, "\n")
-    return joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined
-
-
-def done_keys(latest: pa.Table) -> pa.Array:
-    """(URI, version) keys with a final latest row: scored, or failed for a reason another try
-    would not change (a corrupt file, a model that gives NaN). Retryable failures are not done,
-    nor are images marked gone (one that comes back is scored again).
-
-    `latest`: read_results(output, model_id, latest=True) with image_uri, image_version,
-    status and retryable. Rows are per model, so another model never inherits them.
-    """
-    final = pc.or_(
-        pc.equal(latest["status"], "ok"),
-        pc.and_(
-            pc.equal(latest["status"], "error"),
-            pc.invert(pc.fill_null(latest["retryable"], True)),
-        ),
-    )
-    table = latest.filter(final)
-    return pc.unique(image_keys(table["image_uri"], table["image_version"]))
-
-
 def gone_rows(
     latest: pa.Table, listed: pa.Array, prefix: str, model_id: str, run_id: str
 ) -> pa.Table:
@@ -302,13 +298,17 @@ def gone_rows(
         "run_id": pa.array([run_id] * n, pa.string()),
         "scored_at": pa.array([utc_now()] * n, RESULT_SCHEMA.field("scored_at").type),
         "status": pa.array(["gone"] * n, pa.string()),
-        "error": pa.array([GONE] * n, pa.string()),
+        # What the image was before it went: scored, or only ever an error row.
+        "error": pc.if_else(pc.equal(rows["status"], "ok"), GONE, GONE_UNSCORED),
         "retryable": pa.array([False] * n, pa.bool_()),
     }
     return pa.table(columns, schema=RESULT_SCHEMA)
 
 
 GONE = "no longer under the input (deleted or moved since it was scored)"
+GONE_UNSCORED = (
+    "no longer under the input (deleted or moved since an earlier run listed it; never scored)"
+)
 
 
 def utc_now() -> datetime:

@@ -152,7 +152,7 @@ def _drift(drift: ScoreDrift | None) -> str:
     if drift.median_shift is None:
         return f'<p class="note">Drift: no figure ({_e(drift.why or "nothing to compare")}).</p>'
     text = (
-        f"Drift: the run's median score {drift.night_median:.4g} is {drift.median_shift:+.2f} "
+        f"Drift: the run's median score {drift.night_median:.4g} is {drift.shown()} "
         f"calibration IQRs from the held-out normal median {drift.calibration_median:.4g} "
         f"(IQR {drift.calibration_iqr:.4g}, {drift.calibration_images} held-out images; "
         f"{drift.night_images} scored tonight)."

@@ -25,11 +25,12 @@ from dskd_ray.errors import DataError
 from dskd_ray.results import (
     RESULT_SCHEMA,
     CommittedRun,
+    DamagedRunError,
     committed_runs,
-    read_part,
+    read_run_part,
     run_partition,
 )
-from dskd_ray.storage import exists, join_uri, read_object, storage_errors
+from dskd_ray.storage import exists, printable, storage_errors
 
 QUANTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0}
 TOP_COLUMNS = ["run_id", "image_uri", "score", "threshold", "is_anomalous", "map_uri"]
@@ -55,6 +56,7 @@ class RunFigures:
     scores: dict[str, float | None] = field(default_factory=dict)  # min, p50, p90, p99, max
     errors_by_reason: dict[str, int] = field(default_factory=dict)
     drift: dict[str, Any] | None = None  # the manifest's drift record (dskd_ray.drift)
+    damaged: str | None = None  # why its rows could not be read (then its counts are 0)
 
     @property
     def drift_warning(self) -> str | None:
@@ -122,9 +124,7 @@ def read_run_rows(
     tables = []
     with storage_errors(output):
         for run in runs:
-            for relative in run.files:
-                data = read_object(join_uri(output, relative))
-                tables.append(read_part(data, schema))
+            tables += [read_run_part(output, run.run_id, f, schema) for f in run.files]
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
@@ -186,7 +186,13 @@ def summarize_runs(
     runs = select_runs(output, run, since)
     figures, tops = [], []
     for committed in runs:
-        rows = read_run_rows(output, [committed])
+        try:
+            rows = read_run_rows(output, [committed])
+        except DamagedRunError as e:  # said beside the others' figures, not instead of them
+            damaged = run_figures(committed, RESULT_SCHEMA.empty_table())
+            damaged.damaged = str(e)
+            figures.append(damaged)
+            continue
         figures.append(run_figures(committed, rows))
         if top:
             tops.append(top_anomalies(rows, top))  # each run's best n hold the overall best n
@@ -219,18 +225,25 @@ def format_runs(summary: ResultsSummary) -> str:
     lines = [head]
     for r in summary.runs:
         rate = "—" if r.anomalous_rate is None else f"{r.anomalous_rate:.1%}"
-        shift = (r.drift or {}).get("median_shift")
+        shift = ScoreDrift.from_dict(r.drift).shown() if r.drift else "—"
+        # Ids come from manifests, which anyone who can write OUTPUT can write: shown escaped.
+        run, model = printable(r.run_id), printable(r.model_id or "—")
+        line = f"{run:24} {r.date:10} {model:16} {_num(r.listed, 'd'):>7} "
+        if r.damaged:  # no counts: its rows could not all be read
+            lines.append(line + "DAMAGED: its rows cannot be read (below)")
+            continue
         lines.append(
-            f"{r.run_id:24} {r.date:10} {(r.model_id or '—'):16} {_num(r.listed, 'd'):>7} "
-            f"{r.scored:>7} {r.errors:>6} {r.anomalous:>9} {rate:>6} "
+            f"{line}{r.scored:>7} {r.errors:>6} {r.anomalous:>9} {rate:>6} "
             f"{_num(r.scores.get('p50')):>8} {_num(r.scores.get('p90')):>8} "
             f"{_num(r.scores.get('p99')):>8} {_num(r.scores.get('max')):>8} "
-            f"{_num(shift, '+.1f'):>6}"
+            f"{shift:>6}"
         )
     for r in summary.runs:
         if r.errors_by_reason:
             reasons = "; ".join(f"{n} {why}" for why, n in r.errors_by_reason.items())
-            lines.append(f"errors in {r.run_id}: {reasons}")
+            lines.append(printable(f"errors in {r.run_id}: {reasons}"))
+        if r.damaged:
+            lines.append(printable(f"damaged: {r.damaged}"))
     lines.append(
         "drift: the night's median score minus the calibration median, in calibration IQRs"
     )
@@ -241,8 +254,8 @@ def format_top(summary: ResultsSummary) -> str:
     lines = [f"{'score':>9} {'threshold':>9}  image  →  map  (run)"]
     for row in summary.top.to_pylist():
         lines.append(
-            f"{_num(row['score']):>9} {_num(row['threshold']):>9}  {row['image_uri']}  →  "
-            f"{row['map_uri']}  ({row['run_id']})"
+            f"{_num(row['score']):>9} {_num(row['threshold']):>9}  {printable(row['image_uri'])}"
+            f"  →  {printable(row['map_uri'] or '—')}  ({printable(row['run_id'])})"
         )
     return "\n".join(lines)
 
@@ -251,6 +264,7 @@ RUN_CSV_COLUMNS = [
     "run_id", "date", "model_id", "input", "listed", "skipped", "rows", "scored", "errors",
     "gone", "anomalous", "anomalous_rate", "threshold", "score_min", "score_p50", "score_p90",
     "score_p99", "score_max", "drift_median_shift", "drift_warning", "errors_by_reason",
+    "damaged",
 ]  # fmt: skip
 
 

@@ -17,6 +17,7 @@ import posixpath
 import queue
 import random
 import re
+import secrets
 import tempfile
 import threading
 import time
@@ -40,12 +41,26 @@ T = TypeVar("T")
 # --- file systems and URIs -------------------------------------------------------------------
 
 
+# The S3 client's own retries nest under `with_retries`: botocore's (5 attempts in its legacy
+# mode, each with its backoff) times s3fs's (5, for dropped connections) times ours (5) made
+# an endpoint that refuses connections take 34–46 s to report, and one that drops them 200 s.
+# botocore's are turned off unless the user configures them (AWS_MAX_ATTEMPTS,
+# AWS_RETRY_MODE); s3fs's quick ones stay (≤ 2 s of waits), and ours are bounded in time.
+S3_CLIENT_CONFIG = {"retries": {"max_attempts": 1}}
+
+
 def filesystem(uri: str, **options: object) -> tuple[fsspec.AbstractFileSystem, str]:
     """(file system, path without protocol and trailing slash) for a local path or URI."""
     if "://" not in uri:
         uri = os.path.abspath(os.path.expanduser(uri))
+    elif uri_scheme(uri) in ("s3", "s3a") and not _botocore_retries_configured():
+        options = {"config_kwargs": S3_CLIENT_CONFIG, **options}
     fs, path = url_to_fs(uri, **options)
     return fs, path.rstrip("/") or path
+
+
+def _botocore_retries_configured() -> bool:
+    return any(k in os.environ for k in ("AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"))
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -63,6 +78,39 @@ def canonical_uri(uri: str) -> str:
     return to_uri(*filesystem(uri))
 
 
+# What INPUT and a manifest's rows may name without asking: local paths, file:// and s3://.
+# Any other fsspec scheme (gs, az, http…) is read only when a run names it (--allow-scheme):
+# a manifest is data, and its rows must not make the driver and every worker fetch URLs.
+SUPPORTED_SCHEMES = ("s3", "file")
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+
+
+def uri_scheme(uri: str) -> str:
+    """ "s3", "file", "gs", …; "" for a local path."""
+    match = _SCHEME.match(uri)
+    return match.group(1).lower() if match else ""
+
+
+def check_schemes(schemes: set[str], allowed: tuple[str, ...], where: str) -> None:
+    """Refuse a scheme that is neither supported nor allowed, or allowed without a filesystem."""
+    for scheme in sorted(schemes - {"", *SUPPORTED_SCHEMES}):
+        if scheme not in allowed:
+            raise ConfigError(
+                f"{where} names a {scheme}:// URI: only local paths, file:// and s3:// are read "
+                f"unless the run allows more (--allow-scheme {scheme})"
+            )
+    for scheme in allowed:
+        check_filesystem(scheme)
+
+
+def check_filesystem(scheme: str) -> None:
+    """ConfigError unless fsspec has an installed filesystem for `scheme`."""
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except (ImportError, ValueError) as e:
+        raise ConfigError(f"--allow-scheme {scheme}: {' '.join(str(e).split())}") from None
+
+
 def join_uri(root: str, *parts: str) -> str:
     return posixpath.join(root.rstrip("/"), *parts)
 
@@ -71,17 +119,40 @@ def join_uri(root: str, *parts: str) -> str:
 
 # Errors that say the object is not there or not ours to read: retrying cannot help.
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# The S3 client's errors that no retry can change: no or bad credentials, no such bucket or
+# key, access denied, a malformed request (by exception name, or by the service's error code).
+_PERMANENT_CLIENT_ERRORS = frozenset({
+    "NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+    "NoRegionError", "ParamValidationError", "InvalidConfigError", "UnknownServiceError",
+})  # fmt: skip
+_PERMANENT_CODES = frozenset({
+    "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+    "ExpiredToken", "InvalidToken", "AccountProblem", "NoSuchBucket", "NoSuchKey",
+    "InvalidBucketName", "InvalidRequest", "MethodNotAllowed", "NotImplemented",
+})  # fmt: skip
 
 
 def is_transient(error: BaseException) -> bool:
     """A network or server hiccup worth retrying (throttling, 5xx, timeouts, resets)."""
     if isinstance(error, _PERMANENT):
         return False
+    if type(error).__name__ in _PERMANENT_CLIENT_ERRORS:
+        return False
+    code = (getattr(error, "response", None) or {}).get("Error", {}).get("Code")
+    if code in _PERMANENT_CODES:
+        return False
     if isinstance(error, OSError | TimeoutError | ConnectionError):
         return True
+    return _from_storage_client(error)
+
+
+def _from_storage_client(error: BaseException) -> bool:
     # botocore / aiohttp errors do not all derive from OSError.
     module = type(error).__module__ or ""
     return module.startswith(("botocore", "aiobotocore", "aiohttp", "urllib3"))
+
+
+RETRY_BUDGET_S = 30.0  # the most one call spends retrying, whatever it is
 
 
 def with_retries(
@@ -91,8 +162,13 @@ def with_retries(
     base_delay_s: float = 0.2,
     max_delay_s: float = 5.0,
     sleep: Callable[[float], None] = time.sleep,
+    budget_s: float = RETRY_BUDGET_S,
+    clock: Callable[[], float] = time.monotonic,
 ) -> T:
-    """Call fn, retrying transient errors with exponential backoff and full jitter."""
+    """Call fn, retrying transient errors with exponential backoff and full jitter, for at
+    most `attempts` tries and `budget_s` seconds in all (a retry that would start later is not
+    made: the last error is raised)."""
+    start = clock()
     for attempt in range(1, attempts + 1):
         try:
             return fn()
@@ -100,6 +176,8 @@ def with_retries(
             if attempt == attempts or not is_transient(e):
                 raise
             delay = random.uniform(0, min(max_delay_s, base_delay_s * 2 ** (attempt - 1)))
+            if clock() + delay - start > budget_s:
+                raise
             log.info(
                 "%s failed (%s: %s); retry %d in %.2f s", what, type(e).__name__, e, attempt, delay
             )
@@ -107,9 +185,32 @@ def with_retries(
     raise AssertionError("unreachable")
 
 
+def explain_read_failure(uri: str, error: BaseException) -> tuple[str, bool]:
+    """(why an image could not be read, whether the next run should try again).
+
+    Not again what depends on the URI alone: a folder rather than a file, a scheme whose
+    filesystem is not installed or not known. A missing file, a refusal or a network failure
+    may pass another night (restored, permitted, reachable)."""
+    text = describe_failure(error)
+    if isinstance(error, IsADirectoryError | NotADirectoryError):
+        return f"not a file: {text}", False
+    if isinstance(error, ImportError | ValueError):
+        return f"no filesystem for this URI: {text}", False
+    if isinstance(error, FileNotFoundError) and (uri.endswith("/") or _is_folder(uri)):
+        return "not a file: a folder (a prefix on object storage)", False
+    return text, True
+
+
+def _is_folder(uri: str) -> bool:
+    try:
+        return is_dir(uri)
+    except Exception:  # noqa: BLE001 - only asked to explain a failure that already happened
+        return False
+
+
 def is_storage_failure(error: BaseException) -> bool:
     """An error from reaching or asking the storage: OS errors, and the S3 client's own."""
-    return isinstance(error, OSError) or is_transient(error)
+    return isinstance(error, OSError) or _from_storage_client(error)
 
 
 def describe_failure(error: BaseException) -> str:
@@ -171,6 +272,23 @@ def printable_name(name: str) -> str:
         return raw.decode("utf-8", "backslashreplace")
 
 
+# C0 and C1 controls, DEL, and the Unicode controls that reorder or break a line on screen
+# (bidirectional overrides and isolates, line and paragraph separators).
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` safe to print on a terminal: `printable_name`, and control characters (an ESC
+    sequence that recolours or rewrites the screen, a newline that splits a table row) as
+    \\xNN or \\uNNNN escapes. For what is shown; what is stored stays exact."""
+    return _CONTROLS.sub(_escape, printable_name(text))
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
 def read_object(uri: str) -> bytes:
     """The bytes of one object, transient errors retried."""
     fs, path = filesystem(uri)
@@ -183,6 +301,21 @@ def open_object(uri: str) -> Iterator[fsspec.spec.AbstractBufferedFile]:
     fs, path = filesystem(uri)
     f = with_retries(lambda: fs.open(path, "rb"), f"open {uri}")
     with f:
+        yield f
+
+
+@contextlib.contextmanager
+def reader_source(uri: str) -> Iterator[str | fsspec.spec.AbstractBufferedFile]:
+    """What a native reader (pyarrow's Parquet reader) opens: a local path, which it reads with
+    its own file system, without a Python copy of every range it reads; or, remotely, a file
+    object read by range."""
+    fs, path = filesystem(uri)
+    if is_local(fs):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{uri} does not exist")
+        yield path
+        return
+    with open_object(uri) as f:
         yield f
 
 
@@ -212,6 +345,78 @@ def _write_local(target: Path, data: bytes, durable: bool) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+WRITE_PROBE = "_dskd-write-probe-"  # the marker object's name under an output, then a token
+
+
+def check_writable(uri: str) -> None:
+    """Write a small marker object under `uri` and remove it, or raise StorageError naming
+    `uri` and the cause: an output that cannot be written (a folder the process may not write,
+    a bucket that does not exist, a key pair denied s3:PutObject) is found before a night of
+    scoring, not after it. Folders the marker needed locally are removed with it, so a dry run
+    leaves nothing behind. A marker that cannot be removed (a key allowed to put but not to
+    delete) is left, with a warning: writing is what the run needs."""
+    fs, path = filesystem(uri)
+    created: list[str] = []  # local folders that did not exist, deepest first
+    if is_local(fs):
+        folder = path
+        while folder and not os.path.lexists(folder) and folder != os.path.dirname(folder):
+            created.append(folder)
+            folder = os.path.dirname(folder)
+    marker = join_uri(to_uri(fs, path), f"{WRITE_PROBE}{secrets.token_hex(6)}")
+    try:
+        write_object(marker, b"dskd_ray: can this output be written?\n")
+    except Exception as e:
+        _remove_folders(created)
+        if isinstance(e, DSKDError) or not is_storage_failure(e):
+            raise
+        cause = describe_failure(e)
+        if isinstance(e, OSError) and e.strerror and is_local(fs):  # not the chain of mkdirs
+            cause = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+        raise StorageError(f"cannot write to the output {uri}: {cause}") from e
+    try:
+        with_retries(lambda: fs.rm_file(filesystem(marker)[1]), f"remove {marker}")
+    except Exception as e:  # noqa: BLE001 - the output is writable: that is what was asked
+        log.warning("could not remove the write probe %s: %s", marker, describe_failure(e))
+    _remove_folders(created)
+
+
+def _remove_folders(folders: list[str]) -> None:
+    for folder in folders:  # deepest first; each empty unless someone else wrote there
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
+@contextlib.contextmanager
+def local_copy_to(uri: str) -> Iterator[str]:
+    """A local file path to write `uri`'s new content to, however large; when the block ends
+    well it replaces `uri` all-or-nothing (a rename locally, one upload remotely), else it is
+    removed. For files written in pieces (the run index), where `write_object` wants bytes."""
+    fs, path = filesystem(uri)
+    local = is_local(fs)
+    if local:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{posixpath.basename(path)}.",
+        suffix=".tmp",
+        dir=os.path.dirname(path) if local else None,
+    )
+    os.close(fd)
+    try:
+        yield tmp
+        if local:
+            os.replace(tmp, path)
+        else:
+            with_retries(lambda: fs.put_file(tmp, path), f"write {uri}")
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def remove_object(uri: str) -> None:
+    """Remove one object or file (FileNotFoundError if it is not there)."""
+    fs, path = filesystem(uri)
+    with_retries(lambda: fs.rm_file(path), f"remove {uri}")
 
 
 def exists(uri: str) -> bool:
@@ -305,6 +510,17 @@ def _resolved(uri: str) -> tuple[type, str]:
     return type(fs), "/".join(p for p in path.split("/") if p)
 
 
+def same_place(a: str, b: str) -> bool:
+    """`a` and `b` name one file or object, however each is spelled (symlinks, "..", "//")."""
+    return _resolved(a) == _resolved(b)
+
+
+def read_head(uri: str, size: int) -> bytes:
+    """The first `size` bytes of an object (fewer if it is shorter), transient errors retried."""
+    fs, path = filesystem(uri)
+    return with_retries(lambda: fs.cat_file(path, start=0, end=size), f"read {uri}")
+
+
 def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
@@ -389,7 +605,7 @@ def _walk_local(path: str, excluded: str | None, stats: ListingStats) -> Iterato
             with os.scandir(folder) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as e:  # an unreadable folder: said, and the rest is still listed
-            log.warning("cannot list %s: %s", printable_name(folder), e)
+            log.warning("cannot list %s: %s", printable(folder), e)
             continue
         subfolders = []
         for entry in entries:
@@ -416,7 +632,7 @@ def _walk_local(path: str, excluded: str | None, stats: ListingStats) -> Iterato
                 else:
                     continue  # a socket or a pipe: not a file to read
             except OSError as e:  # gone between the listing and the stat
-                log.warning("cannot stat %s: %s", printable_name(full), e)
+                log.warning("cannot stat %s: %s", printable(full), e)
                 continue
             yield full, {"size": st.st_size, "mtime": st.st_mtime}
         stack.extend(reversed(subfolders))

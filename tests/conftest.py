@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import signal
 import struct
+import subprocess
 import sys
+import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +136,34 @@ def _quiet_random_teacher_warning(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="dskd_ray")
 
 
+# --- Ctrl-C as a terminal sends it -----------------------------------------------------------
+
+
+def interrupted(args: list[str], ready: Callable[[str], bool], tmp_path: Path,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """Run `dskd ARGS` as a terminal runs it (a process group of its own) and press Ctrl-C:
+    SIGINT to the whole group once `ready(stderr so far)` says so."""
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        job = subprocess.Popen(
+            [sys.executable, "-m", "dskd_ray.cli", *args], stdout=subprocess.PIPE, stderr=err,
+            text=True, start_new_session=True, env=env,
+        )  # fmt: skip
+        try:
+            deadline = time.time() + 600
+            while not ready(log.read_text()):
+                assert job.poll() is None, f"it ended before Ctrl-C:\n{log.read_text()}"
+                assert time.time() < deadline, log.read_text()
+                time.sleep(0.05)
+            os.killpg(job.pid, signal.SIGINT)
+            stdout, _ = job.communicate(timeout=300)
+        finally:
+            if job.poll() is None:
+                job.kill()
+                job.wait()
+    return subprocess.CompletedProcess(job.args, job.returncode, stdout, log.read_text())
+
+
 def _free_port() -> int:
     import socket
 
@@ -139,17 +172,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3_server():  # noqa: ANN201 - yields a dict of connection settings
-    """A real S3-protocol server (moto's) on loopback, in its own process, for the session.
-
-    Yields {"endpoint_url", "key", "secret", "region"}; the standard AWS variables point at it
-    so s3fs, pyarrow and Ray (driver and workers) all reach it the way a user's would.
-    """
-    import os
+def start_moto(**env: str) -> tuple[subprocess.Popen, str]:
+    """A moto S3 server on a free loopback port, in its own process: (process, endpoint URL).
+    `env`: moto's own settings for it (INITIAL_NO_AUTH_ACTION_COUNT, …)."""
     import shutil
-    import subprocess
-    import time
     import urllib.request
 
     port = _free_port()
@@ -160,18 +186,37 @@ def s3_server():  # noqa: ANN201 - yields a dict of connection settings
         [exe, "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, **env},
     )
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
     while True:
         try:
             urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-            break
+            return proc, endpoint
         except OSError:
             if time.time() > deadline or proc.poll() is not None:
                 proc.kill()
                 raise RuntimeError("moto server did not start") from None
             time.sleep(0.1)
+
+
+def stop_moto(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def s3_server():  # noqa: ANN201 - yields a dict of connection settings
+    """A real S3-protocol server (moto's) on loopback, in its own process, for the session.
+
+    Yields {"endpoint_url", "key", "secret", "region"}; the standard AWS variables point at it
+    so s3fs, pyarrow and Ray (driver and workers) all reach it the way a user's would.
+    """
+    proc, endpoint = start_moto()
     settings = {
         "AWS_ENDPOINT_URL": endpoint,
         "AWS_ACCESS_KEY_ID": "testing",
@@ -196,11 +241,7 @@ def s3_server():  # noqa: ANN201 - yields a dict of connection settings
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_moto(proc)
 
 
 def make_bucket(s3_server: dict, name: str) -> None:

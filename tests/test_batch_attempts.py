@@ -98,3 +98,60 @@ def test_an_exception_is_not_a_death(tmp_path: Path) -> None:
     calls = []
     score_guarded(batch, lambda b: calls.append(len(b["image"])) or score(b), attempts, give_up)
     assert calls == [2]  # still whole: no attempt was counted as dead
+
+
+# --- the per-node scratch folder (issue 25) ----------------------------------------------------
+
+
+@pytest.fixture
+def temp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A temp directory of the test's own, as `tempfile.gettempdir()` gives it."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
+
+
+def test_a_runs_scratch_cannot_be_imported_and_is_gone_when_its_batches_end(
+    temp_dir: Path,
+) -> None:
+    from dskd_ray.batch_attempts import SCRATCH_DIR
+
+    first, second = Attempts.for_run("r1"), Attempts.for_run("r1")  # two actors on one node
+    assert first.folder.parent == temp_dir / SCRATCH_DIR
+    assert not SCRATCH_DIR.isidentifier()  # `import` can never find it from the temp dir
+    batch = batch_of([1, 2])
+    key = batch_key(batch["image_uri"], batch["image_version"])
+    first.begin(key, list(batch["image_uri"]))
+    second.begin("other", ["/img/3.png"])
+    first.end(key)
+    assert first.folder.is_dir()  # the other actor's attempt is still running
+    second.end("other")
+    assert list(temp_dir.iterdir()) == []  # the last attempt to end leaves nothing behind
+    # An attempt that starts after another actor removed the empty folder makes it again.
+    score_guarded(batch, score, first, give_up)
+    assert list(temp_dir.iterdir()) == []
+
+
+def test_what_a_killed_run_left_is_cleaned_by_a_later_one_after_a_day(temp_dir: Path) -> None:
+    import time
+
+    from dskd_ray.batch_attempts import clean_stale_scratch, remove_run_scratch, run_scratch
+
+    old, recent = run_scratch("killed"), run_scratch("running")
+    for folder in (old, recent):
+        Attempts(folder).begin("key", ["/img/1.png"])  # attempts that never ended
+    day_ago = time.time() - 25 * 3600
+    os.utime(old, (day_ago, day_ago))
+    # Versions before the scratch had its own name left an importable, empty `dskd_ray/`.
+    (temp_dir / "dskd_ray" / "run-20260101T000000Z-abcdef" / "scoring").mkdir(parents=True)
+    assert clean_stale_scratch() == [old]
+    assert not old.exists() and recent.is_dir()
+    assert not (temp_dir / "dskd_ray").exists()
+    remove_run_scratch("running")  # the run that ends removes its own, and the empty parent
+    assert list(temp_dir.iterdir()) == []
+    # A `dskd_ray` folder holding anything but empty run folders is someone else's: kept.
+    (temp_dir / "dskd_ray").mkdir()
+    (temp_dir / "dskd_ray" / "__init__.py").write_text("")
+    clean_stale_scratch()
+    assert (temp_dir / "dskd_ray" / "__init__.py").exists()

@@ -28,11 +28,26 @@ import torch
 from fsspec.core import url_to_fs
 from PIL import Image
 
-from conftest import broken_files, good_files, make_bucket, texture, write_textures
-from dskd_ray.batch_scoring import ScoringOptions, dry_run, plan_pool, score_images
+from conftest import (
+    broken_files,
+    good_files,
+    interrupted,
+    make_bucket,
+    texture,
+    write_textures,
+)
+from dskd_ray.batch_attempts import SCRATCH_DIR
+from dskd_ray.batch_scoring import (
+    ScoringOptions,
+    decode_batch,
+    dry_run,
+    plan_pool,
+    read_manifest,
+    score_images,
+)
 from dskd_ray.checkpoint import Threshold, make_checkpoint, save_checkpoint
 from dskd_ray.config import DSKDConfig
-from dskd_ray.errors import DataError, StorageError
+from dskd_ray.errors import ConfigError, DataError, StorageError
 from dskd_ray.images import decode_image
 from dskd_ray.map_png import decode_map_png
 from dskd_ray.model import DSKD
@@ -351,11 +366,29 @@ def test_bad_manifests_are_refused_in_one_line(tmp_path: Path) -> None:
         "empty.csv": ('image_uri\n/a.png\n""\n', "row 2: image_uri empty"),
         "twice.csv": ("image_uri\n/a.png\n/b.png\n/a.png\n", "lists /a.png more than once"),
         "garbage.parquet": ("not parquet at all", "cannot be read as parquet"),
+        # One file, two spellings: the same URI twice once spelled one way (issue 24).
+        "spellings.csv": ("image_uri\n/i/a/../a/x.png\n/i/a/x.png\n", "lists /i/a/x.png more"),
+        "file-uri.csv": ("image_uri\nfile:///i/y.png\n/i//./y.png\n", "lists /i/y.png more"),
     }
     for name, (text, words) in cases.items():
         (tmp_path / name).write_text(text)
         with pytest.raises(DataError, match=re.escape(words)):
             dry_run(str(tmp_path / name), str(model), out)
+    # Schemes the product does not read unless the run allows them, refused before anything.
+    (tmp_path / "web.csv").write_text("image_uri\n/a.png\nhttp://127.0.0.1:1/b.png\n")
+    with pytest.raises(ConfigError, match=re.escape(
+        "manifest web.csv, row 2, names a http:// URI: only local paths, file:// and s3:// are "
+        "read unless the run allows more (--allow-scheme http)"
+    )):  # fmt: skip
+        dry_run(str(tmp_path / "web.csv"), str(model), out)
+    with pytest.raises(ConfigError, match="INPUT ftp://host/images/ names a ftp:// URI"):
+        dry_run("ftp://host/images/", str(model), out)
+    with pytest.raises(ConfigError, match="--allow-scheme gs: .*gcsfs"):  # not installed here
+        dry_run(str(tmp_path / "web.csv"), str(model), out, ScoringOptions(schemes=("gs",)))
+    (tmp_path / "odd.csv").write_text("image_uri\n/i/./b//c/../d.png\nFILE:///i/e.png\n")
+    assert read_manifest(str(tmp_path / "odd.csv"))["image_uri"].to_pylist() == [
+        "/i/b/d.png", "/i/e.png",
+    ]  # fmt: skip
     result = subprocess.run(
         [sys.executable, "-m", "dskd_ray.cli", "score", str(tmp_path / "relative.csv"), "--model",
          str(model), "--out", out],
@@ -369,12 +402,33 @@ def test_bad_manifests_are_refused_in_one_line(tmp_path: Path) -> None:
     assert not Path(out).exists()
 
 
+def test_what_can_never_be_read_is_not_retried_every_night(s3_server: dict, tmp_path: Path) -> None:
+    """A folder where an image should be (local, or a prefix on S3), a scheme without its
+    filesystem: error rows that the next run does not try again. A missing file may come back:
+    that one is retried."""
+    make_bucket(s3_server, "never-read")
+    s3fs.S3FileSystem().pipe({"never-read/folder/x.png": texture(np.random.default_rng(0))})
+    (tmp_path / "a-folder").mkdir()
+    uris = [str(tmp_path / "a-folder"), "s3://never-read/folder", "s3://never-read/folder/",
+            "gs://bucket/x.png", str(tmp_path / "missing.png")]  # fmt: skip
+    n = len(uris)
+    rows = decode_batch(
+        {"image_uri": np.array(uris, object), "image_version": np.array([""] * n, object),
+         "image_bytes": np.full(n, -1)}, 64, 2,
+    )  # fmt: skip
+    assert list(rows["status"]) == ["error"] * n
+    assert list(rows["retryable"]) == [False, False, False, False, True], list(rows["error"])
+    assert rows["error"][0].startswith("cannot read: not a file: ")
+    assert rows["error"][1] == "cannot read: not a file: a folder (a prefix on object storage)"
+    assert rows["error"][3].startswith("cannot read: no filesystem for this URI: ")
+
+
 def test_dry_run_lists_diffs_and_counts_but_writes_nothing(tmp_path: Path) -> None:
     """Half the folder already scored by a committed run (with its index), one scored image
     deleted since: the dry run says what tonight's run would do, from the real CLI."""
     from dskd_ray.batch_scoring import list_inputs
     from dskd_ray.results import RESULT_SCHEMA
-    from dskd_ray.run_index import INDEX_COLUMNS, write_index
+    from dskd_ray.run_index import ModelIndex
 
     model, _ = make_model(tmp_path)
     model_id = Scorer(str(model), device="cpu").model_id
@@ -398,11 +452,12 @@ def test_dry_run_lists_diffs_and_counts_but_writes_nothing(tmp_path: Path) -> No
     }  # fmt: skip
     table = pa.table(rows, schema=RESULT_SCHEMA)
     out = tmp_path / "out"
+    index = ModelIndex.load(str(out), model_id)
     writer = PartWriter(str(out), run_id)
     writer.write(table)
     files = writer.close()
-    write_index(str(out), model_id, run_id, table.select(INDEX_COLUMNS), [])
     commit_run(str(out), run_id, files, model_id=model_id)
+    index.write(run_id, files)
     before = sorted(p for p in out.rglob("*"))
 
     result = subprocess.run(
@@ -476,8 +531,30 @@ def _pids(pattern: str) -> list[int]:
     return found
 
 
+def _own_temp_dir(tmp_path: Path, env: dict[str, str] | None = None) -> tuple[dict[str, str], Path]:
+    """(`env` or this environment, with a temp directory of the test's own for the `dskd score`
+    process and, through the job's runtime_env, its Ray workers; that directory)."""
+    import json
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = dict(os.environ if env is None else env)
+    job = json.loads(env.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    job.setdefault("runtime_env", {}).setdefault("env_vars", {})["TMPDIR"] = str(temp)
+    return env | {"TMPDIR": str(temp), "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job)}, temp
+
+
+def _check_no_scratch_left(temp: Path) -> None:
+    """A run leaves nothing of ours in the temp directory; above all no folder named like the
+    package, which shadows the installed one for anyone whose working directory it is (issue
+    25). (torch leaves its own caches there, `torchinductor_<user>`.)"""
+    ours = [p.name for p in temp.iterdir() if "dskd" in p.name.lower()]
+    assert ours == [], (ours, list((temp / SCRATCH_DIR).rglob("*")))
+
+
 def _score_and_kill(ray_cluster, tmp_path: Path, blobs: dict[str, bytes], pattern: str,  # noqa: ANN001
-                    ready: Callable[[], bool]) -> tuple[list[int], subprocess.CompletedProcess]:  # fmt: skip
+                    ready: Callable[[], bool], env: dict[str, str] | None = None,
+                    ) -> tuple[list[int], subprocess.CompletedProcess]:  # fmt: skip
     """A real `dskd score` job on the session's Ray; SIGKILL the first process whose title
     contains `pattern` once `ready()` says so. Returns (killed pids, the job's result)."""
     model, _ = make_model(tmp_path)
@@ -485,7 +562,7 @@ def _score_and_kill(ray_cluster, tmp_path: Path, blobs: dict[str, bytes], patter
         [sys.executable, "-m", "dskd_ray.cli", "score", str(tmp_path / "images"), "--model",
          str(model), "--out", str(tmp_path / "out"), "--address",
          ray_cluster.get_runtime_context().gcs_address, "--batch-size", "4"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     killed: list[int] = []
     deadline = time.time() + 900  # a guard against a hang, not a timing: shared CI is slow
@@ -538,16 +615,42 @@ def test_a_scoring_actor_killed_mid_run_still_commits_one_row_per_image(
 ) -> None:
     """SIGKILL the scoring actor once its first maps are written: Ray restarts it (the model
     loads again) and retries its batch; the run commits every image exactly once, and does not
-    hang on the dead actor of its one-actor pool."""
+    hang on the dead actor of its one-actor pool. The attempt counters it kept on the node's
+    disk are gone at the end."""
     blobs = _write_images(tmp_path / "images", 24)
     maps = tmp_path / "out" / "maps"
+    env, temp = _own_temp_dir(tmp_path)
     killed, result = _score_and_kill(
         ray_cluster, tmp_path, blobs, "MapBatches(ScoringActor)",
-        lambda: maps.is_dir() and any(maps.rglob("*.png")),
+        lambda: maps.is_dir() and any(maps.rglob("*.png")), env,
     )  # fmt: skip
     assert killed, f"no scoring actor was seen to kill:\n{result.stderr[-3000:]}"
     assert len(list(maps.rglob("*.png"))) < 2 * len(blobs)
     _check_one_row_each(tmp_path, blobs, result)
+    _check_no_scratch_left(temp)
+
+
+def test_ctrl_c_on_ray_exits_130_commits_nothing_and_leaves_no_scratch(
+    ray_cluster,
+    tmp_path: Path,  # noqa: ANN001
+) -> None:
+    """Ctrl-C once the first maps are written: one line, exit 130 (a script or a scheduler
+    must not carry on), no manifest, and no scratch folder left in the temp directory. Enough
+    images that the run is still going when the Ctrl-C lands on a loaded machine (at 48 it
+    once finished first)."""
+    _write_images(tmp_path / "images", 160)
+    model, _ = make_model(tmp_path)
+    out = tmp_path / "out"
+    env, temp = _own_temp_dir(tmp_path)
+    result = interrupted(
+        ["score", str(tmp_path / "images"), "--model", str(model), "--out", str(out),
+         "--address", ray_cluster.get_runtime_context().gcs_address, "--batch-size", "4"],
+        lambda _: (out / "maps").is_dir() and any((out / "maps").rglob("*.png")), tmp_path, env,
+    )  # fmt: skip
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == "dskd: interrupted"
+    assert "committed" not in result.stdout and not (out / "_manifests").exists()
+    _check_no_scratch_left(temp)
 
 
 def test_a_decode_worker_killed_mid_task_still_commits_one_row_per_image(

@@ -96,7 +96,41 @@ def test_loading_never_runs_pickled_code(tmp_path: Path) -> None:
         pickle.dump({"format": "dskd_ray.checkpoint/1", "x": _Evil()}, f)
     with pytest.raises(CheckpointError):
         load_checkpoint(tmp_path / "evil.pt")
+    torch.save({"format": "dskd_ray.checkpoint/4", "x": _Evil()}, tmp_path / "evil-zip.pt")
+    with pytest.raises(CheckpointError, match="PyTorch could not read it"):
+        load_checkpoint(tmp_path / "evil-zip.pt")
     assert not target.exists()
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named_in_one_line(tmp_path: Path) -> None:
+    """An ONNX graph, an image, JSON, a pickle as --model: what it looks like, in one line, and
+    no word of PyTorch's advice to load with weights_only=False (which runs pickled code)."""
+    import io
+
+    from PIL import Image
+
+    onnx = b"\x08\x0e\x12\x07pytorch\x1a\x052.14:\x00"  # how a ModelProto starts
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(jpeg, format="JPEG")
+    files = {
+        "model.onnx": (onnx, "an ONNX file"),
+        "exported.pt": (onnx, "an ONNX file"),  # by its bytes, whatever its name
+        "photo.pt": (jpeg.getvalue(), "a JPEG image"),
+        "config.json": (b'{"backbone": "resnet18"}', "JSON"),
+        "model.pkl": (pickle.dumps({"state_dict": {}}), "a Python pickle"),
+        "empty.pt": (b"", "an empty file"),
+        "notes.pt": (b"trained on line 3\n", "a text file"),
+    }
+    for name, (data, kind) in files.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError) as refused:
+            load_checkpoint(tmp_path / name)
+        assert str(refused.value) == (
+            f"{tmp_path / name} is not a dskd_ray checkpoint (this looks like {kind})"
+        )
+    (tmp_path / "noise.pt").write_bytes(bytes(range(256)))
+    with pytest.raises(CheckpointError, match=r"noise.pt is not a dskd_ray checkpoint \(not a"):
+        load_checkpoint(tmp_path / "noise.pt")
 
 
 def test_failed_save_leaves_the_previous_checkpoint(
@@ -296,3 +330,40 @@ def test_an_unknown_format_names_both_versions(tmp_path: Path, tiny_config: DSKD
     torch.save({**payload, "format": "dskd_ray.checkpoint/9"}, tmp_path / "future.pt")
     with pytest.raises(CheckpointError, match=r"checkpoint/9.*reads dskd_ray\.checkpoint/5"):
         load_checkpoint(tmp_path / "future.pt")
+
+
+def test_the_header_gives_the_model_id_without_torch_or_the_weights(
+    tmp_path: Path, tiny_config: DSKDConfig
+) -> None:
+    """What a dry run reads (issue 24): the stated model id, from `data.pkl` alone; in a
+    process that never imports torch or Ray."""
+    import subprocess
+    import sys
+
+    from dskd_ray.checkpoint_header import read_model_id
+
+    ckpt = make_checkpoint(DSKD(tiny_config))
+    save_checkpoint(ckpt, tmp_path / "m.pt")
+    assert read_model_id(str(tmp_path / "m.pt")) == ckpt.model_id
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(b"")
+    code = (
+        "import sys; from dskd_ray.batch_scoring import dry_run; "
+        f"s = dry_run({str(tmp_path / 'images')!r}, {str(tmp_path / 'm.pt')!r}, "
+        f"{str(tmp_path / 'out')!r}); "
+        "print(s.model_id, s.listed, [m for m in ('torch', 'ray') if m in sys.modules])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.split() == [ckpt.model_id, "1", "[]"], done.stderr
+    # A header that names anything but tensors and settings is refused; nothing runs.
+    target = Path("/tmp/dskd-evil-was-here")
+    target.unlink(missing_ok=True)
+    torch.save({"format": "dskd_ray.checkpoint/4", "x": _Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="evil.pt is not a dskd_ray checkpoint"):
+        read_model_id(str(tmp_path / "evil.pt"))
+    assert not target.exists()
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x0e\x12\x07pytorch:\x00")
+    with pytest.raises(CheckpointError, match=r"\(this looks like an ONNX file\)"):
+        read_model_id(str(tmp_path / "model.onnx"))
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*nope.pt"):
+        read_model_id(str(tmp_path / "nope.pt"))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import write_textures
+from conftest import interrupted, write_textures
 
 # A random teacher at 64² for one epoch: seconds, enough to exercise the command paths.
 TINY_TRAIN = [
@@ -113,6 +113,9 @@ def test_train_evaluate_predict_round_trip(tmp_path: Path) -> None:
     )
     assert result.returncode == 1  # one image failed: said, and the other still scored
     assert "corrupt.png" in result.stderr and "Traceback" not in result.stderr
+    # The reason, as a scoring run's error row gives it; not Pillow's "<_io.BytesIO object …>".
+    assert "corrupt.png: not a recognised image format\n" in result.stderr
+    assert "BytesIO" not in result.stderr
     with open(tmp_path / "pred" / "scores.csv") as f:
         rows = list(csv.DictReader(f))
     assert [Path(r["image"]).name for r in rows] == [bad[0].name, "corrupt.png"]
@@ -275,8 +278,9 @@ def refused_endpoint_env() -> dict[str, str]:
 def test_an_unreachable_object_store_is_one_line_from_every_command(tmp_path: Path) -> None:
     env = refused_endpoint_env()
     commands = {
+        # The output is probed first: a night is not spent scoring into nowhere.
         "score": (["score", "s3://b/images/", "--model", "s3://b/m.pt", "--out", "s3://b/out/"],
-                  "s3://b/m.pt"),
+                  "cannot write to the output s3://b/out/"),
         "train": (["train", "s3://b/data/tile", "--out", str(tmp_path / "m.pt")],
                   "s3://b/data/tile"),
         "evaluate": (["evaluate", "s3://b/data/tile", "--model", "s3://b/m.pt"],
@@ -300,6 +304,52 @@ def test_an_unreachable_object_store_is_one_line_from_every_command(tmp_path: Pa
         result = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
         one_line_error(result, 1, commands[name][1], "127.0.0.1")
         assert stderr.startswith("dskd: error: "), (name, stderr)
+
+
+def test_storage_failures_are_retried_within_a_bound_and_never_in_vain(tmp_path: Path) -> None:
+    """Nested retries (ours × s3fs's × botocore's) made an endpoint that drops every
+    connection take 200 s to report; no credentials were retried too. Now: the client's
+    defaults, as a user has them (no AWS_MAX_ATTEMPTS), and the total bounded."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(128)
+
+    def drop_every_connection() -> None:
+        while True:
+            try:
+                server.accept()[0].close()
+            except OSError:
+                return
+
+    threading.Thread(target=drop_every_connection, daemon=True).start()
+    env = {k: v for k, v in refused_endpoint_env().items() if k != "AWS_MAX_ATTEMPTS"}
+    env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{server.getsockname()[1]}"
+    score = ["score", "s3://b/images/", "--model", "s3://b/m.pt", "--out", "s3://b/out/", "-v"]
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "dskd_ray.cli", *score], capture_output=True,
+                          text=True, env=env, timeout=600)  # fmt: skip
+    elapsed = time.perf_counter() - start
+    server.close()
+    # A close before or after the request arrives reads as closed or reset: either is one line.
+    last = done.stderr.splitlines()[-1]
+    assert done.returncode == 1 and last.startswith("dskd: error: "), done.stderr[-2000:]
+    assert re.search(r"Connection was closed|Connection reset by peer", last), last
+    assert elapsed < 100, elapsed  # 30 s of retries at most, and the start; it was 200 s
+
+    no_keys = {
+        k: v for k, v in env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    }
+    no_keys |= {"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+                "AWS_CONFIG_FILE": str(tmp_path / "none")}  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "dskd_ray.cli", *score], capture_output=True,
+                          text=True, env=no_keys, timeout=600)  # fmt: skip
+    assert done.returncode == 1 and done.stderr.splitlines()[-1] == (
+        "dskd: error: cannot write to the output s3://b/out/: Unable to locate credentials"
+    )
+    assert " retry " not in done.stderr  # -v logs every retry: there was none
 
 
 def test_verbose_shows_the_traceback_behind_the_one_line(tmp_path: Path) -> None:
@@ -356,10 +406,15 @@ def test_predict_and_evaluate_say_so_on_nan_scores_and_odd_names(tmp_path: Path)
     assert [r["score"] for r in rows] == ["", ""] and all("not finite" in r["error"] for r in rows)
     assert rows[1]["image"] == f"{tmp_path}/caf\\xe9.png"  # escaped, not a crash
 
-    result = dskd("predict", odd_arg, "--model", str(good), "--out", str(tmp_path / "q"))
+    escape = tmp_path / "\x1b[2Jwiped\nline.png"  # an ESC sequence and a newline in the name
+    escape.write_bytes(image.read_bytes())
+    result = dskd("predict", odd_arg, str(escape), "--model", str(good), "--out",
+                  str(tmp_path / "q"))  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert f"{tmp_path}/caf\\xe9.png: " in result.stdout
     assert (tmp_path / "q" / "caf\\xe9_overlay.png").is_file()
+    assert f"{tmp_path}/\\x1b[2Jwiped\\x0aline.png: " in result.stdout
+    assert "\x1b" not in result.stdout and len(result.stdout.splitlines()) == 3
 
     result = dskd("evaluate", str(cat), "--model", str(nan))
     one_line_error(result, 1, "non-finite score on 4 of 4", "score not finite")
@@ -406,3 +461,70 @@ def test_the_exit_code_survives_a_teardown_that_aborts(
     )
     assert done.returncode == code, done.stderr
     assert hook.read_text() == "ran"
+
+
+# --- Ctrl-C: exit 130 and one line, never 0 (issue 24) -----------------------------------------
+
+
+def test_ctrl_c_during_training_exits_130_and_keeps_the_last_whole_epoch(tmp_path: Path) -> None:
+    from dskd_ray.checkpoint import load_checkpoint
+
+    write_textures(tmp_path / "imgs", 8)
+    out = tmp_path / "m.pt"
+    # The encoder student alone: the smallest model, whose epoch still takes a while.
+    train = ["train", str(tmp_path / "imgs"), "--out", str(out), *TINY_TRAIN, "--epochs", "6",
+             "--students", "se"]  # fmt: skip
+    result = interrupted(train, lambda _: out.exists(), tmp_path)  # once epoch 1 is saved
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"dskd: interrupted; {out} holds the last whole epoch: the same command with --resume "
+        "goes on"
+    )
+    assert "Traceback" not in result.stderr and "checkpoint:" not in result.stdout
+    saved = load_checkpoint(out).training
+    assert not saved.get("complete") and 1 <= saved["epoch"] < 6
+    resumed = dskd(*train, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    done = load_checkpoint(out).training
+    assert done["complete"] and done["resumed_at"] == [saved["epoch"]]
+
+
+def test_ctrl_c_during_scoring_in_process_exits_130_and_commits_nothing(tmp_path: Path) -> None:
+    good, _ = save_tiny_models(tmp_path)
+    write_textures(tmp_path / "imgs", 48)
+    out = tmp_path / "out"
+    result = interrupted(
+        ["score", str(tmp_path / "imgs"), "--model", str(good), "--out", str(out), "-v",
+         "--batch-size", "4"],
+        lambda err: "scoring 48 images in this process" in err, tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "dskd: interrupted"
+    assert "Traceback" not in result.stderr and "committed" not in result.stdout
+    assert not (out / "_manifests").exists()
+
+
+# --- an output that cannot be written: found before anything is listed (issue 24) ---------------
+
+
+def test_an_output_that_cannot_be_written_is_one_line_before_listing(tmp_path: Path) -> None:
+    """INPUT and the model do not exist either: the output is probed first, in the dry run too
+    (the real run used to score every image, then fail writing)."""
+    (tmp_path / "a-file").write_text("in the way")
+    for out, cause in [
+        ("/sys/dskd-out", "Operation not permitted: /sys/dskd-out"),
+        (f"{tmp_path}/a-file/out", f"Not a directory: {tmp_path}/a-file/out"),
+    ]:
+        for dry in ([], ["--dry-run"]):
+            result = dskd("score", str(tmp_path / "nowhere"), "--model", str(tmp_path / "absent.pt"),
+                          "--out", out, *dry)  # fmt: skip
+            one_line_error(result, 1, f"cannot write to the output {out}: {cause}")
+
+
+def test_an_onnx_file_as_model_is_one_line_without_unsafe_advice(tmp_path: Path) -> None:
+    (tmp_path / "washer.onnx").write_bytes(b"\x08\x0e\x12\x07pytorch:\x00")
+    write_textures(tmp_path / "imgs", 1)
+    result = dskd("predict", str(tmp_path / "imgs" / "000.png"), "--model",
+                  str(tmp_path / "washer.onnx"), "--out", str(tmp_path / "pred"))  # fmt: skip
+    one_line_error(result, 1, "washer.onnx is not a dskd_ray checkpoint (this looks like an ONNX")
+    assert "weights_only" not in result.stderr

@@ -164,18 +164,53 @@ def test_a_graph_that_does_not_match_is_refused_and_not_written(
     assert not out.exists() and not list(tmp_path.glob("*.onnx*"))
 
 
-def test_export_cli_writes_and_says_what_it_checked(trained, demo: Path, tmp_path: Path) -> None:
+def test_export_cli_writes_and_says_what_it_checked(
+    trained, demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ckpt_path = trained("sd")
+    monkeypatch.setenv("DSKD_RAY_CACHE", str(tmp_path / "cache"))  # for the subprocesses too
+    model_bytes = ckpt_path.read_bytes()
     out = tmp_path / "exported" / "model.onnx"
-    done = subprocess.run(
-        [sys.executable, "-m", "dskd_ray.cli", "export", str(ckpt_path), "--out", str(out),
-         "--check-images", str(demo / "test")],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    out.parent.mkdir()
+    out.write_text("notes on line 3\n")  # a file that is not a graph, under the graph's name
+
+    def export_to(target: str, *more: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "dskd_ray.cli", "export", str(ckpt_path), "--out", target,
+             "--check-images", str(demo / "test"), *more],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+
+    # The checkpoint itself, spelled another way: refused, whatever --force says.
+    itself = f"{ckpt_path.parent}/../{ckpt_path.parent.name}/{ckpt_path.name}"
+    refused = export_to(itself, "--force")
+    assert refused.returncode == 1 and refused.stderr.strip() == (
+        f"dskd: error: --out {itself} is the checkpoint {ckpt_path} itself: write the graph to "
+        "a new file (model.onnx)"
+    )
+    assert ckpt_path.read_bytes() == model_bytes
+    refused = export_to(str(out))
+    assert refused.returncode == 1 and refused.stderr.strip() == (
+        f"dskd: error: --out {out} exists and is not an ONNX graph (this looks like a text "
+        "file): not overwritten; choose another --out, or add --force to replace it"
+    )
+    assert out.read_text() == "notes on line 3\n"
+
+    done = export_to(str(out), "--force")
     assert done.returncode == 0, done.stderr
     assert f"wrote {out}: model {load_checkpoint(str(ckpt_path)).model_id}" in done.stdout
     assert "verdicts identical" in done.stdout
-    assert out.is_file()
+    assert read_metadata(str(out))["model_id"] == load_checkpoint(str(ckpt_path)).model_id
+    # The checked graph is also where `--backend onnxruntime` looks: its first run exports
+    # nothing (an export now would fail this test).
+    [cached] = (tmp_path / "cache" / "onnx").glob("*.onnx")
+    assert cached.read_bytes() == out.read_bytes()
+
+    def no_export(*args: object) -> None:
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(export, "export_graph", no_export)
+    assert export.cached_graph(load_checkpoint(str(ckpt_path))) == out.read_bytes()
 
     missing = subprocess.run(
         [sys.executable, "-m", "dskd_ray.cli", "export", str(tmp_path / "nope.pt"), "--out",
@@ -184,6 +219,29 @@ def test_export_cli_writes_and_says_what_it_checked(trained, demo: Path, tmp_pat
     )  # fmt: skip
     assert missing.returncode == 1
     assert missing.stderr.startswith("dskd: error:") and len(missing.stderr.splitlines()) == 1
+
+
+def test_an_export_replaces_a_graph_but_nothing_else_without_force(tmp_path: Path) -> None:
+    """What `export_onnx` checks before spending a minute on an export."""
+    ckpt = tmp_path / "m.pt"
+    ckpt.write_bytes(b"PK\x03\x04 stands in for a checkpoint")
+    graph = tmp_path / "old.onnx"
+    graph.write_bytes(b"\x08\x0e\x12\x07pytorch:\x00")
+    export.check_export_target(str(ckpt), str(graph))  # a graph: replaced without --force
+    export.check_export_target(str(ckpt), str(tmp_path / "new.onnx"))
+    others = {"copy.pt": (ckpt.read_bytes(), "a PyTorch file, a checkpoint perhaps"),
+              "image.onnx": (b"\xff\xd8\xff\xe0", "a JPEG image")}  # fmt: skip
+    for name, (data, kind) in others.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(
+            ExportError, match=f"exists and is not an ONNX graph .this looks like {kind}"
+        ):
+            export.check_export_target(str(ckpt), str(tmp_path / name))
+        export.check_export_target(str(ckpt), str(tmp_path / name), force=True)
+    os.symlink(ckpt, tmp_path / "link.onnx")
+    for itself in (str(tmp_path / "link.onnx"), f"{tmp_path}//./m.pt"):
+        with pytest.raises(ExportError, match="is the checkpoint .* itself"):
+            export.check_export_target(str(ckpt), itself, force=True)
 
 
 def test_onnxruntime_backend_is_refused_with_pytorch_only_options() -> None:

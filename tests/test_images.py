@@ -80,3 +80,28 @@ def test_one_decompression_limit_in_pixels_with_a_memory_estimate() -> None:
         assert f"{width * height:,} px" in message and "GB of memory" in message
     with pytest.raises(ImageDecodeError, match="decompression limit"):
         decode_mask(png_claiming(20_001, 20_000), 32)  # masks take the same path
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_exif_orientation_is_applied_the_same_way_in_every_decode(fmt: str) -> None:
+    """A camera on its side stores 120×80 pixels and EXIF orientation 6 (turn 90° clockwise):
+    the image a viewer shows, 80×120, is what every decode gives (the model's size too)."""
+    pixels = np.zeros((80, 120, 3), np.uint8)
+    pixels[:, :60] = (250, 20, 20)  # the stored left half red: the shown top half
+    stored = Image.fromarray(pixels)
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    stored.save(buf, format=fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
+    data = buf.getvalue()
+    upright, (w, h) = decode_image(data)
+    assert (w, h) == (80, 120) and upright.shape == (120, 80, 3)
+    assert upright[:50, :, 0].mean() > 200 and upright[70:, :, 0].mean() < 60  # red on top
+    small, size = decode_image(data, size=32)
+    assert size == (80, 120) and small[:12, :, 0].mean() > 200 and small[20:, :, 0].mean() < 60
+    mask = decode_mask(data, (120, 80))  # a mask carries its orientation the same way
+    assert mask.shape == (120, 80)
+    if fmt == "JPEG":  # a broken EXIF block is not a broken image: decoded as stored
+        broken = data.replace(b"Exif\x00\x00MM", b"Exif\x00\x00XX", 1)
+        assert broken != data
+        assert decode_image(broken)[0].shape == (80, 120, 3)

@@ -25,7 +25,7 @@ from conftest import broken_files, good_files, make_bucket, texture, write_textu
 from dskd_ray.batch_scoring import ScoringOptions, score_images
 from dskd_ray.checkpoint import Threshold, make_checkpoint, save_checkpoint
 from dskd_ray.config import DSKDConfig
-from dskd_ray.drift import MIN_NIGHT_IMAGES, score_drift
+from dskd_ray.drift import MIN_NIGHT_IMAGES, ScoreDrift, score_drift
 from dskd_ray.images import decode_image
 from dskd_ray.model import DSKD
 from dskd_ray.results import committed_runs, read_results
@@ -259,6 +259,90 @@ def test_bad_flags_are_one_line(tmp_path: Path) -> None:
     assert empty.returncode == 0 and "no committed runs" in empty.stdout
 
 
+# --- damaged outputs and hostile names, without a scoring run ----------------------------------
+
+
+def synthetic_run(out: Path, run_id: str, uris: list[str], model_id: str = "m-synthetic") -> None:
+    """A committed run as `score_images` leaves it (parts, index, manifest), scores 1, 2, …"""
+    import pyarrow as pa
+
+    from dskd_ray.results import RESULT_SCHEMA, PartWriter, commit_run
+    from dskd_ray.run_index import ModelIndex
+
+    n = len(uris)
+    columns = {c: pa.nulls(n, RESULT_SCHEMA.field(c).type) for c in RESULT_SCHEMA.names}
+    columns |= {
+        "image_uri": pa.array(uris), "image_version": pa.array(["v1"] * n),
+        "score": pa.array([float(i + 1) for i in range(n)], pa.float32()),
+        "threshold": pa.array([1.5] * n), "is_anomalous": pa.array([i > 0 for i in range(n)]),
+        "map_uri": pa.array([f"{out}/maps/{i}.png" for i in range(n)]),
+        "status": pa.array(["ok"] * n), "retryable": pa.array([False] * n),
+        "model_id": pa.array([model_id] * n), "run_id": pa.array([run_id] * n),
+    }  # fmt: skip
+    table = pa.table(columns, schema=RESULT_SCHEMA)
+    index = ModelIndex.load(str(out), model_id)
+    writer = PartWriter(str(out), run_id)
+    writer.write(table)
+    files = writer.close()
+    commit_run(str(out), run_id, files, model_id=model_id, summary={"listed": n, "skipped": 0})
+    index.write(run_id, files)
+
+
+def test_a_damaged_part_is_one_line_naming_it_and_the_other_runs_still_list(
+    tmp_path: Path,
+) -> None:
+    """A committed run's Parquet part overwritten (bit rot, a bad copy) used to end `dskd
+    results`, `--report` and `read_results` in a traceback."""
+    from dskd_ray.errors import DataError
+
+    out = tmp_path / "scores"
+    good, bad = "20260101T000000Z-aaaaaa", "20260102T000000Z-bbbbbb"
+    synthetic_run(out, good, ["/img/a.png", "/img/b.png"])
+    synthetic_run(out, bad, ["/img/c.png"])
+    [part] = (out / "results").glob(f"date=*/run={bad}/part-*.parquet")
+    part.write_bytes(part.read_bytes()[:-40] + b"\0" * 40)  # the footer gone
+    why = f"run {bad} is damaged: its result part {part} cannot be read as Parquet ("
+
+    with pytest.raises(DataError) as e:
+        read_results(str(out))
+    assert str(e.value).startswith(why) and "\n" not in str(e.value)
+    result = dskd("results", str(out))
+    assert result.returncode == 1 and result.stderr.startswith(f"dskd: error: {why}")
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    lines = result.stdout.splitlines()
+    [good_line] = [line for line in lines if line.startswith(good)]
+    assert good_line.split()[3:6] == ["2", "2", "0"]  # listed, scored, errors: read as usual
+    [bad_line] = [line for line in lines if line.startswith(bad)]
+    assert bad_line.endswith("DAMAGED: its rows cannot be read (below)")
+    assert any(line.startswith(f"damaged: {why}") for line in lines)
+    report = json.loads(dskd("results", str(out), "--json").stdout)
+    assert [r["damaged"] is None for r in report["runs"]] == [True, False]
+    gallery = dskd("results", str(out), "--report", str(tmp_path / "gallery"))  # the latest run
+    assert gallery.returncode == 1 and gallery.stderr.startswith(f"dskd: error: {why}")
+    assert len(gallery.stderr.strip().splitlines()) == 1 and "Traceback" not in gallery.stderr
+
+
+def test_control_characters_in_names_never_reach_the_terminal(tmp_path: Path) -> None:
+    """An ESC sequence in a file name used to recolour the terminal through `dskd results`,
+    and a newline split a table row: shown escaped, as bytes that are not UTF-8 are. The
+    rows keep the exact names (JSON escapes them its own way)."""
+    out = tmp_path / "scores"
+    red = "/img/\x1b[31mred\x1b[0m.png"
+    names = [red, "/img/two\nlines.png", "/img/\u202egnp.exe"]
+    synthetic_run(out, "20260101T000000Z-aaaaaa", names, model_id="m\x1b[2J")
+    result = dskd("results", str(out), "--top", "3")
+    assert result.returncode == 0, result.stderr
+    assert not any(c in result.stdout for c in "\x1b\u202e"), result.stdout
+    lines = result.stdout.splitlines()
+    top = lines[lines.index(next(line for line in lines if line.strip().startswith("score"))) :]
+    assert len(top) == 4  # a header and three images: no row split by the newline
+    assert "/img/\\x1b[31mred\\x1b[0m.png" in top[3] and "/img/two\\x0alines.png" in top[2]
+    assert "/img/\\u202egnp.exe" in top[1] and "m\\x1b[2J" in result.stdout
+    assert sorted(read_results(str(out))["image_uri"].to_pylist()) == sorted(names)  # exact
+    assert red in [r["image_uri"] for r in json.loads(dskd("results", str(out), "--json",
+                                                            "--top", "3").stdout)["top"]]  # fmt: skip
+
+
 # --- drift -------------------------------------------------------------------------------------
 
 
@@ -266,7 +350,12 @@ def test_drift_figure_is_the_median_shift_in_calibration_iqrs() -> None:
     calibration = [1.0, 2.0, 3.0, 4.0, 5.0]  # median 3, IQR 2
     drift = score_drift(np.full(20, 9.0), calibration, threshold=4.5)
     assert drift.median_shift == pytest.approx(3.0) and drift.above_threshold == 1.0
-    assert drift.flagged and "3.0 calibration IQRs above" in drift.warning()
+    assert drift.flagged and "3.00 calibration IQRs above" in drift.warning()
+    # Printed as it decides: never rounded up to the warning's level without a warning.
+    for shift, shown, flagged in [(-1.98, "-1.98", False), (1.999, "+1.99", False),
+                                  (-2.0, "-2.00", True), (2.004, "+2.00", True)]:  # fmt: skip
+        figure = ScoreDrift(shift, 20, 8)
+        assert (figure.shown(), figure.flagged) == (shown, flagged)
     assert not score_drift(np.full(20, 3.5), calibration).flagged
     few = score_drift(np.full(MIN_NIGHT_IMAGES - 1, 9.0), calibration)
     assert few.median_shift == pytest.approx(3.0) and not few.flagged  # too few to say

@@ -99,3 +99,71 @@ def test_s3_listing_pages_and_shards_find_every_key_once(s3_server: dict) -> Non
     # The output inside the input is left out, as for local folders.
     rest = [e for e in iter_images("s3://st-listing/plant", exclude="s3://st-listing/plant/big")]
     assert sum(e is not None for e in rest) == len(keys) - 1100
+
+
+# --- the output's write probe (issue 24) -------------------------------------------------------
+
+
+def test_the_write_probe_leaves_nothing_and_names_an_output_it_cannot_write(
+    tmp_path: Path,
+) -> None:
+    from dskd_ray.errors import StorageError
+    from dskd_ray.storage import check_writable
+
+    check_writable(str(tmp_path / "new" / "deeper" / "out"))  # folders made for the probe…
+    assert list(tmp_path.iterdir()) == []  # …are removed with it
+    (tmp_path / "out").mkdir()
+    check_writable(str(tmp_path / "out"))
+    assert list((tmp_path / "out").iterdir()) == []
+    (tmp_path / "a-file").write_text("in the way")
+    with pytest.raises(StorageError) as e:
+        check_writable(str(tmp_path / "a-file" / "out"))
+    assert str(e.value) == (
+        f"cannot write to the output {tmp_path}/a-file/out: Not a directory: {tmp_path}/a-file/out"
+    )
+    # A folder no process may write (root included): the cause, and nothing left behind.
+    with pytest.raises(StorageError, match=r"output /sys/dskd-probe/out: Operation not permitted"):
+        check_writable("/sys/dskd-probe/out")
+
+
+# --- retries: bounded, and none for what cannot succeed (issue 24) ------------------------------
+
+
+def test_what_no_retry_can_change_is_not_retried() -> None:
+    from botocore.exceptions import (
+        ClientError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        NoCredentialsError,
+    )
+
+    from dskd_ray.storage import is_storage_failure, is_transient
+
+    def client_error(code: str) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": code}}, "PutObject")
+
+    never = [NoCredentialsError(), client_error("AccessDenied"), client_error("NoSuchBucket"),
+             client_error("InvalidAccessKeyId"), PermissionError("denied")]  # fmt: skip
+    for error in never:
+        assert not is_transient(error) and is_storage_failure(error), error
+    again = [EndpointConnectionError(endpoint_url="http://x"), ConnectTimeoutError(endpoint_url="x"),
+             client_error("SlowDown"), client_error("InternalError"), ConnectionResetError()]  # fmt: skip
+    for error in again:
+        assert is_transient(error), error
+
+
+def test_retries_stop_at_their_time_budget() -> None:
+    from dskd_ray.storage import with_retries
+
+    now = [0.0]
+    calls: list[float] = []
+
+    def unreachable() -> None:
+        calls.append(now[0])
+        now[0] += 4.0  # each attempt waits out a connect timeout
+        raise ConnectionRefusedError("refused")
+
+    with pytest.raises(ConnectionRefusedError):
+        with_retries(unreachable, "read x", attempts=100, sleep=lambda s: None,
+                     clock=lambda: now[0], budget_s=10.0)  # fmt: skip
+    assert len(calls) == 3  # at 0, 4 and 8 s: a fourth would start past the 10 s budget
