@@ -44,12 +44,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dskd_ray.checkpoint import make_checkpoint, save_checkpoint
 from dskd_ray.config import DSKDConfig
-from dskd_ray.export import export_graph
-from dskd_ray.model import DSKD
-from dskd_ray.onnx_scoring import OnnxScorer
-from dskd_ray.scoring import BatchScorer, Scorer
+from dskd_ray.inference.scoring import BatchScorer, Scorer
+from dskd_ray.model.checkpoint import make_checkpoint, save_checkpoint
+from dskd_ray.model.network import DSKD
+from dskd_ray.onnx.export import export_graph
+from dskd_ray.onnx.runtime import OnnxScorer
 
 
 def images_per_s(scorer: BatchScorer, images: np.ndarray, seconds: float) -> float:
@@ -63,7 +63,7 @@ def images_per_s(scorer: BatchScorer, images: np.ndarray, seconds: float) -> flo
 _FIRST_BATCHES = """
 import sys, time
 import numpy as np, torch
-from dskd_ray.scoring import Scorer
+from dskd_ray.inference.scoring import Scorer
 path, batch, compile = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 torch.set_num_threads(torch.get_num_threads())
 t = time.perf_counter()
@@ -167,8 +167,8 @@ def measure(backbone: str, args: argparse.Namespace, folder: Path) -> dict[str, 
 _PEAK_MEMORY = """
 import sys
 import numpy as np, torch
-from dskd_ray.onnx_scoring import OnnxScorer
-from dskd_ray.scoring import Scorer
+from dskd_ray.onnx.runtime import OnnxScorer
+from dskd_ray.inference.scoring import Scorer
 path, batch, backend = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 scorer = OnnxScorer(path, batch) if backend == "onnxruntime" else Scorer(path, "cpu", batch)
 size = scorer.image_size

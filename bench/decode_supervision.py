@@ -31,8 +31,8 @@ from pathlib import Path
 
 from scoring import make_images  # bench/scoring.py: the same generated photos
 
-from dskd_ray.decoder_process import DecoderProcess
-from dskd_ray.images import decode_image
+from dskd_ray.io.decoder_process import DecoderProcess
+from dskd_ray.io.images import decode_image
 
 MODEL_SIZE = 256
 

@@ -1,4 +1,4 @@
-"""What the drift figure (`dskd_ray.drift`) gives on normal nights and on nights after a lighting
+"""What the drift figure (`dskd_ray.nightly.drift`) gives on normal nights and on nights after a lighting
 change, on the demo data: the measurement behind `WARN_SHIFT` (docs/design.md §6, Drift).
 
 For each demo category's trained model (`dskd demo` writes them), a "night" is N normal images
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dskd_ray.checkpoint import load_checkpoint
-from dskd_ray.demo_data import DEMO_CATEGORIES, DEMO_DEFECTS, render_sample
-from dskd_ray.drift import score_drift
-from dskd_ray.scoring import Scorer
+from dskd_ray.demo.data import DEMO_CATEGORIES, DEMO_DEFECTS, render_sample
+from dskd_ray.inference.scoring import Scorer
+from dskd_ray.model.checkpoint import load_checkpoint
+from dskd_ray.nightly.drift import score_drift
 
 
 def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:

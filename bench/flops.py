@@ -17,8 +17,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dskd_ray.config import DSKDConfig
-from dskd_ray.model import DSKD
-from dskd_ray.scoring import compute_maps
+from dskd_ray.inference.scoring import compute_maps
+from dskd_ray.model.network import DSKD
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048) -> float:

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dskd_ray.checkpoint import make_checkpoint
 from dskd_ray.config import DSKDConfig
-from dskd_ray.model import DSKD
-from dskd_ray.scoring import Scorer, images_to_tensor
-from dskd_ray.train import make_optimizer, train_step
+from dskd_ray.inference.scoring import Scorer, images_to_tensor
+from dskd_ray.model.checkpoint import make_checkpoint
+from dskd_ray.model.network import DSKD
+from dskd_ray.training.loop import make_optimizer, train_step
 
 SIZE = 256
 

@@ -54,8 +54,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from knn_reference import knn_maps  # noqa: E402
 
-from dskd_ray import metrics  # noqa: E402
-from dskd_ray.anomaly_map import (  # noqa: E402
+from dskd_ray.config import MEMORY_SAMPLINGS, DSKDConfig  # noqa: E402
+from dskd_ray.evaluation import metrics  # noqa: E402
+from dskd_ray.evaluation.evaluate import METRIC_KEYS, evaluate_category  # noqa: E402
+from dskd_ray.inference.scoring import Scorer, images_to_tensor, resolve_device  # noqa: E402
+from dskd_ray.io.data import Category, discover_categories, load_images, load_mask  # noqa: E402
+from dskd_ray.model.anomaly_map import (  # noqa: E402
     apply_baseline,
     baseline_from_mean,
     fuse_levels,
@@ -67,13 +71,9 @@ from dskd_ray.anomaly_map import (  # noqa: E402
     member_maps,
     memory_member,
 )
-from dskd_ray.checkpoint import load_checkpoint  # noqa: E402
-from dskd_ray.config import MEMORY_SAMPLINGS, DSKDConfig  # noqa: E402
-from dskd_ray.data import Category, discover_categories, load_images, load_mask  # noqa: E402
-from dskd_ray.evaluate import METRIC_KEYS, evaluate_category  # noqa: E402
-from dskd_ray.model import DSKD  # noqa: E402
-from dskd_ray.scoring import Scorer, images_to_tensor, resolve_device  # noqa: E402
-from dskd_ray.train import add_memory, plan_training, split_holdout, train  # noqa: E402
+from dskd_ray.model.checkpoint import load_checkpoint  # noqa: E402
+from dskd_ray.model.network import DSKD  # noqa: E402
+from dskd_ray.training.loop import add_memory, plan_training, split_holdout, train  # noqa: E402
 
 # Every trained model is kept in OUT/models, so a new map rule is measured with --remap, not
 # by training again.

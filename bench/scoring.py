@@ -54,15 +54,15 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from dskd_ray.anomaly_map import anomaly_map, image_score
-from dskd_ray.checkpoint import make_checkpoint, save_checkpoint
 from dskd_ray.config import DSKDConfig
-from dskd_ray.images import decode_image
-from dskd_ray.map_png import encode_map_png, quantize_map
-from dskd_ray.model import DSKD
-from dskd_ray.onnx_scoring import OnnxScorer
-from dskd_ray.scoring import BatchScorer, Scorer, images_to_tensor
-from dskd_ray.storage import map_uri, read_object, write_object
+from dskd_ray.inference.scoring import BatchScorer, Scorer, images_to_tensor
+from dskd_ray.io.images import decode_image
+from dskd_ray.io.map_png import encode_map_png, quantize_map
+from dskd_ray.io.storage import map_uri, read_object, write_object
+from dskd_ray.model.anomaly_map import anomaly_map, image_score
+from dskd_ray.model.checkpoint import make_checkpoint, save_checkpoint
+from dskd_ray.model.network import DSKD
+from dskd_ray.onnx.runtime import OnnxScorer
 
 MODEL_SIZE = 256
 
@@ -289,7 +289,7 @@ def dskd_score(
 
 
 def _manifest_summary(out: str, env: dict[str, str]) -> dict:
-    from dskd_ray.results import committed_runs
+    from dskd_ray.nightly.results import committed_runs
 
     saved = dict(os.environ)
     os.environ.update(env)
@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = ["--backend", args.backend]
     graph = None
     if args.backend == "auto":  # a known model: its graph exported on an earlier night
-        from dskd_ray.export import cached_graph
+        from dskd_ray.onnx.export import cached_graph
 
         os.environ["DSKD_RAY_CACHE"] = env["DSKD_RAY_CACHE"]
         start = time.perf_counter()

@@ -19,8 +19,8 @@ import time
 import torch
 
 from dskd_ray.config import DSKDConfig
-from dskd_ray.model import DSKD
-from dskd_ray.train import Students, make_optimizer, train_step
+from dskd_ray.model.network import DSKD
+from dskd_ray.training.loop import Students, make_optimizer, train_step
 
 
 def measure(config: DSKDConfig, channels_last: bool, compile: bool, steps: int) -> dict:

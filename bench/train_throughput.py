@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from dskd_ray.config import DSKDConfig
-from dskd_ray.train import train
+from dskd_ray.training.loop import train
 
 
 def write_images(folder: Path, n: int, size: int, seed: int = 0) -> None:
@@ -67,7 +67,7 @@ def main() -> None:
 
     import ray
 
-    from dskd_ray.distributed import RayOptions, train_distributed
+    from dskd_ray.training.distributed import RayOptions, train_distributed
 
     config = DSKDConfig(
         backbone=args.backbone,

@@ -331,7 +331,7 @@ class ScoringOptions:
         if self.onnx_export_min < 0:
             raise ConfigError(f"onnx_export_min={self.onnx_export_min} must be 0 or more")
         if self.schemes:
-            from dskd_ray.storage import check_filesystem
+            from dskd_ray.io.storage import check_filesystem
 
             for scheme in self.schemes:
                 check_filesystem(scheme)

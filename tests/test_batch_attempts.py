@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dskd_ray.batch_attempts import DEATHS_ALLOWED, Attempts, batch_key, score_guarded
+from dskd_ray.nightly.attempts import DEATHS_ALLOWED, Attempts, batch_key, score_guarded
 
 
 def score(batch: dict) -> dict:
@@ -115,7 +115,7 @@ def temp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_a_runs_scratch_cannot_be_imported_and_is_gone_when_its_batches_end(
     temp_dir: Path,
 ) -> None:
-    from dskd_ray.batch_attempts import SCRATCH_DIR
+    from dskd_ray.nightly.attempts import SCRATCH_DIR
 
     first, second = Attempts.for_run("r1"), Attempts.for_run("r1")  # two actors on one node
     assert first.folder.parent == temp_dir / SCRATCH_DIR
@@ -136,7 +136,7 @@ def test_a_runs_scratch_cannot_be_imported_and_is_gone_when_its_batches_end(
 def test_what_a_killed_run_left_is_cleaned_by_a_later_one_after_a_day(temp_dir: Path) -> None:
     import time
 
-    from dskd_ray.batch_attempts import clean_stale_scratch, remove_run_scratch, run_scratch
+    from dskd_ray.nightly.attempts import clean_stale_scratch, remove_run_scratch, run_scratch
 
     old, recent = run_scratch("killed"), run_scratch("running")
     for folder in (old, recent):

@@ -36,8 +36,17 @@ from conftest import (
     texture,
     write_textures,
 )
-from dskd_ray.batch_attempts import SCRATCH_DIR
-from dskd_ray.batch_scoring import (
+from dskd_ray.config import DSKDConfig
+from dskd_ray.errors import ConfigError, DataError, StorageError
+from dskd_ray.inference.scoring import Scorer
+from dskd_ray.io.images import decode_image
+from dskd_ray.io.map_png import decode_map_png
+from dskd_ray.io.storage import map_uri, with_retries
+from dskd_ray.model.checkpoint import Threshold, make_checkpoint, save_checkpoint
+from dskd_ray.model.network import DSKD
+from dskd_ray.nightly.attempts import SCRATCH_DIR
+from dskd_ray.nightly.results import PartWriter, commit_run, committed_runs, read_results
+from dskd_ray.nightly.run import (
     ScoringOptions,
     decode_batch,
     dry_run,
@@ -45,15 +54,6 @@ from dskd_ray.batch_scoring import (
     read_manifest,
     score_images,
 )
-from dskd_ray.checkpoint import Threshold, make_checkpoint, save_checkpoint
-from dskd_ray.config import DSKDConfig
-from dskd_ray.errors import ConfigError, DataError, StorageError
-from dskd_ray.images import decode_image
-from dskd_ray.map_png import decode_map_png
-from dskd_ray.model import DSKD
-from dskd_ray.results import PartWriter, commit_run, committed_runs, read_results
-from dskd_ray.scoring import Scorer
-from dskd_ray.storage import map_uri, with_retries
 
 REPO = Path(__file__).resolve().parents[1]
 N_GOOD = 240
@@ -426,9 +426,9 @@ def test_what_can_never_be_read_is_not_retried_every_night(s3_server: dict, tmp_
 def test_dry_run_lists_diffs_and_counts_but_writes_nothing(tmp_path: Path) -> None:
     """Half the folder already scored by a committed run (with its index), one scored image
     deleted since: the dry run says what tonight's run would do, from the real CLI."""
-    from dskd_ray.batch_scoring import list_inputs
-    from dskd_ray.results import RESULT_SCHEMA
-    from dskd_ray.run_index import ModelIndex
+    from dskd_ray.nightly.results import RESULT_SCHEMA
+    from dskd_ray.nightly.run import list_inputs
+    from dskd_ray.nightly.run_index import ModelIndex
 
     model, _ = make_model(tmp_path)
     model_id = Scorer(str(model), device="cpu").model_id
@@ -830,7 +830,7 @@ def test_transient_errors_are_retried_permanent_ones_are_not() -> None:
 def test_uncommitted_runs_are_invisible(tmp_path: Path) -> None:
     import pyarrow as pa
 
-    from dskd_ray.results import RESULT_SCHEMA
+    from dskd_ray.nightly.results import RESULT_SCHEMA
 
     out = str(tmp_path / "out")
     row = {name: [None] for name in RESULT_SCHEMA.names} | {
@@ -919,7 +919,7 @@ def test_an_auto_run_on_onnxruntime_writes_the_rows_of_a_torch_run(tmp_path: Pat
     """auto on CPUs runs the exported graph (here: exported for this run, then cached) and
     writes PyTorch's rows within the export's tolerances; the manifest and the summary say
     which backend ran."""
-    from dskd_ray.export import MAP_TOLERANCE, SCORE_TOLERANCE
+    from dskd_ray.onnx.export import MAP_TOLERANCE, SCORE_TOLERANCE
 
     model, _ = make_model(tmp_path)
     blobs = _write_images(tmp_path / "images", 12)

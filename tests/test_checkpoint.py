@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dskd_ray.checkpoint import (
+from dskd_ray.config import DSKDConfig
+from dskd_ray.errors import CheckpointError, StorageError, WeightsError
+from dskd_ray.model.checkpoint import (
     V1_MODEL_ID_FIELDS,
     V3_MODEL_ID_FIELDS,
     V4_DEFAULTS,
@@ -16,9 +18,7 @@ from dskd_ray.checkpoint import (
     make_checkpoint,
     save_checkpoint,
 )
-from dskd_ray.config import DSKDConfig
-from dskd_ray.errors import CheckpointError, StorageError, WeightsError
-from dskd_ray.model import DSKD
+from dskd_ray.model.network import DSKD
 
 
 def test_round_trip_rebuilds_the_same_model(tmp_path: Path, tiny_config: DSKDConfig) -> None:
@@ -218,7 +218,7 @@ def _as_format_1(payload: dict, with_baseline: bool) -> dict:
 def test_a_format_1_checkpoint_loads_and_scores_as_before(
     tmp_path: Path, tiny_config: DSKDConfig, with_baseline: bool
 ) -> None:
-    from dskd_ray.scoring import compute_maps
+    from dskd_ray.inference.scoring import compute_maps
 
     config = tiny_config.replace(
         level_normalization="mean", map_baseline="mean" if with_baseline else "none"
@@ -256,7 +256,7 @@ def test_a_format_2_checkpoint_loads_keeps_its_id_and_scores_as_before(
     tmp_path: Path, tiny_config: DSKDConfig
 ) -> None:
     """/2 named the baseline buffer `map_baseline`, like the config field."""
-    from dskd_ray.scoring import compute_maps
+    from dskd_ray.inference.scoring import compute_maps
 
     model = DSKD(tiny_config).eval()
     with torch.no_grad():
@@ -301,7 +301,7 @@ def test_a_format_4_checkpoint_loads_with_the_old_students_and_keeps_its_id(
     tmp_path: Path, tiny_config: DSKDConfig
 ) -> None:
     """/4 was written before the students' switches: it trained and scores as their defaults."""
-    from dskd_ray.scoring import compute_maps
+    from dskd_ray.inference.scoring import compute_maps
 
     model = DSKD(tiny_config).eval()
     save_checkpoint(make_checkpoint(model), tmp_path / "v5.pt")
@@ -340,7 +340,7 @@ def test_the_header_gives_the_model_id_without_torch_or_the_weights(
     import subprocess
     import sys
 
-    from dskd_ray.checkpoint_header import read_model_id
+    from dskd_ray.model.checkpoint_header import read_model_id
 
     ckpt = make_checkpoint(DSKD(tiny_config))
     save_checkpoint(ckpt, tmp_path / "m.pt")
@@ -348,7 +348,7 @@ def test_the_header_gives_the_model_id_without_torch_or_the_weights(
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "a.png").write_bytes(b"")
     code = (
-        "import sys; from dskd_ray.batch_scoring import dry_run; "
+        "import sys; from dskd_ray.nightly.run import dry_run; "
         f"s = dry_run({str(tmp_path / 'images')!r}, {str(tmp_path / 'm.pt')!r}, "
         f"{str(tmp_path / 'out')!r}); "
         "print(s.model_id, s.listed, [m for m in ('torch', 'ray') if m in sys.modules])"

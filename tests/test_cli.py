@@ -189,7 +189,7 @@ STUDENT_FLAGS = {
 
 
 def test_train_flags_for_the_students_switches_reach_the_checkpoint(tmp_path: Path) -> None:
-    from dskd_ray.checkpoint import load_checkpoint
+    from dskd_ray.model.checkpoint import load_checkpoint
 
     write_textures(tmp_path / "imgs", 4)
     flags = [a for flag, (value, _, _) in STUDENT_FLAGS.items() for a in (flag, value)]
@@ -371,9 +371,9 @@ def save_tiny_models(folder: Path) -> tuple[Path, Path]:
     model id matches those weights, so only its scores can tell."""
     import torch
 
-    from dskd_ray.checkpoint import Threshold, make_checkpoint, save_checkpoint
     from dskd_ray.config import DSKDConfig
-    from dskd_ray.model import DSKD
+    from dskd_ray.model.checkpoint import Threshold, make_checkpoint, save_checkpoint
+    from dskd_ray.model.network import DSKD
 
     torch.manual_seed(0)
     model = DSKD(DSKDConfig(teacher_weights="random", image_size=64))
@@ -430,7 +430,7 @@ class NativeTeardown:  # stands in for a C++ thread pool that aborts when torn d
 bomb = NativeTeardown()  # a global: destroyed in the interpreter's teardown, after every hook
 hook_file = sys.argv[1]
 sys.argv = ["dskd", *sys.argv[2:]]
-import dskd_ray.cli as cli
+import dskd_ray.cli.entry as cli
 
 command = cli._main
 
@@ -467,7 +467,7 @@ def test_the_exit_code_survives_a_teardown_that_aborts(
 
 
 def test_ctrl_c_during_training_exits_130_and_keeps_the_last_whole_epoch(tmp_path: Path) -> None:
-    from dskd_ray.checkpoint import load_checkpoint
+    from dskd_ray.model.checkpoint import load_checkpoint
 
     write_textures(tmp_path / "imgs", 8)
     out = tmp_path / "m.pt"

@@ -4,8 +4,8 @@ import pytest
 from PIL import Image
 
 from conftest import write_textures
-from dskd_ray.data import discover_categories, load_images, training_images
 from dskd_ray.errors import DataError
+from dskd_ray.io.data import discover_categories, load_images, training_images
 
 
 def make_category(root: Path, n_train: int = 4) -> Path:

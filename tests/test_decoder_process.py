@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dskd_ray.decoder_process import DecoderCrashed, DecoderProcess, DecoderUnavailable
-from dskd_ray.images import ImageDecodeError, decode_image
+from dskd_ray.io.decoder_process import DecoderCrashed, DecoderProcess, DecoderUnavailable
+from dskd_ray.io.images import ImageDecodeError, decode_image
 
 HOOKS = Path(__file__).resolve().parent / "crash_hooks" / "sitecustomize.py"
 MAGIC = b"DSKD-CRASH:"
@@ -120,7 +120,7 @@ def test_the_decoder_ends_with_the_process_that_started_it(tmp_path: Path) -> No
     script = (
         "import io, os, signal, sys\n"
         "from PIL import Image\n"
-        "from dskd_ray.decoder_process import shared_decoder\n"
+        "from dskd_ray.io.decoder_process import shared_decoder\n"
         "b = io.BytesIO(); Image.new('RGB', (8, 8)).save(b, format='PNG')\n"
         "decoder = shared_decoder(); decoder.decode(b.getvalue(), 64)\n"
         "print(decoder._proc.pid, flush=True)\n"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dskd_ray.demo_data import DEMO_CATEGORIES, DEMO_DEFECTS, make_demo_data, render_sample
+from dskd_ray.demo.data import DEMO_CATEGORIES, DEMO_DEFECTS, make_demo_data, render_sample
 from dskd_ray.errors import ConfigError
 
 SMALL = {"n_train": 3, "n_test_good": 2, "n_test_defect_per_type": 2, "image_size": 64}

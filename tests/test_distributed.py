@@ -1,4 +1,4 @@
-"""Ray Train (dskd_ray.distributed) on a real local Ray: DDP is right, a 2-worker run scores,
+"""Ray Train (dskd_ray.training.distributed) on a real local Ray: DDP is right, a 2-worker run scores,
 a dead worker is replaced, and a run resumes from its storage.
 
 Tiny settings throughout: resnet18 with a random teacher, 64×64 images, a handful of them.
@@ -16,17 +16,17 @@ import torch
 from PIL import Image
 
 from conftest import make_bucket, write_textures
-from dskd_ray.checkpoint import load_checkpoint
 from dskd_ray.config import DSKDConfig
-from dskd_ray.distributed import (
+from dskd_ray.errors import ConfigError
+from dskd_ray.model.checkpoint import load_checkpoint
+from dskd_ray.model.network import DSKD
+from dskd_ray.training.distributed import (
     DistributedTrainingError,
     RayOptions,
     default_run_name,
     train_distributed,
 )
-from dskd_ray.errors import ConfigError
-from dskd_ray.model import DSKD
-from dskd_ray.train import EpochStats, Students, epoch_order, plan_training, shard, train
+from dskd_ray.training.loop import EpochStats, Students, epoch_order, plan_training, shard, train
 
 
 def _config(**changes: object) -> DSKDConfig:
@@ -96,9 +96,9 @@ def _one_step_worker(loop: dict) -> None:
 
     import ray.train
 
-    from dskd_ray.distributed import wrap_students
-    from dskd_ray.loss import distillation_loss
-    from dskd_ray.train import train_step
+    from dskd_ray.model.loss import distillation_loss
+    from dskd_ray.training.distributed import wrap_students
+    from dskd_ray.training.loop import train_step
 
     torch.set_num_threads(1)
     rank = ray.train.get_context().get_world_rank()
@@ -271,7 +271,7 @@ def test_two_worker_training_from_s3_then_scoring(
     multipart uploads to moto fail intermittently when the machine is loaded."""
     import s3fs
 
-    from dskd_ray.scoring import Scorer
+    from dskd_ray.inference.scoring import Scorer
 
     make_bucket(s3_server, "dskd-train")
     fs = s3fs.S3FileSystem()
@@ -334,8 +334,8 @@ def test_two_worker_training_from_s3_then_scoring(
 
 def _memory_patches(model: DSKD, paths: list[Path]) -> torch.Tensor:
     """(n·64, 384) float64: the memory patches of 64² images, as the model computes them."""
-    from dskd_ray.anomaly_map import memory_features
-    from dskd_ray.scoring import images_to_tensor
+    from dskd_ray.inference.scoring import images_to_tensor
+    from dskd_ray.model.anomaly_map import memory_features
 
     images = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
     with torch.no_grad():

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dskd_ray.backbones import backbone_spec, build_trunk, load_teacher_weights
-from dskd_ray.backbones.efficientnet_lite import (
+from dskd_ray.model.backbones import backbone_spec, build_trunk, load_teacher_weights
+from dskd_ray.model.backbones.efficientnet_lite import (
     LITE0_MEAN,
     LITE0_STD,
     LITE_MEAN,

@@ -16,19 +16,19 @@ import numpy as np
 import onnx
 import pytest
 
-from dskd_ray import export
-from dskd_ray.batch_scoring import ScoringOptions, score_images
-from dskd_ray.checkpoint import FORMAT, load_checkpoint
 from dskd_ray.config import DSKDConfig
-from dskd_ray.data import list_images, load_images
-from dskd_ray.demo_data import make_demo_data
+from dskd_ray.demo.data import make_demo_data
 from dskd_ray.errors import ConfigError
-from dskd_ray.export import ExportError, export_onnx, read_metadata
-from dskd_ray.map_png import decode_map_png
-from dskd_ray.onnx_scoring import OnnxScorer
-from dskd_ray.results import read_results
-from dskd_ray.scoring import Scorer
-from dskd_ray.train import train
+from dskd_ray.inference.scoring import Scorer
+from dskd_ray.io.data import list_images, load_images
+from dskd_ray.io.map_png import decode_map_png
+from dskd_ray.model.checkpoint import FORMAT, load_checkpoint
+from dskd_ray.nightly.results import read_results
+from dskd_ray.nightly.run import ScoringOptions, score_images
+from dskd_ray.onnx import export
+from dskd_ray.onnx.export import ExportError, export_onnx, read_metadata
+from dskd_ray.onnx.runtime import OnnxScorer
+from dskd_ray.training.loop import train
 
 SIZE = 64
 

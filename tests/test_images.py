@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from conftest import png_claiming
-from dskd_ray.images import MAX_PIXELS, ImageDecodeError, decode_image, decode_mask
+from dskd_ray.io.images import MAX_PIXELS, ImageDecodeError, decode_image, decode_mask
 
 
 def _encode(img: Image.Image, fmt: str) -> bytes:

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from conftest import _free_port, write_textures
-from dskd_ray.checkpoint import load_checkpoint
+from dskd_ray.model.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

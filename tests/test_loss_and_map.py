@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dskd_ray.anomaly_map import (
+from dskd_ray.model.anomaly_map import (
     anomaly_map,
     fuse_levels,
     gaussian_blur,
@@ -14,7 +14,7 @@ from dskd_ray.anomaly_map import (
     level_moments,
     level_statistics,
 )
-from dskd_ray.loss import EASY_GRADIENT_SCALE, distillation_loss
+from dskd_ray.model.loss import EASY_GRADIENT_SCALE, distillation_loss
 
 
 def test_loss_matches_hand_computation() -> None:

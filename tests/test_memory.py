@@ -17,15 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from conftest import write_textures
-from dskd_ray import anomaly_map
-from dskd_ray.anomaly_map import gaussian_blur, memory_distances, memory_features
-from dskd_ray.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from dskd_ray.config import DSKDConfig
 from dskd_ray.errors import CheckpointError, ConfigError
-from dskd_ray.memory import greedy_coreset, random_subsample, select_bank
-from dskd_ray.model import DSKD
-from dskd_ray.scoring import images_to_tensor
-from dskd_ray.train import add_memory, plan_training, train
+from dskd_ray.inference.scoring import images_to_tensor
+from dskd_ray.model import anomaly_map
+from dskd_ray.model.anomaly_map import gaussian_blur, memory_distances, memory_features
+from dskd_ray.model.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from dskd_ray.model.network import DSKD
+from dskd_ray.training.loop import add_memory, plan_training, train
+from dskd_ray.training.memory import greedy_coreset, random_subsample, select_bank
 
 # --- the search ----------------------------------------------------------------------------------
 
@@ -157,7 +157,7 @@ def test_a_memory_only_model_trains_nothing_and_keeps_training_patches(
     # Bank rows are training patches, exactly: the model keeps what it saw.
     model = ckpt.build_model()
     images = plan_training(str(textures), config).train_uris
-    from dskd_ray.data import load_images
+    from dskd_ray.io.data import load_images
 
     decoded, _, _ = load_images(images, 64)
     with torch.no_grad():
@@ -177,7 +177,7 @@ def test_the_memory_is_put_on_a_students_scale_on_held_out_images(
     config = _config()
     ckpt = train(config, str(textures), str(tmp_path / "m.pt"), device="cpu").checkpoint
     model = ckpt.build_model()
-    from dskd_ray.data import load_images
+    from dskd_ray.io.data import load_images
 
     holdout, _, _ = load_images(plan_training(str(textures), config).holdout_uris, 64)
     with torch.no_grad():
@@ -219,7 +219,7 @@ def test_the_memory_holds_the_raw_teachers_stride_8_and_16_whatever_the_students
     ckpt = train(config, str(textures), str(tmp_path / "m.pt"), device="cpu").checkpoint
     model = ckpt.build_model()
     assert ckpt.state_dict["memory.bank"].shape == (8 * 64, 384)  # every patch: 128 + 256 ch
-    from dskd_ray.data import load_images
+    from dskd_ray.io.data import load_images
 
     decoded, _, _ = load_images(plan_training(str(textures), config).train_uris, 64)
     with torch.no_grad():

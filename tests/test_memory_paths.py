@@ -20,18 +20,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dskd_ray.batch_scoring import ScoringOptions, score_images
-from dskd_ray.checkpoint import load_checkpoint
 from dskd_ray.config import DSKDConfig
-from dskd_ray.data import decode_images, list_images, load_category, load_images
-from dskd_ray.demo_data import make_demo_data
-from dskd_ray.evaluate import evaluate_category
-from dskd_ray.export import cached_graph, export_onnx
-from dskd_ray.onnx_scoring import OnnxScorer
-from dskd_ray.predict import predict_images
-from dskd_ray.results import read_results
-from dskd_ray.scoring import Scorer
-from dskd_ray.train import plan_training, train
+from dskd_ray.demo.data import make_demo_data
+from dskd_ray.evaluation.evaluate import evaluate_category
+from dskd_ray.inference.predict import predict_images
+from dskd_ray.inference.scoring import Scorer
+from dskd_ray.io.data import decode_images, list_images, load_category, load_images
+from dskd_ray.model.checkpoint import load_checkpoint
+from dskd_ray.nightly.results import read_results
+from dskd_ray.nightly.run import ScoringOptions, score_images
+from dskd_ray.onnx.export import cached_graph, export_onnx
+from dskd_ray.onnx.runtime import OnnxScorer
+from dskd_ray.training.loop import plan_training, train
 
 SIZE = 64
 CLI = [sys.executable, "-m", "dskd_ray.cli"]

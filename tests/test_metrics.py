@@ -1,4 +1,4 @@
-"""dskd_ray.metrics against scikit-learn, hand-built cases and a slow reference AUPRO."""
+"""dskd_ray.evaluation.metrics against scikit-learn, hand-built cases and a slow reference AUPRO."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
-from dskd_ray.metrics import (
+from dskd_ray.evaluation.metrics import (
     _label_components,
     aupro,
     f1_max,

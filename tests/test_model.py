@@ -3,7 +3,7 @@ import torch
 
 from dskd_ray.config import DSKDConfig
 from dskd_ray.errors import ConfigError
-from dskd_ray.model import DSKD
+from dskd_ray.model.network import DSKD
 
 
 @pytest.mark.parametrize(

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from conftest import write_textures
-from dskd_ray import metrics
-from dskd_ray.evaluate import CategoryResult, summarize
-from dskd_ray.report import nice_ticks, select_thumbnails, write_report
+from dskd_ray.evaluation import metrics
+from dskd_ray.evaluation.evaluate import CategoryResult, summarize
+from dskd_ray.evaluation.report import nice_ticks, select_thumbnails, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 CHECK_SCRIPT = REPO / "bench" / "check_report.sh"
@@ -180,7 +180,7 @@ def cli_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model trained in-process, then `dskd evaluate --report` as a user runs it, on a
     tiny MVTec-layout category with masks."""
     from dskd_ray.config import DSKDConfig
-    from dskd_ray.train import train
+    from dskd_ray.training.loop import train
 
     root = tmp_path_factory.mktemp("cli_report")
     cat = root / "data" / "tex"

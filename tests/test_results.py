@@ -22,15 +22,15 @@ import torch
 from PIL import Image
 
 from conftest import broken_files, good_files, make_bucket, texture, write_textures
-from dskd_ray.batch_scoring import ScoringOptions, score_images
-from dskd_ray.checkpoint import Threshold, make_checkpoint, save_checkpoint
 from dskd_ray.config import DSKDConfig
-from dskd_ray.drift import MIN_NIGHT_IMAGES, ScoreDrift, score_drift
-from dskd_ray.images import decode_image
-from dskd_ray.model import DSKD
-from dskd_ray.results import committed_runs, read_results
-from dskd_ray.results_summary import error_reason
-from dskd_ray.scoring import Scorer
+from dskd_ray.inference.scoring import Scorer
+from dskd_ray.io.images import decode_image
+from dskd_ray.model.checkpoint import Threshold, make_checkpoint, save_checkpoint
+from dskd_ray.model.network import DSKD
+from dskd_ray.nightly.drift import MIN_NIGHT_IMAGES, ScoreDrift, score_drift
+from dskd_ray.nightly.results import committed_runs, read_results
+from dskd_ray.nightly.run import ScoringOptions, score_images
+from dskd_ray.nightly.summary import error_reason
 
 REPO = Path(__file__).resolve().parents[1]
 CHECK_SCRIPT = REPO / "bench" / "check_report.sh"
@@ -266,8 +266,8 @@ def synthetic_run(out: Path, run_id: str, uris: list[str], model_id: str = "m-sy
     """A committed run as `score_images` leaves it (parts, index, manifest), scores 1, 2, …"""
     import pyarrow as pa
 
-    from dskd_ray.results import RESULT_SCHEMA, PartWriter, commit_run
-    from dskd_ray.run_index import ModelIndex
+    from dskd_ray.nightly.results import RESULT_SCHEMA, PartWriter, commit_run
+    from dskd_ray.nightly.run_index import ModelIndex
 
     n = len(uris)
     columns = {c: pa.nulls(n, RESULT_SCHEMA.field(c).type) for c in RESULT_SCHEMA.names}
@@ -369,8 +369,8 @@ def test_a_brightened_night_is_flagged_and_a_normal_night_is_not(
 ) -> None:
     """End to end: a real teacher (the offline ImageNet Lite0), a model trained on demo
     brushed metal, two nights through `score_images`, the warning from `dskd results`."""
-    from dskd_ray.demo_data import make_demo_data, render_sample
-    from dskd_ray.train import train
+    from dskd_ray.demo.data import make_demo_data, render_sample
+    from dskd_ray.training.loop import train
 
     size = 64
     make_demo_data(tmp_path / "data", categories=["brushed_metal"], n_train=24, n_test_good=1,

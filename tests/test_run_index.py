@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dskd_ray.results import RESULT_SCHEMA, PartWriter, commit_run
-from dskd_ray.run_index import (
+from dskd_ray.nightly.results import RESULT_SCHEMA, PartWriter, commit_run
+from dskd_ray.nightly.run_index import (
     INDEX_COLUMNS,
     INDEX_DIR,
     INDEX_FILE,
@@ -174,7 +174,7 @@ def test_a_broken_index_and_other_models_are_ignored(tmp_path: Path) -> None:
 
 
 def test_a_gone_row_says_whether_the_image_was_ever_scored() -> None:
-    from dskd_ray.results import GONE, GONE_UNSCORED, gone_rows
+    from dskd_ray.nightly.results import GONE, GONE_UNSCORED, gone_rows
 
     state = rows(R1, {"/in/a": ("1", "ok", False), "/in/b": ("1", "error", False),
                       "/in/c": ("1", "ok", False)}).select(INDEX_COLUMNS)  # fmt: skip

@@ -12,11 +12,11 @@ import s3fs
 import torch
 
 from conftest import make_bucket, start_moto, stop_moto, write_textures
-from dskd_ray.checkpoint import load_checkpoint
 from dskd_ray.config import DSKDConfig
-from dskd_ray.data import discover_categories, training_images
-from dskd_ray.model import DSKD
-from dskd_ray.train import train
+from dskd_ray.io.data import discover_categories, training_images
+from dskd_ray.model.checkpoint import load_checkpoint
+from dskd_ray.model.network import DSKD
+from dskd_ray.training.loop import train
 
 
 def test_train_from_s3_and_write_checkpoint_to_s3(
@@ -123,7 +123,7 @@ def test_an_s3_output_that_cannot_be_written_fails_the_dry_run_in_one_line(
 ) -> None:
     """A bucket that does not exist, a key pair denied s3:PutObject: the dry run (and the run,
     which probes first too) says so in one line naming the output, instead of "fine"."""
-    from dskd_ray.checkpoint import make_checkpoint, save_checkpoint
+    from dskd_ray.model.checkpoint import make_checkpoint, save_checkpoint
 
     save_checkpoint(make_checkpoint(DSKD(tiny_config)), tmp_path / "m.pt")
     write_textures(tmp_path / "images", 2)

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from dskd_ray.checkpoint import make_checkpoint
 from dskd_ray.config import DSKDConfig
 from dskd_ray.errors import ConfigError
-from dskd_ray.model import DSKD
-from dskd_ray.scoring import Scorer
+from dskd_ray.inference.scoring import Scorer
+from dskd_ray.model.checkpoint import make_checkpoint
+from dskd_ray.model.network import DSKD
 
 
 @pytest.mark.parametrize("students", ["both", "se", "sd"])

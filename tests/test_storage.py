@@ -1,4 +1,4 @@
-"""Listing and URI rules of `dskd_ray.storage`, on real local folders (no Ray)."""
+"""Listing and URI rules of `dskd_ray.io.storage`, on real local folders (no Ray)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from conftest import write_textures
 from dskd_ray.errors import ConfigError
-from dskd_ray.storage import NOT_UTF8, ListingStats, check_output, iter_images, printable_name
+from dskd_ray.io.storage import NOT_UTF8, ListingStats, check_output, iter_images, printable_name
 
 
 def test_a_name_that_is_not_utf8_is_listed_escaped_with_an_error(tmp_path: Path) -> None:
@@ -108,7 +108,7 @@ def test_the_write_probe_leaves_nothing_and_names_an_output_it_cannot_write(
     tmp_path: Path,
 ) -> None:
     from dskd_ray.errors import StorageError
-    from dskd_ray.storage import check_writable
+    from dskd_ray.io.storage import check_writable
 
     check_writable(str(tmp_path / "new" / "deeper" / "out"))  # folders made for the probe…
     assert list(tmp_path.iterdir()) == []  # …are removed with it
@@ -137,7 +137,7 @@ def test_what_no_retry_can_change_is_not_retried() -> None:
         NoCredentialsError,
     )
 
-    from dskd_ray.storage import is_storage_failure, is_transient
+    from dskd_ray.io.storage import is_storage_failure, is_transient
 
     def client_error(code: str) -> ClientError:
         return ClientError({"Error": {"Code": code, "Message": code}}, "PutObject")
@@ -153,7 +153,7 @@ def test_what_no_retry_can_change_is_not_retried() -> None:
 
 
 def test_retries_stop_at_their_time_budget() -> None:
-    from dskd_ray.storage import with_retries
+    from dskd_ray.io.storage import with_retries
 
     now = [0.0]
     calls: list[float] = []

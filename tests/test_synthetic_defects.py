@@ -4,7 +4,7 @@ step's defects are a pure function of its key."""
 import pytest
 import torch
 
-from dskd_ray.synthetic_defects import (
+from dskd_ray.training.synthetic_defects import (
     defect_generator,
     perlin_masks,
     perlin_noise,

@@ -16,19 +16,20 @@ import pytest
 import torch
 from PIL import Image
 
-from dskd_ray import metrics, tiling
-from dskd_ray.anomaly_map import image_score
-from dskd_ray.checkpoint import load_checkpoint
 from dskd_ray.config import DSKDConfig
-from dskd_ray.data import decode_images, load_category
-from dskd_ray.demo_data import make_demo_data, render_sample
+from dskd_ray.demo.data import make_demo_data, render_sample
 from dskd_ray.errors import ConfigError
-from dskd_ray.evaluate import evaluate_category
-from dskd_ray.images import decode_image
-from dskd_ray.map_png import decode_map_png
-from dskd_ray.results import read_results
-from dskd_ray.scoring import Scorer
-from dskd_ray.train import plan_training, train
+from dskd_ray.evaluation import metrics
+from dskd_ray.evaluation.evaluate import evaluate_category
+from dskd_ray.inference import tiling
+from dskd_ray.inference.scoring import Scorer
+from dskd_ray.io.data import decode_images, load_category
+from dskd_ray.io.images import decode_image
+from dskd_ray.io.map_png import decode_map_png
+from dskd_ray.model.anomaly_map import image_score
+from dskd_ray.model.checkpoint import load_checkpoint
+from dskd_ray.nightly.results import read_results
+from dskd_ray.training.loop import plan_training, train
 
 # --- cutting and stitching ----------------------------------------------------------------------
 
@@ -203,7 +204,7 @@ def test_nightly_rows_of_a_tiled_model_in_process_and_on_ray(
 ) -> None:
     """`dskd score` with a tiled model, through the in-process path and the Ray pipeline: each
     image's row carries its stitched full-resolution score and a map of its own size."""
-    from dskd_ray.batch_scoring import ScoringOptions, score_images
+    from dskd_ray.nightly.run import ScoringOptions, score_images
 
     rng = np.random.default_rng(5)
     shapes = [(100, 150), (64, 64), (120, 90), (70, 200), (96, 160)]
@@ -242,8 +243,8 @@ def test_nightly_rows_of_a_tiled_model_in_process_and_on_ray(
 def test_the_onnx_backend_tiles_and_stitches_like_pytorch(tiled_model: dict) -> None:
     """The exported graph scores one tile; `OnnxScorer` learns the tiling from the graph's
     metadata and stitches exactly as `Scorer` does."""
-    from dskd_ray.export import export_graph
-    from dskd_ray.onnx_scoring import OnnxScorer
+    from dskd_ray.onnx.export import export_graph
+    from dskd_ray.onnx.runtime import OnnxScorer
 
     ckpt = load_checkpoint(str(tiled_model["model"]))
     onnx = OnnxScorer(export_graph(ckpt).graph, batch_size=3)
@@ -324,7 +325,7 @@ def test_parts_written_before_map_sizes_existed_read_with_nulls() -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dskd_ray.results import RESULT_SCHEMA, read_part
+    from dskd_ray.nightly.results import RESULT_SCHEMA, read_part
 
     old_schema = pa.schema([f for f in RESULT_SCHEMA if not f.name.startswith("map_w")])
     old_schema = pa.schema([f for f in old_schema if f.name != "map_height"])

@@ -4,14 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from dskd_ray.checkpoint import load_checkpoint
 from dskd_ray.config import DSKDConfig
 from dskd_ray.errors import CheckpointError, DataError
-from dskd_ray.loss import distillation_loss
-from dskd_ray.model import DSKD
-from dskd_ray.scoring import Scorer, images_to_tensor
-from dskd_ray.synthetic_defects import defect_generator, synthesize_defects
-from dskd_ray.train import (
+from dskd_ray.inference.scoring import Scorer, images_to_tensor
+from dskd_ray.model.checkpoint import load_checkpoint
+from dskd_ray.model.loss import distillation_loss
+from dskd_ray.model.network import DSKD
+from dskd_ray.training.loop import (
     FEATURE_STD_FLOOR,
     TeacherCache,
     fit_feature_statistics,
@@ -21,6 +20,7 @@ from dskd_ray.train import (
     train,
     train_step,
 )
+from dskd_ray.training.synthetic_defects import defect_generator, synthesize_defects
 
 
 def test_teacher_weights_and_batchnorm_statistics_do_not_change(tiny_config: DSKDConfig) -> None:
@@ -267,9 +267,9 @@ def test_too_few_readable_images_is_a_clear_error(tmp_path: Path, tiny_config: D
 def test_level_normalization_fits_statistics_on_held_out_normal_images(
     tiny_config: DSKDConfig, normalization: str
 ) -> None:
-    from dskd_ray.anomaly_map import level_maps
-    from dskd_ray.scoring import images_to_tensor
-    from dskd_ray.train import calibrate
+    from dskd_ray.inference.scoring import images_to_tensor
+    from dskd_ray.model.anomaly_map import level_maps
+    from dskd_ray.training.loop import calibrate
 
     config = tiny_config.replace(level_normalization=normalization, map_baseline="none")
     model = DSKD(config)
@@ -298,7 +298,7 @@ def test_level_normalization_fits_statistics_on_held_out_normal_images(
 
 
 def test_top_k_image_score_is_the_mean_of_the_k_highest_pixels() -> None:
-    from dskd_ray.anomaly_map import image_score
+    from dskd_ray.model.anomaly_map import image_score
 
     maps = torch.zeros(2, 8, 8)
     maps[0, 0, :4] = torch.tensor([4.0, 3.0, 2.0, 1.0])
@@ -309,8 +309,8 @@ def test_top_k_image_score_is_the_mean_of_the_k_highest_pixels() -> None:
 
 
 def test_map_baseline_is_the_normal_mean_map_and_divides_it_out(tiny_config: DSKDConfig) -> None:
-    from dskd_ray.scoring import compute_maps, images_to_tensor
-    from dskd_ray.train import calibrate
+    from dskd_ray.inference.scoring import compute_maps, images_to_tensor
+    from dskd_ray.training.loop import calibrate
 
     tiny_config = tiny_config.replace(level_normalization="none", map_baseline="mean")
     model = DSKD(tiny_config).eval()
@@ -338,8 +338,8 @@ def test_map_baseline_is_the_normal_mean_map_and_divides_it_out(tiny_config: DSK
 
 
 def test_subtracted_baseline_is_the_raw_normal_mean_map(tiny_config: DSKDConfig) -> None:
-    from dskd_ray.scoring import compute_maps, images_to_tensor
-    from dskd_ray.train import calibrate
+    from dskd_ray.inference.scoring import compute_maps, images_to_tensor
+    from dskd_ray.training.loop import calibrate
 
     config = tiny_config.replace(level_normalization="standardize", map_baseline="subtract")
     model = DSKD(config).eval()

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 
 from dskd_ray.config import DSKDConfig
-from dskd_ray.model import DSKD
-from dskd_ray.train import make_optimizer, run_epoch
+from dskd_ray.model.network import DSKD
+from dskd_ray.training.loop import make_optimizer, run_epoch
 
 
 def test_bf16_autocast_and_channels_last_step_trains_the_students_only(

@@ -3,7 +3,7 @@
 A test copies this file into a folder of its own and puts that folder first on PYTHONPATH of
 the processes it starts (a `dskd score`, and through the job's runtime_env its Ray workers, and
 their decoder processes): Python imports `sitecustomize` at start-up. When a process then
-imports `dskd_ray.images` or `dskd_ray.scoring`, the functions below are wrapped:
+imports `dskd_ray.io.images` or `dskd_ray.inference.scoring`, the functions below are wrapped:
 
 - `decode_image` on bytes that start with `DSKD-CRASH:segv\\n` kills its process with SIGSEGV,
   `DSKD-CRASH:kill\\n` with SIGKILL (what the OOM killer sends), and `DSKD-CRASH:once-<name>\\n`
@@ -63,7 +63,7 @@ def _patch_scoring(module) -> None:  # noqa: ANN001
     module.BatchScorer.score_batch = score_batch
 
 
-PATCHES = {"dskd_ray.images": _patch_images, "dskd_ray.scoring": _patch_scoring}
+PATCHES = {"dskd_ray.io.images": _patch_images, "dskd_ray.inference.scoring": _patch_scoring}
 
 
 class _Finder(importlib.abc.MetaPathFinder):

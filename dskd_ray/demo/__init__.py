@@ -1,0 +1,1 @@
+"""The built-in demo data set and the one-shot demo."""

@@ -1,0 +1,1 @@
+"""Evaluation on MVTec-layout test sets: the metrics and the HTML report."""

@@ -1,0 +1,692 @@
+"""A self-contained HTML evaluation report (`dskd evaluate … --report DIR`).
+
+DIR/index.html shows the metrics table, per category the image-level ROC curve, the PRO curve up
+to FPR 0.3 and a score histogram, and overlays of the test images the model got most wrong: the
+normal images with the highest scores, the anomalous ones with the lowest, then a sample of the
+rest. Every image is a PNG under DIR/<category>/ linked by a relative path, so the folder opens
+from disk with no network. The charts are drawn with Pillow: no plotting dependency.
+
+Memory: `Report.add` renders one category and keeps only its HTML, so a caller can drop that
+category's maps before evaluating the next. Only the thumbnails shown are decoded again, at the
+model's input size (at most `THUMB_SIZE`).
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from dskd_ray.evaluation import metrics
+from dskd_ray.evaluation.evaluate import METRIC_KEYS, CategoryResult, summarize
+from dskd_ray.io.data import decode_images
+from dskd_ray.reporting.visualize import colorize, mask_outline, overlay
+
+log = logging.getLogger(__name__)
+
+PRO_FPR_LIMIT = 0.3
+THUMB_SIZE = 256  # largest thumbnail panel side in pixels; smaller model inputs stay as they are
+
+NORMAL_COLOUR = (31, 119, 180)
+ANOMALOUS_COLOUR = (214, 39, 40)
+THRESHOLD_COLOUR = (40, 40, 40)
+CHANCE_COLOUR = (150, 150, 150)
+OUTLINE_COLOUR = (255, 0, 255)  # magenta: not in the heat ramp, seen on light and dark
+
+
+# ----------------------------------------------------------------------------- charts
+
+
+@lru_cache(maxsize=16)
+def _font(px: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=px)  # Pillow ≥ 10.1 with FreeType: a scalable font
+    except TypeError:  # pragma: no cover - older Pillow: the small bitmap font
+        return ImageFont.load_default()
+
+
+def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """About `n` round tick values covering [lo, hi] (1, 2, 2.5 or 5 × a power of ten apart)."""
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+        return [lo]
+    raw = (hi - lo) / max(n, 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = min((m * power for m in (1, 2, 2.5, 5, 10)), key=lambda st: abs((hi - lo) / st - n))
+    first, last = math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9)
+    return [round(i * step, 12) + 0.0 for i in range(first, last + 1)]
+
+
+def _tick_label(v: float, step: float) -> str:
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9)) if step > 0 else 2
+    if step > 0 and round(step, decimals) != round(step, decimals + 1):
+        decimals += 1  # 0.25 steps need two decimals, not one
+    return f"{v:.{decimals}f}"
+
+
+class Chart:
+    """An x/y chart drawn with Pillow at `scale`× its layout size (shown at 1×, so it stays sharp).
+
+    Coordinates passed to the drawing methods are data values; the axes, grid, tick labels, axis
+    labels and title are drawn by the constructor.
+    """
+
+    def __init__(
+        self,
+        title: str,
+        xlabel: str,
+        ylabel: str,
+        xlim: tuple[float, float],
+        ylim: tuple[float, float],
+        xticks: Sequence[float] | None = None,
+        yticks: Sequence[float] | None = None,
+        size: tuple[int, int] = (420, 340),
+        scale: int = 2,
+    ) -> None:
+        self.scale = s = scale
+        self.size = size
+        self.xlim, self.ylim = xlim, ylim
+        width, height = size
+        self.image = Image.new("RGB", (width * s, height * s), "white")
+        self.draw = ImageDraw.Draw(self.image, "RGBA")
+        # The plot box, in layout pixels: room for tick labels left and below, the title above.
+        self.box = (62, 34, width - 16, height - 52)
+        x0, y0, x1, y1 = (v * s for v in self.box)
+        xticks = list(xticks) if xticks is not None else nice_ticks(*xlim)
+        yticks = list(yticks) if yticks is not None else nice_ticks(*ylim)
+        tick_font, label_font = _font(12 * s), _font(13 * s)
+        grid = (228, 228, 228)
+        xstep = xticks[1] - xticks[0] if len(xticks) > 1 else 0.0
+        ystep = yticks[1] - yticks[0] if len(yticks) > 1 else 0.0
+        for t in xticks:
+            px, _ = self._px(t, ylim[0])
+            self.draw.line([(px, y0), (px, y1)], fill=grid, width=s)
+            self.draw.line([(px, y1), (px, y1 + 5 * s)], fill="black", width=s)
+            self.draw.text(
+                (px, y1 + 7 * s), _tick_label(t, xstep), fill="black", font=tick_font, anchor="ma"
+            )
+        for t in yticks:
+            _, py = self._px(xlim[0], t)
+            self.draw.line([(x0, py), (x1, py)], fill=grid, width=s)
+            self.draw.line([(x0 - 5 * s, py), (x0, py)], fill="black", width=s)
+            self.draw.text(
+                (x0 - 8 * s, py), _tick_label(t, ystep), fill="black", font=tick_font, anchor="rm"
+            )
+        self.draw.rectangle([x0, y0, x1, y1], outline="black", width=s)
+        self.draw.text(
+            ((x0 + x1) / 2, (height - 8) * s), xlabel, fill="black", font=label_font, anchor="md"
+        )
+        self.draw.text(
+            (width * s / 2, 10 * s), title, fill="black", font=_font(14 * s), anchor="ma"
+        )
+        # The y label, rotated: drawn on its own strip, turned, pasted left of the tick labels.
+        strip_w = int(self.draw.textlength(ylabel, font=label_font)) + 4 * s
+        strip = Image.new("RGB", (strip_w, 18 * s), "white")
+        ImageDraw.Draw(strip).text(
+            (strip_w / 2, 9 * s), ylabel, fill="black", font=label_font, anchor="mm"
+        )
+        strip = strip.rotate(90, expand=True)
+        self.image.paste(strip, (4 * s, int((y0 + y1) / 2 - strip.height / 2)))
+
+    def _px(self, x: float, y: float) -> tuple[float, float]:
+        (bx0, by0, bx1, by1), s = self.box, self.scale
+        fx = (x - self.xlim[0]) / (self.xlim[1] - self.xlim[0])
+        fy = (y - self.ylim[0]) / (self.ylim[1] - self.ylim[0])
+        return (bx0 + fx * (bx1 - bx0)) * s, (by1 - fy * (by1 - by0)) * s
+
+    def line(
+        self,
+        xs: Sequence[float],
+        ys: Sequence[float],
+        colour: tuple[int, ...],
+        width: int = 2,
+        dashed: bool = False,
+    ) -> None:
+        points = [self._px(float(x), float(y)) for x, y in zip(xs, ys, strict=True)]
+        if len(points) < 2:
+            return
+        if not dashed:
+            self.draw.line(points, fill=colour, width=width * self.scale, joint="curve")
+            return
+        dash = 6.0 * self.scale
+        for (ax, ay), (bx, by) in zip(points[:-1], points[1:], strict=True):
+            length = math.hypot(bx - ax, by - ay)
+            for start in np.arange(0.0, length, 2 * dash):
+                a, b = start / length, min(start + dash, length) / length
+                self.draw.line(
+                    [
+                        (ax + a * (bx - ax), ay + a * (by - ay)),
+                        (ax + b * (bx - ax), ay + b * (by - ay)),
+                    ],
+                    fill=colour,
+                    width=width * self.scale,
+                )
+
+    def dot(self, x: float, y: float, colour: tuple[int, ...], radius: int = 5) -> None:
+        px, py = self._px(x, y)
+        r = radius * self.scale
+        self.draw.ellipse(
+            [px - r, py - r, px + r, py + r], fill=colour, outline="white", width=self.scale
+        )
+
+    def bars(
+        self, edges: np.ndarray, heights: np.ndarray, colour: tuple[int, int, int], alpha: int = 110
+    ) -> None:
+        for left, right, h in zip(edges[:-1], edges[1:], heights, strict=True):
+            if h <= 0:
+                continue
+            (ax, ay), (bx, by) = self._px(left, h), self._px(right, self.ylim[0])
+            self.draw.rectangle(
+                [ax, ay, bx, by], fill=(*colour, alpha), outline=colour, width=self.scale
+            )
+
+    def vline(self, x: float, colour: tuple[int, ...], dashed: bool = True) -> None:
+        self.line([x, x], [self.ylim[0], self.ylim[1]], colour, width=2, dashed=dashed)
+
+    def legend(
+        self, entries: Sequence[tuple[str, tuple[int, ...], str]], corner: str = "br"
+    ) -> None:
+        """entries: (label, colour, kind) with kind "line", "dash", "dot" or "box"."""
+        s, font = self.scale, _font(12 * self.scale)
+        rows = 18 * s
+        text_w = max(int(self.draw.textlength(label, font=font)) for label, _, _ in entries)
+        w, h = text_w + 40 * s, rows * len(entries) + 8 * s
+        bx0, by0, bx1, by1 = (v * s for v in self.box)
+        left = bx1 - w - 8 * s if corner[1] == "r" else bx0 + 8 * s
+        top = by1 - h - 8 * s if corner[0] == "b" else by0 + 8 * s
+        self.draw.rectangle(
+            [left, top, left + w, top + h],
+            fill=(255, 255, 255, 255),
+            outline=(160, 160, 160),
+            width=s,
+        )
+        for i, (label, colour, kind) in enumerate(entries):
+            cy = top + 4 * s + rows * i + rows / 2
+            sx = left + 8 * s
+            if kind == "dot":
+                self.draw.ellipse([sx + 6 * s, cy - 5 * s, sx + 16 * s, cy + 5 * s], fill=colour)
+            elif kind == "box":
+                self.draw.rectangle(
+                    [sx + 2 * s, cy - 5 * s, sx + 20 * s, cy + 5 * s],
+                    fill=(*colour[:3], 110),
+                    outline=colour,
+                    width=s,
+                )
+            elif kind == "dash":
+                for a in (0, 12):
+                    self.draw.line(
+                        [(sx + a * s, cy), (sx + (a + 8) * s, cy)], fill=colour, width=2 * s
+                    )
+            else:
+                self.draw.line([(sx, cy), (sx + 22 * s, cy)], fill=colour, width=2 * s)
+            self.draw.text((sx + 28 * s, cy), label, fill="black", font=font, anchor="lm")
+
+    def save(self, path: Path) -> None:
+        self.image.save(path, optimize=True)
+
+
+def roc_chart(labels: np.ndarray, scores: np.ndarray, threshold: float | None) -> Chart:
+    """Image-level ROC curve, with the checkpoint threshold's operating point marked."""
+    fpr, tpr = metrics.roc_curve(labels, scores)
+    auroc = metrics.image_auroc(labels, scores)
+    chart = Chart(
+        f"Image ROC (AUROC {auroc:.3f})",
+        "false positive rate (normal images flagged)",
+        "true positive rate",
+        (0.0, 1.0),
+        (0.0, 1.0),
+        xticks=np.linspace(0, 1, 6),
+        yticks=np.linspace(0, 1, 6),
+        size=(420, 360),
+    )
+    chart.line([0, 1], [0, 1], CHANCE_COLOUR, width=1, dashed=True)
+    chart.line(fpr, tpr, ANOMALOUS_COLOUR, width=2)
+    entries = [("ROC", ANOMALOUS_COLOUR, "line"), ("chance", CHANCE_COLOUR, "dash")]
+    if threshold is not None:
+        labels = np.asarray(labels, bool)
+        flagged = metrics.is_anomalous(scores, threshold)
+        chart.dot(float(flagged[~labels].mean()), float(flagged[labels].mean()), THRESHOLD_COLOUR)
+        entries.append((f"threshold {threshold:.4g}", THRESHOLD_COLOUR, "dot"))
+    chart.legend(entries, corner="br")
+    return chart
+
+
+def pro_chart(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = PRO_FPR_LIMIT) -> Chart:
+    """Per-region-overlap curve up to `fpr_limit` (the AUPRO integration range)."""
+    fpr, pro = metrics.pro_curve(masks, maps, fpr_limit)
+    area = float(np.sum(np.diff(fpr) * (pro[1:] + pro[:-1])) / 2.0) / fpr_limit
+    chart = Chart(
+        f"PRO up to FPR {fpr_limit:g} (AUPRO {area:.3f})",
+        "false positive rate (normal pixels)",
+        "per-region overlap",
+        (0.0, fpr_limit),
+        (0.0, 1.0),
+        yticks=np.linspace(0, 1, 6),
+        size=(420, 360),
+    )
+    chart.line(fpr, pro, NORMAL_COLOUR, width=2)
+    chart.legend([("PRO", NORMAL_COLOUR, "line")], corner="br")
+    return chart
+
+
+def score_histogram(labels: np.ndarray, scores: np.ndarray, threshold: float | None) -> Chart:
+    """Image scores of normal and anomalous test images, with the threshold as a dashed line."""
+    labels = np.asarray(labels, bool)
+    scores = np.asarray(scores, np.float64)
+    lo, hi = float(scores.min()), float(scores.max())
+    if threshold is not None:
+        lo, hi = min(lo, threshold), max(hi, threshold)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    pad = 0.03 * (hi - lo)
+    edges = np.linspace(lo - pad, hi + pad, 31)
+    normal, _ = np.histogram(scores[~labels], edges)
+    anomalous, _ = np.histogram(scores[labels], edges)
+    top = max(int(normal.max(initial=0)), int(anomalous.max(initial=0)), 1)
+    ytop = top / 0.7  # headroom: the bars keep out of the legend's corner
+    yticks = [t for t in nice_ticks(0, ytop, 5) if float(t).is_integer()] or [0, top]
+    chart = Chart(
+        "Image scores",
+        "image score (max of the anomaly map)",
+        "test images",
+        (float(edges[0]), float(edges[-1])),
+        (0.0, max(ytop, yticks[-1])),
+        yticks=yticks,
+        size=(420, 360),
+    )
+    entries = []
+    if normal.any():
+        chart.bars(edges, normal, NORMAL_COLOUR)
+        entries.append((f"normal ({int((~labels).sum())})", NORMAL_COLOUR, "box"))
+    if anomalous.any():
+        chart.bars(edges, anomalous, ANOMALOUS_COLOUR)
+        entries.append((f"anomalous ({int(labels.sum())})", ANOMALOUS_COLOUR, "box"))
+    if threshold is not None:
+        chart.vline(threshold, THRESHOLD_COLOUR)
+        entries.append((f"threshold {threshold:.4g}", THRESHOLD_COLOUR, "dash"))
+    chart.legend(entries, corner="tr")
+    return chart
+
+
+def colour_bar(width: int = 360, scale: int = 2) -> Image.Image:
+    """The heat map's colour ramp, labelled in units of the threshold."""
+    s = scale
+    bar_h, text_h = 14 * s, 18 * s
+    img = Image.new("RGB", (width * s, bar_h + text_h), "white")
+    ramp = colorize(np.linspace(0.0, 1.0, width * s)[None, :].repeat(bar_h, axis=0))
+    img.paste(Image.fromarray(ramp), (0, 0))
+    draw = ImageDraw.Draw(img)
+    font = _font(12 * s)
+    for frac, label, anchor in (
+        (0.0, "0", "la"),
+        (0.5, "threshold", "ma"),
+        (1.0, "twice the threshold", "ra"),
+    ):
+        draw.text(
+            (frac * (width * s - 1), bar_h + 3 * s), label, fill="black", font=font, anchor=anchor
+        )
+    return img
+
+
+# ----------------------------------------------------------------------------- thumbnails
+
+
+@dataclass
+class ThumbnailGroup:
+    title: str
+    note: str
+    indices: list[int]  # into the category's test images, in display order
+
+
+def select_thumbnails(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    n_worst: int = 8,
+    n_sample: int = 24,
+    threshold: float | None = None,
+) -> list[ThumbnailGroup]:
+    """The normal images with the highest scores, the anomalous ones with the lowest, then up to
+    `n_sample` of the rest spread evenly over their ranking (highest score first). Groups are
+    disjoint; with a threshold, the notes say how many of the worst are wrong calls at it."""
+    labels = np.asarray(labels, bool)
+    scores = np.asarray(scores, np.float64)
+    order = np.argsort(-scores, kind="stable")  # highest score first
+    worst_fp = [int(i) for i in order if not labels[i]][:n_worst]
+    worst_fn = [int(i) for i in order[::-1] if labels[i]][:n_worst]
+    shown = set(worst_fp) | set(worst_fn)
+    rest = [int(i) for i in order if int(i) not in shown]
+    if len(rest) > n_sample:
+        picks = np.unique(np.linspace(0, len(rest) - 1, n_sample).round().astype(int))
+        sample = [rest[p] for p in picks]
+    else:
+        sample = rest
+    fp_note = "normal images with the highest scores, highest first"
+    fn_note = "anomalous images with the lowest scores, lowest first"
+    if threshold is not None:
+        n_fp = int(metrics.is_anomalous(scores[worst_fp], threshold).sum())
+        n_fn = int((~metrics.is_anomalous(scores[worst_fn], threshold)).sum())
+        fp_note += f"; {n_fp} of these {len(worst_fp)} are above the threshold (false positives)"
+        fn_note += f"; {n_fn} of these {len(worst_fn)} are at or below it (false negatives)"
+    return [
+        ThumbnailGroup("Worst false positives", fp_note, worst_fp),
+        ThumbnailGroup("Worst false negatives", fn_note, worst_fn),
+        ThumbnailGroup(
+            "Other test images",
+            f"{len(sample)} of the remaining {len(rest)}, spread evenly over their ranking, "
+            "highest score first",
+            sample,
+        ),
+    ]
+
+
+def thumbnail(
+    image: np.ndarray, amap: np.ndarray, mask: np.ndarray, threshold: float | None
+) -> np.ndarray:
+    """Two panels side by side: the image, and the anomaly map over it; both outline the mask
+    with a two-pixel magenta line (its edge and the ring just outside it)."""
+    height, width = image.shape[:2]
+    scale = min(1.0, THUMB_SIZE / max(height, width))  # a tiled model's images keep their aspect
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if (width, height) != size:
+        image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+        amap = np.asarray(Image.fromarray(amap.astype(np.float32)).resize(size, Image.BILINEAR))
+        mask = (
+            np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST))
+            > 127
+        )
+    outline = _thick_outline(mask)
+    plain = image.copy()
+    plain[outline] = OUTLINE_COLOUR
+    heat = overlay(image, amap, threshold, alpha=0.5)
+    heat[outline] = OUTLINE_COLOUR
+    gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
+    return np.concatenate([plain, gap, heat], axis=1)
+
+
+def _thick_outline(mask: np.ndarray) -> np.ndarray:
+    m = mask.astype(bool)
+    grown = m.copy()
+    grown[1:, :] |= m[:-1, :]
+    grown[:-1, :] |= m[1:, :]
+    grown[:, 1:] |= m[:, :-1]
+    grown[:, :-1] |= m[:, 1:]
+    return mask_outline(m) | (grown & ~m)
+
+
+def _outcome(label: int, score: float, threshold: float | None) -> tuple[str, str]:
+    """(verdict text, CSS class): the threshold's call, and whether it was right."""
+    if threshold is None:
+        return "no threshold in the checkpoint", "unknown"
+    flagged = bool(metrics.is_anomalous(np.asarray([score]), threshold)[0])
+    verdict = "flagged anomalous" if flagged else "passed as normal"
+    if flagged and label:
+        return verdict, "tp"
+    if flagged:
+        return verdict + " (false positive)", "fp"
+    if label:
+        return verdict + " (false negative)", "fn"
+    return verdict, "tn"
+
+
+# ----------------------------------------------------------------------------- HTML
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 24px auto;
+  max-width: 1400px; padding: 0 16px; color: #222; background: #fafafa; }
+h1 { margin-bottom: 4px; } h2 { margin-top: 40px; border-bottom: 2px solid #ddd; }
+h3 { margin: 24px 0 2px; } .note { color: #555; margin: 2px 0 10px; }
+table.metrics { border-collapse: collapse; background: white; }
+table.metrics th, table.metrics td { padding: 6px 12px; border-bottom: 1px solid #ddd; }
+table.metrics td.num { text-align: right; font-variant-numeric: tabular-nums; }
+table.metrics tr.mean td { font-weight: 600; border-top: 2px solid #999; }
+.charts { display: flex; flex-wrap: wrap; gap: 12px; align-items: flex-start; }
+.charts img { background: white; border: 1px solid #ddd; }
+.omitted { width: 420px; padding: 16px; border: 1px dashed #bbb; color: #555; box-sizing: border-box; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(300px, 1fr)); gap: 12px; }
+figure { margin: 0; background: white; border: 1px solid #ddd; border-top: 5px solid #bbb;
+  padding: 6px; }
+figure img { width: 100%; height: auto; display: block; image-rendering: auto; }
+figcaption { font-size: 13px; line-height: 1.4; margin-top: 4px; overflow-wrap: anywhere; }
+figcaption .name { font-weight: 600; }
+figure.fp, figure.fn { border-top-color: #d62728; } figure.tp, figure.tn { border-top-color: #2ca02c; }
+.verdict.fp, .verdict.fn { color: #b01c1c; font-weight: 600; } .verdict.tp, .verdict.tn { color: #1d7a1d; }
+.legend { display: flex; gap: 24px; align-items: center; flex-wrap: wrap; margin: 8px 0; }
+.legend img { width: 360px; }
+"""
+
+
+def _e(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _href(path: str) -> str:
+    return quote(path, safe="/")
+
+
+def _fmt(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3f}"
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")[:48] or "category"
+
+
+@dataclass
+class _Section:
+    result: CategoryResult
+    threshold: float | None
+    anchor: str
+    html: str
+
+
+def _labels_and_scores(result: CategoryResult) -> tuple[np.ndarray, np.ndarray]:
+    """(bool labels, float64 scores) of an evaluated category's test images."""
+    return np.asarray(result.labels, bool), np.asarray(result.scores, np.float64)
+
+
+class Report:
+    """Builds DIR/index.html one category at a time: `add` each result, then `write`."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        title: str = "DSKD evaluation report",
+        n_worst: int = 8,
+        n_sample: int = 24,
+    ) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.title = title
+        self.n_worst, self.n_sample = n_worst, n_sample
+        self.sections: list[_Section] = []
+
+    def add(
+        self, result: CategoryResult, threshold: float | None, model: str | None = None
+    ) -> None:
+        """Render one category's charts and thumbnails now; keep only its HTML.
+
+        `result` must come from `evaluate_category(..., keep_maps=True)`.
+        """
+        if result.maps is None or result.masks is None or result.scores is None:
+            raise ValueError(
+                f"{result.name}: the report needs the anomaly maps; evaluate with keep_maps=True"
+            )
+        index = len(self.sections)
+        folder = f"{index:02d}_{_slug(result.name)}"
+        (self.directory / folder).mkdir(exist_ok=True)
+        anchor = f"category-{index}"
+        labels, scores = _labels_and_scores(result)
+        parts = [f'<section id="{anchor}">', f"<h2>{_e(result.name)}</h2>"]
+        facts = [
+            f"{result.n_test} test images, {result.n_anomalous} anomalous",
+            "threshold "
+            + ("none (the checkpoint has none)" if threshold is None else f"{threshold:.4g}"),
+        ]
+        if threshold is not None:
+            fp = int(metrics.is_anomalous(scores[~labels], threshold).sum())
+            fn = int((~metrics.is_anomalous(scores[labels], threshold)).sum())
+            facts.append(
+                f"at it: {fp} of {int((~labels).sum())} normal images flagged, "
+                f"{fn} of {int(labels.sum())} anomalous images missed"
+            )
+        if model:
+            facts.append(f"model {model}")
+        parts.append(f'<p class="note">{_e("; ".join(facts))}.</p>')
+        if result.skipped:
+            names = ", ".join(Path(uri).name for uri, _ in result.skipped[:10])
+            more = f" and {len(result.skipped) - 10} more" if len(result.skipped) > 10 else ""
+            parts.append(
+                f'<p class="note">{len(result.skipped)} test image(s) could not be read and are '
+                f"left out: {_e(names)}{_e(more)}.</p>"
+            )
+        parts.append(self._charts(result, threshold, folder))
+        parts.append(self._thumbnails(result, threshold, folder))
+        parts.append("</section>")
+        self.sections.append(_Section(result, threshold, anchor, "\n".join(parts)))
+
+    def _charts(self, result: CategoryResult, threshold: float | None, folder: str) -> str:
+        labels, scores = _labels_and_scores(result)
+        items = []
+        if 0 < labels.sum() < len(labels):
+            roc_chart(labels, scores, threshold).save(self.directory / folder / "roc.png")
+            items.append(self._chart_img(f"{folder}/roc.png", f"Image ROC curve of {result.name}"))
+        else:
+            items.append(
+                '<div class="omitted">ROC curve omitted: the test set needs both normal and '
+                "anomalous images.</div>"
+            )
+        if result.aupro is not None:
+            pro_chart(result.masks, result.maps).save(self.directory / folder / "pro.png")
+            items.append(self._chart_img(f"{folder}/pro.png", f"PRO curve of {result.name}"))
+        else:
+            items.append(
+                '<div class="omitted">PRO curve omitted: this data set has no ground-truth masks '
+                "for its anomalous images, so there are no pixel metrics.</div>"
+            )
+        score_histogram(labels, scores, threshold).save(self.directory / folder / "scores.png")
+        items.append(self._chart_img(f"{folder}/scores.png", f"Image scores of {result.name}"))
+        return '<div class="charts">' + "\n".join(items) + "</div>"
+
+    @staticmethod
+    def _chart_img(path: str, alt: str) -> str:
+        return f'<img src="{_e(_href(path))}" width="420" height="360" alt="{_e(alt)}">'
+
+    def _thumbnails(self, result: CategoryResult, threshold: float | None, folder: str) -> str:
+        labels, scores = _labels_and_scores(result)
+        # The images at their maps' size: the model's input, or (tiled) their own.
+        size = None if isinstance(result.maps, list) else result.maps.shape[-1]
+        groups = select_thumbnails(labels, scores, self.n_worst, self.n_sample, threshold)
+        wanted = [i for g in groups for i in g.indices]
+        images, kept, _ = decode_images([result.paths[i] for i in wanted], size)
+        decoded = dict(zip(kept, images, strict=True))
+        parts = []
+        for group in groups:
+            if not group.indices:
+                continue
+            parts.append(f'<h3>{_e(group.title)}</h3><p class="note">{_e(group.note)}.</p>')
+            figures = []
+            for i in group.indices:
+                image = decoded.get(result.paths[i])
+                if image is None:
+                    log.warning("report: %s could not be read again; no thumbnail", result.paths[i])
+                    continue
+                name = f"{folder}/{i:05d}.png"
+                Image.fromarray(thumbnail(image, result.maps[i], result.masks[i], threshold)).save(
+                    self.directory / name
+                )
+                figures.append(self._figure(result, i, name, threshold))
+            parts.append('<div class="grid">' + "\n".join(figures) + "</div>")
+        return "\n".join(parts)
+
+    @staticmethod
+    def _figure(result: CategoryResult, i: int, src: str, threshold: float | None) -> str:
+        path = result.paths[i]
+        label = int(result.labels[i])
+        score = float(result.scores[i])
+        verdict, outcome = _outcome(label, score, threshold)
+        truth = "normal" if not label else "anomalous"
+        return (
+            f'<figure class="{outcome}">'
+            f'<a href="{_e(_href(src))}"><img src="{_e(_href(src))}" '
+            f'alt="{_e(Path(path).name)}: image and anomaly map"></a>'
+            f'<figcaption><span class="name" title="{_e(path)}">{_e(Path(path).name)}</span>'
+            f" · {_e(result.defect_types[i])} ({truth})<br>"
+            f'score {score:.4g} · <span class="verdict {outcome}">{_e(verdict)}</span>'
+            "</figcaption></figure>"
+        )
+
+    def write(self, table: dict[str, dict[str, float | None]] | None = None) -> Path:
+        """Write index.html (and the colour bar) and return its path. `table` defaults to
+        `summarize` of the added results."""
+        results = [s.result for s in self.sections]
+        table = table if table is not None else summarize(results)
+        colour_bar().save(self.directory / "colour_bar.png")
+        rows = []
+        for section in self.sections:
+            r, row = section.result, table.get(section.result.name, {})
+            threshold = "—" if section.threshold is None else f"{section.threshold:.4g}"
+            rows.append(
+                f'<tr><td><a href="#{section.anchor}">{_e(r.name)}</a></td>'
+                + "".join(f'<td class="num">{_fmt(row.get(k))}</td>' for k in METRIC_KEYS)
+                + f'<td class="num">{r.n_test}</td><td class="num">{r.n_anomalous}</td>'
+                f'<td class="num">{threshold}</td></tr>'
+            )
+        mean = table.get("mean", {})
+        rows.append(
+            '<tr class="mean"><td>mean</td>'
+            + "".join(f'<td class="num">{_fmt(mean.get(k))}</td>' for k in METRIC_KEYS)
+            + "<td></td><td></td><td></td></tr>"
+        )
+        body = [
+            f"<h1>{_e(self.title)}</h1>",
+            '<p class="note">Image AUROC and F1-max rank the test images by their score (the '
+            "maximum of the anomaly map); pixel AUROC and AUPRO (FPR ≤ 0.3) compare the maps "
+            "with the ground-truth masks. “—”: not defined for this data (no masks, or one "
+            "class only); the mean is over categories that all have the metric.</p>",
+            '<table class="metrics"><thead><tr><th>category</th><th>image AUROC</th>'
+            "<th>pixel AUROC</th><th>AUPRO</th><th>F1-max</th><th>test images</th>"
+            "<th>anomalous</th><th>threshold</th></tr></thead><tbody>",
+            *rows,
+            "</tbody></table>",
+            '<div class="legend"><span>Each thumbnail: the test image (left) and its anomaly '
+            "map over it (right), at the model's input size; the magenta outline is the "
+            "ground-truth defect region. A red top edge marks a wrong call at the threshold, "
+            'green a right one.</span><img src="colour_bar.png" width="360" height="32" '
+            'alt="colour scale of the anomaly map, in units of the threshold"></div>',
+            *(s.html for s in self.sections),
+        ]
+        page = (
+            '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{_e(self.title)}</title><style>{_CSS}</style></head><body>\n"
+            + "\n".join(body)
+            + "\n</body></html>\n"
+        )
+        path = self.directory / "index.html"
+        path.write_text(page, encoding="utf-8")
+        return path
+
+
+def write_report(
+    results: Sequence[CategoryResult],
+    directory: str | Path,
+    thresholds: Sequence[float | None] | None = None,
+    table: dict[str, dict[str, float | None]] | None = None,
+) -> Path:
+    """Write the report for results evaluated with keep_maps=True; returns DIR/index.html.
+
+    `thresholds`: each category's checkpoint threshold (the verdict in the captions), or None.
+    """
+    report = Report(directory)
+    thresholds = list(thresholds) if thresholds is not None else [None] * len(results)
+    for result, threshold in zip(results, thresholds, strict=True):
+        report.add(result, threshold)
+    return report.write(table)

@@ -1,0 +1,1 @@
+"""Scoring a model: the scoring core every path calls, tiling, and predict (a few images to overlays)."""

@@ -1,0 +1,786 @@
+"""Storage: the one module that touches fsspec. Local folders and s3:// prefixes alike.
+
+Reads and listings retried on transient failures, writes all-or-nothing (a rename locally, one
+PUT on an object store) and retried; the listing of images with versions for bulk scoring; the
+anomaly-map keys; and the one-line errors a storage failure becomes. Data, checkpoints, teacher
+weights, maps and results all go through here (docs/design.md §6). No Ray here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+import os
+import posixpath
+import queue
+import random
+import re
+import secrets
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from dskd_ray.errors import ConfigError, DataError, DSKDError, StorageError
+from dskd_ray.io.images import is_image_path
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+# --- file systems and URIs -------------------------------------------------------------------
+
+
+# The S3 client's own retries nest under `with_retries`: botocore's (5 attempts in its legacy
+# mode, each with its backoff) times s3fs's (5, for dropped connections) times ours (5) made
+# an endpoint that refuses connections take 34–46 s to report, and one that drops them 200 s.
+# botocore's are turned off unless the user configures them (AWS_MAX_ATTEMPTS,
+# AWS_RETRY_MODE); s3fs's quick ones stay (≤ 2 s of waits), and ours are bounded in time.
+S3_CLIENT_CONFIG = {"retries": {"max_attempts": 1}}
+
+
+def filesystem(uri: str, **options: object) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(file system, path without protocol and trailing slash) for a local path or URI."""
+    if "://" not in uri:
+        uri = os.path.abspath(os.path.expanduser(uri))
+    elif uri_scheme(uri) in ("s3", "s3a") and not _botocore_retries_configured():
+        options = {"config_kwargs": S3_CLIENT_CONFIG, **options}
+    fs, path = url_to_fs(uri, **options)
+    return fs, path.rstrip("/") or path
+
+
+def _botocore_retries_configured() -> bool:
+    return any(k in os.environ for k in ("AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"))
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A path as users write it: s3://bucket/key remotely, an absolute path locally."""
+    return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+def canonical_uri(uri: str) -> str:
+    """`uri` as listings spell it: absolute locally, s3://bucket/key without a trailing slash."""
+    return to_uri(*filesystem(uri))
+
+
+# What INPUT and a manifest's rows may name without asking: local paths, file:// and s3://.
+# Any other fsspec scheme (gs, az, http…) is read only when a run names it (--allow-scheme):
+# a manifest is data, and its rows must not make the driver and every worker fetch URLs.
+SUPPORTED_SCHEMES = ("s3", "file")
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+
+
+def uri_scheme(uri: str) -> str:
+    """ "s3", "file", "gs", …; "" for a local path."""
+    match = _SCHEME.match(uri)
+    return match.group(1).lower() if match else ""
+
+
+def check_schemes(schemes: set[str], allowed: tuple[str, ...], where: str) -> None:
+    """Refuse a scheme that is neither supported nor allowed, or allowed without a filesystem."""
+    for scheme in sorted(schemes - {"", *SUPPORTED_SCHEMES}):
+        if scheme not in allowed:
+            raise ConfigError(
+                f"{where} names a {scheme}:// URI: only local paths, file:// and s3:// are read "
+                f"unless the run allows more (--allow-scheme {scheme})"
+            )
+    for scheme in allowed:
+        check_filesystem(scheme)
+
+
+def check_filesystem(scheme: str) -> None:
+    """ConfigError unless fsspec has an installed filesystem for `scheme`."""
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except (ImportError, ValueError) as e:
+        raise ConfigError(f"--allow-scheme {scheme}: {' '.join(str(e).split())}") from None
+
+
+def join_uri(root: str, *parts: str) -> str:
+    return posixpath.join(root.rstrip("/"), *parts)
+
+
+# --- retries -----------------------------------------------------------------------------------
+
+# Errors that say the object is not there or not ours to read: retrying cannot help.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# The S3 client's errors that no retry can change: no or bad credentials, no such bucket or
+# key, access denied, a malformed request (by exception name, or by the service's error code).
+_PERMANENT_CLIENT_ERRORS = frozenset({
+    "NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+    "NoRegionError", "ParamValidationError", "InvalidConfigError", "UnknownServiceError",
+})  # fmt: skip
+_PERMANENT_CODES = frozenset({
+    "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+    "ExpiredToken", "InvalidToken", "AccountProblem", "NoSuchBucket", "NoSuchKey",
+    "InvalidBucketName", "InvalidRequest", "MethodNotAllowed", "NotImplemented",
+})  # fmt: skip
+
+
+def is_transient(error: BaseException) -> bool:
+    """A network or server hiccup worth retrying (throttling, 5xx, timeouts, resets)."""
+    if isinstance(error, _PERMANENT):
+        return False
+    if type(error).__name__ in _PERMANENT_CLIENT_ERRORS:
+        return False
+    code = (getattr(error, "response", None) or {}).get("Error", {}).get("Code")
+    if code in _PERMANENT_CODES:
+        return False
+    if isinstance(error, OSError | TimeoutError | ConnectionError):
+        return True
+    return _from_storage_client(error)
+
+
+def _from_storage_client(error: BaseException) -> bool:
+    # botocore / aiohttp errors do not all derive from OSError.
+    module = type(error).__module__ or ""
+    return module.startswith(("botocore", "aiobotocore", "aiohttp", "urllib3"))
+
+
+RETRY_BUDGET_S = 30.0  # the most one call spends retrying, whatever it is
+
+
+def with_retries(
+    fn: Callable[[], T],
+    what: str,
+    attempts: int = 5,
+    base_delay_s: float = 0.2,
+    max_delay_s: float = 5.0,
+    sleep: Callable[[float], None] = time.sleep,
+    budget_s: float = RETRY_BUDGET_S,
+    clock: Callable[[], float] = time.monotonic,
+) -> T:
+    """Call fn, retrying transient errors with exponential backoff and full jitter, for at
+    most `attempts` tries and `budget_s` seconds in all (a retry that would start later is not
+    made: the last error is raised)."""
+    start = clock()
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - sorted into transient / permanent below
+            if attempt == attempts or not is_transient(e):
+                raise
+            delay = random.uniform(0, min(max_delay_s, base_delay_s * 2 ** (attempt - 1)))
+            if clock() + delay - start > budget_s:
+                raise
+            log.info(
+                "%s failed (%s: %s); retry %d in %.2f s", what, type(e).__name__, e, attempt, delay
+            )
+            sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def explain_read_failure(uri: str, error: BaseException) -> tuple[str, bool]:
+    """(why an image could not be read, whether the next run should try again).
+
+    Not again what depends on the URI alone: a folder rather than a file, a scheme whose
+    filesystem is not installed or not known. A missing file, a refusal or a network failure
+    may pass another night (restored, permitted, reachable)."""
+    text = describe_failure(error)
+    if isinstance(error, IsADirectoryError | NotADirectoryError):
+        return f"not a file: {text}", False
+    if isinstance(error, ImportError | ValueError):
+        return f"no filesystem for this URI: {text}", False
+    if isinstance(error, FileNotFoundError) and (uri.endswith("/") or _is_folder(uri)):
+        return "not a file: a folder (a prefix on object storage)", False
+    return text, True
+
+
+def _is_folder(uri: str) -> bool:
+    try:
+        return is_dir(uri)
+    except Exception:  # noqa: BLE001 - only asked to explain a failure that already happened
+        return False
+
+
+def is_storage_failure(error: BaseException) -> bool:
+    """An error from reaching or asking the storage: OS errors, and the S3 client's own."""
+    return isinstance(error, OSError) or _from_storage_client(error)
+
+
+def describe_failure(error: BaseException) -> str:
+    """One line: the error's message and, when it differs, its root cause's.
+
+    S3 client errors arrive chained four or five deep (s3fs, aiobotocore, aiohttp, the
+    socket); the outermost says what was asked, the innermost why it failed.
+    """
+    root, seen = error, {id(error)}
+    while (nxt := root.__cause__ or root.__context__) is not None and id(nxt) not in seen:
+        root = nxt
+        seen.add(id(root))
+    text = " ".join((str(error) or type(error).__name__).split())
+    if root is not error:
+        cause = " ".join(str(root).split())
+        if cause and cause not in text:
+            text += f" ({type(root).__name__}: {cause})"
+    return text
+
+
+@contextlib.contextmanager
+def storage_errors(uri: str) -> Iterator[None]:
+    """Turn a failure to reach `uri` into one StorageError naming it and the cause."""
+    try:
+        yield
+    except DSKDError:
+        raise
+    except Exception as e:
+        if not is_storage_failure(e):
+            raise
+        raise StorageError(f"storage error on {uri}: {describe_failure(e)}") from e
+
+
+def names_storage_failures(fn: Callable[..., T]) -> Callable[..., T]:
+    """`storage_errors` around a function whose first argument is the URI it reads."""
+
+    @functools.wraps(fn)
+    def wrapper(uri: str, *args: object, **kwargs: object) -> T:
+        with storage_errors(str(uri)):
+            return fn(uri, *args, **kwargs)
+
+    return wrapper
+
+
+def printable_name(name: str) -> str:
+    """`name` as valid UTF-8: bytes of a file name that are not UTF-8 become \\xNN escapes.
+
+    Linux file names are bytes; Python hands undecodable ones over as lone surrogates, which
+    Parquet, JSON and a terminal all refuse.
+    """
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        try:
+            raw = name.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raw = name.encode("utf-8", "surrogatepass")
+        return raw.decode("utf-8", "backslashreplace")
+
+
+# C0 and C1 controls, DEL, and the Unicode controls that reorder or break a line on screen
+# (bidirectional overrides and isolates, line and paragraph separators).
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` safe to print on a terminal: `printable_name`, and control characters (an ESC
+    sequence that recolours or rewrites the screen, a newline that splits a table row) as
+    \\xNN or \\uNNNN escapes. For what is shown; what is stored stays exact."""
+    return _CONTROLS.sub(_escape, printable_name(text))
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def read_object(uri: str) -> bytes:
+    """The bytes of one object, transient errors retried."""
+    fs, path = filesystem(uri)
+    return with_retries(lambda: fs.cat_file(path), f"read {uri}")
+
+
+@contextlib.contextmanager
+def open_object(uri: str) -> Iterator[fsspec.spec.AbstractBufferedFile]:
+    """A file object for reading `uri` in pieces (a large manifest is never read whole)."""
+    fs, path = filesystem(uri)
+    f = with_retries(lambda: fs.open(path, "rb"), f"open {uri}")
+    with f:
+        yield f
+
+
+@contextlib.contextmanager
+def reader_source(uri: str) -> Iterator[str | fsspec.spec.AbstractBufferedFile]:
+    """What a native reader (pyarrow's Parquet reader) opens: a local path, which it reads with
+    its own file system, without a Python copy of every range it reads; or, remotely, a file
+    object read by range."""
+    fs, path = filesystem(uri)
+    if is_local(fs):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{uri} does not exist")
+        yield path
+        return
+    with open_object(uri) as f:
+        yield f
+
+
+def write_object(uri: str, data: bytes, durable: bool = False) -> None:
+    """Write one object all-or-nothing, transient errors retried: a temp file renamed locally
+    (fsync'd first when `durable`), a single PUT remotely.
+
+    Readers see the old object or the new one, never half of one.
+    """
+    fs, path = filesystem(uri)
+    if is_local(fs):
+        with_retries(lambda: _write_local(Path(path), data, durable), f"write {uri}")
+    else:
+        with_retries(lambda: fs.pipe_file(path, data), f"write {uri}")
+
+
+def _write_local(target: Path, data: bytes, durable: bool) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+WRITE_PROBE = "_dskd-write-probe-"  # the marker object's name under an output, then a token
+
+
+def check_writable(uri: str) -> None:
+    """Write a small marker object under `uri` and remove it, or raise StorageError naming
+    `uri` and the cause: an output that cannot be written (a folder the process may not write,
+    a bucket that does not exist, a key pair denied s3:PutObject) is found before a night of
+    scoring, not after it. Folders the marker needed locally are removed with it, so a dry run
+    leaves nothing behind. A marker that cannot be removed (a key allowed to put but not to
+    delete) is left, with a warning: writing is what the run needs."""
+    fs, path = filesystem(uri)
+    created: list[str] = []  # local folders that did not exist, deepest first
+    if is_local(fs):
+        folder = path
+        while folder and not os.path.lexists(folder) and folder != os.path.dirname(folder):
+            created.append(folder)
+            folder = os.path.dirname(folder)
+    marker = join_uri(to_uri(fs, path), f"{WRITE_PROBE}{secrets.token_hex(6)}")
+    try:
+        write_object(marker, b"dskd_ray: can this output be written?\n")
+    except Exception as e:
+        _remove_folders(created)
+        if isinstance(e, DSKDError) or not is_storage_failure(e):
+            raise
+        cause = describe_failure(e)
+        if isinstance(e, OSError) and e.strerror and is_local(fs):  # not the chain of mkdirs
+            cause = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+        raise StorageError(f"cannot write to the output {uri}: {cause}") from e
+    try:
+        with_retries(lambda: fs.rm_file(filesystem(marker)[1]), f"remove {marker}")
+    except Exception as e:  # noqa: BLE001 - the output is writable: that is what was asked
+        log.warning("could not remove the write probe %s: %s", marker, describe_failure(e))
+    _remove_folders(created)
+
+
+def _remove_folders(folders: list[str]) -> None:
+    for folder in folders:  # deepest first; each empty unless someone else wrote there
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
+@contextlib.contextmanager
+def local_copy_to(uri: str) -> Iterator[str]:
+    """A local file path to write `uri`'s new content to, however large; when the block ends
+    well it replaces `uri` all-or-nothing (a rename locally, one upload remotely), else it is
+    removed. For files written in pieces (the run index), where `write_object` wants bytes."""
+    fs, path = filesystem(uri)
+    local = is_local(fs)
+    if local:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{posixpath.basename(path)}.",
+        suffix=".tmp",
+        dir=os.path.dirname(path) if local else None,
+    )
+    os.close(fd)
+    try:
+        yield tmp
+        if local:
+            os.replace(tmp, path)
+        else:
+            with_retries(lambda: fs.put_file(tmp, path), f"write {uri}")
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def remove_object(uri: str) -> None:
+    """Remove one object or file (FileNotFoundError if it is not there)."""
+    fs, path = filesystem(uri)
+    with_retries(lambda: fs.rm_file(path), f"remove {uri}")
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return with_retries(lambda: fs.exists(path), f"look up {uri}")
+
+
+def is_dir(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return with_retries(lambda: fs.isdir(path), f"look up {uri}")
+
+
+def is_file(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return with_retries(lambda: fs.isfile(path), f"look up {uri}")
+
+
+def path_name(uri: str) -> str:
+    """The last segment of a local path or URI, as resolved ("." is the current folder's name)."""
+    return posixpath.basename(filesystem(uri)[1])
+
+
+def list_folder(uri: str) -> tuple[list[str], list[str]]:
+    """(files, folders) directly under a folder or prefix, each sorted, as URIs."""
+    fs, path = filesystem(uri)
+    entries = with_retries(lambda: fs.ls(path, detail=True, refresh=True), f"list {uri}")
+    files, folders = [], []
+    for entry in entries:
+        name = entry["name"].rstrip("/")
+        if name == path:
+            continue  # some stores list the prefix itself
+        (folders if entry.get("type") == "directory" else files).append(to_uri(fs, name))
+    return sorted(files), sorted(folders)
+
+
+def find_files(uri: str) -> list[str]:
+    """Every file under a folder or prefix, at any depth, sorted, as URIs."""
+    fs, path = filesystem(uri)
+    found = with_retries(lambda: fs.find(path), f"list {uri}")
+    return sorted(to_uri(fs, p) for p in found)
+
+
+# --- listing -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ListedObject:
+    uri: str
+    version: str  # ETag remotely; size and mtime locally
+    size: int
+    error: str | None = None  # listed, but not to be read (a name that is not UTF-8)
+
+
+@dataclass
+class ListingStats:
+    """What a listing met besides images: counted so that nothing is left out unsaid."""
+
+    other_files: int = 0  # files without an image extension
+    symlinks: int = 0  # symbolic links met under the input (local folders only)
+    symlinks_skipped: int = 0  # of those, not listed (see `_walk_local`)
+    pages: int = 0  # object-store listing pages with files in them
+    chains: int = 0  # object-store listings (chains of pages) run, in parallel
+
+
+NOT_UTF8 = "file name is not valid UTF-8 (shown here with \\x escapes): rename it to have it scored"
+
+
+def object_version(fs: fsspec.AbstractFileSystem, info: dict) -> str:
+    """What changes when the object's content does: its ETag, or size + mtime on local disk."""
+    if not is_local(fs):
+        etag = info.get("ETag") or info.get("etag") or info.get("md5")
+        if etag:
+            version_id = info.get("VersionId")
+            etag = str(etag).strip('"')
+            return f"{etag}@{version_id}" if version_id else etag
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or ""
+    if hasattr(mtime, "timestamp"):
+        mtime = mtime.timestamp()
+    return f"size={info.get('size')};mtime={mtime}"
+
+
+def _resolved(uri: str) -> tuple[type, str]:
+    """(file system type, path) with every spelling of one place made equal.
+
+    Locally the real path (symlinks, "..", "//" resolved); on object stores the key with empty
+    segments and trailing slashes dropped, since a prefix is all a key has.
+    """
+    fs, path = filesystem(uri)
+    if is_local(fs):
+        return type(fs), os.path.realpath(path)
+    return type(fs), "/".join(p for p in path.split("/") if p)
+
+
+def same_place(a: str, b: str) -> bool:
+    """`a` and `b` name one file or object, however each is spelled (symlinks, "..", "//")."""
+    return _resolved(a) == _resolved(b)
+
+
+def read_head(uri: str, size: int) -> bytes:
+    """The first `size` bytes of an object (fewer if it is shorter), transient errors retried."""
+    fs, path = filesystem(uri)
+    return with_retries(lambda: fs.cat_file(path, start=0, end=size), f"read {uri}")
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def check_output(input_uri: str, output: str) -> None:
+    """Refuse an output that is the input itself, whatever its spelling.
+
+    Its maps would be listed as images (and every run would add more), and its results would
+    mix with the images. An output inside the input is allowed: the listing leaves it out.
+    """
+    in_type, in_path = _resolved(input_uri)
+    out_type, out_path = _resolved(output)
+    if in_type is out_type and in_path == out_path:
+        raise ConfigError(
+            f"--out {output} is INPUT itself ({in_path}): choose a folder outside INPUT, "
+            "or a subfolder of it (which the listing leaves out)"
+        )
+
+
+def iter_images(
+    root: str, exclude: str | None = None, stats: ListingStats | None = None
+) -> Iterator[ListedObject | None]:
+    """Walk `root` one folder at a time, yielding each image (and None for each other file).
+
+    The listing holds one folder's entries at a time, not the whole tree's. Objects under
+    `exclude` (the scoring output, when it lies inside the input) are left out, however either
+    is spelled. `stats` counts the symlinks met. A name that is not UTF-8 is yielded escaped,
+    with an error: listing never stops on a name.
+    """
+    with storage_errors(root):
+        yield from _iter_images(root, exclude, stats if stats is not None else ListingStats())
+
+
+def _iter_images(
+    root: str, exclude: str | None, stats: ListingStats
+) -> Iterator[ListedObject | None]:
+    fs, path = filesystem(root, use_listings_cache=False, skip_instance_cache=True)
+    if not with_retries(lambda: fs.exists(path), f"list {root}"):
+        raise DataError(f"{root} does not exist")
+    excluded = None
+    if exclude is not None:
+        in_type, in_path = _resolved(root)
+        ex_type, ex_path = _resolved(exclude)
+        if ex_type is in_type and _inside(ex_path, in_path):
+            excluded = ex_path
+    if fs.isfile(path):
+        info = fs.info(path)
+        if is_image_path(path):
+            size = int(info.get("size") or 0)
+            yield _listed(to_uri(fs, path), object_version(fs, info), size)
+        else:
+            yield None
+        return
+    local = is_local(fs)
+    found = _walk_local(path, excluded, stats) if local else _walk_remote(fs, path, excluded, stats)
+    for full, info in found:
+        if not is_image_path(full):
+            yield None
+            continue
+        yield _listed(to_uri(fs, full), object_version(fs, info), int(info.get("size") or 0))
+
+
+def _listed(uri: str, version: str, size: int) -> ListedObject:
+    shown = printable_name(uri)
+    return ListedObject(shown, version, size, None if shown == uri else NOT_UTF8)
+
+
+def _walk_local(path: str, excluded: str | None, stats: ListingStats) -> Iterator[tuple[str, dict]]:
+    """(path, info) of every file under a local folder, one folder at a time.
+
+    Symlinks are counted. A link to a file inside the input (its real path) is listed under
+    the link's own name; a link that points outside the input, into the excluded output, or
+    nowhere is skipped. A link to a folder is skipped too: when the folder is inside the input
+    its files are listed once, under their real path (following the link would list them
+    twice, or forever in a loop); when it is outside, it is not the input.
+    """
+    root_real = os.path.realpath(path)
+    stack = [(path, root_real)]
+    while stack:
+        folder, real_folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:  # an unreadable folder: said, and the rest is still listed
+            log.warning("cannot list %s: %s", printable(folder), e)
+            continue
+        subfolders = []
+        for entry in entries:
+            full = os.path.join(folder, entry.name)
+            try:
+                if entry.is_symlink():
+                    stats.symlinks += 1
+                    target = os.path.realpath(full)
+                    if (
+                        not os.path.isfile(target)
+                        or not _inside(target, root_real)
+                        or (excluded is not None and _inside(target, excluded))
+                    ):
+                        stats.symlinks_skipped += 1
+                        continue
+                    st = os.stat(full)
+                elif entry.is_dir(follow_symlinks=False):
+                    real = os.path.join(real_folder, entry.name)
+                    if excluded is None or not _inside(real, excluded):
+                        subfolders.append((full, real))
+                    continue
+                elif entry.is_file(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                else:
+                    continue  # a socket or a pipe: not a file to read
+            except OSError as e:  # gone between the listing and the stat
+                log.warning("cannot stat %s: %s", printable(full), e)
+                continue
+            yield full, {"size": st.st_size, "mtime": st.st_mtime}
+        stack.extend(reversed(subfolders))
+
+
+def _walk_remote(
+    fs: fsspec.AbstractFileSystem, path: str, excluded: str | None, stats: ListingStats
+) -> Iterator[tuple[str, dict]]:
+    """(path, info) of every object under an object-store prefix, page by page as listed.
+
+    No whole-prefix structure is built: each ListObjectsV2 page (1000 keys) is handed on as it
+    arrives, and the prefix is listed over parallel chains of pages (`_list_pages`). Keys come
+    in the order pages arrive, not sorted.
+    """
+    for page in _list_pages(fs, path, stats):
+        stats.pages += 1
+        for key, info in page:
+            if excluded is not None and _inside("/".join(p for p in key.split("/") if p), excluded):
+                continue
+            yield key, info
+
+
+LISTING_CHAINS = 32  # chains of pages listed at once, at most
+_PAGES_IN_FLIGHT = 64  # pages listed ahead of the consumer: the driver's memory bound
+
+
+def _list_pages(
+    fs: fsspec.AbstractFileSystem, path: str, stats: ListingStats, chains: int = LISTING_CHAINS
+) -> Iterator[list[tuple[str, dict]]]:
+    """Pages of (bucket/key, info) under `path`, from up to `chains` parallel listings.
+
+    One chain of pages is sequential (each page's token asks for the next), so a big prefix
+    is split on its "folders": each level is listed with a delimiter, all of its prefixes at
+    once, until there are `chains` of them (or three levels down); the prefixes left are then
+    listed flat, in parallel. A key with an empty segment (a//b.png) sits under the common
+    prefix "a//", so every key is listed exactly once. Pages wait in a bounded queue.
+    """
+    bucket, _, key = path.partition("/")
+    prefix = key.rstrip("/") + "/" if key else ""
+    pages: queue.Queue = queue.Queue(maxsize=_PAGES_IN_FLIGHT)
+    stop = threading.Event()
+    counting = threading.Lock()
+    done = object()
+
+    def put(item: object) -> None:
+        while not stop.is_set():
+            try:
+                pages.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def chain(p: str, delimiter: str) -> list[str]:
+        with counting:
+            stats.chains += 1
+        return _list_chain(fs, bucket, p, delimiter, put, stop)
+
+    def produce() -> None:
+        try:
+            with ThreadPoolExecutor(chains, thread_name_prefix="dskd-listing") as pool:
+                level = [prefix]
+                for _ in range(3):
+                    if len(level) >= chains:
+                        break
+                    found = pool.map(lambda p: chain(p, "/"), level)
+                    level = [child for children in found for child in children]
+                for future in [pool.submit(chain, p, "") for p in level]:
+                    future.result()
+            put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            put(e)
+
+    producer = threading.Thread(target=produce, name="dskd-listing", daemon=True)
+    producer.start()
+    try:
+        while True:
+            item = pages.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()  # a consumer that stops early frees the listing threads
+        producer.join(timeout=5)
+
+
+def _list_chain(
+    fs: fsspec.AbstractFileSystem,
+    bucket: str,
+    prefix: str,
+    delimiter: str,
+    put: Callable[[object], None],
+    stop: threading.Event | None,
+) -> list[str]:
+    """List `prefix` page after page (each page retried), handing each page's files to `put`;
+    return the common prefixes (only with a delimiter)."""
+    kwargs: dict = {"Bucket": bucket, "Prefix": prefix}
+    if delimiter:
+        kwargs["Delimiter"] = delimiter
+    common: list[str] = []
+    while stop is None or not stop.is_set():
+        page = with_retries(
+            lambda: fs.call_s3("list_objects_v2", **kwargs), f"list s3://{bucket}/{prefix}"
+        )
+        common += [c["Prefix"] for c in page.get("CommonPrefixes", [])]
+        files = [
+            (f"{bucket}/{c['Key']}", {"size": c.get("Size", 0), "ETag": c.get("ETag")})
+            for c in page.get("Contents", [])
+            if not c["Key"].endswith("/")  # a "folder" marker, not an object to score
+        ]
+        if files:
+            put(files)
+        if not page.get("IsTruncated"):
+            break
+        kwargs["ContinuationToken"] = page["NextContinuationToken"]
+    return common
+
+
+# --- anomaly-map keys ------------------------------------------------------------------------------
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_MAX_SEGMENT = 80
+
+
+def _safe_segment(segment: str) -> str:
+    segment = _UNSAFE.sub("_", segment)[:_MAX_SEGMENT]
+    # "", "." and ".." would collapse or climb folders; leading dots would hide files.
+    return "_" + segment.lstrip(".") if segment.startswith(".") or not segment else segment
+
+
+def map_uri(
+    maps_root: str, image_uri: str, image_version: str, model_id: str, run_id: str = ""
+) -> str:
+    """Where the anomaly map of (image, version, model[, run]) lives:
+    maps_root/<model>/<path>.<hash>.png.
+
+    The key mirrors the image's bucket and path (so a person finds it), each segment reduced to
+    [A-Za-z0-9._-] with no "." or ".." segments (so no name escapes maps_root), and ends in a
+    hash of the exact URI, version, model and run (so names that sanitise alike never collide,
+    and neither a changed image nor a later run, --rescore included, ever overwrites the map a
+    committed row points at).
+    """
+    bare = image_uri.split("://", 1)[-1]
+    segments = [_safe_segment(s) for s in bare.split("/") if s not in ("", ".")]
+    stem = posixpath.splitext(segments[-1])[0] if segments else "image"
+    identity = f"{image_uri}\n{image_version}\n{model_id}" + (f"\n{run_id}" if run_id else "")
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    folders = segments[:-1][-12:]  # bounded depth keeps keys under S3's 1024-byte limit
+    name = f"{_safe_segment(stem)}.{digest}.png"
+    return join_uri(maps_root, f"model={_safe_segment(model_id)}", *folders, name)

@@ -1,0 +1,57 @@
+"""The onnxruntime backend: the graph `dskd export` writes, scored like `Scorer` scores.
+
+Only the network changes hands: decoding, chunking, rows and maps stay those of
+`scoring.BatchScorer`, so `dskd score --backend onnxruntime` writes the rows PyTorch writes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from dskd_ray.config import DSKDConfig
+from dskd_ray.inference.scoring import BatchScorer
+from dskd_ray.onnx.export import INPUT_NAME, ExportError, read_metadata
+
+
+def session_for(graph: bytes | str, threads: int | None = None):  # noqa: ANN201 - ort session
+    """An ONNX Runtime CPU session for a serialised graph (bytes) or a graph file."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ExportError(
+            "the onnxruntime backend needs onnxruntime: pip install 'dskd_ray[onnx]'"
+        ) from e
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # warnings about unused initialisers are noise
+    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+
+class OnnxScorer(BatchScorer):
+    """An exported graph loaded once; threshold, model id and size from its metadata."""
+
+    def __init__(
+        self, graph: bytes | str, batch_size: int = 16, threads: int | None = None
+    ) -> None:
+        metadata = read_metadata(graph)
+        if "model_id" not in metadata:
+            raise ExportError("not a dskd_ray graph: its metadata has no dskd_ray.model_id")
+        self.session = session_for(graph, threads)
+        self.metadata = metadata
+        self.model_id = metadata["model_id"]
+        # The checkpoint's config travels in the metadata: tiling and the score rule with it.
+        self.config = DSKDConfig.from_dict(json.loads(metadata["config"]))
+        self.image_size = int(metadata["image_size"])
+        self.threshold = json.loads(metadata["threshold"])
+        self.batch_size = batch_size
+
+    def _score_chunk(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # The same arithmetic as scoring.images_to_tensor, so inputs are bit-identical.
+        x = np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255)
+        maps, scores = self.session.run(None, {INPUT_NAME: x})
+        return maps.astype(np.float32, copy=False), scores.astype(np.float32, copy=False)

@@ -1,0 +1,1 @@
+"""What the two HTML pages share: overlays, charts, HTML helpers."""
