@@ -1,0 +1,31 @@
+"""Moved to `dskd_ray.inference.scoring` (issue 23). This old path stays for one release, then goes."""
+
+import warnings
+
+from dskd_ray.inference.scoring import (
+    BatchScorer,
+    ModelScorer,
+    Scorer,
+    ScoreResult,
+    compute_maps,
+    images_to_tensor,
+    not_finite_reason,
+    resolve_device,
+)
+
+__all__ = [
+    "BatchScorer",
+    "ModelScorer",
+    "ScoreResult",
+    "Scorer",
+    "compute_maps",
+    "images_to_tensor",
+    "not_finite_reason",
+    "resolve_device",
+]
+
+warnings.warn(
+    "dskd_ray.scoring moved to dskd_ray.inference.scoring; the old path goes in the next release",
+    DeprecationWarning,
+    stacklevel=2,
+)
