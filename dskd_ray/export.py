@@ -3,13 +3,9 @@
 import warnings
 
 from dskd_ray.onnx.export import (
-    INPUT_NAME,
     MAP_TOLERANCE,
-    METADATA,
-    OUTPUT_NAMES,
     SCORE_TOLERANCE,
     ExportCheck,
-    ExportError,
     ExportResult,
     ScoringGraph,
     cached_graph,
@@ -20,9 +16,15 @@ from dskd_ray.onnx.export import (
     export_onnx,
     graph_cache_path,
     graph_metadata,
+    relative_error,
+)
+from dskd_ray.onnx.graph import (
+    INPUT_NAME,
+    METADATA,
+    OUTPUT_NAMES,
+    ExportError,
     onnx_installed,
     read_metadata,
-    relative_error,
     with_metadata,
 )
 

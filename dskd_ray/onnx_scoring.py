@@ -2,10 +2,8 @@
 
 import warnings
 
-from dskd_ray.onnx.runtime import (
-    OnnxScorer,
-    session_for,
-)
+from dskd_ray.onnx.graph import session_for
+from dskd_ray.onnx.runtime import OnnxScorer
 
 __all__ = ["OnnxScorer", "session_for"]
 

@@ -26,7 +26,8 @@ from dskd_ray.model.checkpoint import FORMAT, load_checkpoint
 from dskd_ray.nightly.results import read_results
 from dskd_ray.nightly.run import ScoringOptions, score_images
 from dskd_ray.onnx import export
-from dskd_ray.onnx.export import ExportError, export_onnx, read_metadata
+from dskd_ray.onnx.export import export_onnx
+from dskd_ray.onnx.graph import ExportError, read_metadata
 from dskd_ray.onnx.runtime import OnnxScorer
 from dskd_ray.training.loop import train
 

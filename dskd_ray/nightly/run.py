@@ -916,7 +916,8 @@ def _choose_backend(
 ) -> tuple[str, bytes | None]:
     """The backend this run uses (`ScoringOptions.resolve_backend`) and, for onnxruntime, the
     model's checked graph: exported here, on the driver, on its first run, then cached."""
-    from dskd_ray.onnx.export import ExportError, cached_graph, graph_cache_path, onnx_installed
+    from dskd_ray.onnx.export import cached_graph, graph_cache_path
+    from dskd_ray.onnx.graph import ExportError, onnx_installed
 
     installed = onnx_installed()
     cached = installed and graph_cache_path(checkpoint).is_file()

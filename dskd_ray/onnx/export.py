@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from dskd_ray.errors import DSKDError
 from dskd_ray.evaluation.metrics import is_anomalous
 from dskd_ray.io import file_kind
 from dskd_ray.io.storage import (
@@ -38,17 +37,22 @@ from dskd_ray.io.storage import (
 )
 from dskd_ray.model.checkpoint import FORMAT, Checkpoint, library_versions, load_checkpoint
 from dskd_ray.model.network import DSKD
+from dskd_ray.onnx.graph import (
+    INPUT_NAME,
+    METADATA,
+    OUTPUT_NAMES,
+    ExportError,
+    _require_onnx,
+    _version,
+    read_metadata,
+    session_for,
+    with_metadata,
+)
 
 log = logging.getLogger(__name__)
 
 MAP_TOLERANCE = 1e-4  # max |ΔΔmap| relative to the batch's largest map value
 SCORE_TOLERANCE = 1e-5  # max |Δscore| relative to the batch's largest score
-METADATA = "dskd_ray."  # prefix of every metadata key this library writes
-INPUT_NAME, OUTPUT_NAMES = "image", ("anomaly_map", "score")
-
-
-class ExportError(DSKDError):
-    """An export that cannot be done exactly; nothing was written."""
 
 
 class ScoringGraph(nn.Module):
@@ -133,33 +137,6 @@ def graph_metadata(checkpoint: Checkpoint) -> dict[str, str]:
     }
 
 
-def _version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "absent"
-
-
-def _missing_onnx() -> list[str]:
-    return [m for m in ("onnx", "onnxruntime", "onnxscript") if _version(m) == "absent"]
-
-
-def onnx_installed() -> bool:
-    """The onnx extra is installed: a graph can be exported and run."""
-    return not _missing_onnx()
-
-
-def _require_onnx() -> None:
-    missing = _missing_onnx()
-    if missing:
-        raise ExportError(
-            f"ONNX export and the onnxruntime backend need {', '.join(missing)}: "
-            "pip install 'dskd_ray[onnx]'"
-        )
-
-
 def _trace(model: DSKD, image_size: int) -> bytes:
     """The scoring graph as serialised ONNX with a dynamic batch dimension."""
     import torch.onnx
@@ -183,31 +160,8 @@ def _trace(model: DSKD, image_size: int) -> bytes:
     return program.model_proto.SerializeToString()
 
 
-def with_metadata(graph: bytes, metadata: dict[str, str]) -> bytes:
-    import onnx
-
-    proto = onnx.load_from_string(graph)
-    del proto.metadata_props[:]
-    for key, value in metadata.items():
-        proto.metadata_props.add(key=key, value=value)
-    proto.doc_string = "dskd_ray anomaly scoring: image → anomaly_map, score"
-    return proto.SerializeToString()
-
-
-def read_metadata(graph: bytes | str) -> dict[str, str]:
-    """The dskd_ray metadata of a serialised graph (bytes) or a graph file."""
-    import onnx
-
-    proto = onnx.load_from_string(graph) if isinstance(graph, bytes) else onnx.load(graph)
-    return {
-        p.key[len(METADATA) :]: p.value for p in proto.metadata_props if p.key.startswith(METADATA)
-    }
-
-
 def compare(graph: bytes, model: DSKD, images: np.ndarray, threshold: float | None) -> ExportCheck:
     """ONNX Runtime against `DSKD.predict` on the same uint8 images, one batch."""
-    from dskd_ray.onnx.runtime import session_for
-
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(255.0)
     want_maps, want_scores = (t.numpy() for t in model.predict(x))
     got_maps, got_scores = session_for(graph).run(None, {INPUT_NAME: x.numpy()})

@@ -12,24 +12,7 @@ import numpy as np
 
 from dskd_ray.config import DSKDConfig
 from dskd_ray.inference.scoring import BatchScorer
-from dskd_ray.onnx.export import INPUT_NAME, ExportError, read_metadata
-
-
-def session_for(graph: bytes | str, threads: int | None = None):  # noqa: ANN201 - ort session
-    """An ONNX Runtime CPU session for a serialised graph (bytes) or a graph file."""
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise ExportError(
-            "the onnxruntime backend needs onnxruntime: pip install 'dskd_ray[onnx]'"
-        ) from e
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # warnings about unused initialisers are noise
-    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+from dskd_ray.onnx.graph import INPUT_NAME, ExportError, read_metadata, session_for
 
 
 class OnnxScorer(BatchScorer):
