@@ -17,7 +17,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dskd_ray.config import DSKDConfig
-from dskd_ray.inference.scoring import compute_maps
 from dskd_ray.model.network import DSKD
 
 
@@ -39,7 +38,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int
 def count_flops(model: DSKD, size: int) -> int:
     x = torch.rand(1, 3, size, size)
     with FlopCounterMode(display=False) as counter:
-        compute_maps(model, x)
+        model.predict(x)
     return counter.get_total_flops()
 
 
@@ -58,10 +57,10 @@ def throughput(
         x = x.contiguous(memory_format=torch.channels_last)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     with ctx:
-        compute_maps(model, x)  # warm-up
+        model.predict(x)  # warm-up
         done, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
-            compute_maps(model, x)
+            model.predict(x)
             done += batch
         if device.type == "cuda":
             torch.cuda.synchronize()

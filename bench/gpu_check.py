@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from dskd_ray.config import DSKDConfig
-from dskd_ray.inference.scoring import Scorer, images_to_tensor
+from dskd_ray.inference.scoring import Scorer
 from dskd_ray.model.checkpoint import make_checkpoint
+from dskd_ray.model.inputs import images_to_tensor
 from dskd_ray.model.network import DSKD
 from dskd_ray.training.loop import make_optimizer, train_step
 

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dskd_ray.inference.scoring import images_to_tensor
 from dskd_ray.model.anomaly_map import gaussian_blur
+from dskd_ray.model.inputs import images_to_tensor
 from dskd_ray.model.network import DSKD
 
 

@@ -57,7 +57,7 @@ from knn_reference import knn_maps  # noqa: E402
 from dskd_ray.config import MEMORY_SAMPLINGS, DSKDConfig  # noqa: E402
 from dskd_ray.evaluation import metrics  # noqa: E402
 from dskd_ray.evaluation.evaluate import METRIC_KEYS, evaluate_category  # noqa: E402
-from dskd_ray.inference.scoring import Scorer, images_to_tensor, resolve_device  # noqa: E402
+from dskd_ray.inference.scoring import Scorer, resolve_device  # noqa: E402
 from dskd_ray.io.data import Category, discover_categories, load_images, load_mask  # noqa: E402
 from dskd_ray.model.anomaly_map import (  # noqa: E402
     apply_baseline,
@@ -72,6 +72,7 @@ from dskd_ray.model.anomaly_map import (  # noqa: E402
     memory_member,
 )
 from dskd_ray.model.checkpoint import load_checkpoint  # noqa: E402
+from dskd_ray.model.inputs import images_to_tensor
 from dskd_ray.model.network import DSKD  # noqa: E402
 from dskd_ray.training.loop import add_memory, plan_training, split_holdout, train  # noqa: E402
 

@@ -7,18 +7,16 @@ from dskd_ray.inference.scoring import (
     ModelScorer,
     Scorer,
     ScoreResult,
-    compute_maps,
-    images_to_tensor,
     not_finite_reason,
     resolve_device,
 )
+from dskd_ray.model.inputs import images_to_tensor
 
 __all__ = [
     "BatchScorer",
     "ModelScorer",
     "ScoreResult",
     "Scorer",
-    "compute_maps",
     "images_to_tensor",
     "not_finite_reason",
     "resolve_device",

@@ -218,8 +218,6 @@ def _as_format_1(payload: dict, with_baseline: bool) -> dict:
 def test_a_format_1_checkpoint_loads_and_scores_as_before(
     tmp_path: Path, tiny_config: DSKDConfig, with_baseline: bool
 ) -> None:
-    from dskd_ray.inference.scoring import compute_maps
-
     config = tiny_config.replace(
         level_normalization="mean", map_baseline="mean" if with_baseline else "none"
     )
@@ -239,8 +237,8 @@ def test_a_format_1_checkpoint_loads_and_scores_as_before(
     assert old.config.level_normalization == "mean"
     assert old.config.map_baseline == ("mean" if with_baseline else "none")
     x = torch.rand(2, 3, 64, 64)
-    expected, expected_scores = compute_maps(model, x)
-    maps, scores = compute_maps(old.build_model(), x)
+    expected, expected_scores = model.predict(x)
+    maps, scores = old.build_model().predict(x)
     torch.testing.assert_close(maps, expected)
     torch.testing.assert_close(scores, expected_scores)
     # A /1 checkpoint is verified too: one changed weight and it is refused.
@@ -256,8 +254,6 @@ def test_a_format_2_checkpoint_loads_keeps_its_id_and_scores_as_before(
     tmp_path: Path, tiny_config: DSKDConfig
 ) -> None:
     """/2 named the baseline buffer `map_baseline`, like the config field."""
-    from dskd_ray.inference.scoring import compute_maps
-
     model = DSKD(tiny_config).eval()
     with torch.no_grad():
         model.pixel_baseline.uniform_(0.5, 2.0)
@@ -274,7 +270,7 @@ def test_a_format_2_checkpoint_loads_keeps_its_id_and_scores_as_before(
     old = load_checkpoint(tmp_path / "v2.pt")
     assert old.model_id == meta["model_id"]  # results written under /2 keep naming this model
     x = torch.rand(2, 3, 64, 64)
-    torch.testing.assert_close(compute_maps(old.build_model(), x), compute_maps(model, x))
+    torch.testing.assert_close(old.build_model().predict(x), model.predict(x))
     state[next(k for k in state if k.endswith("weight"))] *= 2
     torch.save({**v2, "meta": json.dumps(meta)}, tmp_path / "v2-bad.pt")
     with pytest.raises(CheckpointError, match="do not match its model id"):
@@ -301,8 +297,6 @@ def test_a_format_4_checkpoint_loads_with_the_old_students_and_keeps_its_id(
     tmp_path: Path, tiny_config: DSKDConfig
 ) -> None:
     """/4 was written before the students' switches: it trained and scores as their defaults."""
-    from dskd_ray.inference.scoring import compute_maps
-
     model = DSKD(tiny_config).eval()
     save_checkpoint(make_checkpoint(model), tmp_path / "v5.pt")
     payload = torch.load(tmp_path / "v5.pt", weights_only=True)
@@ -315,7 +309,7 @@ def test_a_format_4_checkpoint_loads_with_the_old_students_and_keeps_its_id(
     assert old.model_id == meta["model_id"]  # results written under /4 keep naming this model
     assert {k: getattr(old.config, k) for k in V4_DEFAULTS} == V4_DEFAULTS
     x = torch.rand(2, 3, 64, 64)
-    torch.testing.assert_close(compute_maps(old.build_model(), x), compute_maps(model, x))
+    torch.testing.assert_close(old.build_model().predict(x), model.predict(x))
     v4["state_dict"] = dict(v4["state_dict"])
     key = next(k for k in v4["state_dict"] if k.endswith("weight"))
     v4["state_dict"][key] = v4["state_dict"][key] * 2

@@ -334,8 +334,8 @@ def test_two_worker_training_from_s3_then_scoring(
 
 def _memory_patches(model: DSKD, paths: list[Path]) -> torch.Tensor:
     """(n·64, 384) float64: the memory patches of 64² images, as the model computes them."""
-    from dskd_ray.inference.scoring import images_to_tensor
     from dskd_ray.model.anomaly_map import memory_features
+    from dskd_ray.model.inputs import images_to_tensor
 
     images = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
     with torch.no_grad():

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from conftest import write_textures
 from dskd_ray.config import DSKDConfig
 from dskd_ray.errors import CheckpointError, ConfigError
-from dskd_ray.inference.scoring import images_to_tensor
 from dskd_ray.model import anomaly_map
 from dskd_ray.model.anomaly_map import gaussian_blur, memory_distances, memory_features
 from dskd_ray.model.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from dskd_ray.model.inputs import images_to_tensor
 from dskd_ray.model.network import DSKD
 from dskd_ray.training.loop import add_memory, plan_training, train
 from dskd_ray.training.memory import greedy_coreset, random_subsample, select_bank

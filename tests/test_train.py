@@ -6,8 +6,9 @@ import torch
 
 from dskd_ray.config import DSKDConfig
 from dskd_ray.errors import CheckpointError, DataError
-from dskd_ray.inference.scoring import Scorer, images_to_tensor
+from dskd_ray.inference.scoring import Scorer
 from dskd_ray.model.checkpoint import load_checkpoint
+from dskd_ray.model.inputs import images_to_tensor
 from dskd_ray.model.loss import distillation_loss
 from dskd_ray.model.network import DSKD
 from dskd_ray.training.loop import (
@@ -267,8 +268,8 @@ def test_too_few_readable_images_is_a_clear_error(tmp_path: Path, tiny_config: D
 def test_level_normalization_fits_statistics_on_held_out_normal_images(
     tiny_config: DSKDConfig, normalization: str
 ) -> None:
-    from dskd_ray.inference.scoring import images_to_tensor
     from dskd_ray.model.anomaly_map import level_maps
+    from dskd_ray.model.inputs import images_to_tensor
     from dskd_ray.training.loop import calibrate
 
     config = tiny_config.replace(level_normalization=normalization, map_baseline="none")
@@ -309,7 +310,7 @@ def test_top_k_image_score_is_the_mean_of_the_k_highest_pixels() -> None:
 
 
 def test_map_baseline_is_the_normal_mean_map_and_divides_it_out(tiny_config: DSKDConfig) -> None:
-    from dskd_ray.inference.scoring import compute_maps, images_to_tensor
+    from dskd_ray.model.inputs import images_to_tensor
     from dskd_ray.training.loop import calibrate
 
     tiny_config = tiny_config.replace(level_normalization="none", map_baseline="mean")
@@ -319,26 +320,26 @@ def test_map_baseline_is_the_normal_mean_map_and_divides_it_out(tiny_config: DSK
     normal = rng.integers(0, 255, (6, 64, 64, 3), dtype=np.uint8)
     holdout = rng.integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
     x = images_to_tensor(normal, torch.device("cpu"))
-    raw, _ = compute_maps(model, x, divide_baseline=False)
+    raw, _ = model.predict(x, divide_baseline=False)
     threshold = calibrate(model, normal, holdout, tiny_config, torch.device("cpu"))
     mean = raw.mean(dim=0)
     floor = 0.1 * mean.mean()
     torch.testing.assert_close(model.pixel_baseline, mean.clamp_min(floor))
-    divided, scores = compute_maps(model, x)
+    divided, scores = model.predict(x)
     torch.testing.assert_close(divided, raw / model.pixel_baseline)
     assert torch.equal(scores, divided.flatten(1).amax(dim=1))
     # The threshold is on the divided maps of the hold-out, which the baseline did not see.
-    held, held_scores = compute_maps(model, images_to_tensor(holdout, torch.device("cpu")))
+    held, held_scores = model.predict(images_to_tensor(holdout, torch.device("cpu")))
     assert threshold is not None
     assert threshold.normal_scores == pytest.approx(held_scores.tolist(), rel=1e-5)
     # "none" keeps the raw map whatever the buffer holds.
     model.config = tiny_config.replace(map_baseline="none")
     assert model.baseline() is None
-    torch.testing.assert_close(compute_maps(model, x)[0], raw)
+    torch.testing.assert_close(model.predict(x)[0], raw)
 
 
 def test_subtracted_baseline_is_the_raw_normal_mean_map(tiny_config: DSKDConfig) -> None:
-    from dskd_ray.inference.scoring import compute_maps, images_to_tensor
+    from dskd_ray.model.inputs import images_to_tensor
     from dskd_ray.training.loop import calibrate
 
     config = tiny_config.replace(level_normalization="standardize", map_baseline="subtract")
@@ -348,10 +349,10 @@ def test_subtracted_baseline_is_the_raw_normal_mean_map(tiny_config: DSKDConfig)
     holdout = rng.integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
     calibrate(model, normal, holdout, config, torch.device("cpu"))
     x = images_to_tensor(normal, torch.device("cpu"))
-    before, _ = compute_maps(model, x, divide_baseline=False)
+    before, _ = model.predict(x, divide_baseline=False)
     # A subtrahend needs no floor: the baseline is exactly the normal mean map.
     torch.testing.assert_close(model.pixel_baseline, before.mean(dim=0))
-    after, scores = compute_maps(model, x)
+    after, scores = model.predict(x)
     # What is left is the excess over the usual discrepancy, cut at zero.
     torch.testing.assert_close(after, (before - model.pixel_baseline).clamp_min(0))
     assert after.min().item() == 0.0 and after.max().item() > 0.0

@@ -18,6 +18,7 @@ from dskd_ray.errors import ConfigError
 from dskd_ray.evaluation.metrics import is_anomalous
 from dskd_ray.inference import tiling
 from dskd_ray.model.checkpoint import Checkpoint, load_checkpoint
+from dskd_ray.model.inputs import images_to_tensor
 from dskd_ray.model.network import DSKD
 
 log = logging.getLogger(__name__)
@@ -31,22 +32,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} asked for, but torch sees no CUDA device")
     return dev
-
-
-def images_to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """(B, H, W, 3) uint8 → (B, 3, H, W) float in [0, 1] on `device` (converted there: 4× less copy)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True)
-    return x.permute(0, 3, 1, 2).float().div_(255.0)
-
-
-def compute_maps(
-    model: DSKD,
-    x: torch.Tensor,
-    divide_baseline: bool = True,
-    autocast_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x in [0, 1], (B, 3, H, W) → maps (B, H, W), scores (B,): `DSKD.predict`."""
-    return model.predict(x, divide_baseline, autocast_dtype)
 
 
 @dataclass

@@ -36,6 +36,7 @@ from dskd_ray.io.storage import (
     write_object,
 )
 from dskd_ray.model.checkpoint import FORMAT, Checkpoint, library_versions, load_checkpoint
+from dskd_ray.model.inputs import images_to_tensor
 from dskd_ray.model.network import DSKD
 from dskd_ray.onnx.graph import (
     INPUT_NAME,
@@ -162,7 +163,7 @@ def _trace(model: DSKD, image_size: int) -> bytes:
 
 def compare(graph: bytes, model: DSKD, images: np.ndarray, threshold: float | None) -> ExportCheck:
     """ONNX Runtime against `DSKD.predict` on the same uint8 images, one batch."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(255.0)
+    x = images_to_tensor(images, "cpu")
     want_maps, want_scores = (t.numpy() for t in model.predict(x))
     got_maps, got_scores = session_for(graph).run(None, {INPUT_NAME: x.numpy()})
     want_flags = is_anomalous(want_scores, threshold)

@@ -12,6 +12,7 @@ import numpy as np
 
 from dskd_ray.config import DSKDConfig
 from dskd_ray.inference.scoring import BatchScorer
+from dskd_ray.model.inputs import to_unit_nchw
 from dskd_ray.onnx.graph import INPUT_NAME, ExportError, read_metadata, session_for
 
 
@@ -34,7 +35,5 @@ class OnnxScorer(BatchScorer):
         self.batch_size = batch_size
 
     def _score_chunk(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # The same arithmetic as scoring.images_to_tensor, so inputs are bit-identical.
-        x = np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255)
-        maps, scores = self.session.run(None, {INPUT_NAME: x})
+        maps, scores = self.session.run(None, {INPUT_NAME: to_unit_nchw(images)})
         return maps.astype(np.float32, copy=False), scores.astype(np.float32, copy=False)

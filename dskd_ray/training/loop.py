@@ -24,7 +24,7 @@ from torch import nn
 from dskd_ray.config import DSKDConfig
 from dskd_ray.errors import CheckpointError, DataError, DSKDError
 from dskd_ray.inference import tiling
-from dskd_ray.inference.scoring import ModelScorer, images_to_tensor, resolve_device
+from dskd_ray.inference.scoring import ModelScorer, resolve_device
 from dskd_ray.io.data import decode_images, load_images, load_model_inputs, training_images
 from dskd_ray.model.anomaly_map import (
     baseline_from_mean,
@@ -43,6 +43,7 @@ from dskd_ray.model.checkpoint import (
     make_checkpoint,
     save_checkpoint,
 )
+from dskd_ray.model.inputs import images_to_tensor
 from dskd_ray.model.loss import distillation_loss
 from dskd_ray.model.network import DSKD
 from dskd_ray.progress import PROGRESS, clock, eta
@@ -416,8 +417,7 @@ def run_epoch(
 
 def _batch(images: torch.Tensor, index: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 (B, S, S, 3) rows → float (B, 3, S, S) in [0, 1] on device."""
-    rows = images[index.to(images.device)]
-    return rows.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+    return images_to_tensor(images[index.to(images.device)], device)
 
 
 @torch.inference_mode()
