@@ -109,7 +109,7 @@ def evaluate_category(
         maps, masks = maps_kept, masks_kept
     if with_masks and maps is not None and masks is not None and any(m.any() for m in masks):
         pixel_auroc = metrics.pixel_auroc(masks, maps)
-        aupro = metrics.aupro(masks, maps, fpr_limit=0.3)
+        aupro = metrics.aupro(masks, maps, fpr_limit=metrics.PRO_FPR_LIMIT)
     return CategoryResult(
         name=category.name,
         image_auroc=_finite_or_none(image_auroc),

@@ -290,6 +290,8 @@ def _label_components(masks: np.ndarray) -> tuple[np.ndarray, int]:
 
 # ----------------------------------------------------------------------------- PRO / AUPRO
 
+PRO_FPR_LIMIT = 0.3  # AUPRO integrates PRO up to this false-positive rate (MVTec AD's choice)
+
 
 def _check_fpr_limit(fpr_limit: float) -> float:
     fpr_limit = float(fpr_limit)
@@ -405,7 +407,7 @@ def _pro_curve_unchecked(
 
 
 def pro_curve(
-    masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3
+    masks: np.ndarray, maps: np.ndarray, fpr_limit: float = PRO_FPR_LIMIT
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-region-overlap curve (fpr, pro) from the origin up to exactly ``fpr_limit``.
 
@@ -424,7 +426,7 @@ def pro_curve(
     return _pro_curve_unchecked(masks, maps, fpr_limit)
 
 
-def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
+def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = PRO_FPR_LIMIT) -> float:
     """Area under the PRO curve up to ``fpr_limit``, divided by ``fpr_limit``: in [0, 1].
 
     The MVTec AD definition (anomalib ``AUPRO(fpr_limit=0.3)``), exact at every distinct score:

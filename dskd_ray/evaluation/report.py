@@ -33,7 +33,6 @@ from dskd_ray.reporting.visualize import colorize, mask_outline, overlay
 
 log = logging.getLogger(__name__)
 
-PRO_FPR_LIMIT = 0.3
 THUMB_SIZE = 256  # largest thumbnail panel side in pixels; smaller model inputs stay as they are
 
 NORMAL_COLOUR = (31, 119, 180)
@@ -259,7 +258,9 @@ def roc_chart(labels: np.ndarray, scores: np.ndarray, threshold: float | None) -
     return chart
 
 
-def pro_chart(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = PRO_FPR_LIMIT) -> Chart:
+def pro_chart(
+    masks: np.ndarray, maps: np.ndarray, fpr_limit: float = metrics.PRO_FPR_LIMIT
+) -> Chart:
     """Per-region-overlap curve up to `fpr_limit` (the AUPRO integration range)."""
     fpr, pro = metrics.pro_curve(masks, maps, fpr_limit)
     area = float(np.sum(np.diff(fpr) * (pro[1:] + pro[:-1])) / 2.0) / fpr_limit
@@ -648,9 +649,9 @@ class Report:
         body = [
             f"<h1>{_e(self.title)}</h1>",
             '<p class="note">Image AUROC and F1-max rank the test images by their score (the '
-            "maximum of the anomaly map); pixel AUROC and AUPRO (FPR ≤ 0.3) compare the maps "
-            "with the ground-truth masks. “—”: not defined for this data (no masks, or one "
-            "class only); the mean is over categories that all have the metric.</p>",
+            f"maximum of the anomaly map); pixel AUROC and AUPRO (FPR ≤ {metrics.PRO_FPR_LIMIT:g}) "
+            "compare the maps with the ground-truth masks. “—”: not defined for this data (no "
+            "masks, or one class only); the mean is over categories that all have the metric.</p>",
             '<table class="metrics"><thead><tr><th>category</th><th>image AUROC</th>'
             "<th>pixel AUROC</th><th>AUPRO</th><th>F1-max</th><th>test images</th>"
             "<th>anomalous</th><th>threshold</th></tr></thead><tbody>",
