@@ -11,10 +11,6 @@ from typing import Any, Literal
 
 from dskd_ray.errors import ConfigError
 
-Students = Literal["both", "se", "sd", "none"]
-DFInput = Literal["se", "teacher"]
-LevelFusion = Literal["sum", "product"]
-
 BACKBONES: tuple[str, ...] = (
     "resnet18", "wide_resnet50_2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
 )  # fmt: skip

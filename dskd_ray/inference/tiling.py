@@ -55,10 +55,6 @@ class TileGrid:
         return [(y, x) for y in self.ys for x in self.xs]
 
 
-def tile_count(height: int, width: int, tile: int, overlap: int) -> int:
-    return TileGrid(height, width, tile, overlap).count
-
-
 def cut(image: np.ndarray, tile: int, overlap: int) -> tuple[np.ndarray, TileGrid]:
     """(H, W, 3) uint8 → ((n, tile, tile, 3) uint8 tiles in raster order, their grid)."""
     height, width = image.shape[:2]

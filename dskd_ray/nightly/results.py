@@ -87,10 +87,6 @@ def manifest_path(run_id: str) -> str:
     return f"{MANIFESTS_DIR}/run={run_id}.json"
 
 
-def empty_results() -> pa.Table:
-    return RESULT_SCHEMA.empty_table()
-
-
 class PartWriter:
     """Collects a run's rows and writes them as Parquet parts under the run's partition.
 
