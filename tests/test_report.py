@@ -15,7 +15,8 @@ from PIL import Image
 from conftest import write_textures
 from dskd_ray.evaluation import metrics
 from dskd_ray.evaluation.evaluate import CategoryResult, summarize
-from dskd_ray.evaluation.report import nice_ticks, select_thumbnails, write_report
+from dskd_ray.evaluation.report import select_thumbnails, write_report
+from dskd_ray.reporting.charts import nice_ticks
 
 REPO = Path(__file__).resolve().parents[1]
 CHECK_SCRIPT = REPO / "bench" / "check_report.sh"

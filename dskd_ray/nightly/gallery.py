@@ -23,7 +23,6 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from dskd_ray.errors import DataError
-from dskd_ray.evaluation.report import THRESHOLD_COLOUR, Chart, colour_bar, nice_ticks
 from dskd_ray.io.images import decode_image
 from dskd_ray.io.map_png import decode_map_png
 from dskd_ray.io.storage import describe_failure, read_object
@@ -38,12 +37,19 @@ from dskd_ray.nightly.summary import (
     select_runs,
     top_anomalies,
 )
+from dskd_ray.reporting.charts import (
+    CALIBRATION_COLOUR,
+    NORMAL_COLOUR,
+    THRESHOLD_COLOUR,
+    Chart,
+    colour_bar,
+    nice_ticks,
+)
 from dskd_ray.reporting.visualize import colorize, display_scale, overlay
 
 log = logging.getLogger(__name__)
 
-NIGHT_COLOUR = (31, 119, 180)
-CALIBRATION_COLOUR = (44, 160, 44)
+NIGHT_COLOUR = NORMAL_COLOUR  # the night's images are mostly normal ones
 EXAMPLES_PER_REASON = 5
 IO_THREADS = 8
 
