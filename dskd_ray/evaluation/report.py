@@ -13,13 +13,11 @@ model's input size (at most `THUMB_SIZE`).
 
 from __future__ import annotations
 
-import html
 import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 import numpy as np
 from PIL import Image
@@ -36,6 +34,7 @@ from dskd_ray.reporting.charts import (
     colour_bar,
     nice_ticks,
 )
+from dskd_ray.reporting.html import escape, href, img, page
 from dskd_ray.reporting.visualize import mask_outline, overlay
 
 log = logging.getLogger(__name__)
@@ -235,9 +234,7 @@ def _outcome(label: int, score: float, threshold: float | None) -> tuple[str, st
 
 # ----------------------------------------------------------------------------- HTML
 
-_CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 24px auto;
-  max-width: 1400px; padding: 0 16px; color: #222; background: #fafafa; }
+_CSS = """\
 h1 { margin-bottom: 4px; } h2 { margin-top: 40px; border-bottom: 2px solid #ddd; }
 h3 { margin: 24px 0 2px; } .note { color: #555; margin: 2px 0 10px; }
 table.metrics { border-collapse: collapse; background: white; }
@@ -258,14 +255,6 @@ figure.fp, figure.fn { border-top-color: #d62728; } figure.tp, figure.tn { borde
 .legend { display: flex; gap: 24px; align-items: center; flex-wrap: wrap; margin: 8px 0; }
 .legend img { width: 360px; }
 """
-
-
-def _e(text: object) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _href(path: str) -> str:
-    return quote(path, safe="/")
 
 
 def _fmt(v: float | None) -> str:
@@ -321,7 +310,7 @@ class Report:
         (self.directory / folder).mkdir(exist_ok=True)
         anchor = f"category-{index}"
         labels, scores = _labels_and_scores(result)
-        parts = [f'<section id="{anchor}">', f"<h2>{_e(result.name)}</h2>"]
+        parts = [f'<section id="{anchor}">', f"<h2>{escape(result.name)}</h2>"]
         facts = [
             f"{result.n_test} test images, {result.n_anomalous} anomalous",
             "threshold "
@@ -336,13 +325,13 @@ class Report:
             )
         if model:
             facts.append(f"model {model}")
-        parts.append(f'<p class="note">{_e("; ".join(facts))}.</p>')
+        parts.append(f'<p class="note">{escape("; ".join(facts))}.</p>')
         if result.skipped:
             names = ", ".join(Path(uri).name for uri, _ in result.skipped[:10])
             more = f" and {len(result.skipped) - 10} more" if len(result.skipped) > 10 else ""
             parts.append(
                 f'<p class="note">{len(result.skipped)} test image(s) could not be read and are '
-                f"left out: {_e(names)}{_e(more)}.</p>"
+                f"left out: {escape(names)}{escape(more)}.</p>"
             )
         parts.append(self._charts(result, threshold, folder))
         parts.append(self._thumbnails(result, threshold, folder))
@@ -374,7 +363,7 @@ class Report:
 
     @staticmethod
     def _chart_img(path: str, alt: str) -> str:
-        return f'<img src="{_e(_href(path))}" width="420" height="360" alt="{_e(alt)}">'
+        return img(path, alt, 420, 360)
 
     def _thumbnails(self, result: CategoryResult, threshold: float | None, folder: str) -> str:
         labels, scores = _labels_and_scores(result)
@@ -388,7 +377,7 @@ class Report:
         for group in groups:
             if not group.indices:
                 continue
-            parts.append(f'<h3>{_e(group.title)}</h3><p class="note">{_e(group.note)}.</p>')
+            parts.append(f'<h3>{escape(group.title)}</h3><p class="note">{escape(group.note)}.</p>')
             figures = []
             for i in group.indices:
                 image = decoded.get(result.paths[i])
@@ -412,11 +401,10 @@ class Report:
         truth = "normal" if not label else "anomalous"
         return (
             f'<figure class="{outcome}">'
-            f'<a href="{_e(_href(src))}"><img src="{_e(_href(src))}" '
-            f'alt="{_e(Path(path).name)}: image and anomaly map"></a>'
-            f'<figcaption><span class="name" title="{_e(path)}">{_e(Path(path).name)}</span>'
-            f" · {_e(result.defect_types[i])} ({truth})<br>"
-            f'score {score:.4g} · <span class="verdict {outcome}">{_e(verdict)}</span>'
+            f'<a href="{href(src)}">{img(src, f"{Path(path).name}: image and anomaly map")}</a>'
+            f'<figcaption><span class="name" title="{escape(path)}">{escape(Path(path).name)}</span>'
+            f" · {escape(result.defect_types[i])} ({truth})<br>"
+            f'score {score:.4g} · <span class="verdict {outcome}">{escape(verdict)}</span>'
             "</figcaption></figure>"
         )
 
@@ -431,7 +419,7 @@ class Report:
             r, row = section.result, table.get(section.result.name, {})
             threshold = "—" if section.threshold is None else f"{section.threshold:.4g}"
             rows.append(
-                f'<tr><td><a href="#{section.anchor}">{_e(r.name)}</a></td>'
+                f'<tr><td><a href="#{section.anchor}">{escape(r.name)}</a></td>'
                 + "".join(f'<td class="num">{_fmt(row.get(k))}</td>' for k in METRIC_KEYS)
                 + f'<td class="num">{r.n_test}</td><td class="num">{r.n_anomalous}</td>'
                 f'<td class="num">{threshold}</td></tr>'
@@ -443,7 +431,7 @@ class Report:
             + "<td></td><td></td><td></td></tr>"
         )
         body = [
-            f"<h1>{_e(self.title)}</h1>",
+            f"<h1>{escape(self.title)}</h1>",
             '<p class="note">Image AUROC and F1-max rank the test images by their score (the '
             f"maximum of the anomaly map); pixel AUROC and AUPRO (FPR ≤ {metrics.PRO_FPR_LIMIT:g}) "
             "compare the maps with the ground-truth masks. “—”: not defined for this data (no "
@@ -460,15 +448,8 @@ class Report:
             'alt="colour scale of the anomaly map, in units of the threshold"></div>',
             *(s.html for s in self.sections),
         ]
-        page = (
-            '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{_e(self.title)}</title><style>{_CSS}</style></head><body>\n"
-            + "\n".join(body)
-            + "\n</body></html>\n"
-        )
         path = self.directory / "index.html"
-        path.write_text(page, encoding="utf-8")
+        path.write_text(page(self.title, _CSS, body), encoding="utf-8")
         return path
 
 

@@ -10,13 +10,11 @@ checks it in headless Chromium). No Ray here.
 
 from __future__ import annotations
 
-import html
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from urllib.parse import quote
 
 import numpy as np
 import pyarrow.compute as pc
@@ -45,6 +43,7 @@ from dskd_ray.reporting.charts import (
     colour_bar,
     nice_ticks,
 )
+from dskd_ray.reporting.html import escape, href, img, page
 from dskd_ray.reporting.visualize import colorize, display_scale, overlay
 
 log = logging.getLogger(__name__)
@@ -60,15 +59,6 @@ class _Shown:
     row: dict
     picture: np.ndarray | None  # image | map over it, or the map alone
     note: str  # what could not be read, if anything
-
-
-def _e(text: object) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _img(src: str, alt: str, width: int | None = None, height: int | None = None) -> str:
-    size = f' width="{width}" height="{height}"' if width and height else ""
-    return f'<img src="{_e(quote(src, safe="/"))}"{size} alt="{_e(alt)}">'
 
 
 def choose_run(output: str, run: str | None = None, since: date | None = None) -> CommittedRun:
@@ -148,7 +138,7 @@ def _facts(f: RunFigures) -> str:
         ("threshold", "—" if f.threshold is None else f"{f.threshold:.4g}"),
         *((f"score {k}", "—" if v is None else f"{v:.4g}") for k, v in f.scores.items()),
     ]
-    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in items)
+    rows = "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in items)
     return f'<table class="facts">{rows}</table>'
 
 
@@ -156,7 +146,9 @@ def _drift(drift: ScoreDrift | None) -> str:
     if drift is None:
         return '<p class="note">This run has no drift record (scored before drift was kept).</p>'
     if drift.median_shift is None:
-        return f'<p class="note">Drift: no figure ({_e(drift.why or "nothing to compare")}).</p>'
+        return (
+            f'<p class="note">Drift: no figure ({escape(drift.why or "nothing to compare")}).</p>'
+        )
     text = (
         f"Drift: the run's median score {drift.night_median:.4g} is {drift.shown()} "
         f"calibration IQRs from the held-out normal median {drift.calibration_median:.4g} "
@@ -165,8 +157,10 @@ def _drift(drift: ScoreDrift | None) -> str:
     )
     warning = drift.warning()
     if warning:
-        return f'<p class="warning">Warning: {_e(warning)}.</p><p class="note">{_e(text)}</p>'
-    return f'<p class="note">{_e(text)}</p>'
+        return (
+            f'<p class="warning">Warning: {escape(warning)}.</p><p class="note">{escape(text)}</p>'
+        )
+    return f'<p class="note">{escape(text)}</p>'
 
 
 def _figure(shown: _Shown, src: str | None, threshold: float | None) -> str:
@@ -177,17 +171,15 @@ def _figure(shown: _Shown, src: str | None, threshold: float | None) -> str:
         flagged, "no threshold"
     )
     picture = (
-        f'<a href="{_e(quote(src, safe="/"))}">{_img(src, f"{name}: image and anomaly map")}</a>'
-        if src
-        else ""
+        f'<a href="{href(src)}">{img(src, f"{name}: image and anomaly map")}</a>' if src else ""
     )
-    note = f'<br><span class="missing">{_e(shown.note)}</span>' if shown.note else ""
+    note = f'<br><span class="missing">{escape(shown.note)}</span>' if shown.note else ""
     return (
         f'<figure class="{"flagged" if flagged else "passed"}">{picture}<figcaption>'
-        f'<span class="name">#{shown.rank} {_e(name)}</span> · score {row["score"]:.4g} · '
-        f"{_e(verdict)}<br>"
-        f'<span class="uri">image {_e(row["image_uri"])}</span><br>'
-        f'<span class="uri">map {_e(row["map_uri"])}</span>{note}</figcaption></figure>'
+        f'<span class="name">#{shown.rank} {escape(name)}</span> · score {row["score"]:.4g} · '
+        f"{escape(verdict)}<br>"
+        f'<span class="uri">image {escape(row["image_uri"])}</span><br>'
+        f'<span class="uri">map {escape(row["map_uri"])}</span>{note}</figcaption></figure>'
     )
 
 
@@ -201,14 +193,14 @@ def _errors(rows: list[dict]) -> str:
     for reason, members in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
         retry = sum(1 for r in members if r["retryable"])
         examples = "".join(
-            f'<li><span class="uri">{_e(r["image_uri"])}</span>: {_e(r["error"])}</li>'
+            f'<li><span class="uri">{escape(r["image_uri"])}</span>: {escape(r["error"])}</li>'
             for r in members[:EXAMPLES_PER_REASON]
         )
         more = len(members) - EXAMPLES_PER_REASON
         if more > 0:
             examples += f"<li>… and {more} more</li>"
         body.append(
-            f'<tr><td>{_e(reason)}</td><td class="num">{len(members)}</td>'
+            f'<tr><td>{escape(reason)}</td><td class="num">{len(members)}</td>'
             f'<td class="num">{retry}</td><td><ul>{examples}</ul></td></tr>'
         )
     return (
@@ -219,9 +211,7 @@ def _errors(rows: list[dict]) -> str:
     )
 
 
-_CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 24px auto;
-  max-width: 1400px; padding: 0 16px; color: #222; background: #fafafa; }
+_CSS = """\
 h2 { margin-top: 36px; border-bottom: 2px solid #ddd; } .note { color: #555; }
 .warning { background: #fde8e8; border-left: 6px solid #d62728; padding: 8px 12px; font-weight: 600; }
 table { border-collapse: collapse; background: white; }
@@ -275,29 +265,22 @@ def write_gallery(
     )
     title = f"Scoring run {figures.run_id}"
     body = [
-        f"<h1>{_e(title)}</h1>",
-        f'<p class="note">Committed results under {_e(output)}.</p>',
+        f"<h1>{escape(title)}</h1>",
+        f'<p class="note">Committed results under {escape(output)}.</p>',
         _facts(figures),
         _drift(drift),
         "<h2>Scores</h2>",
-        _img("scores.png", "histogram of the run's image scores", 560, 360),
+        img("scores.png", "histogram of the run's image scores", 560, 360),
         f"<h2>The {len(shown)} most anomalous images</h2>",
         '<p class="legend">Each: the image (left) and its stored anomaly map over it (right), '
         "at the model's input size; a red top edge: over the threshold. "
-        + _img("colour_bar.png", "colour scale of the map, in units of the threshold", 360, 32)
+        + img("colour_bar.png", "colour scale of the map, in units of the threshold", 360, 32)
         + "</p>",
         '<div class="grid">' + "\n".join(figures_html) + "</div>",
         f"<h2>Errors ({errors.num_rows})</h2>",
         _errors(errors.to_pylist()),
     ]
-    page = (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>\n"
-        + "\n".join(body)
-        + "\n</body></html>\n"
-    )
     path = directory / "index.html"
-    path.write_text(page, encoding="utf-8")
+    path.write_text(page(title, _CSS, body), encoding="utf-8")
     log.info("gallery of run %s: %s", figures.run_id, path)
     return path
