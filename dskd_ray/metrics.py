@@ -3,6 +3,7 @@
 import warnings
 
 from dskd_ray.evaluation.metrics import (
+    PRO_FPR_LIMIT,
     aupro,
     f1_max,
     f1_optimal_threshold,
@@ -14,6 +15,7 @@ from dskd_ray.evaluation.metrics import (
 )
 
 __all__ = [
+    "PRO_FPR_LIMIT",
     "aupro",
     "f1_max",
     "f1_optimal_threshold",
