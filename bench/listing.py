@@ -40,8 +40,8 @@ import pyarrow as pa
 from dskd_ray.config import DSKDConfig
 from dskd_ray.model.checkpoint import make_checkpoint, save_checkpoint
 from dskd_ray.model.network import DSKD
+from dskd_ray.nightly.listing import list_inputs
 from dskd_ray.nightly.results import RESULT_SCHEMA, PartWriter, commit_run
-from dskd_ray.nightly.run import list_inputs
 from dskd_ray.nightly.run_index import ModelIndex
 
 LINE = re.compile(r"listed (\d+) .* skipped (\d+) .*\(listing and diff ([\d.]+) s\)")

@@ -36,7 +36,7 @@ from conftest import (
     texture,
     write_textures,
 )
-from dskd_ray.config import DSKDConfig
+from dskd_ray.config import DSKDConfig, ScoringOptions
 from dskd_ray.errors import ConfigError, DataError, StorageError
 from dskd_ray.inference.scoring import Scorer
 from dskd_ray.io.images import decode_image
@@ -45,15 +45,12 @@ from dskd_ray.io.storage import map_uri, with_retries
 from dskd_ray.model.checkpoint import Threshold, make_checkpoint, save_checkpoint
 from dskd_ray.model.network import DSKD
 from dskd_ray.nightly.attempts import SCRATCH_DIR
+from dskd_ray.nightly.listing import read_manifest
+from dskd_ray.nightly.plan import dry_run
+from dskd_ray.nightly.pool import plan_pool
 from dskd_ray.nightly.results import PartWriter, commit_run, committed_runs, read_results
-from dskd_ray.nightly.run import (
-    ScoringOptions,
-    decode_batch,
-    dry_run,
-    plan_pool,
-    read_manifest,
-    score_images,
-)
+from dskd_ray.nightly.run import score_images
+from dskd_ray.nightly.stages import decode_batch
 
 REPO = Path(__file__).resolve().parents[1]
 N_GOOD = 240
@@ -426,8 +423,8 @@ def test_what_can_never_be_read_is_not_retried_every_night(s3_server: dict, tmp_
 def test_dry_run_lists_diffs_and_counts_but_writes_nothing(tmp_path: Path) -> None:
     """Half the folder already scored by a committed run (with its index), one scored image
     deleted since: the dry run says what tonight's run would do, from the real CLI."""
+    from dskd_ray.nightly.listing import list_inputs
     from dskd_ray.nightly.results import RESULT_SCHEMA
-    from dskd_ray.nightly.run import list_inputs
     from dskd_ray.nightly.run_index import ModelIndex
 
     model, _ = make_model(tmp_path)

@@ -342,7 +342,7 @@ def test_the_header_gives_the_model_id_without_torch_or_the_weights(
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "a.png").write_bytes(b"")
     code = (
-        "import sys; from dskd_ray.nightly.run import dry_run; "
+        "import sys; from dskd_ray.nightly.plan import dry_run; "
         f"s = dry_run({str(tmp_path / 'images')!r}, {str(tmp_path / 'm.pt')!r}, "
         f"{str(tmp_path / 'out')!r}); "
         "print(s.model_id, s.listed, [m for m in ('torch', 'ray') if m in sys.modules])"

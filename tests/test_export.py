@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import pytest
 
-from dskd_ray.config import DSKDConfig
+from dskd_ray.config import DSKDConfig, ScoringOptions
 from dskd_ray.demo.data import make_demo_data
 from dskd_ray.errors import ConfigError
 from dskd_ray.inference.scoring import Scorer
@@ -24,7 +24,7 @@ from dskd_ray.io.data import list_images, load_images
 from dskd_ray.io.map_png import decode_map_png
 from dskd_ray.model.checkpoint import FORMAT, load_checkpoint
 from dskd_ray.nightly.results import read_results
-from dskd_ray.nightly.run import ScoringOptions, score_images
+from dskd_ray.nightly.run import score_images
 from dskd_ray.onnx import export
 from dskd_ray.onnx.export import export_onnx
 from dskd_ray.onnx.graph import ExportError, read_metadata

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dskd_ray.config import DSKDConfig
+from dskd_ray.config import DSKDConfig, ScoringOptions
 from dskd_ray.demo.data import make_demo_data
 from dskd_ray.evaluation.evaluate import evaluate_category
 from dskd_ray.inference.predict import predict_images
@@ -28,7 +28,7 @@ from dskd_ray.inference.scoring import Scorer
 from dskd_ray.io.data import decode_images, list_images, load_category, load_images
 from dskd_ray.model.checkpoint import load_checkpoint
 from dskd_ray.nightly.results import read_results
-from dskd_ray.nightly.run import ScoringOptions, score_images
+from dskd_ray.nightly.run import score_images
 from dskd_ray.onnx.export import cached_graph, export_onnx
 from dskd_ray.onnx.runtime import OnnxScorer
 from dskd_ray.training.loop import plan_training, train

@@ -22,14 +22,14 @@ import torch
 from PIL import Image
 
 from conftest import broken_files, good_files, make_bucket, texture, write_textures
-from dskd_ray.config import DSKDConfig
+from dskd_ray.config import DSKDConfig, ScoringOptions
 from dskd_ray.inference.scoring import Scorer
 from dskd_ray.io.images import decode_image
 from dskd_ray.model.checkpoint import Threshold, make_checkpoint, save_checkpoint
 from dskd_ray.model.network import DSKD
 from dskd_ray.nightly.drift import MIN_NIGHT_IMAGES, ScoreDrift, score_drift
 from dskd_ray.nightly.results import committed_runs, read_results
-from dskd_ray.nightly.run import ScoringOptions, score_images
+from dskd_ray.nightly.run import score_images
 from dskd_ray.nightly.summary import error_reason
 
 REPO = Path(__file__).resolve().parents[1]

@@ -204,7 +204,8 @@ def test_nightly_rows_of_a_tiled_model_in_process_and_on_ray(
 ) -> None:
     """`dskd score` with a tiled model, through the in-process path and the Ray pipeline: each
     image's row carries its stitched full-resolution score and a map of its own size."""
-    from dskd_ray.nightly.run import ScoringOptions, score_images
+    from dskd_ray.config import ScoringOptions
+    from dskd_ray.nightly.run import score_images
 
     rng = np.random.default_rng(5)
     shapes = [(100, 150), (64, 64), (120, 90), (70, 200), (96, 160)]

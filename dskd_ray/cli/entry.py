@@ -750,7 +750,7 @@ def score(
     the images it lists (without image_version, each URI is scored once).
     """
     _setup_logging(verbose)
-    from dskd_ray.nightly.run import dry_run as plan_only
+    from dskd_ray.nightly.plan import dry_run as plan_only
     from dskd_ray.nightly.run import score_images
 
     options = ScoringOptions(**_given(
