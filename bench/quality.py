@@ -81,10 +81,11 @@ from dskd_ray.training.loop import add_memory, plan_training, split_holdout, tra
 
 # name → config changes for training. `sd` alone reads the teacher's pyramid (there is no Se).
 VARIANTS: dict[str, dict[str, Any]] = {
-    "dskd": {"students": "both", "df_input": "se"},
-    "dskd-df-teacher": {"students": "both", "df_input": "teacher"},
-    "se": {"students": "se"},  # ≈ STFPM
-    "sd": {"students": "sd", "df_input": "teacher"},  # ≈ Reverse Distillation
+    # The students alone (memory none): the memory is a variant of its own, `<variant>+knn`.
+    "dskd": {"students": "both", "df_input": "se", "memory": "none"},
+    "dskd-df-teacher": {"students": "both", "df_input": "teacher", "memory": "none"},
+    "se": {"students": "se", "memory": "none"},  # ≈ STFPM
+    "sd": {"students": "sd", "df_input": "teacher", "memory": "none"},  # ≈ Reverse Distillation
     "knn": {"students": "none", "memory": "knn"},  # the teacher's memory alone: no training
 }
 # The students' switches (docs/design.md §1, §3), each alone on every set: `<set>-<switch>`.

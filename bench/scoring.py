@@ -230,7 +230,7 @@ def plain_loop(
                 maps = anomaly_map(
                     features, (MODEL_SIZE, MODEL_SIZE), cfg.level_fusion, cfg.blur_sigma,
                     *net.level_statistics(), net.baseline(), cfg.map_baseline, memory,
-                    net.memory.scale() if net.memory else 1.0, cfg.distance,
+                    net.memory.scale() if net.memory else 1.0, cfg.distance, cfg.memory_weight,
                 )  # fmt: skip
                 scores = image_score(maps, cfg.score_top_k).numpy()
                 maps = maps.numpy()

@@ -179,7 +179,7 @@ def test_teacher_weights_from_a_state_dict_path(tmp_path: Path, pyramid: str) ->
 
 
 # Joined in /5 with the memory, besides V4_DEFAULTS' fields: the bank's size and sampling.
-MEMORY_SETTINGS = ("memory_size", "memory_sampling")
+MEMORY_SETTINGS = ("memory_size", "memory_sampling", "memory_weight")
 
 
 def _as_v4_config(payload: dict) -> dict:

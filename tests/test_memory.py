@@ -188,6 +188,25 @@ def test_the_memory_is_put_on_a_students_scale_on_held_out_images(
     assert float(model.memory.gain) != 1.0
 
 
+def test_the_memory_weighs_its_share_and_the_students_share_the_rest(
+    textures: Path, tmp_path: Path
+) -> None:
+    """The fused map is (1 − w) × the students' mean + w × the memory's member (before the blur
+    and the baseline, both linear or applied after): w=½ by default, and the map follows w."""
+    config = _config(map_baseline="none")
+    model = train(config, str(textures), str(tmp_path / "m.pt"), device="cpu").checkpoint
+    model = model.build_model()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        se, sd, memory = model.members(x)
+        for w in (0.5, 0.2, 1.0):
+            model.config = config.replace(map_baseline="none", memory_weight=w)
+            maps, _ = model.predict(x)
+            expected = gaussian_blur((1 - w) * (se + sd) / 2 + w * memory, config.blur_sigma)
+            torch.testing.assert_close(maps, expected, rtol=1e-5, atol=1e-5)
+    assert DSKDConfig().memory == "knn" and DSKDConfig().memory_weight == 0.5
+
+
 def test_adding_the_memory_to_trained_students_equals_training_with_it(
     textures: Path, tmp_path: Path
 ) -> None:
@@ -295,8 +314,12 @@ def test_a_truncated_bank_in_a_file_is_refused_as_corrupt(tmp_path: Path) -> Non
 
 def test_a_model_needs_a_student_or_a_memory() -> None:
     with pytest.raises(ConfigError, match="--students none needs --memory knn"):
-        DSKDConfig(students="none")
-    for bad in ({"memory": "faiss"}, {"memory_sampling": "kmeans"}, {"memory_size": 0}):
+        DSKDConfig(students="none", memory="none")
+    bad_settings = (
+        {"memory": "faiss"}, {"memory_sampling": "kmeans"}, {"memory_size": 0},
+        {"memory_weight": 1.5}, {"memory_weight": -0.1},
+    )  # fmt: skip
+    for bad in bad_settings:
         with pytest.raises(ConfigError):
             DSKDConfig(**bad)
 
@@ -305,7 +328,7 @@ def test_students_none_without_memory_is_one_line_from_the_cli(tmp_path: Path) -
     write_textures(tmp_path / "normal", 2)
     done = subprocess.run(
         [sys.executable, "-m", "dskd_ray.cli", "train", str(tmp_path / "normal"),
-         "--out", str(tmp_path / "m.pt"), "--students", "none"],
+         "--out", str(tmp_path / "m.pt"), "--students", "none", "--memory", "none"],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert done.returncode == 1

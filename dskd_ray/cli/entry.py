@@ -249,6 +249,15 @@ def train(
             help="With --memory knn: how the bank is picked: coreset | random",
         ),
     ] = None,
+    memory_weight: Annotated[
+        float | None,
+        _opt(
+            DEFAULTS.memory_weight,
+            min=0.0,
+            max=1.0,
+            help="With --memory knn and students: the memory's share of the map",
+        ),
+    ] = None,
     df_input: Annotated[
         str | None, _opt(DEFAULTS.df_input, help="What feeds the DF embedding: se | teacher")
     ] = None,
@@ -449,7 +458,7 @@ def train(
         epochs=epochs, batch_size=batch_size, image_size=tile or image_size, backbone=backbone,
         tiled=True if tile else None, tile_overlap=tile_overlap,
         teacher_weights=teacher_weights, students=students, df_input=df_input, memory=memory,
-        memory_size=memory_size, memory_sampling=memory_sampling,
+        memory_size=memory_size, memory_sampling=memory_sampling, memory_weight=memory_weight,
         level_fusion=level_fusion, level_normalization=level_normalization, map_baseline=map_baseline,
         score_top_k=score_top_k, lr=lr, lr_schedule=lr_schedule, seed=seed,
         loss_form=loss_form, hard_mining=hard_mining, feature_norm=feature_norm, distance=distance,

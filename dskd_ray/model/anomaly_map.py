@@ -265,14 +265,26 @@ def anomaly_map(
     memory: torch.Tensor | None = None,
     memory_scale: torch.Tensor | float = 1.0,
     distance: str = "cosine",
+    memory_weight: float = 0.5,
 ) -> torch.Tensor:
     """(B, H, W) map from the network's pyramids and the memory's distances (`memory`, (B, h,
     w), or None): the members fused, blurred, then the per-pixel `baseline` (H, W) divided out
     ("mean") or subtracted ("subtract")."""
     members = member_maps(level_maps(features, distance), size, fusion, location, spread)
+    weights = None
     if memory is not None:
         members.append(memory_member(memory, size, memory_scale))
-    return fuse_members(members, sigma, baseline, baseline_mode)
+        weights = member_weights(len(members) - 1, memory_weight)
+    return fuse_members(members, sigma, baseline, baseline_mode, weights)
+
+
+def member_weights(students: int, memory_weight: float) -> list[float] | None:
+    """The weights of [each student's member…, the memory's]: the memory gets `memory_weight`,
+    the students share the rest equally (so two students do not outvote the memory 2:1 merely
+    by being two); None (equal) without students."""
+    if students == 0:
+        return None
+    return [(1.0 - memory_weight) / students] * students + [memory_weight]
 
 
 def fuse_members(
@@ -280,12 +292,17 @@ def fuse_members(
     sigma: float = 4.0,
     baseline: torch.Tensor | None = None,
     baseline_mode: str = "mean",
+    weights: list[float] | None = None,
 ) -> torch.Tensor:
-    """(B, H, W): the members' mean (each student's fused levels, the memory's level), blurred,
-    the per-pixel baseline removed."""
+    """(B, H, W): the members' mean (each student's fused levels, the memory's level), or their
+    weighted sum with `weights` (`member_weights`), blurred, the per-pixel baseline removed."""
     if not members:
         raise ValueError("no student and no memory: nothing to compare with the teacher")
-    maps = gaussian_blur(torch.stack(members).mean(dim=0), sigma)
+    if weights is None:
+        fused = torch.stack(members).mean(dim=0)
+    else:
+        fused = sum(w * m for w, m in zip(weights, members, strict=True))
+    maps = gaussian_blur(fused, sigma)
     return apply_baseline(maps, baseline, baseline_mode)
 
 

@@ -51,7 +51,8 @@ V4_MODEL_ID_FIELDS = (*V3_MODEL_ID_FIELDS, "tiled", "tile_overlap")
 # they change the weights, which the id hashes, not what given weights compute. The bank's size
 # and sampling are not here either: the bank itself is in the weights.
 MODEL_ID_FIELDS = (
-    *V4_MODEL_ID_FIELDS, "memory", "feature_norm", "distance", "pyramid", "encoder_student",
+    *V4_MODEL_ID_FIELDS, "memory", "memory_weight", "feature_norm", "distance", "pyramid",
+    "encoder_student",
 )  # fmt: skip
 # What a /4 file was, in the fields /5 added: the values that reproduce its behaviour.
 V4_DEFAULTS: dict[str, Any] = {

@@ -20,6 +20,7 @@ from dskd_ray.model.anomaly_map import (
     image_score,
     level_maps,
     member_maps,
+    member_weights,
     memory_distances,
     memory_features,
     memory_member,
@@ -350,7 +351,10 @@ class DSKD(nn.Module):
         """`predict` without its inference mode: what an export traces (dskd_ray.onnx.export)."""
         cfg = self.config
         members = self.members(images, autocast_dtype)
-        maps = fuse_members(members, cfg.blur_sigma)
+        weights = None
+        if self.memory is not None:
+            weights = member_weights(len(members) - 1, cfg.memory_weight)
+        maps = fuse_members(members, cfg.blur_sigma, weights=weights)
         maps = apply_baseline(maps, self.baseline() if divide_baseline else None, cfg.map_baseline)
         return maps, image_score(maps, cfg.score_top_k)
 
