@@ -62,7 +62,7 @@ N_GOOD = 240
 def make_model(folder: Path) -> tuple[Path, float]:
     """A tiny random-teacher checkpoint whose threshold splits its own scores in half."""
     torch.manual_seed(0)
-    config = DSKDConfig(backbone="resnet18", teacher_weights="random", image_size=64)
+    config = DSKDConfig(memory="none", backbone="resnet18", teacher_weights="random", image_size=64)
     ckpt = make_checkpoint(DSKD(config))
     rng = np.random.default_rng(7)
     images = np.stack([decode_image(texture(rng), 64)[0] for _ in range(16)])
@@ -972,7 +972,9 @@ def make_nan_model(folder: Path) -> Path:
     """A checkpoint whose weights give NaN and whose model id matches them (re-saved whole):
     loading accepts it, so only the scores can tell."""
     torch.manual_seed(0)
-    model = DSKD(DSKDConfig(backbone="resnet18", teacher_weights="random", image_size=64))
+    model = DSKD(
+        DSKDConfig(memory="none", backbone="resnet18", teacher_weights="random", image_size=64)
+    )
     with torch.no_grad():
         for p in model.student_parameters():
             p.fill_(float("nan"))

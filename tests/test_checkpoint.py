@@ -169,7 +169,7 @@ def test_teacher_weights_from_a_state_dict_path(tmp_path: Path, pyramid: str) ->
 
     full = resnet18().state_dict()
     torch.save(full, tmp_path / "teacher.pth")
-    config = DSKDConfig(teacher_weights=str(tmp_path / "teacher.pth"), image_size=64)
+    config = DSKDConfig(memory="none", teacher_weights=str(tmp_path / "teacher.pth"), image_size=64)
     model = DSKD(config.replace(pyramid=pyramid))
     own = model.teacher.state_dict()
     assert ("layer4.0.conv1.weight" in own) == (pyramid == "8-16-32")

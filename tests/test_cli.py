@@ -376,7 +376,7 @@ def save_tiny_models(folder: Path) -> tuple[Path, Path]:
     from dskd_ray.model.network import DSKD
 
     torch.manual_seed(0)
-    model = DSKD(DSKDConfig(teacher_weights="random", image_size=64))
+    model = DSKD(DSKDConfig(memory="none", teacher_weights="random", image_size=64))
     threshold = Threshold(1.0, "quantile", 0.5, [])
     save_checkpoint(make_checkpoint(model, threshold), folder / "good.pt")
     with torch.no_grad():

@@ -20,7 +20,7 @@ def test_pyramid_shapes_for_each_backbone(
     backbone: str, pyramid: str, channels: tuple[int, int, int]
 ) -> None:
     config = DSKDConfig(
-        backbone=backbone, teacher_weights="random", image_size=128, pyramid=pyramid
+        memory="none", backbone=backbone, teacher_weights="random", image_size=128, pyramid=pyramid
     )
     model = DSKD(config).eval()
     with torch.no_grad():
@@ -39,16 +39,20 @@ def test_pyramid_shapes_for_each_backbone(
 
 def test_the_default_pyramid_keeps_its_weights_names() -> None:
     """A checkpoint from before the pyramid switch must load: the default's keys are unchanged."""
-    keys = set(DSKD(DSKDConfig(teacher_weights="random", image_size=64)).state_dict())
+    keys = set(
+        DSKD(DSKDConfig(memory="none", teacher_weights="random", image_size=64)).state_dict()
+    )
     assert {"decoder_student.stage16.0.conv1.weight", "decoder_student.stage4.1.bn2.bias"} <= keys
     assert not any(k.startswith(("teacher.layer4", "encoder_student.layer4")) for k in keys)
-    deep = DSKD(DSKDConfig(teacher_weights="random", image_size=64, pyramid="8-16-32"))
+    deep = DSKD(
+        DSKDConfig(memory="none", teacher_weights="random", image_size=64, pyramid="8-16-32")
+    )
     assert "decoder_student.stage32.0.conv1.weight" in deep.state_dict()
     assert "teacher.layer4.1.bn2.weight" in deep.state_dict()
 
 
 def test_resnet18_shapes_at_256_and_parameter_counts() -> None:
-    model = DSKD(DSKDConfig(teacher_weights="random"))
+    model = DSKD(DSKDConfig(memory="none", teacher_weights="random"))
     assert model.df_embedding is not None
     with torch.no_grad():
         code = model.df_embedding(model.teacher(torch.randn(1, 3, 256, 256)))
@@ -60,7 +64,9 @@ def test_resnet18_shapes_at_256_and_parameter_counts() -> None:
 
 @pytest.mark.parametrize("students", ["both", "se", "sd"])
 def test_students_switch_selects_parts(students: str) -> None:
-    model = DSKD(DSKDConfig(teacher_weights="random", students=students, image_size=64))
+    model = DSKD(
+        DSKDConfig(memory="none", teacher_weights="random", students=students, image_size=64)
+    )
     assert (model.encoder_student is not None) == (students in ("both", "se"))
     assert (model.decoder_student is not None) == (students in ("both", "sd"))
     out = model(torch.randn(2, 3, 64, 64))
@@ -69,7 +75,7 @@ def test_students_switch_selects_parts(students: str) -> None:
 
 def test_df_input_switch_changes_what_feeds_decoder() -> None:
     torch.manual_seed(0)
-    base = DSKDConfig(teacher_weights="random", image_size=64)
+    base = DSKDConfig(memory="none", teacher_weights="random", image_size=64)
     a = DSKD(base.replace(df_input="se"))
     b = DSKD(base.replace(df_input="teacher"))
     b.load_state_dict(a.state_dict())
@@ -88,7 +94,7 @@ def test_df_input_switch_changes_what_feeds_decoder() -> None:
 
 
 def test_teacher_is_frozen_and_stays_in_eval_mode() -> None:
-    model = DSKD(DSKDConfig(teacher_weights="random", image_size=64))
+    model = DSKD(DSKDConfig(memory="none", teacher_weights="random", image_size=64))
     model.train()
     assert not model.teacher.training
     assert all(not p.requires_grad for p in model.teacher.parameters())
@@ -97,11 +103,15 @@ def test_teacher_is_frozen_and_stays_in_eval_mode() -> None:
 
 
 def test_signed_backbone_decoder_can_output_negative_values() -> None:
-    model = DSKD(DSKDConfig(backbone="efficientnet_lite0", teacher_weights="random", image_size=64))
+    model = DSKD(
+        DSKDConfig(
+            memory="none", backbone="efficientnet_lite0", teacher_weights="random", image_size=64
+        )
+    )
     with torch.no_grad():
         sd = model(torch.randn(2, 3, 64, 64))["sd"]
     assert all((level < 0).any() for level in sd)
-    resnet = DSKD(DSKDConfig(teacher_weights="random", image_size=64))
+    resnet = DSKD(DSKDConfig(memory="none", teacher_weights="random", image_size=64))
     with torch.no_grad():
         assert all((level >= 0).all() for level in resnet(torch.randn(2, 3, 64, 64))["sd"])
 
@@ -139,7 +149,9 @@ def test_config_round_trips_through_a_dict() -> None:
 
 def test_standardized_features_are_compared_alike_in_loss_and_map() -> None:
     torch.manual_seed(0)
-    config = DSKDConfig(teacher_weights="random", image_size=64, feature_norm="standardize")
+    config = DSKDConfig(
+        memory="none", teacher_weights="random", image_size=64, feature_norm="standardize"
+    )
     model = DSKD(config).eval()
     plain = DSKD(config.replace(feature_norm="none")).eval()
     plain.load_state_dict(model.state_dict(), strict=False)
@@ -159,7 +171,11 @@ def test_standardized_features_are_compared_alike_in_loss_and_map() -> None:
 @pytest.mark.parametrize("pyramid", ["4-8-16", "8-16-32"])
 def test_a_resnet_encoder_student_gives_the_teachers_pyramid_shapes(pyramid: str) -> None:
     config = DSKDConfig(
-        backbone="efficientnet_lite0", teacher_weights="random", image_size=64, pyramid=pyramid
+        memory="none",
+        backbone="efficientnet_lite0",
+        teacher_weights="random",
+        image_size=64,
+        pyramid=pyramid,
     )
     model = DSKD(config.replace(encoder_student="resnet"))
     assert any(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (7, 7)

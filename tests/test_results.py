@@ -47,7 +47,9 @@ def make_model(folder: Path) -> Path:
     which it keeps as its held-out normal scores (so runs get a drift figure)."""
     torch.manual_seed(0)
     ckpt = make_checkpoint(
-        DSKD(DSKDConfig(backbone="resnet18", teacher_weights="random", image_size=64))
+        DSKD(
+            DSKDConfig(memory="none", backbone="resnet18", teacher_weights="random", image_size=64)
+        )
     )
     rng = np.random.default_rng(7)
     images = np.stack([decode_image(texture(rng), 64)[0] for _ in range(16)])
