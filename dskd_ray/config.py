@@ -72,7 +72,7 @@ class DSKDConfig:
     memory_sampling: str = "coreset"
     # The memory's share of the fused map; the students share the rest (docs/design.md §2).
     # ½: the students' view and the memory's weigh alike (members averaged equally gave the
-    # memory ⅓ with two students: MTD seed 0, 0.784 vs 0.825 image AUROC; the demo the same).
+    # memory ⅓ with two students: MTD seed 0, 0.795 vs 0.845 image AUROC; the demo the same).
     memory_weight: float = 0.5
     level_fusion: str = "sum"
     # How each student's level map is put on a common scale before the levels are fused, from

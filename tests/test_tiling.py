@@ -269,7 +269,10 @@ def test_tiling_finds_a_small_defect_that_downscaling_misses(tmp_path: Path) -> 
     below what the model sees; in 256² tiles at full resolution it is found, where it is.
 
     The tiled model is trained and used through the CLI (`dskd train --tile`, `dskd predict`);
-    the downscaled one, on the same images, through the library.
+    the downscaled one, on the same images, through the library. Both are the students alone:
+    with the teacher's memory (the default since issue 22) the shrunk model's score sits at its
+    threshold here (8.84 against 8.65, measured), so the comparison would test the memory's
+    margin, not what tiling adds.
     """
     make_demo_data(
         tmp_path / "data", ["brushed_metal"], n_train=10, n_test_good=0,
@@ -281,7 +284,8 @@ def test_tiling_finds_a_small_defect_that_downscaling_misses(tmp_path: Path) -> 
     Image.fromarray(sample.image).save(defect)
     assert sample.mask.sum() < 200  # ~0.02% of the image
 
-    base = ["--backbone", "efficientnet_lite0", "--batch-size", "8", "--holdout-fraction", "0.2"]
+    base = ["--backbone", "efficientnet_lite0", "--batch-size", "8", "--holdout-fraction", "0.2",
+            "--memory", "none"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     cli = [sys.executable, "-m", "dskd_ray.cli"]
     tiled = tmp_path / "tiled.pt"
@@ -310,7 +314,7 @@ def test_tiling_finds_a_small_defect_that_downscaling_misses(tmp_path: Path) -> 
     small = tmp_path / "small.pt"
     config = DSKDConfig(
         backbone="efficientnet_lite0", image_size=256, epochs=8, batch_size=8,
-        holdout_fraction=0.2,
+        holdout_fraction=0.2, memory="none",
     )  # fmt: skip
     train(config, str(data), str(small), device="cpu")
     small_scorer = Scorer(str(small), device="cpu")
