@@ -1,7 +1,7 @@
 """Pixel anomaly maps and image scores from teacher–student discrepancy and the teacher's
 memory (docs/design.md §2).
 
-The map in four steps, each a function here so the quality bench can vary one at a time:
+The map in five steps, each a function here so the quality bench can vary one at a time:
 1. `level_maps`: per student and pyramid level, 1 − cos(T, S) along channels (or the mean
    squared difference, `distance="l2"`), at the level's own resolution; `memory_distances`:
    the teacher's memory level, each patch's distance to its nearest normal patch in the bank
@@ -9,9 +9,11 @@ The map in four steps, each a function here so the quality bench can vary one at
 2. `member_maps`: per student, each level standardised by statistics fitted on normal images
    ((m − location) / spread), upsampled to the input size, summed (or multiplied) over
    levels; `memory_member`: the memory level standardised, upsampled and put on a student's
-   scale. The members are averaged (`fuse_levels` for the students alone).
+   scale. `fuse_members`: the students' mean and the memory weighed by `member_weights`
+   (`fuse_levels` for the students alone).
 3. `gaussian_blur`.
-4. `image_score`: the map's maximum, or the mean of its top-k pixels.
+4. `apply_baseline`: the per-pixel normal map subtracted (the default) or divided out.
+5. `image_score`: the map's maximum, or the mean of its top-k pixels.
 """
 
 from __future__ import annotations
