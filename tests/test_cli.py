@@ -469,10 +469,7 @@ def test_the_exit_code_survives_a_teardown_that_aborts(
 def test_ctrl_c_during_training_exits_130_and_keeps_the_last_whole_epoch(tmp_path: Path) -> None:
     from dskd_ray.model.checkpoint import load_checkpoint
 
-    # 64 images: on an idle 2-core machine this model trains ~130 images/s, so the five epochs
-    # after the first saved one take ~2 s, time for the Ctrl-C to land (with 8, the whole run
-    # once ended within the 50 ms poll and exited 0: a fresh clone's suite caught it).
-    write_textures(tmp_path / "imgs", 64)
+    write_textures(tmp_path / "imgs", 8)
     out = tmp_path / "m.pt"
     # The encoder student alone: the smallest model, whose epoch still takes a while.
     train = ["train", str(tmp_path / "imgs"), "--out", str(out), *TINY_TRAIN, "--epochs", "6",
@@ -494,14 +491,12 @@ def test_ctrl_c_during_training_exits_130_and_keeps_the_last_whole_epoch(tmp_pat
 
 def test_ctrl_c_during_scoring_in_process_exits_130_and_commits_nothing(tmp_path: Path) -> None:
     good, _ = save_tiny_models(tmp_path)
-    # Enough images that scoring outlasts the poll on a fast machine (48 once all finished
-    # before the Ctrl-C landed, exit 0); in process up to 1000.
-    write_textures(tmp_path / "imgs", 600)
+    write_textures(tmp_path / "imgs", 48)
     out = tmp_path / "out"
     result = interrupted(
         ["score", str(tmp_path / "imgs"), "--model", str(good), "--out", str(out), "-v",
-         "--batch-size", "4", "--in-process-max", "1000"],
-        lambda err: "scoring 600 images in this process" in err, tmp_path,
+         "--batch-size", "4"],
+        lambda err: "scoring 48 images in this process" in err, tmp_path,
     )  # fmt: skip
     assert result.returncode == 130, result.stderr
     assert result.stderr.strip().splitlines()[-1] == "dskd: interrupted"
