@@ -145,12 +145,22 @@ def _quiet_random_teacher_warning(caplog: pytest.LogCaptureFixture) -> None:
 def interrupted(args: list[str], ready: Callable[[str], bool], tmp_path: Path,
                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
     """Run `dskd ARGS` as a terminal runs it (a process group of its own) and press Ctrl-C:
-    SIGINT to the whole group once `ready(stderr so far)` says so."""
+    SIGINT to the whole group once `ready(stderr so far)` says so.
+
+    The child starts with SIGINT deliverable and at its default, as from a terminal: a child
+    inherits its parent's ignored signals and blocked mask, and in a full suite the pytest
+    process does not always have SIGINT as a terminal gives it (two fresh-clone suites saw
+    the three Ctrl-C runs carry on to the end and exit 0, while each passed alone)."""
     log = tmp_path / "stderr.txt"
+
+    def as_from_a_terminal() -> None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     with open(log, "w") as err:
         job = subprocess.Popen(
             [sys.executable, "-m", "dskd_ray.cli", *args], stdout=subprocess.PIPE, stderr=err,
-            text=True, start_new_session=True, env=env,
+            text=True, start_new_session=True, env=env, preexec_fn=as_from_a_terminal,
         )  # fmt: skip
         try:
             deadline = time.time() + 600
