@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -175,6 +176,19 @@ def interrupted(args: list[str], ready: Callable[[str], bool], tmp_path: Path,
                 job.kill()
                 job.wait()
     return subprocess.CompletedProcess(job.args, job.returncode, stdout, log.read_text())
+
+
+_RAY_FORWARDED = re.compile(
+    r"^(\x1b\[[0-9;]*m)*\(((raylet|gcs_server|autoscaler|monitor)\b[^)]*|.*?\bpid=\d+[^)]*)\)"
+)
+
+
+def own_lines(stderr: str) -> list[str]:
+    """The lines of `stderr` that dskd printed itself: a driver connected to a cluster also
+    receives its processes' log lines (`(raylet) ... over 95% full`, `(ScoringActor pid=1) ...`),
+    and they arrive whenever Ray's log monitor sends them, even after dskd's last line (a CI run
+    saw a raylet disk warning land after `dskd: interrupted`)."""
+    return [line for line in stderr.strip().splitlines() if not _RAY_FORWARDED.match(line)]
 
 
 def _free_port() -> int:

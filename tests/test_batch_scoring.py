@@ -33,6 +33,7 @@ from conftest import (
     good_files,
     interrupted,
     make_bucket,
+    own_lines,
     texture,
     write_textures,
 )
@@ -645,7 +646,7 @@ def test_ctrl_c_on_ray_exits_130_commits_nothing_and_leaves_no_scratch(
         lambda _: (out / "maps").is_dir() and any((out / "maps").rglob("*.png")), tmp_path, env,
     )  # fmt: skip
     assert result.returncode == 130, result.stderr[-3000:]
-    assert result.stderr.strip().splitlines()[-1] == "dskd: interrupted"
+    assert own_lines(result.stderr)[-1] == "dskd: interrupted"
     assert "committed" not in result.stdout and not (out / "_manifests").exists()
     _check_no_scratch_left(temp)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import interrupted, write_textures
+from conftest import interrupted, own_lines, write_textures
 
 # A random teacher at 64² for one epoch: seconds, enough to exercise the command paths.
 TINY_TRAIN = [
@@ -476,7 +476,7 @@ def test_ctrl_c_during_training_exits_130_and_keeps_the_last_whole_epoch(tmp_pat
              "--students", "se"]  # fmt: skip
     result = interrupted(train, lambda _: out.exists(), tmp_path)  # once epoch 1 is saved
     assert result.returncode == 130, result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (
+    assert own_lines(result.stderr)[-1] == (
         f"dskd: interrupted; {out} holds the last whole epoch: the same command with --resume "
         "goes on"
     )
@@ -499,7 +499,7 @@ def test_ctrl_c_during_scoring_in_process_exits_130_and_commits_nothing(tmp_path
         lambda err: "scoring 48 images in this process" in err, tmp_path,
     )  # fmt: skip
     assert result.returncode == 130, result.stderr
-    assert result.stderr.strip().splitlines()[-1] == "dskd: interrupted"
+    assert own_lines(result.stderr)[-1] == "dskd: interrupted"
     assert "Traceback" not in result.stderr and "committed" not in result.stdout
     assert not (out / "_manifests").exists()
 
