@@ -46,6 +46,25 @@ def check_device(device: str) -> str:
     return device
 
 
+def input_fields(
+    image_size: int | None, tile: int | None, tile_overlap: int | None
+) -> dict[str, Any]:
+    """The config fields for the model's input, from the options as given (None: not given):
+    --image-size shrinks each image to it, --tile SIZE cuts images at full resolution into
+    SIZE×SIZE tiles instead (that size is then the model's input)."""
+    if tile is not None and image_size is not None:
+        raise ConfigError("--tile SIZE sets the model's input size: drop --image-size")
+    if tile_overlap is not None and tile is None:
+        raise ConfigError("--tile-overlap needs --tile SIZE")
+    if tile is not None and tile % 32:
+        raise ConfigError(f"--tile {tile} must be a multiple of 32 (the model's input size)")
+    return {
+        "image_size": tile or image_size,
+        "tiled": True if tile else None,
+        "tile_overlap": tile_overlap,
+    }
+
+
 @dataclass
 class DSKDConfig:
     """Everything that defines a model and how it was trained (docs/design.md §1, §3).

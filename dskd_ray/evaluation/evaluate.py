@@ -12,7 +12,8 @@ import numpy as np
 from dskd_ray.errors import DataError, ScoreError
 from dskd_ray.evaluation import metrics
 from dskd_ray.inference.scoring import BatchScorer, not_finite_reason
-from dskd_ray.io.data import Category, decode_images, load_mask
+from dskd_ray.io.data import Category, decode_images, discover_categories, load_mask
+from dskd_ray.io.storage import exists, is_dir, storage_errors
 from dskd_ray.progress import PROGRESS, clock, eta
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,29 @@ class CategoryResult:
 
 def _finite_or_none(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
+
+
+def models_for(data: str, model: str) -> list[tuple[Category, str]]:
+    """Pair each category under `data` with its checkpoint: a file, or DIR/<category>.pt."""
+    categories = discover_categories(data)
+    with storage_errors(model):
+        is_folder = is_dir(model)
+    if is_folder:
+        pairs = []
+        for c in categories:
+            ckpt = f"{model.rstrip('/')}/{c.name}.pt"
+            with storage_errors(ckpt):
+                found = exists(ckpt)
+            if not found:
+                raise DataError(f"no checkpoint for category {c.name!r}: expected {ckpt}")
+            pairs.append((c, ckpt))
+        return pairs
+    if len(categories) > 1:
+        raise DataError(
+            f"{data} holds {len(categories)} categories but --model is one checkpoint: pass one "
+            "category folder, or a --model folder with <category>.pt for each"
+        )
+    return [(categories[0], model)]
 
 
 def evaluate_category(

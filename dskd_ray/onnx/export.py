@@ -25,8 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from dskd_ray.errors import DSKDError
 from dskd_ray.evaluation.metrics import is_anomalous
 from dskd_ray.io import file_kind
+from dskd_ray.io.data import list_images, load_images
 from dskd_ray.io.storage import (
     exists,
     is_dir,
@@ -114,6 +116,19 @@ def check_images(image_size: int, n: int = 4, seed: int = 0) -> np.ndarray:
     ramp = np.linspace(0, 255, image_size, dtype=np.float32)
     images[min(1, n - 1)] = np.stack([ramp[None, :] + 0 * ramp[:, None]] * 3, -1).astype(np.uint8)
     images[n - 1] = 128
+    return images
+
+
+CHECK_IMAGES_READ = 16  # real images an export is checked on, at most
+
+
+def load_check_images(checkpoint: str, images_uri: str) -> np.ndarray:
+    """The first real images under `images_uri` at the checkpoint's input size, to check the
+    graph on (--check-images) instead of the stand-ins."""
+    size = load_checkpoint(checkpoint).config.image_size
+    images, _, _ = load_images(list_images(images_uri)[:CHECK_IMAGES_READ], size)
+    if not len(images):
+        raise DSKDError(f"--check-images {images_uri}: no readable images there")
     return images
 
 

@@ -1,0 +1,224 @@
+"""The nightly commands: score (every image under a prefix, on Ray Data) and results (what the
+committed runs found)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from dskd_ray.cli.console import echo, setup_logging
+from dskd_ray.cli.options import SCORING, Model, Verbose, device_option, given, opt
+from dskd_ray.config import ScoringOptions
+from dskd_ray.errors import DSKDError
+
+
+def score(
+    input_uri: Annotated[
+        str,
+        typer.Argument(
+            metavar="INPUT",
+            help="Folder or s3:// prefix of images, searched recursively; or a manifest "
+            "(.parquet or .csv with column image_uri, optionally image_version, image_bytes)",
+        ),
+    ],
+    model: Model,
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out", "-o", help="Output folder or s3:// prefix (results/, maps/, _manifests/)"
+        ),
+    ],
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster to run on; default RAY_ADDRESS, else a new local Ray"),
+    ] = None,
+    device: Annotated[
+        str,
+        typer.Option(
+            callback=device_option, help="auto (GPU actors where the cluster has GPUs) | cpu | cuda"
+        ),
+    ] = "auto",
+    batch_size: Annotated[
+        int | None, opt(SCORING.batch_size, min=1, help="Images per model call")
+    ] = None,
+    actors: Annotated[
+        int | None,
+        typer.Option(min=1, help="Most scoring actors; default from the cluster's CPUs/GPUs"),
+    ] = None,
+    actor_threads: Annotated[
+        int | None,
+        typer.Option(min=1, help="Torch threads per CPU actor; default from the cluster"),
+    ] = None,
+    rescore: Annotated[
+        bool, typer.Option(help="Score every image again, even those this model already scored")
+    ] = False,
+    rows_per_file: Annotated[
+        int | None, opt(SCORING.rows_per_file, min=1, help="Parquet rows per part file")
+    ] = None,
+    precision: Annotated[
+        str | None,
+        opt(
+            SCORING.precision,
+            help="fp32 | bf16 (autocast: GPUs and CPUs with native bf16; ~1e-2 on scores)",
+        ),
+    ] = None,
+    compile: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the model in each actor")
+    ] = False,
+    backend: Annotated[
+        str | None,
+        opt(
+            SCORING.backend,
+            help="auto | torch | onnxruntime (the checkpoint's exported graph on CPU actors; "
+            "pip install 'dskd_ray[onnx]'). auto: onnxruntime on CPU actors when installed and "
+            f"the graph is cached or the run has {SCORING.onnx_export_min}+ images, else torch",
+        ),
+    ] = None,
+    in_process_max: Annotated[
+        int | None,
+        opt(
+            SCORING.in_process_max,
+            min=0,
+            help="Score up to this many images in this process when no Ray cluster is named "
+            "or running (0: always on Ray)",
+        ),
+    ] = None,
+    allow_scheme: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="SCHEME",
+            help="Also read this URI scheme in INPUT or a manifest (gs, az, http…; its fsspec "
+            "filesystem installed on every node; repeat for several). Without it only local "
+            "paths, file:// and s3:// are read",
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="List and compare with what is done; print counts; score nothing"
+        ),
+    ] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Score every image under INPUT on Ray Data: one anomaly map and one Parquet row per image.
+
+    Incremental: images this model already scored (same URI and version) are skipped. A run is
+    visible to readers only once its manifest is written, last. A manifest INPUT scores exactly
+    the images it lists (without image_version, each URI is scored once).
+    """
+    setup_logging(verbose)
+    from dskd_ray.nightly.plan import dry_run as plan_only
+    from dskd_ray.nightly.run import score_images
+
+    options = ScoringOptions(**given(
+        device=device, batch_size=batch_size, actors=actors, actor_threads=actor_threads,
+        rescore=rescore, rows_per_file=rows_per_file, precision=precision, compile=compile,
+        backend=backend,
+        in_process_max=in_process_max,
+        schemes=tuple(s.lower() for s in allow_scheme) if allow_scheme else None,
+    ))  # fmt: skip
+    if dry_run:
+        echo(plan_only(input_uri, model, out, options).format())
+        return
+    summary = score_images(input_uri, model, out, options, address=address)
+    echo(
+        f"listed {summary.listed}, scored {summary.scored}, errors {summary.errors}, "
+        f"skipped {summary.skipped} (already scored); {summary.images_per_s:.1f} images/s"
+        f"{summary.format_backend()}; {summary.seconds:.1f} s in all"
+    )
+    if summary.errors:
+        echo(f"{summary.errors} image(s) could not be scored: rows with status = 'error' say why")
+    if summary.gone:
+        echo(
+            f"{summary.gone} image(s) listed by an earlier run are gone from INPUT: rows with "
+            "status 'gone'"
+        )
+    if summary.symlinks:
+        echo(summary.format_symlinks())
+    echo(f"run {summary.run_id}: {summary.partition}")
+    echo(f"committed: {summary.manifest}")
+
+
+def day_option(value: str | None) -> Any:
+    """--since checked as it is parsed: a bad date is a usage error, not a traceback."""
+    if value is None:
+        return None
+    from dskd_ray.nightly.summary import parse_day
+
+    try:
+        return parse_day(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a date (YYYY-MM-DD)") from None
+
+
+GALLERY_TOP = 24  # images in --report when --top is not given
+
+
+def results(
+    output: Annotated[
+        str, typer.Argument(metavar="OUTPUT", help="What `dskd score --out` wrote to (or s3://)")
+    ],
+    run: Annotated[str | None, typer.Option("--run", help="Only this run id")] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            callback=day_option,
+            metavar="DATE",
+            help="Only runs started on DATE (YYYY-MM-DD, UTC) or later",
+        ),
+    ] = None,
+    top: Annotated[
+        int, typer.Option(min=0, help="Also list the N most anomalous images of the chosen runs")
+    ] = 0,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON: runs and top images")
+    ] = False,
+    as_csv: Annotated[
+        bool, typer.Option("--csv", help="Print CSV: the runs, or with --top the top images")
+    ] = False,
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write an HTML gallery here: the top images of a run (--run, else the latest "
+            f"with rows) with their maps, its score histogram and its errors (--top, default "
+            f"{GALLERY_TOP})",
+        ),
+    ] = None,
+    verbose: Verbose = False,
+) -> None:
+    """What the committed scoring runs under OUTPUT found: per run the images listed, scored and
+    failed (by reason), how many were anomalous, score quantiles, and the drift of the night's
+    scores from calibration (a warning when the bulk moved far). Uncommitted runs are never read.
+    """
+    setup_logging(verbose)
+    from dskd_ray.io.storage import printable
+    from dskd_ray.nightly.summary import format_runs, format_top, runs_csv, summarize_runs, top_csv
+
+    if as_json and as_csv:
+        raise typer.BadParameter("choose one of --json and --csv", param_hint="--json/--csv")
+    summary = summarize_runs(output, run=run, since=since, top=top)
+    for figures in summary.runs:
+        if figures.drift_warning:
+            typer.echo(
+                f"dskd: warning: run {printable(figures.run_id)}: {figures.drift_warning}", err=True
+            )
+    if as_json:
+        typer.echo(summary.to_json(), nl=False)
+    elif as_csv:
+        typer.echo(top_csv(summary) if top else runs_csv(summary), nl=False)
+    else:
+        echo(format_runs(summary))
+        if top:
+            echo("")
+            echo(format_top(summary))
+    if report is not None:
+        from dskd_ray.nightly.gallery import write_gallery
+
+        path = write_gallery(output, report, run=run, top=top or GALLERY_TOP, since=since)
+        echo(f"report: {path}")
+    damaged = [r.damaged for r in summary.runs if r.damaged]
+    if damaged:  # the other runs are listed above; the exit code still says something is wrong
+        more = f" (and {len(damaged) - 1} more damaged run(s), listed above)" if damaged[1:] else ""
+        raise DSKDError(damaged[0] + more)
