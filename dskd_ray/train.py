@@ -1,48 +1,59 @@
-"""Moved to `dskd_ray.training.loop` (issue 23). This old path stays for one release, then goes."""
+"""Moved to `dskd_ray.training` (issue 23): the routine in `loop`, its parts beside it. This old
+path stays for one release, then goes."""
 
 import warnings
 
-from dskd_ray.training.loop import (
+from dskd_ray.training.calibration import (
     BASELINE_IMAGES,
-    FEATURE_STD_FLOOR,
-    SGD_MOMENTUM,
-    EpochStats,
-    OneProcess,
-    Progress,
-    ProgressCallback,
-    Strategy,
-    Students,
-    TeacherCache,
-    TrainingSet,
-    TrainResult,
-    add_memory,
     baseline_sample,
     calibrate,
     compute_threshold,
-    decoder_reads_teacher,
-    epoch_order,
-    fit,
-    fit_feature_statistics,
     fit_level_statistics,
-    fit_memory,
     fit_memory_gain,
     fit_pixel_baseline,
-    hard_mining_share,
     image_scores,
-    iterate_batches,
-    make_optimizer,
-    make_scheduler,
-    memory_candidates,
-    memory_seed,
     model_rows,
+)
+from dskd_ray.training.dataset import (
+    TrainingSet,
+    epoch_order,
     plan_training,
-    resume_config,
-    run_epoch,
     seed_everything,
     shard,
     split_holdout,
-    train,
+)
+from dskd_ray.training.epoch import (
+    FEATURE_STD_FLOOR,
+    SGD_MOMENTUM,
+    EpochStats,
+    Progress,
+    ProgressCallback,
+    Students,
+    TeacherCache,
+    decoder_reads_teacher,
+    fit_feature_statistics,
+    hard_mining_share,
+    iterate_batches,
+    make_optimizer,
+    make_scheduler,
+    run_epoch,
     train_step,
+)
+from dskd_ray.training.loop import (
+    TrainResult,
+    add_memory,
+    fit,
+    resume_config,
+    train,
+)
+from dskd_ray.training.memory import (
+    fit_memory,
+    memory_candidates,
+    memory_seed,
+)
+from dskd_ray.training.strategy import (
+    OneProcess,
+    Strategy,
 )
 
 __all__ = [

@@ -14,7 +14,8 @@ from dskd_ray.demo.data import DEMO_CATEGORIES, make_demo_data
 from dskd_ray.evaluation.evaluate import evaluate_category, summarize
 from dskd_ray.inference.scoring import Scorer
 from dskd_ray.io.data import discover_categories
-from dskd_ray.training.loop import ProgressCallback, train
+from dskd_ray.training.epoch import ProgressCallback
+from dskd_ray.training.loop import train
 
 log = logging.getLogger(__name__)
 

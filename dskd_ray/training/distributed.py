@@ -1,7 +1,7 @@
 """Distributed training on Ray Train (v2 API): DDP over the students, one image shard per worker.
 
 The only module besides `jobs/` that imports `ray.train`. Each worker runs the local trainer's
-own routine, `train.fit`, with `RayTrainStrategy`: its shard of the images, DDP over the
+own routine, `loop.fit`, with `RayTrainStrategy`: its shard of the images, DDP over the
 trainable parts, all-reduced epoch statistics, checkpoints reported to Ray Train. The teacher
 stays frozen, in eval mode, outside DDP, on every worker. Rank 0 calibrates on the same images
 a local run would (docs/design.md §6).
@@ -48,14 +48,9 @@ from dskd_ray.config import DSKDConfig, RayOptions
 from dskd_ray.errors import ConfigError, DSKDError
 from dskd_ray.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from dskd_ray.model.network import DSKD
-from dskd_ray.training.loop import (
-    EpochStats,
-    Students,
-    TrainResult,
-    fit,
-    plan_training,
-    resume_config,
-)
+from dskd_ray.training.dataset import plan_training
+from dskd_ray.training.epoch import EpochStats, Students
+from dskd_ray.training.loop import TrainResult, fit, resume_config
 
 log = logging.getLogger(__name__)
 

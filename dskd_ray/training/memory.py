@@ -8,17 +8,26 @@ how a small bank still covers the normal patches: each pick is the patch farthes
 already picked, so no normal pattern is left far from the bank.
 
 Pure PyTorch and numpy: no Ray. Under Ray Train each worker picks from its own shard and rank 0
-picks again from the union (`train.fit_memory`), so no worker ships all its patches.
+picks again from the union (`fit_memory`), so no worker ships all its patches.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
+
+from dskd_ray.config import DSKDConfig
+from dskd_ray.model.anomaly_map import memory_features
+from dskd_ray.model.network import DSKD
+from dskd_ray.progress import PROGRESS, clock
+from dskd_ray.training.epoch import batch_tensor
+from dskd_ray.training.strategy import Strategy
 
 # The coreset is picked in a random projection of the patches to this many dimensions
 # (PatchCore's choice): distances are kept to a few percent, and each pick reads less memory.
@@ -106,3 +115,77 @@ def select_bank(patches: torch.Tensor, size: int, sampling: str, seed: int) -> t
     if sampling == "coreset":
         return patches[greedy_coreset(patches, size, seed).to(patches.device)]
     return patches[random_subsample(len(patches), size, seed).to(patches.device)]
+
+
+def memory_seed(seed: int, rank: int) -> int:
+    """The memory's random stream for one worker: a pure function of (seed, rank), so a local
+    run and one Ray worker pick the same bank."""
+    return int(np.random.SeedSequence([seed, rank, 22]).generate_state(1)[0])
+
+
+@torch.inference_mode()
+def memory_candidates(
+    model: DSKD, images: torch.Tensor, device: torch.device, batch_size: int, seed: int
+) -> torch.Tensor:
+    """(n·k, C) float32 on the CPU: the memory patches of `images` (uint8 (n, S, S, 3)), all k
+    of each image's, or an equal random share when they exceed `memory.CANDIDATE_BYTES`."""
+    assert model.memory is not None
+    n, size = len(images), model.config.image_size
+    per_image, channels = (size // 8) ** 2, model.memory.channels
+    keep = candidates_per_image(n, per_image, channels)
+    generator = torch.Generator().manual_seed(seed)
+    out = torch.empty(n * keep, channels)
+    for start in range(0, n, batch_size):
+        batch = images[start : start + batch_size]
+        x = model.normalize(batch_tensor(batch, torch.arange(len(batch)), device))
+        patches = memory_features(model.teacher_features(x), model.config.strides)  # (B, C, S/8, …)
+        rows = patches.permute(0, 2, 3, 1).reshape(len(batch), per_image, channels).cpu()
+        if keep < per_image:
+            pick = torch.stack([torch.randperm(per_image, generator=generator)[:keep]
+                                for _ in range(len(batch))])  # fmt: skip
+            rows = torch.gather(rows, 1, pick[:, :, None].expand(-1, -1, channels))
+        out[start * keep : (start + len(batch)) * keep] = rows.reshape(-1, channels)
+    return out
+
+
+def fit_memory(
+    model: DSKD, images: torch.Tensor, config: DSKDConfig, strategy: Strategy, device: torch.device
+) -> dict[str, Any]:
+    """Fill the memory bank from every worker's training images (`images`: this worker's).
+
+    Each worker picks from its own patches — a coreset of up to `memory_size`, or a random
+    share in proportion to its patches — and rank 0 picks the bank from the union again, so
+    the bank covers every shard and no worker ships all its patches. With one worker the
+    union is the bank: a local run and a one-worker Ray run pick the same. Returns what the
+    checkpoint's meta keeps of it (on rank 0; {} elsewhere): bank size, candidates, seconds.
+    """
+    assert model.memory is not None
+    model.eval()
+    start = time.perf_counter()
+    seed = memory_seed(config.seed, strategy.rank)
+    patches = memory_candidates(model, images, device, config.batch_size, seed)
+    (total,) = strategy.all_reduce([float(len(patches))])
+    share = config.memory_size
+    if config.memory_sampling == "random":
+        share = round(config.memory_size * len(patches) / max(total, 1.0))
+    # The coreset's passes over every candidate run where the model does (a GPU's are fast).
+    mine = select_bank(patches.to(device), share, config.memory_sampling, seed).cpu()
+    del patches
+    parts = strategy.all_gather(mine)
+    if strategy.rank != 0:
+        return {}
+    union = torch.cat(parts)
+    bank = union
+    if len(union) > config.memory_size:
+        again = memory_seed(config.seed, strategy.world)
+        bank = select_bank(union.to(device), config.memory_size, config.memory_sampling, again)
+    model.memory.bank = bank.to(model.memory.bank.device)
+    seconds = time.perf_counter() - start
+    PROGRESS.info(
+        "memory: %d of %d patches (%s) in %s", len(bank), int(total), config.memory_sampling,
+        clock(seconds),
+    )  # fmt: skip
+    return {
+        "bank": len(bank), "candidates": int(total), "sampling": config.memory_sampling,
+        "workers": strategy.world, "fit_s": round(seconds, 2),
+    }  # fmt: skip
