@@ -57,8 +57,8 @@ from PIL import Image
 from dskd_ray.config import DSKDConfig
 from dskd_ray.inference.scoring import BatchScorer, Scorer
 from dskd_ray.io.images import decode_image
-from dskd_ray.io.map_png import encode_map_png, quantize_map
-from dskd_ray.io.storage import map_uri, read_object, write_object
+from dskd_ray.io.map_png import encode_map_png, map_uri, quantize_map
+from dskd_ray.io.storage import read_object, write_object
 from dskd_ray.model.anomaly_map import anomaly_map, image_score
 from dskd_ray.model.checkpoint import make_checkpoint, save_checkpoint
 from dskd_ray.model.inputs import images_to_tensor

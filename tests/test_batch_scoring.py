@@ -41,8 +41,8 @@ from dskd_ray.config import DSKDConfig, ScoringOptions
 from dskd_ray.errors import ConfigError, DataError, StorageError
 from dskd_ray.inference.scoring import Scorer
 from dskd_ray.io.images import decode_image
-from dskd_ray.io.map_png import decode_map_png
-from dskd_ray.io.storage import map_uri, with_retries
+from dskd_ray.io.map_png import decode_map_png, map_uri
+from dskd_ray.io.storage import with_retries
 from dskd_ray.model.checkpoint import Threshold, make_checkpoint, save_checkpoint
 from dskd_ray.model.network import DSKD
 from dskd_ray.nightly.attempts import SCRATCH_DIR

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import write_textures
 from dskd_ray.errors import ConfigError
-from dskd_ray.io.storage import NOT_UTF8, ListingStats, check_output, iter_images, printable_name
+from dskd_ray.io.storage import printable_name
+from dskd_ray.io.storage_listing import NOT_UTF8, ListingStats, check_output, iter_images
 
 
 def test_a_name_that_is_not_utf8_is_listed_escaped_with_an_error(tmp_path: Path) -> None:

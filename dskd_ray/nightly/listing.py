@@ -1,6 +1,6 @@
 """What a run is asked to score, as one Arrow table of URIs, versions and sizes
 (`LISTING_SCHEMA`), never image bytes: the images under a prefix (`list_inputs`,
-through `io.storage.iter_images`) or the rows of a manifest (`read_manifest`)."""
+through `io.storage_listing.iter_images`) or the rows of a manifest (`read_manifest`)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dskd_ray.errors import DataError
-from dskd_ray.io.storage import (
-    ListingStats,
-    check_schemes,
-    iter_images,
-    open_object,
-)
+from dskd_ray.io.storage import check_schemes, open_object
+from dskd_ray.io.storage_listing import ListingStats, iter_images
 
 log = logging.getLogger(__name__)
 

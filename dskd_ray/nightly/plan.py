@@ -13,13 +13,8 @@ import pyarrow.compute as pc
 
 from dskd_ray.config import ScoringOptions
 from dskd_ray.errors import CheckpointError
-from dskd_ray.io.storage import (
-    canonical_uri,
-    check_output,
-    check_schemes,
-    check_writable,
-    uri_scheme,
-)
+from dskd_ray.io.storage import canonical_uri, check_schemes, check_writable, uri_scheme
+from dskd_ray.io.storage_listing import check_output
 from dskd_ray.nightly.listing import _Listing, list_inputs
 from dskd_ray.nightly.results import (
     RESULT_SCHEMA,

@@ -28,13 +28,8 @@ import pyarrow as pa
 
 from dskd_ray.config import ScoringOptions
 from dskd_ray.errors import DSKDError
-from dskd_ray.io.storage import (
-    check_output,
-    check_schemes,
-    check_writable,
-    join_uri,
-    uri_scheme,
-)
+from dskd_ray.io.storage import check_schemes, check_writable, join_uri, uri_scheme
+from dskd_ray.io.storage_listing import check_output
 from dskd_ray.nightly.attempts import (
     clean_stale_scratch,
     remove_run_scratch,

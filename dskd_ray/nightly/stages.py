@@ -15,14 +15,8 @@ import pyarrow as pa
 from dskd_ray.inference import tiling
 from dskd_ray.io.decoder_process import DecoderCrashed, shared_decoder
 from dskd_ray.io.images import ImageDecodeError
-from dskd_ray.io.map_png import encode_map_png, quantize_map
-from dskd_ray.io.storage import (
-    explain_read_failure,
-    map_uri,
-    printable,
-    read_object,
-    write_object,
-)
+from dskd_ray.io.map_png import encode_map_png, map_uri, quantize_map
+from dskd_ray.io.storage import explain_read_failure, printable, read_object, write_object
 from dskd_ray.nightly.attempts import (
     Attempts,
     clean_stale_scratch,
