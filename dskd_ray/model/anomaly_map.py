@@ -263,15 +263,15 @@ def anomaly_map(
     location: torch.Tensor | None = None,
     spread: torch.Tensor | None = None,
     baseline: torch.Tensor | None = None,
-    baseline_mode: str = "mean",
+    baseline_mode: str = "subtract",  # as DSKDConfig.map_baseline
     memory: torch.Tensor | None = None,
     memory_scale: torch.Tensor | float = 1.0,
     distance: str = "cosine",
     memory_weight: float = 0.5,
 ) -> torch.Tensor:
     """(B, H, W) map from the network's pyramids and the memory's distances (`memory`, (B, h,
-    w), or None): the members fused, blurred, then the per-pixel `baseline` (H, W) divided out
-    ("mean") or subtracted ("subtract")."""
+    w), or None): the members fused, blurred, then the per-pixel `baseline` (H, W) subtracted
+    ("subtract") or divided out ("mean")."""
     members = member_maps(level_maps(features, distance), size, fusion, location, spread)
     weights = None
     if memory is not None:
@@ -293,7 +293,7 @@ def fuse_members(
     members: list[torch.Tensor],
     sigma: float = 4.0,
     baseline: torch.Tensor | None = None,
-    baseline_mode: str = "mean",
+    baseline_mode: str = "subtract",  # as DSKDConfig.map_baseline
     weights: list[float] | None = None,
 ) -> torch.Tensor:
     """(B, H, W): the members' mean (each student's fused levels, the memory's level), or their
@@ -309,7 +309,7 @@ def fuse_members(
 
 
 def apply_baseline(
-    maps: torch.Tensor, baseline: torch.Tensor | None, mode: str = "mean"
+    maps: torch.Tensor, baseline: torch.Tensor | None, mode: str = "subtract"
 ) -> torch.Tensor:
     """(B, H, W) maps with the per-pixel normal map removed: ÷ ("mean"), or − ("subtract") and
     what is left below zero cut off — the map then says how far above its usual discrepancy

@@ -330,22 +330,22 @@ class DSKD(nn.Module):
     def predict(
         self,
         images: torch.Tensor,
-        divide_baseline: bool = True,
+        remove_baseline: bool = True,
         autocast_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """RGB in [0, 1], (B, 3, H, W) → anomaly maps (B, H, W) and image scores (B,).
 
         The one inference function: scoring, calibration and evaluation call it. Call it in
-        eval mode (`Checkpoint.build_model` gives that). `divide_baseline=False` gives the map
+        eval mode (`Checkpoint.build_model` gives that). `remove_baseline=False` gives the map
         before the per-pixel baseline (to fit that baseline); `autocast_dtype` runs the
         networks, not the map arithmetic, under autocast.
         """
-        return self.maps_and_scores(images, divide_baseline, autocast_dtype)
+        return self.maps_and_scores(images, remove_baseline, autocast_dtype)
 
     def maps_and_scores(
         self,
         images: torch.Tensor,
-        divide_baseline: bool = True,
+        remove_baseline: bool = True,
         autocast_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`predict` without its inference mode: what an export traces (dskd_ray.onnx.export)."""
@@ -355,7 +355,7 @@ class DSKD(nn.Module):
         if self.memory is not None:
             weights = member_weights(len(members) - 1, cfg.memory_weight)
         maps = fuse_members(members, cfg.blur_sigma, weights=weights)
-        maps = apply_baseline(maps, self.baseline() if divide_baseline else None, cfg.map_baseline)
+        maps = apply_baseline(maps, self.baseline() if remove_baseline else None, cfg.map_baseline)
         return maps, image_score(maps, cfg.score_top_k)
 
     def members(

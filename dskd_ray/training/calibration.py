@@ -112,7 +112,7 @@ def fit_pixel_baseline(
     total = torch.zeros_like(model.pixel_baseline, dtype=torch.float64)
     for start in range(0, len(pick), batch_size):
         batch = np.asarray(images[pick[start : start + batch_size]])
-        maps, _ = model.predict(images_to_tensor(batch, device), divide_baseline=False)
+        maps, _ = model.predict(images_to_tensor(batch, device), remove_baseline=False)
         total += maps.double().sum(dim=0)
     mean = (total / len(pick)).float()
     # A divisor needs a floor; a subtrahend does not.
