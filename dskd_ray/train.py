@@ -6,7 +6,6 @@ import warnings
 from dskd_ray.training.calibration import (
     BASELINE_IMAGES,
     baseline_sample,
-    calibrate,
     compute_threshold,
     fit_level_statistics,
     fit_memory_gain,
@@ -16,35 +15,36 @@ from dskd_ray.training.calibration import (
 )
 from dskd_ray.training.dataset import (
     TrainingSet,
-    epoch_order,
-    plan_training,
     seed_everything,
-    shard,
-    split_holdout,
 )
 from dskd_ray.training.epoch import (
-    FEATURE_STD_FLOOR,
     SGD_MOMENTUM,
-    EpochStats,
     Progress,
     ProgressCallback,
-    Students,
-    TeacherCache,
     decoder_reads_teacher,
-    fit_feature_statistics,
-    hard_mining_share,
     iterate_batches,
-    make_optimizer,
     make_scheduler,
-    run_epoch,
-    train_step,
 )
 from dskd_ray.training.loop import (
+    FEATURE_STD_FLOOR,
+    EpochStats,
+    Students,
+    TeacherCache,
     TrainResult,
     add_memory,
+    calibrate,
+    epoch_order,
     fit,
+    fit_feature_statistics,
+    hard_mining_share,
+    make_optimizer,
+    plan_training,
     resume_config,
+    run_epoch,
+    shard,
+    split_holdout,
     train,
+    train_step,
 )
 from dskd_ray.training.memory import (
     fit_memory,

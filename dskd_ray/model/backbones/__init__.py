@@ -25,6 +25,7 @@ from dskd_ray.model.backbones.resnet import (
     ResNetTrunk,
     torchvision_imagenet_state_dict,
 )
+from dskd_ray.model.backbones.state_dicts import fit_problems
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +109,8 @@ def _read_state_dict(source: str) -> tuple[dict[str, torch.Tensor], str]:
 def _load_into(trunk: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load the keys the trunk has; every one of them must be present with the right shape."""
     own = trunk.state_dict()
-    missing = [k for k in own if k not in state]
-    mismatched = [
-        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
-    ]
+    missing, wrong_shape = fit_problems(own, state)
+    mismatched = [f"{k}: {theirs} vs {ours}" for k, theirs, ours in wrong_shape]
     if missing or mismatched:
         detail = (
             f"missing {len(missing)} keys (e.g. {missing[:3]})"

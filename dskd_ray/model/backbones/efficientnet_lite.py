@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dskd_ray.model.backbones.state_dicts import fit_problems
+
 log = logging.getLogger(__name__)
 
 # TF-Lite's preprocessing, (x·255 − 127) / 128, rewritten for RGB in [0, 1]. Evidence that the
@@ -384,12 +386,8 @@ def load_lite_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tenso
         else:
             mapped[ours] = value
     own = module.state_dict()
-    missing = [k for k in own if k not in mapped]
-    mismatched = [
-        f"{k}: weights {tuple(mapped[k].shape)}, network {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in mapped and mapped[k].shape != v.shape
-    ]
+    missing, wrong_shape = fit_problems(own, mapped)
+    mismatched = [f"{k}: weights {theirs}, network {ours}" for k, theirs, ours in wrong_shape]
     problems: list[str] = []
     if missing:
         problems.append(f"{len(missing)} missing (e.g. {missing[:3]})")
