@@ -32,7 +32,9 @@ from dskd_ray.reporting.charts import (
     THRESHOLD_COLOUR,
     Chart,
     colour_bar,
-    nice_ticks,
+    finish_histogram,
+    histogram_chart,
+    histogram_edges,
 )
 from dskd_ray.reporting.html import escape, href, img, page
 from dskd_ray.reporting.visualize import mask_outline, overlay
@@ -97,27 +99,14 @@ def score_histogram(labels: np.ndarray, scores: np.ndarray, threshold: float | N
     """Image scores of normal and anomalous test images, with the threshold as a dashed line."""
     labels = np.asarray(labels, bool)
     scores = np.asarray(scores, np.float64)
-    lo, hi = float(scores.min()), float(scores.max())
-    if threshold is not None:
-        lo, hi = min(lo, threshold), max(hi, threshold)
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    pad = 0.03 * (hi - lo)
-    edges = np.linspace(lo - pad, hi + pad, 31)
+    edges = histogram_edges(scores, [] if threshold is None else [threshold], 30)
     normal, _ = np.histogram(scores[~labels], edges)
     anomalous, _ = np.histogram(scores[labels], edges)
-    top = max(int(normal.max(initial=0)), int(anomalous.max(initial=0)), 1)
-    ytop = top / 0.7  # headroom: the bars keep out of the legend's corner
-    yticks = [t for t in nice_ticks(0, ytop, 5) if float(t).is_integer()] or [0, top]
-    chart = Chart(
-        "Image scores",
-        "image score (max of the anomaly map)",
-        "test images",
-        (float(edges[0]), float(edges[-1])),
-        (0.0, max(ytop, yticks[-1])),
-        yticks=yticks,
-        size=(420, 360),
-    )
+    top = max(int(normal.max(initial=0)), int(anomalous.max(initial=0)))
+    chart = histogram_chart(
+        "Image scores", "image score (max of the anomaly map)", "test images", edges, top,
+        (420, 360),
+    )  # fmt: skip
     entries = []
     if normal.any():
         chart.bars(edges, normal, NORMAL_COLOUR)
@@ -125,11 +114,7 @@ def score_histogram(labels: np.ndarray, scores: np.ndarray, threshold: float | N
     if anomalous.any():
         chart.bars(edges, anomalous, ANOMALOUS_COLOUR)
         entries.append((f"anomalous ({int(labels.sum())})", ANOMALOUS_COLOUR, "box"))
-    if threshold is not None:
-        chart.vline(threshold, THRESHOLD_COLOUR)
-        entries.append((f"threshold {threshold:.4g}", THRESHOLD_COLOUR, "dash"))
-    chart.legend(entries, corner="tr")
-    return chart
+    return finish_histogram(chart, entries, threshold)
 
 
 # ----------------------------------------------------------------------------- thumbnails

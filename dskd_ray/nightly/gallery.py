@@ -38,10 +38,11 @@ from dskd_ray.nightly.summary import (
 from dskd_ray.reporting.charts import (
     CALIBRATION_COLOUR,
     NORMAL_COLOUR,
-    THRESHOLD_COLOUR,
     Chart,
     colour_bar,
-    nice_ticks,
+    finish_histogram,
+    histogram_chart,
+    histogram_edges,
 )
 from dskd_ray.reporting.html import escape, href, img, page
 from dskd_ray.reporting.visualize import colorize, display_scale, overlay
@@ -90,25 +91,13 @@ def _picture(row: dict, threshold: float | None) -> tuple[np.ndarray | None, str
 
 
 def _histogram(scores: np.ndarray, threshold: float | None, drift: ScoreDrift | None) -> Chart:
-    lo, hi = (float(scores.min()), float(scores.max())) if scores.size else (0.0, 1.0)
     marks = [v for v in (threshold, drift.calibration_median if drift else None) if v is not None]
-    lo, hi = min([lo, *marks]), max([hi, *marks])
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    pad = 0.03 * (hi - lo)
-    edges = np.linspace(lo - pad, hi + pad, 41)
+    edges = histogram_edges(scores, marks, 40)
     counts, _ = np.histogram(scores, edges)
-    ytop = max(int(counts.max(initial=0)), 1) / 0.7  # headroom for the legend
-    yticks = [t for t in nice_ticks(0, ytop, 5) if float(t).is_integer()] or [0, ytop]
-    chart = Chart(
-        "Image scores of the run",
-        "image score (max of the anomaly map)",
-        "images",
-        (float(edges[0]), float(edges[-1])),
-        (0.0, max(ytop, yticks[-1])),
-        yticks=yticks,
-        size=(560, 360),
-    )
+    chart = histogram_chart(
+        "Image scores of the run", "image score (max of the anomaly map)", "images", edges,
+        int(counts.max(initial=0)), (560, 360),
+    )  # fmt: skip
     chart.bars(edges, counts, NIGHT_COLOUR)
     entries = [(f"this run ({scores.size})", NIGHT_COLOUR, "box")]
     if drift is not None and drift.calibration_median is not None:
@@ -116,11 +105,7 @@ def _histogram(scores: np.ndarray, threshold: float | None, drift: ScoreDrift | 
         entries.append(
             (f"held-out normal median {drift.calibration_median:.4g}", CALIBRATION_COLOUR, "dash")
         )
-    if threshold is not None:
-        chart.vline(threshold, THRESHOLD_COLOUR)
-        entries.append((f"threshold {threshold:.4g}", THRESHOLD_COLOUR, "dash"))
-    chart.legend(entries, corner="tr")
-    return chart
+    return finish_histogram(chart, entries, threshold)
 
 
 def _facts(f: RunFigures) -> str:

@@ -208,6 +208,46 @@ class Chart:
         self.image.save(path, optimize=True)
 
 
+def histogram_edges(values: np.ndarray, marks: Sequence[float], bins: int) -> np.ndarray:
+    """Edges of `bins` equal bins over `values` and the lines drawn over them (`marks`: a
+    threshold), with a 3% margin each side."""
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    lo, hi = min([lo, *marks]), max([hi, *marks])
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    pad = 0.03 * (hi - lo)
+    return np.linspace(lo - pad, hi + pad, bins + 1)
+
+
+def histogram_chart(
+    title: str, x_label: str, y_label: str, edges: np.ndarray, top: int, size: tuple[int, int]
+) -> Chart:
+    """An empty chart for bars of counts over `edges`, the tallest `top` high."""
+    ytop = max(top, 1) / 0.7  # headroom: the bars keep out of the legend's corner
+    # Whole counts only; 0 is always a tick, so some remain.
+    yticks = [t for t in nice_ticks(0, ytop, 5) if float(t).is_integer()]
+    return Chart(
+        title,
+        x_label,
+        y_label,
+        (float(edges[0]), float(edges[-1])),
+        (0.0, max(ytop, yticks[-1])),
+        yticks=yticks,
+        size=size,
+    )
+
+
+def finish_histogram(
+    chart: Chart, entries: list[tuple[str, tuple[int, ...], str]], threshold: float | None
+) -> Chart:
+    """The threshold as a dashed line, then the legend in the corner the bars keep out of."""
+    if threshold is not None:
+        chart.vline(threshold, THRESHOLD_COLOUR)
+        entries.append((f"threshold {threshold:.4g}", THRESHOLD_COLOUR, "dash"))
+    chart.legend(entries, corner="tr")
+    return chart
+
+
 def colour_bar(width: int = 360, scale: int = 2) -> Image.Image:
     """The heat map's colour ramp, labelled in units of the threshold."""
     s = scale
