@@ -35,21 +35,13 @@ from dskd_ray.nightly.summary import (
     select_runs,
     top_anomalies,
 )
-from dskd_ray.reporting.charts import (
-    CALIBRATION_COLOUR,
-    NORMAL_COLOUR,
-    Chart,
-    colour_bar,
-    finish_histogram,
-    histogram_chart,
-    histogram_edges,
-)
+from dskd_ray.reporting import charts
 from dskd_ray.reporting.html import escape, href, img, page
 from dskd_ray.reporting.visualize import colorize, display_scale, overlay
 
 log = logging.getLogger(__name__)
 
-NIGHT_COLOUR = NORMAL_COLOUR  # the night's images are mostly normal ones
+NIGHT_COLOUR = charts.NORMAL_COLOUR  # the night's images are mostly normal ones
 EXAMPLES_PER_REASON = 5
 IO_THREADS = 8
 
@@ -90,22 +82,28 @@ def _picture(row: dict, threshold: float | None) -> tuple[np.ndarray | None, str
     return np.concatenate([image, gap, overlay(image, amap, threshold, alpha=0.5)], axis=1), ""
 
 
-def _histogram(scores: np.ndarray, threshold: float | None, drift: ScoreDrift | None) -> Chart:
+def _histogram(
+    scores: np.ndarray, threshold: float | None, drift: ScoreDrift | None
+) -> charts.Chart:
     marks = [v for v in (threshold, drift.calibration_median if drift else None) if v is not None]
-    edges = histogram_edges(scores, marks, 40)
+    edges = charts.histogram_edges(scores, marks, 40)
     counts, _ = np.histogram(scores, edges)
-    chart = histogram_chart(
+    chart = charts.histogram_chart(
         "Image scores of the run", "image score (max of the anomaly map)", "images", edges,
         int(counts.max(initial=0)), (560, 360),
     )  # fmt: skip
     chart.bars(edges, counts, NIGHT_COLOUR)
     entries = [(f"this run ({scores.size})", NIGHT_COLOUR, "box")]
     if drift is not None and drift.calibration_median is not None:
-        chart.vline(drift.calibration_median, CALIBRATION_COLOUR)
+        chart.vline(drift.calibration_median, charts.CALIBRATION_COLOUR)
         entries.append(
-            (f"held-out normal median {drift.calibration_median:.4g}", CALIBRATION_COLOUR, "dash")
+            (
+                f"held-out normal median {drift.calibration_median:.4g}",
+                charts.CALIBRATION_COLOUR,
+                "dash",
+            )
         )
-    return finish_histogram(chart, entries, threshold)
+    return charts.finish_histogram(chart, entries, threshold)
 
 
 def _facts(f: RunFigures) -> str:
@@ -244,7 +242,7 @@ def write_gallery(
     ok = rows.filter(pc.equal(rows["status"], "ok"))
     scores = ok["score"].to_numpy(zero_copy_only=False).astype(np.float64)
     _histogram(scores[np.isfinite(scores)], figures.threshold, drift).save(directory / "scores.png")
-    colour_bar().save(directory / "colour_bar.png")
+    charts.colour_bar().save(directory / "colour_bar.png")
     errors = rows.filter(pc.equal(rows["status"], "error")).select(
         ["image_uri", "error", "retryable"]
     )
