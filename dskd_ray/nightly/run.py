@@ -18,9 +18,11 @@ write maps).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -47,7 +49,7 @@ from dskd_ray.nightly.results import (
     run_partition,
     utc_now,
 )
-from dskd_ray.nightly.stages import ScoringActor, decode_batch, write_maps_batch
+from dskd_ray.nightly.stages import ScorerSpec, ScoringActor, decode_batch, write_maps_batch
 from dskd_ray.progress import PROGRESS, clock, eta
 
 if TYPE_CHECKING:
@@ -113,17 +115,42 @@ class RunSummary:
         )
 
 
+@dataclass(frozen=True)
+class _RunInput:
+    """What a runner scores and where its rows go: the same for both runners."""
+
+    table: pa.Table  # the images left to score
+    checkpoint: Checkpoint
+    output: str
+    run_id: str
+    options: ScoringOptions
+    writer: PartWriter
+
+    @property
+    def threshold(self) -> float | None:
+        return self.checkpoint.threshold.value if self.checkpoint.threshold else None
+
+
 @dataclass
 class _Progress:
+    """What a runner returns: its rows by status, and when the first ones came out."""
+
     start: float
     backend: str = ""  # the one that ran: "torch" or "onnxruntime"
+    ok: int = 0  # rows with status "ok"
+    error: int = 0  # rows with status "error"
     rows: int = 0
     first_rows_at: float | None = None
     first_rows: int = 0
     last_log: float = field(default_factory=time.perf_counter)
 
-    def update(self, n: int, total: int) -> None:
+    def add(self, rows: pa.Table, total: int) -> None:
+        """Count a batch of rows out (written), by status; log the progress now and then."""
+        statuses = rows["status"].to_pylist()
+        self.ok += statuses.count("ok")
+        self.error += len(statuses) - statuses.count("ok")
         now = time.perf_counter()
+        n = rows.num_rows
         self.rows += n
         if self.first_rows_at is None:
             self.first_rows_at, self.first_rows = now, n
@@ -178,14 +205,15 @@ def score_images(
             "%d image(s) listed by an earlier run are no longer under %s", gone.num_rows, input_uri
         )
         writer.write(gone)
-    counts = {"ok": 0, "error": 0}
+    scored = errors = startup_rows = 0
     pipeline_s = startup_s = 0.0
-    startup_rows = 0
     backend = ""
     if table.num_rows:
-        run = _run_in_process if _in_process(table.num_rows, options, address) else _run_pipeline
+        run: Callable[[_RunInput], _Progress] = _run_in_process
+        if not _in_process(table.num_rows, options, address):
+            run = functools.partial(_run_pipeline, address=address)
         try:
-            progress = run(table, checkpoint, output, run_id, options, address, writer, counts)
+            progress = run(_RunInput(table, checkpoint, output, run_id, options, writer))
         except (DSKDError, KeyboardInterrupt):
             raise
         except Exception as e:
@@ -193,6 +221,7 @@ def score_images(
                 f"run {run_id} failed and was not committed ({type(e).__name__}: "
                 f"{str(e).splitlines()[0] if str(e) else ''}); the next run scores its images"
             ) from e
+        scored, errors = progress.ok, progress.error
         pipeline_s = time.perf_counter() - progress.start
         startup_s = (progress.first_rows_at or progress.start) - progress.start
         startup_rows = progress.first_rows
@@ -204,8 +233,8 @@ def score_images(
         model_id=model_id,
         listed=listed_count,
         skipped=plan.skipped,
-        scored=counts["ok"],
-        errors=counts["error"],
+        scored=scored,
+        errors=errors,
         other_files=stats.other_files,
         symlinks=stats.symlinks,
         symlinks_skipped=stats.symlinks_skipped,
@@ -287,19 +316,10 @@ def _choose_backend(
     return backend, graph
 
 
-def _run_in_process(
-    table: pa.Table,
-    checkpoint: Checkpoint,
-    output: str,
-    run_id: str,
-    options: ScoringOptions,
-    address: str | None,
-    writer: PartWriter,
-    counts: dict[str, int],
-) -> _Progress:
+def _run_in_process(run: _RunInput) -> _Progress:
     """The pipeline's three stages, one block after the other, in this process: a handful of
     images is scored in seconds, where starting Ray and an actor takes half a minute."""
-    del address
+    table, checkpoint, options = run.table, run.checkpoint, run.options
     if options.device.startswith("cuda"):
         device = options.device
     else:
@@ -310,13 +330,15 @@ def _run_in_process(
     progress = _Progress(start=time.perf_counter())
     progress.backend, graph = _choose_backend(options, device, table.num_rows, checkpoint)
     scorer = ScoringActor(
-        [replace(checkpoint, training=None)],
-        device=device,
-        batch_size=options.batch_size,
-        threads=options.actor_threads or os.cpu_count() or 1,
-        precision=options.precision,
-        compile=options.compile,
-        graph=None if graph is None else [graph],
+        ScorerSpec(
+            replace(checkpoint, training=None),
+            device=device,
+            batch_size=options.batch_size,
+            threads=options.actor_threads or os.cpu_count() or 1,
+            precision=options.precision,
+            compile=options.compile,
+            graph=graph,
+        )
     )
     for start in range(0, table.num_rows, options.batch_size):
         block = table.slice(start, options.batch_size)
@@ -324,36 +346,25 @@ def _run_in_process(
         decoded = decode_batch(batch, scorer.scorer.decode_size, options.io_threads)
         rows = write_maps_batch(
             scorer(decoded),
-            join_uri(output, MAPS_DIR),
+            join_uri(run.output, MAPS_DIR),
             checkpoint.model_id,
-            run_id,
-            checkpoint.threshold.value if checkpoint.threshold else None,
+            run.run_id,
+            run.threshold,
             options.io_threads,
         )
-        statuses = rows["status"].to_pylist()
-        counts["ok"] += statuses.count("ok")
-        counts["error"] += len(statuses) - statuses.count("ok")
-        writer.write(rows)
-        progress.update(rows.num_rows, table.num_rows)
+        run.writer.write(rows)
+        progress.add(rows, table.num_rows)
     return progress
 
 
-def _run_pipeline(
-    table: pa.Table,
-    checkpoint: Checkpoint,
-    output: str,
-    run_id: str,
-    options: ScoringOptions,
-    address: str | None,
-    writer: PartWriter,
-    counts: dict[str, int],
-) -> _Progress:
+def _run_pipeline(run: _RunInput, address: str | None) -> _Progress:
+    """The pipeline on Ray Data: decode tasks, an actor pool scoring, map-writing tasks."""
     import ray
 
+    table, checkpoint, options, run_id = run.table, run.checkpoint, run.options, run.run_id
     ensure_ray(address)
     plan = plan_pool(ray.cluster_resources(), options)
     log.info("scoring pool: %s", plan)
-    threshold = checkpoint.threshold.value if checkpoint.threshold else None
     image_size = checkpoint.config.image_size
     block_rows = max(1, options.batch_size)
     blocks = [table.slice(i, block_rows) for i in range(0, table.num_rows, block_rows)]
@@ -384,14 +395,16 @@ def _run_pipeline(
             num_cpus=plan.actor_cpus,
             num_gpus=plan.actor_gpus,
             fn_constructor_kwargs={
-                "checkpoint": [checkpoint_ref],  # in a list: the actor fetches it itself
-                "device": plan.device,
-                "batch_size": options.batch_size,
-                "threads": plan.threads,
-                "precision": options.precision,
-                "compile": options.compile,
-                "graph": None if graph_ref is None else [graph_ref],
-                "run_id": run_id,  # the actors count attempts in its scratch folder
+                "spec": ScorerSpec(
+                    checkpoint_ref,  # inside the spec: each actor fetches it itself
+                    device=plan.device,
+                    batch_size=options.batch_size,
+                    threads=plan.threads,
+                    precision=options.precision,
+                    compile=options.compile,
+                    graph=graph_ref,
+                    run_id=run_id,  # the actors count attempts in its scratch folder
+                )
             },
         )
         .map_batches(
@@ -400,10 +413,10 @@ def _run_pipeline(
             batch_format="numpy",
             num_cpus=plan.write_cpus,
             fn_kwargs={
-                "maps_root": join_uri(output, MAPS_DIR),
+                "maps_root": join_uri(run.output, MAPS_DIR),
                 "model_id": checkpoint.model_id,
                 "run_id": run_id,
-                "threshold": threshold,
+                "threshold": run.threshold,
                 "io_threads": options.io_threads,
             },
         )
@@ -412,11 +425,8 @@ def _run_pipeline(
     ended_well = False
     try:
         for batch in batches:
-            statuses = batch["status"].to_pylist()
-            counts["ok"] += statuses.count("ok")
-            counts["error"] += len(statuses) - statuses.count("ok")
-            writer.write(batch)
-            progress.update(batch.num_rows, table.num_rows)
+            run.writer.write(batch)
+            progress.add(batch, table.num_rows)
         ended_well = True
     finally:
         # A run that stops early (Ctrl-C, a failure) shuts its pipeline down now, its actors

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -97,20 +98,37 @@ def decode_batch(
     }
 
 
+@dataclass(frozen=True)
+class ScorerSpec:
+    """What a `ScoringActor` builds its scorer from, the same in this process and on Ray.
+
+    On Ray the checkpoint and the graph are object refs: inside this object Ray leaves them
+    unresolved, so each actor fetches them itself, once, instead of every task shipping them.
+    """
+
+    checkpoint: Any  # a Checkpoint, or an object ref to one
+    device: str
+    batch_size: int
+    threads: int  # torch threads (or ONNX Runtime's) per actor
+    precision: str = "fp32"
+    compile: bool = False
+    graph: Any = None  # --backend onnxruntime: the exported graph (bytes, or an object ref)
+    run_id: str | None = None  # on Ray: the run whose scratch folder counts the attempts
+
+
+def _fetched(value: Any, kind: type) -> Any:
+    """`value`, or on Ray (an object ref, not in process) the object it names."""
+    if isinstance(value, kind):
+        return value
+    import ray
+
+    return ray.get(value)
+
+
 class ScoringActor:
     """Scores decoded images; one model per actor, loaded once in `__init__`."""
 
-    def __init__(
-        self,
-        checkpoint: list,
-        device: str,
-        batch_size: int,
-        threads: int,
-        precision: str = "fp32",
-        compile: bool = False,
-        graph: list | None = None,
-        run_id: str | None = None,
-    ) -> None:
+    def __init__(self, spec: ScorerSpec) -> None:
         import torch
 
         from dskd_ray.model.checkpoint import Checkpoint
@@ -118,31 +136,26 @@ class ScoringActor:
         # On Ray: a batch that kills this actor twice is scored image by image, counted in this
         # node's scratch folder (batch_attempts), where a killed run's leftovers are cleaned.
         self.attempts = None
-        if run_id is not None:
+        if spec.run_id is not None:
             clean_stale_scratch()
-            self.attempts = Attempts.for_run(run_id)
+            self.attempts = Attempts.for_run(spec.run_id)
 
         # Ray sets OMP_NUM_THREADS=1 in actors (docs/design.md §7): ask for the threads we want.
-        torch.set_num_threads(threads)
-        if graph is not None:  # --backend onnxruntime: the exported graph, not the checkpoint
+        torch.set_num_threads(spec.threads)
+        if spec.graph is not None:  # --backend onnxruntime: the exported graph, not the model
             from dskd_ray.onnx.runtime import OnnxScorer
 
-            data = graph[0]
-            if not isinstance(data, bytes):  # an object ref: on Ray, not in process
-                import ray
-
-                data = ray.get(data)
-            self.scorer = OnnxScorer(data, batch_size=batch_size, threads=threads)
+            graph = _fetched(spec.graph, bytes)
+            self.scorer = OnnxScorer(graph, batch_size=spec.batch_size, threads=spec.threads)
             return
         from dskd_ray.inference.scoring import Scorer
 
-        ckpt = checkpoint[0]
-        if not isinstance(ckpt, Checkpoint):  # an object ref: on Ray, not in process
-            import ray
-
-            ckpt = ray.get(ckpt)
         self.scorer = Scorer(
-            ckpt, device=device, batch_size=batch_size, precision=precision, compile=compile
+            _fetched(spec.checkpoint, Checkpoint),
+            device=spec.device,
+            batch_size=spec.batch_size,
+            precision=spec.precision,
+            compile=spec.compile,
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
