@@ -18,14 +18,12 @@ reading their parts. A run whose manifest was removed (retired) no longer counts
 dropped when the index is read, and from the file when it is next written. Files of the earlier
 layout (`run=<id>.parquet` with `run=<id>.json`) are read as a base once, then removed. The
 index is a cache of committed rows: if it is missing or unreadable, the runs are read instead.
-No Ray here.
+The file's format: `index_file`. No Ray here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import json
 import logging
 from dataclasses import dataclass, field
@@ -44,6 +42,26 @@ from dskd_ray.io.storage import (
     remove_object,
     storage_errors,
 )
+from dskd_ray.nightly.index_file import (
+    FAILED,
+    FILE_SCHEMA,
+    GONE,
+    INDEX_COLUMNS,
+    INDEX_FORMAT,
+    INDEX_SCHEMA,
+    METADATA_KEY,
+    RETRY,
+    ROW_GROUP,
+    STATUS_NAMES,
+    IndexBase,
+    RowGroupWriter,
+    as_file_rows,
+    hash_rows,
+    member,
+    read_index_file,
+    read_legacy_index,
+    states_of,
+)
 from dskd_ray.nightly.results import (
     MANIFEST_FORMAT,
     MANIFESTS_DIR,
@@ -56,74 +74,6 @@ log = logging.getLogger(__name__)
 
 INDEX_DIR = "_index"
 INDEX_FILE = "index.parquet"
-INDEX_FORMAT = "dskd_ray.run_index/2"
-_METADATA_KEY = b"dskd_ray.run_index"
-# The strings a run's rows give the index, and the latest row per image `rows()` returns.
-INDEX_COLUMNS = ["image_uri", "image_version", "status", "retryable", "run_id"]
-INDEX_SCHEMA = pa.schema([RESULT_SCHEMA.field(c) for c in INDEX_COLUMNS])
-FILE_SCHEMA = pa.schema(
-    [
-        ("uri_hash", pa.uint64()),
-        ("key_hash", pa.uint64()),
-        ("state", pa.uint8()),
-        ("run", pa.int32()),
-        ("image_uri", pa.string()),
-        ("image_version", pa.string()),
-    ]
-)
-FIXED = ["uri_hash", "key_hash", "state", "run"]
-ROW_GROUP = 65_536
-# Hashes are random: stored plain (no dictionary, no compression, which cost time and gained
-# nothing); the small codes and the strings compressed.
-_WRITE_OPTIONS = {
-    "compression": {c: "none" if c.endswith("_hash") else "zstd" for c in FILE_SCHEMA.names},
-    "use_dictionary": ["state", "run", "image_version"],
-}
-
-# `state`: what the latest row says. Done (skipped by the next run): scored, or failed for a
-# reason another try would not change. Gone: no longer under the input when last listed.
-OK, FAILED, RETRY, GONE = 0, 1, 2, 3
-_STATUS = {OK: "ok", FAILED: "error", RETRY: "error", GONE: "gone"}
-
-
-# --- hashes ------------------------------------------------------------------------------------
-
-
-def hash_rows(columns: list[pa.Array | pa.ChunkedArray], rows: int = 8192) -> np.ndarray:
-    """A 64-bit hash of each row's strings joined by newlines: of a URI, or of URI and version.
-
-    Stored in the index, so it never changes: the first 8 bytes of BLAKE2b, little-endian. The
-    strings are made `rows` at a time (Python objects: a bounded few MB). For
-    set membership over up to ~10⁸ keys a collision is a one-in-10¹¹ event per lookup; its cost
-    would be one image skipped for one night, or one missing "gone" row.
-    """
-    n = len(columns[0])
-    out = np.empty(n, np.uint64)
-    for start in range(0, n, rows):
-        parts = [c.slice(start, rows).to_pylist() for c in columns]
-        out[start : start + len(parts[0])] = [
-            int.from_bytes(hashlib.blake2b("\n".join(r).encode(), digest_size=8).digest(), "little")
-            for r in zip(*parts, strict=True)
-        ]
-    return out
-
-
-def member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    """values ∈ sorted_set, elementwise."""
-    if not len(sorted_set):
-        return np.zeros(len(values), bool)
-    at = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
-    return sorted_set[at] == values
-
-
-def _states(rows: pa.Table) -> np.ndarray:
-    status = rows["status"].to_numpy(zero_copy_only=False)
-    retry = pc.fill_null(rows["retryable"], True).to_numpy(zero_copy_only=False)
-    state = np.full(len(status), RETRY, np.uint8)  # an unknown status is tried again
-    state[status == "ok"] = OK
-    state[(status == "error") & ~retry] = FAILED
-    state[status == "gone"] = GONE
-    return state
 
 
 # --- runs and their rows -------------------------------------------------------------------------
@@ -199,43 +149,7 @@ def fold(state: pa.Table, rows: pa.Table) -> pa.Table:
     return pa.concat_tables([kept, rows.select(INDEX_COLUMNS).cast(INDEX_SCHEMA)])
 
 
-def _as_file_rows(rows: pa.Table, runs: list[str]) -> pa.Table:
-    """INDEX_COLUMNS rows → FILE_SCHEMA rows, `run` numbered by its place in `runs`."""
-    position = {r: i for i, r in enumerate(runs)}
-    run = np.array([position[r] for r in pc.unique(rows["run_id"]).to_pylist()], np.int32)
-    codes = pc.index_in(rows["run_id"], value_set=pc.unique(rows["run_id"]))
-    return pa.table(
-        {
-            "uri_hash": hash_rows([rows["image_uri"]]),
-            "key_hash": hash_rows([rows["image_uri"], rows["image_version"]]),
-            "state": _states(rows),
-            "run": run[codes.to_numpy(zero_copy_only=False)] if len(run) else np.zeros(0, np.int32),
-            "image_uri": rows["image_uri"],
-            "image_version": rows["image_version"],
-        },
-        schema=FILE_SCHEMA,
-    )
-
-
 # --- the index ---------------------------------------------------------------------------------
-
-
-@dataclass
-class _Base:
-    """The rows an index file (or an index of the earlier layout) holds, fixed width."""
-
-    uri_hash: np.ndarray  # uint64
-    key_hash: np.ndarray  # uint64
-    state: np.ndarray  # uint8
-    run: np.ndarray  # int32, into `runs`
-    runs: list[str]
-    covers: set[str]
-    source: str | None = None  # the index file, for the strings
-    strings: pa.Table | None = None  # or the strings in memory (an index of the earlier layout)
-
-    @classmethod
-    def empty(cls) -> _Base:
-        return cls(*(np.zeros(0, t) for t in (np.uint64, np.uint64, np.uint8, np.int32)), [], set())
 
 
 @dataclass
@@ -245,7 +159,7 @@ class ModelIndex:
     output: str
     model_id: str
     committed: list[str]  # the committed runs when it was read
-    base: _Base
+    base: IndexBase
     keep: np.ndarray  # base rows still the latest (committed run, not overlaid)
     overlay: pa.Table  # INDEX_COLUMNS: the latest rows from committed runs the base does not cover
     legacy: list[str] = field(default_factory=list)  # files of the earlier layout, to remove
@@ -306,7 +220,7 @@ class ModelIndex:
         final: scored, or failed for a reason another try would not change. Retryable failures
         are not done, nor are images marked gone (one that comes back is scored again)."""
         keys = self.base.key_hash[self.keep & (self.base.state <= FAILED)]
-        over = self.overlay.filter(pa.array(_states(self.overlay) <= FAILED))
+        over = self.overlay.filter(pa.array(states_of(self.overlay) <= FAILED))
         if over.num_rows:
             keys = np.concatenate([keys, hash_rows([over["image_uri"], over["image_version"]])])
         keys.sort()  # in place: `np.unique` took five times the array's size (`member` needs
@@ -321,7 +235,7 @@ class ModelIndex:
         base = self.base
         wanted = self.keep & (base.state != GONE) & ~member(base.uri_hash, listed_uri_hashes)
         found = [self._base_rows(np.flatnonzero(wanted), prefix)]
-        over = self.overlay.filter(pa.array(_states(self.overlay) != GONE))
+        over = self.overlay.filter(pa.array(states_of(self.overlay) != GONE))
         if over.num_rows:
             gone = ~member(hash_rows([over["image_uri"]]), listed_uri_hashes)
             found.append(_under(over.filter(pa.array(gone)), prefix))
@@ -340,7 +254,7 @@ class ModelIndex:
                 {
                     "image_uri": strings["image_uri"],
                     "image_version": strings["image_version"],
-                    "status": pa.array([_STATUS[s] for s in state], pa.string()),
+                    "status": pa.array([STATUS_NAMES[s] for s in state], pa.string()),
                     "retryable": pa.array(state == RETRY),
                     "run_id": pa.array([self.base.runs[r] for r in self.base.run[at]], pa.string()),
                 },
@@ -405,14 +319,14 @@ class ModelIndex:
         committed = sorted({*self.committed, run_id})
         metadata = {"format": INDEX_FORMAT, "model_id": self.model_id, "runs": runs,
                     "covers": committed}  # fmt: skip
-        schema = FILE_SCHEMA.with_metadata({_METADATA_KEY: json.dumps(metadata)})
+        schema = FILE_SCHEMA.with_metadata({METADATA_KEY: json.dumps(metadata)})
         uri = join_uri(_model_dir(self.output, self.model_id), INDEX_FILE)
-        with local_copy_to(uri) as path, _RowGroups(path, schema) as out:
+        with local_copy_to(uri) as path, RowGroupWriter(path, schema) as out:
             for table in self._base_tables(base_keep, renumber):
                 out.write(table)
-            out.write(_as_file_rows(overlay, runs))
+            out.write(as_file_rows(overlay, runs))
             for rows in self._parts(run_id, files):
-                rows = _as_file_rows(rows, runs)
+                rows = as_file_rows(rows, runs)
                 out.write(rows.filter(pa.array(~member(rows["uri_hash"].to_numpy(), newer))))
 
     def _parts(self, run_id: str, files: list[dict]):  # noqa: ANN202 - yields tables
@@ -453,38 +367,6 @@ class ModelIndex:
                 yield source.read_row_group(group, columns=columns, use_threads=False)
 
 
-class _RowGroups:
-    """A Parquet writer that writes whole row groups of ROW_GROUP rows (the last one less),
-    however small the tables it is given: the file does not splinter over nights."""
-
-    def __init__(self, path: str, schema: pa.Schema) -> None:
-        self.schema = schema
-        self.writer = pq.ParquetWriter(path, schema, **_WRITE_OPTIONS)
-        self.pending: list[pa.Table] = []
-        self.rows = 0
-
-    def __enter__(self) -> _RowGroups:
-        return self
-
-    def write(self, table: pa.Table) -> None:
-        if table.num_rows:
-            self.pending.append(table.cast(self.schema))
-            self.rows += table.num_rows
-        while self.rows >= ROW_GROUP:
-            self._flush(ROW_GROUP)
-
-    def _flush(self, rows: int) -> None:
-        table = pa.concat_tables(self.pending)
-        self.writer.write_table(table.slice(0, rows), row_group_size=rows)
-        rest = table.slice(rows)
-        self.pending, self.rows = ([rest] if rest.num_rows else []), rest.num_rows
-
-    def __exit__(self, *exc: object) -> None:
-        if exc[0] is None and self.rows:
-            self._flush(self.rows)
-        self.writer.close()
-
-
 def _under(table: pa.Table, prefix: str | None) -> pa.Table:
     """The rows whose image is `prefix` or under it (all of them without a prefix)."""
     if prefix is None or not table.num_rows:
@@ -494,60 +376,20 @@ def _under(table: pa.Table, prefix: str | None) -> pa.Table:
     return table.filter(inside)
 
 
-def _read_base(output: str, model_id: str, names: list[str], committed: set[str]) -> _Base:
+def _read_base(output: str, model_id: str, names: list[str], committed: set[str]) -> IndexBase:
     """The model's index file; else the newest committed index of the earlier layout; else
     nothing (every committed run is then folded from its parts)."""
     folder = _model_dir(output, model_id)
     uri = join_uri(folder, INDEX_FILE)
     if any(n.rsplit("/", 1)[-1] == INDEX_FILE for n in names):
         try:
-            return _read_index_file(uri)
+            return read_index_file(uri)
         except (OSError, ValueError, KeyError, pa.ArrowException) as e:
             log.warning("ignoring the index %s: %s", uri, e)
     indexed = set(_run_ids(names, ".parquet"))
     for run_id in sorted(committed & indexed, reverse=True):
         try:
-            return _read_legacy(folder, run_id)
+            return read_legacy_index(folder, run_id)
         except (OSError, ValueError, KeyError, pa.ArrowException) as e:
             log.warning("ignoring the index of run %s: %s", run_id, e)
-    return _Base.empty()
-
-
-def _read_index_file(uri: str) -> _Base:
-    """The fixed-width columns, a row group at a time into arrays made once: read whole, the
-    reader's buffers cost ~300 bytes an image beside the 21 the arrays hold (measured at 5·10⁴
-    images; 56 bytes at 5·10⁵, read by row group)."""
-    with reader_source(uri) as f:
-        source = pq.ParquetFile(f, pre_buffer=False)
-        metadata = json.loads(source.schema_arrow.metadata[_METADATA_KEY])
-        if metadata.get("format") != INDEX_FORMAT:
-            raise ValueError(f"not a {INDEX_FORMAT} index")
-        n = source.metadata.num_rows
-        arrays = {c: np.empty(n, FILE_SCHEMA.field(c).type.to_pandas_dtype()) for c in FIXED}
-        start = 0
-        for group in range(source.num_row_groups):
-            part = source.read_row_group(group, columns=FIXED, use_threads=False)
-            for c in FIXED:
-                arrays[c][start : start + part.num_rows] = part[c].to_numpy()
-            start += part.num_rows
-    return _Base(
-        *(arrays[c] for c in FIXED),
-        runs=list(metadata["runs"]),
-        covers=set(metadata["covers"]),
-        source=uri,
-    )
-
-
-def _read_legacy(folder: str, run_id: str) -> _Base:
-    """An index of the earlier layout (strings, one file per run), read whole, once."""
-    base = join_uri(folder, f"run={run_id}")
-    covers = set(json.loads(read_object(base + ".json"))["covers"])
-    table = pq.read_table(io.BytesIO(read_object(base + ".parquet"))).cast(INDEX_SCHEMA)
-    runs = sorted(set(table["run_id"].to_pylist()))
-    rows = _as_file_rows(table, runs)
-    return _Base(
-        *(rows[c].to_numpy() for c in FIXED),
-        runs=runs,
-        covers=covers,
-        strings=rows.select(["image_uri", "image_version"]),
-    )
+    return IndexBase.empty()
