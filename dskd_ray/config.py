@@ -17,6 +17,7 @@ BACKBONES: tuple[str, ...] = (
 STUDENTS: tuple[str, ...] = ("both", "se", "sd", "none")
 MEMORIES: tuple[str, ...] = ("none", "knn")
 MEMORY_SAMPLINGS: tuple[str, ...] = ("coreset", "random")
+MEMORY_WEIGHT_FITS: tuple[str, ...] = ("synthetic", "none")
 DF_INPUTS: tuple[str, ...] = ("se", "teacher")
 LEVEL_FUSIONS: tuple[str, ...] = ("sum", "product")
 LOSS_FORMS: tuple[str, ...] = ("pixel", "flat")
@@ -93,6 +94,11 @@ class DSKDConfig:
     # ½: the students' view and the memory's weigh alike (members averaged equally gave the
     # memory ⅓ with two students: MTD seed 0, 0.795 vs 0.845 image AUROC; the demo the same).
     memory_weight: float = 0.5
+    # How the memory's weight is set with students and a memory: "synthetic" picks it from
+    # 0, 0.1 … 1 after training, by which fused map best separates synthetic defects pasted into
+    # the held-out normal images (dskd_ray/training/memory_weight.py; the checkpoint keeps the
+    # weight picked); "none" keeps `memory_weight` as given.
+    memory_weight_fit: str = "synthetic"
     level_fusion: str = "sum"
     # How each student's level map is put on a common scale before the levels are fused, from
     # statistics of held-out normal images: "none" (raw 1 − cos), "mean" (÷ its normal mean),
@@ -165,6 +171,7 @@ class DSKDConfig:
             "students": STUDENTS,
             "memory": MEMORIES,
             "memory_sampling": MEMORY_SAMPLINGS,
+            "memory_weight_fit": MEMORY_WEIGHT_FITS,
             "df_input": DF_INPUTS,
             "level_fusion": LEVEL_FUSIONS,
             "level_normalization": LEVEL_NORMALIZATIONS,

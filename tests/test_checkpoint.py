@@ -322,7 +322,7 @@ def test_an_unknown_format_names_both_versions(tmp_path: Path, tiny_config: DSKD
     save_checkpoint(make_checkpoint(DSKD(tiny_config)), tmp_path / "m.pt")
     payload = torch.load(tmp_path / "m.pt", weights_only=True)
     torch.save({**payload, "format": "dskd_ray.checkpoint/9"}, tmp_path / "future.pt")
-    with pytest.raises(CheckpointError, match=r"checkpoint/9.*reads dskd_ray\.checkpoint/5"):
+    with pytest.raises(CheckpointError, match=r"checkpoint/9.*reads dskd_ray\.checkpoint/6"):
         load_checkpoint(tmp_path / "future.pt")
 
 

@@ -277,7 +277,7 @@ def test_level_normalization_fits_statistics_on_held_out_normal_images(
     rng = np.random.default_rng(0)
     train_images = rng.integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
     holdout = rng.integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)
-    threshold = calibrate(model, train_images, holdout, config, torch.device("cpu"))
+    threshold, _ = calibrate(model, train_images, holdout, config, torch.device("cpu"))
     assert threshold is not None
     location, spread = model.level_statistics()
     assert location is not None and spread is not None
@@ -321,7 +321,7 @@ def test_map_baseline_is_the_normal_mean_map_and_divides_it_out(tiny_config: DSK
     holdout = rng.integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
     x = images_to_tensor(normal, torch.device("cpu"))
     raw, _ = model.predict(x, remove_baseline=False)
-    threshold = calibrate(model, normal, holdout, tiny_config, torch.device("cpu"))
+    threshold, _ = calibrate(model, normal, holdout, tiny_config, torch.device("cpu"))
     mean = raw.mean(dim=0)
     floor = 0.1 * mean.mean()
     torch.testing.assert_close(model.pixel_baseline, mean.clamp_min(floor))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -30,6 +30,19 @@ from dskd_ray.cli.options import (
 )
 from dskd_ray.config import DEMO_CONFIG, MAX_IMAGE_SIZE, DSKDConfig, RayOptions, input_fields
 from dskd_ray.errors import DSKDError
+
+
+def _memory_weight(value: str | None) -> dict[str, Any]:
+    """`--memory-weight auto|W` as config fields: a number fixes the weight, auto picks it."""
+    if value is None or value == "auto":
+        return {} if value is None else {"memory_weight_fit": "synthetic"}
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = float("nan")
+    if not 0.0 <= weight <= 1.0:
+        raise DSKDError(f"--memory-weight {value!r} must be a number from 0 to 1, or auto")
+    return {"memory_weight": weight, "memory_weight_fit": "none"}
 
 
 def make_demo_data_cmd(
@@ -114,12 +127,11 @@ def train(
         ),
     ] = None,
     memory_weight: Annotated[
-        float | None,
+        str | None,
         opt(
-            DEFAULTS.memory_weight,
-            min=0.0,
-            max=1.0,
-            help="With --memory knn and students: the memory's share of the map",
+            "auto",
+            help="With --memory knn and students: the memory's share of the map, from 0 to 1, "
+            "or auto: picked after training by synthetic defects in the held-out images",
         ),
     ] = None,
     df_input: Annotated[
@@ -315,7 +327,7 @@ def train(
         **input_fields(image_size, tile, tile_overlap), epochs=epochs, batch_size=batch_size,
         backbone=backbone,
         teacher_weights=teacher_weights, students=students, df_input=df_input, memory=memory,
-        memory_size=memory_size, memory_sampling=memory_sampling, memory_weight=memory_weight,
+        memory_size=memory_size, memory_sampling=memory_sampling, **_memory_weight(memory_weight),
         level_fusion=level_fusion, level_normalization=level_normalization, map_baseline=map_baseline,
         score_top_k=score_top_k, lr=lr, lr_schedule=lr_schedule, seed=seed,
         loss_form=loss_form, hard_mining=hard_mining, feature_norm=feature_norm, distance=distance,

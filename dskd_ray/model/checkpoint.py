@@ -24,7 +24,10 @@ from dskd_ray.errors import CheckpointError, StorageError
 from dskd_ray.io.storage import describe_failure, exists, read_object, storage_errors, write_object
 from dskd_ray.model.network import DSKD
 
-FORMAT = "dskd_ray.checkpoint/5"
+FORMAT = "dskd_ray.checkpoint/6"
+# /5 → /6: `memory_weight_fit` joined the config (the memory's weight picked after training
+# from synthetic defects); a /5 file kept the weight it was given, which is "none". Not in the
+# model id (like lr: the fitted weight, which is, says what the model computes).
 # /4 → /5: the teacher's memory (`memory`, `memory_size`, `memory_sampling`; buffers under
 # `memory.`) and `students="none"`, and the students' training and architecture switches
 # (docs/design.md §1, §3) joined the config; a /4 file is a model without memory whose switches
@@ -35,8 +38,8 @@ FORMAT = "dskd_ray.checkpoint/5"
 # /1 → /2: per-level normalisation became (m − location) / spread (was m / scale, named
 # `map_normalization` and `level_scales`); the image score gained `score_top_k`.
 V1, V2, V3 = "dskd_ray.checkpoint/1", "dskd_ray.checkpoint/2", "dskd_ray.checkpoint/3"
-V4 = "dskd_ray.checkpoint/4"
-OLDER_FORMATS = (V1, V2, V3, V4)
+V4, V5 = "dskd_ray.checkpoint/4", "dskd_ray.checkpoint/5"
+OLDER_FORMATS = (V1, V2, V3, V4, V5)
 V1_MODEL_ID_FIELDS = (
     "backbone", "students", "df_input", "level_fusion", "map_normalization", "image_size",
     "blur_sigma",
@@ -54,11 +57,13 @@ MODEL_ID_FIELDS = (
     *V4_MODEL_ID_FIELDS, "memory", "memory_weight", "feature_norm", "distance", "pyramid",
     "encoder_student",
 )  # fmt: skip
-# What a /4 file was, in the fields /5 added: the values that reproduce its behaviour.
+# What a /5 file was, in the field /6 added.
+V5_DEFAULTS: dict[str, Any] = {"memory_weight_fit": "none"}
+# What a /4 file was, in the fields /5 and /6 added: the values that reproduce its behaviour.
 V4_DEFAULTS: dict[str, Any] = {
     "memory": "none", "loss_form": "pixel", "hard_mining": 0.0, "feature_norm": "none",
     "distance": "cosine", "denoise": 0.0, "pyramid": "4-8-16", "encoder_student": "teacher",
-    "optimizer": "adam",
+    "optimizer": "adam", **V5_DEFAULTS,
 }  # fmt: skip
 
 
@@ -249,6 +254,8 @@ def load_checkpoint(uri: str | Path) -> Checkpoint:
         payload = _upgrade_from_v3(payload)
     if payload["format"] == V4:
         payload = _upgrade_from_v4(payload)
+    if payload["format"] == V5:
+        payload = {**payload, "format": FORMAT, "config": {**payload["config"], **V5_DEFAULTS}}
     config = DSKDConfig.from_dict(payload["config"])
     threshold = payload.get("threshold")
     return Checkpoint(
@@ -325,7 +332,7 @@ def _upgrade_from_v3(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def _upgrade_from_v4(payload: dict[str, Any]) -> dict[str, Any]:
-    """A /4 checkpoint as /5: written before the teacher's memory and the students' switches,
+    """A /4 checkpoint as today's: written before the teacher's memory and the students' switches,
     so a model without memory and each switch at the value that was the only behaviour then."""
     config = {**payload["config"], **V4_DEFAULTS}
     return {**payload, "format": FORMAT, "config": config}

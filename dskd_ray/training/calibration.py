@@ -4,6 +4,7 @@ per-pixel baseline, and the threshold, each fitted on the maps the previous step
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from dskd_ray.model.checkpoint import (
 )
 from dskd_ray.model.inputs import images_to_tensor
 from dskd_ray.model.network import DSKD
+from dskd_ray.training.memory_weight import fit_memory_weight
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +136,11 @@ def calibrate(
     holdout: np.ndarray | list[np.ndarray],
     config: DSKDConfig,
     device: torch.device,
-) -> Threshold | None:
-    """After training: level statistics, then the memory's gain, then the per-pixel baseline,
-    then the threshold, each on the maps the previous step leaves, so the checkpoint scores
-    exactly as it was calibrated.
+) -> tuple[Threshold | None, dict[str, Any]]:
+    """After training: level statistics, then the memory's gain, then the memory's weight, then
+    the per-pixel baseline, then the threshold, each on the maps the previous step leaves, so
+    the checkpoint scores exactly as it was calibrated. Returns the threshold and what the
+    checkpoint's meta keeps of the calibration (the weight's choice).
 
     `train_images` are model inputs (tiles, for a tiled model); `holdout` whole images (full
     resolution, for a tiled model: the threshold is a quantile of stitched maps' scores).
@@ -149,11 +152,22 @@ def calibrate(
     normal = model_rows(holdout, config) if len(holdout) else np.asarray(train_images)
     if config.level_normalization != "none":
         fit_level_statistics(model, normal, device, config.batch_size)
+    meta: dict[str, Any] = {}
     if model.memory is not None:
         fit_memory_gain(model, normal, device, config.batch_size)
+        if config.has_students and config.memory_weight_fit == "synthetic":
+            if len(holdout):
+                meta["memory_weight"] = fit_memory_weight(
+                    model, normal, train_images, device, config.batch_size
+                )
+            else:
+                log.warning(
+                    "no held-out normal images to pick the memory's weight from: it stays %s",
+                    config.memory_weight,
+                )
     if config.map_baseline != "none":
         fit_pixel_baseline(model, train_images, device, config.batch_size)
-    return compute_threshold(model, holdout, config, device)
+    return compute_threshold(model, holdout, config, device), meta
 
 
 def compute_threshold(

@@ -278,11 +278,14 @@ def _finish(
             holdout, _, holdout_skipped = decode_images(images.holdout_uris, None)
         else:
             holdout, _, holdout_skipped = load_images(images.holdout_uris, config.image_size)
-        threshold = calibrate(model, sample, holdout, config, device)
+        threshold, calibration = calibrate(model, sample, holdout, config, device)
         # The finished checkpoint drops the optimizer state: scoring actors load it, and Adam's
         # moments would triple its size.
         done = {**training, "complete": True}
-        final_meta = {**meta, "n_holdout": len(holdout), "skipped": skipped + holdout_skipped}
+        final_meta = {
+            **meta, **calibration, "n_holdout": len(holdout),
+            "skipped": skipped + holdout_skipped,
+        }  # fmt: skip
         final = make_checkpoint(model, threshold, done, final_meta)
     strategy.finish(final)
     return final
@@ -303,7 +306,7 @@ def add_memory(
     """
     if not config.has_memory:
         raise DSKDError("add_memory needs a config with memory='knn'")
-    unchanged = ("memory", "memory_size", "memory_sampling")
+    unchanged = ("memory", "memory_size", "memory_sampling", "memory_weight", "memory_weight_fit")
     if config.replace(**{k: getattr(checkpoint.config, k) for k in unchanged}) != checkpoint.config:
         raise DSKDError("add_memory changes the memory's fields only; train again for the rest")
     dev = resolve_device(device)
