@@ -29,7 +29,8 @@ from dskd_ray.io.data import discover_categories, load_images  # noqa: E402
 from dskd_ray.model.anomaly_map import gaussian_blur, image_score  # noqa: E402
 from dskd_ray.model.checkpoint import load_checkpoint  # noqa: E402
 from dskd_ray.model.inputs import images_to_tensor  # noqa: E402
-from dskd_ray.training.loop import baseline_sample, plan_training  # noqa: E402
+from dskd_ray.training.calibration import baseline_sample  # noqa: E402
+from dskd_ray.training.dataset import plan_training  # noqa: E402
 from dskd_ray.training.memory_weight import DRAWS, WEIGHTS, weight_key  # noqa: E402
 from dskd_ray.training.synthetic_defects import synthesize_defects  # noqa: E402
 

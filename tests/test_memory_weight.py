@@ -103,7 +103,7 @@ def test_training_keeps_the_picked_weight_and_its_table(textures: Path, tmp_path
     # held-out images again gives the threshold's normal scores.
     model = loaded.build_model()
     from dskd_ray.io.data import load_images
-    from dskd_ray.training.loop import plan_training
+    from dskd_ray.training.dataset import plan_training
 
     holdout, _, _ = load_images(plan_training(str(textures), ckpt.config).holdout_uris, 64)
     _, scores = model.predict(images_to_tensor(holdout, "cpu"))
