@@ -64,7 +64,7 @@ def test_the_member_that_sees_synthetic_defects_gets_the_weight(memory_sees: boo
     seen = by_weight[record["chosen"]]
     blind = by_weight[0.0 if memory_sees else 1.0]  # noise alone: about chance
     assert seen["pixel_auroc"] > 0.95 and blind["pixel_auroc"] < 0.7
-    assert record["held_out"] == 6 and record["by"] == "synthetic defects"
+    assert record["inputs"] == 6 and record["by"] == "synthetic defects"
 
 
 def test_the_ranking_is_image_auroc_then_nearness_to_a_half_then_pixel_auroc() -> None:
@@ -84,7 +84,7 @@ def textures(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _config(**changes: object) -> DSKDConfig:
     base = DSKDConfig(
         backbone="resnet18", teacher_weights="random", image_size=64, epochs=1, batch_size=4,
-        holdout_fraction=0.2, memory="knn", memory_size=150,
+        holdout_fraction=0.5, memory="knn", memory_size=150,
     )  # fmt: skip
     return base.replace(**changes)
 
@@ -93,7 +93,7 @@ def test_training_keeps_the_picked_weight_and_its_table(textures: Path, tmp_path
     ckpt = train(_config(), str(textures), str(tmp_path / "m.pt"), device="cpu").checkpoint
     record = ckpt.meta["memory_weight"]
     assert ckpt.config.memory_weight == record["chosen"] in WEIGHTS
-    assert ckpt.config.memory_weight_fit == "synthetic" and record["held_out"] == 2
+    assert ckpt.config.memory_weight_fit == "synthetic" and record["held_out"] == 5
     best = max(record["table"], key=lambda r: weight_key(r["image_auroc"], r["pixel_auroc"], r["weight"]))  # fmt: skip
     assert best["weight"] == record["chosen"]
     # The id names what the model computes: it hashes the picked weight, and loading verifies it.
@@ -118,13 +118,18 @@ def test_a_weight_given_by_hand_is_kept(textures: Path, tmp_path: Path) -> None:
     assert ckpt.config.memory_weight == 0.3 and "memory_weight" not in ckpt.meta
 
 
-def test_without_a_hold_out_the_weight_stays_and_the_log_says_so(
-    textures: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("holdout_fraction", [0.0, 0.4])
+def test_with_too_few_held_out_images_the_weight_stays_and_the_log_says_so(
+    holdout_fraction: float, textures: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = _config(holdout_fraction=0.0)
+    config = _config(holdout_fraction=holdout_fraction)
     ckpt = train(config, str(textures), str(tmp_path / "m.pt"), device="cpu").checkpoint
     assert ckpt.config.memory_weight == 0.5 and "memory_weight" not in ckpt.meta
-    assert "no held-out normal images to pick the memory's weight from" in caplog.text
+    held_out = round(10 * holdout_fraction)
+    assert (
+        f"{held_out} held-out normal image(s), too few to pick the memory's weight from "
+        "(5 at least): it stays 0.5"
+    ) in caplog.text
 
 
 def test_a_format_5_checkpoint_keeps_its_weight_and_its_id(textures: Path, tmp_path: Path) -> None:
@@ -150,7 +155,7 @@ def test_the_cli_takes_a_weight_or_auto_and_refuses_the_rest_in_one_line(
 ) -> None:
     train_ = [sys.executable, "-m", "dskd_ray.cli", "train", str(textures), "--teacher-weights",
               "random", "--image-size", "64", "--backbone", "resnet18", "--epochs", "1",
-              "--memory-size", "150"]  # fmt: skip
+              "--memory-size", "150", "--holdout-fraction", "0.5"]  # fmt: skip
     fixed = subprocess.run([*train_, "--out", str(tmp_path / "a.pt"), "--memory-weight", "0.3"],
                            capture_output=True, text=True, timeout=600)  # fmt: skip
     assert fixed.returncode == 0, fixed.stderr
@@ -163,3 +168,12 @@ def test_the_cli_takes_a_weight_or_auto_and_refuses_the_rest_in_one_line(
             f"dskd: error: --memory-weight '{bad}' must be a number from 0 to 1, or auto"
         )
     assert not (tmp_path / "b.pt").exists()
+    auto = subprocess.run([*train_, "--out", str(tmp_path / "c.pt"), "--memory-weight", "auto"],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert auto.returncode == 0, auto.stderr
+    picked = load_checkpoint(tmp_path / "c.pt").meta["memory_weight"]
+    at = {row["weight"]: row["image_auroc"] for row in picked["table"]}
+    assert (
+        f"memory weight {picked['chosen']:g}, picked by synthetic defects in 5 held-out images "
+        f"(image AUROC {at[picked['chosen']]:.3f}; {at[0.5]:.3f} at 0.5)"
+    ) in auto.stdout.splitlines()

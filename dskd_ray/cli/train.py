@@ -370,6 +370,14 @@ def train(
         f"trained on {result.n_train} images ({result.n_holdout} held out) in "
         f"{time.perf_counter() - start:.0f} s; threshold {threshold}; model {ckpt.model_id}"
     )
+    picked = ckpt.meta.get("memory_weight")
+    if picked:
+        at = {row["weight"]: row["image_auroc"] for row in picked["table"]}
+        echo(
+            f"memory weight {picked['chosen']:g}, picked by synthetic defects in "
+            f"{picked['held_out']} held-out images (image AUROC {at[picked['chosen']]:.3f}; "
+            f"{at[0.5]:.3f} at 0.5)"
+        )
     echo(f"checkpoint: {out}")
 
 

@@ -25,7 +25,7 @@ from dskd_ray.model.checkpoint import (
 )
 from dskd_ray.model.inputs import images_to_tensor
 from dskd_ray.model.network import DSKD
-from dskd_ray.training.memory_weight import fit_memory_weight
+from dskd_ray.training.memory_weight import MIN_HELD_OUT, fit_memory_weight
 
 log = logging.getLogger(__name__)
 
@@ -156,15 +156,16 @@ def calibrate(
     if model.memory is not None:
         fit_memory_gain(model, normal, device, config.batch_size)
         if config.has_students and config.memory_weight_fit == "synthetic":
-            if len(holdout):
+            if len(holdout) >= MIN_HELD_OUT:
                 meta["memory_weight"] = fit_memory_weight(
                     model, normal, train_images, device, config.batch_size
-                )
+                ) | {"held_out": len(holdout)}
             else:
                 log.warning(
-                    "no held-out normal images to pick the memory's weight from: it stays %s",
-                    config.memory_weight,
-                )
+                    "%d held-out normal image(s), too few to pick the memory's weight from "
+                    "(%d at least): it stays %s",
+                    len(holdout), MIN_HELD_OUT, config.memory_weight,
+                )  # fmt: skip
     if config.map_baseline != "none":
         fit_pixel_baseline(model, train_images, device, config.batch_size)
     return compute_threshold(model, holdout, config, device), meta

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 WEIGHTS: tuple[float, ...] = tuple(i / 10 for i in range(11))  # 0 = the students alone, 1 = memory
 DRAWS = 4  # synthetic copies of each held-out image (different defects)
 BASELINE_IMAGES = 64  # training images whose mean map stands for the per-pixel baseline here
+# Fewer held-out images than this and the weight stays as given: with 1–4 clean images against
+# 4 synthetic copies each, an AUROC moves by ≥ 1/16 with one image, and the pick is noise.
+MIN_HELD_OUT = 5
 PIXEL_STRIDE = 4  # the tie-break's pixel AUROC reads every 4th row and column: 16× less memory
 # The synthetic defects' random stream: a "rank" no training run has, so these draws are apart
 # from the denoising students' (same generator, keyed by seed, epoch, step, rank).
@@ -133,10 +136,10 @@ def fit_memory_weight(
     best = max(table, key=lambda r: weight_key(r["image_auroc"], r["pixel_auroc"], r["weight"]))
     model.config = cfg.replace(memory_weight=best["weight"])
     log.info(
-        "memory weight %.1f: synthetic defects in %d held-out images, image AUROC %.3f (½: %.3f)",
+        "memory weight %.1f: synthetic defects in %d held-out inputs, image AUROC %.3f (½: %.3f)",
         best["weight"], len(normal), best["image_auroc"], table[WEIGHTS.index(0.5)]["image_auroc"],
     )  # fmt: skip
-    return {"chosen": best["weight"], "by": "synthetic defects", "held_out": len(normal),
+    return {"chosen": best["weight"], "by": "synthetic defects", "inputs": len(normal),
             "draws": DRAWS, "table": table}  # fmt: skip
 
 
