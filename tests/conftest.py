@@ -129,6 +129,23 @@ def tiny_config() -> DSKDConfig:
     )
 
 
+def memory_config(**changes: object) -> DSKDConfig:
+    """The memory's tests' model: tiny, random teacher, a 150-patch bank."""
+    base = DSKDConfig(
+        backbone="resnet18", teacher_weights="random", image_size=64, epochs=1, batch_size=4,
+        holdout_fraction=0.2, memory="knn", memory_size=150,
+    )  # fmt: skip
+    return base.replace(**changes)
+
+
+@pytest.fixture(scope="module")
+def textures(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Ten normal textures shared by a module's tests, which only read them."""
+    folder = tmp_path_factory.mktemp("textures") / "normal"
+    write_textures(folder, 10)
+    return folder
+
+
 @pytest.fixture
 def normal_folder(tmp_path: Path) -> Path:
     write_textures(tmp_path / "normal", 8)

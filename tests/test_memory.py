@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import write_textures
+from conftest import memory_config, write_textures
 from dskd_ray.config import DSKDConfig
 from dskd_ray.errors import CheckpointError, ConfigError
 from dskd_ray.model import anomaly_map
@@ -128,25 +128,10 @@ def test_the_coreset_projects_wide_patches_and_still_covers() -> None:
 # --- fitting and calibrating, on one process ---------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def textures(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("memory") / "normal"
-    write_textures(folder, 10)
-    return folder
-
-
-def _config(**changes: object) -> DSKDConfig:
-    base = DSKDConfig(
-        backbone="resnet18", teacher_weights="random", image_size=64, epochs=1, batch_size=4,
-        holdout_fraction=0.2, memory="knn", memory_size=150,
-    )  # fmt: skip
-    return base.replace(**changes)
-
-
 def test_a_memory_only_model_trains_nothing_and_keeps_training_patches(
     textures: Path, tmp_path: Path
 ) -> None:
-    config = _config(students="none")
+    config = memory_config(students="none")
     result = train(config, str(textures), str(tmp_path / "m.pt"), device="cpu")
     ckpt = load_checkpoint(tmp_path / "m.pt")
     assert result.history == [] and ckpt.training["complete"]
@@ -174,7 +159,7 @@ def test_the_memory_is_put_on_a_students_scale_on_held_out_images(
 ) -> None:
     """The fused default: after calibration the memory's member spreads on the held-out normal
     images as much as the students' members do on average, so none drowns the others."""
-    config = _config()
+    config = memory_config()
     ckpt = train(config, str(textures), str(tmp_path / "m.pt"), device="cpu").checkpoint
     model = ckpt.build_model()
     from dskd_ray.io.data import load_images
@@ -193,7 +178,7 @@ def test_the_memory_weighs_its_share_and_the_students_share_the_rest(
 ) -> None:
     """The fused map is (1 − w) × the students' mean + w × the memory's member (before the blur
     and the baseline, both linear or applied after): w=½ by default, and the map follows w."""
-    config = _config(map_baseline="none")
+    config = memory_config(map_baseline="none")
     model = train(config, str(textures), str(tmp_path / "m.pt"), device="cpu").checkpoint
     model = model.build_model()
     x = torch.rand(2, 3, 64, 64)
@@ -212,18 +197,22 @@ def test_adding_the_memory_to_trained_students_equals_training_with_it(
 ) -> None:
     """What the quality bench does for `dskd+knn`: the kept students, the memory fitted and the
     model calibrated again, gives the model a run with the memory trains."""
-    with_memory = train(_config(), str(textures), str(tmp_path / "a.pt"), device="cpu").checkpoint
-    students = train(
-        _config(memory="none"), str(textures), str(tmp_path / "b.pt"), device="cpu"
+    with_memory = train(
+        memory_config(), str(textures), str(tmp_path / "a.pt"), device="cpu"
     ).checkpoint
-    added = add_memory(students, str(textures), _config(), str(tmp_path / "c.pt"), device="cpu")
+    students = train(
+        memory_config(memory="none"), str(textures), str(tmp_path / "b.pt"), device="cpu"
+    ).checkpoint
+    added = add_memory(
+        students, str(textures), memory_config(), str(tmp_path / "c.pt"), device="cpu"
+    )
     assert added.state_dict.keys() == with_memory.state_dict.keys()
     for key, value in with_memory.state_dict.items():
         torch.testing.assert_close(added.state_dict[key], value, rtol=1e-5, atol=1e-6, msg=key)
     assert added.threshold.value == pytest.approx(with_memory.threshold.value, rel=1e-5)
     assert load_checkpoint(tmp_path / "c.pt").model_id == added.model_id
     with pytest.raises(Exception, match="memory's fields only"):
-        add_memory(students, str(textures), _config(lr=0.1), device="cpu")
+        add_memory(students, str(textures), memory_config(lr=0.1), device="cpu")
 
 
 @pytest.mark.parametrize("switches", [{"pyramid": "8-16-32"}, {"feature_norm": "standardize"}])
@@ -234,7 +223,7 @@ def test_the_memory_holds_the_raw_teachers_stride_8_and_16_whatever_the_students
     channels), never the memory: the bank is fitted from, and scoring searches with, the raw
     teacher's stride-8 and stride-16 patches. With every training patch in the bank, a training
     image's memory member is zero everywhere on the scoring path."""
-    config = _config(memory_size=10_000, **switches)
+    config = memory_config(memory_size=10_000, **switches)
     ckpt = train(config, str(textures), str(tmp_path / "m.pt"), device="cpu").checkpoint
     model = ckpt.build_model()
     assert ckpt.state_dict["memory.bank"].shape == (8 * 64, 384)  # every patch: 128 + 256 ch
@@ -261,7 +250,7 @@ def test_the_memory_holds_the_raw_teachers_stride_8_and_16_whatever_the_students
 
 
 def _memory_checkpoint(tmp_path: Path, rows: int = 30) -> Path:
-    model = DSKD(_config(students="none")).eval()
+    model = DSKD(memory_config(students="none")).eval()
     model.memory.bank = torch.rand(rows, 384)
     path = tmp_path / "m.pt"
     save_checkpoint(make_checkpoint(model, training={"complete": True}), path)

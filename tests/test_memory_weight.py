@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_textures
+from conftest import memory_config
 from dskd_ray.config import DSKDConfig
 from dskd_ray.errors import ConfigError
 from dskd_ray.model.checkpoint import MODEL_ID_FIELDS, _content_hash, load_checkpoint
@@ -74,19 +74,9 @@ def test_the_ranking_is_image_auroc_then_nearness_to_a_half_then_pixel_auroc() -
     assert weight_key(0.9 + 1e-12, 0.99, 0.1) < weight_key(0.9, 0.8, 0.4)
 
 
-@pytest.fixture(scope="module")
-def textures(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("weight") / "normal"
-    write_textures(folder, 10)
-    return folder
-
-
 def _config(**changes: object) -> DSKDConfig:
-    base = DSKDConfig(
-        backbone="resnet18", teacher_weights="random", image_size=64, epochs=1, batch_size=4,
-        holdout_fraction=0.5, memory="knn", memory_size=150,
-    )  # fmt: skip
-    return base.replace(**changes)
+    # Half held out: the weight pick needs at least MIN_HELD_OUT images.
+    return memory_config(**{"holdout_fraction": 0.5, **changes})
 
 
 def test_training_keeps_the_picked_weight_and_its_table(textures: Path, tmp_path: Path) -> None:
