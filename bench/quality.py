@@ -89,8 +89,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "knn": {"students": "none", "memory": "knn"},  # the teacher's memory alone: no training
 }
 # The students' switches (docs/design.md §1, §3), each alone on every set: `<set>-<switch>`.
+# Each is measured on top of the default of its day: before 2026-12-06 that was the pixel loss.
 SWITCHES: dict[str, dict[str, Any]] = {
-    "flat": {"loss_form": "flat"},  # Reverse Distillation's loss
+    # Reverse Distillation's loss, the default since 2026-12-06 (so `dskd-flat` is `dskd`; the
+    # name is kept for the older tables); `pixel` is the paper's loss, the default before.
+    "flat": {"loss_form": "flat"},
+    "pixel": {"loss_form": "pixel"},
     "flat-hm": {"loss_form": "flat", "hard_mining": 0.9},  # and Dinomaly's hard mining
     "hm": {"hard_mining": 0.9},
     "std-cos": {"feature_norm": "standardize"},  # EfficientAD's feature scale, cosine kept

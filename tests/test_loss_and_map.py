@@ -30,7 +30,7 @@ def test_loss_averages_over_pixels_and_sums_levels() -> None:
     t1 = torch.tensor([[1.0, 1.0], [0.0, 0.0]]).view(1, 2, 1, 2)  # pixels (1,0), (1,0)
     s1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(1, 2, 1, 2)  # pixels (1,0), (0,1)
     t2 = torch.ones(1, 3, 2, 2)
-    loss = distillation_loss([t1, t2], {"se": [s1, -t2]})
+    loss = distillation_loss([t1, t2], {"se": [s1, -t2]}, form="pixel")
     # Level 1: mean(0, 1) = 0.5; level 2: opposite vectors → 2 everywhere.
     assert loss.item() == pytest.approx(0.5 + 2.0, abs=1e-6)
 
@@ -48,7 +48,8 @@ def test_flat_loss_is_reverse_distillations_cosine_of_whole_level_maps() -> None
     got = distillation_loss(teacher, students, form="flat")
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
     # Not the per-pixel mean: the two forms differ on the same features.
-    assert abs(distillation_loss(teacher, students).item() - got.item()) > 1e-2
+    assert abs(distillation_loss(teacher, students, form="pixel").item() - got.item()) > 1e-2
+    assert distillation_loss(teacher, students).item() == got.item()  # flat is the default
 
 
 @pytest.mark.parametrize("form", ["pixel", "flat"])
@@ -83,6 +84,12 @@ def test_l2_distance_is_the_mean_squared_difference_over_channels() -> None:
     # The loss is the same quantity's mean; magnitude counts, where cosine would see 0 for 2t.
     loss = distillation_loss([2 * t], {"sd": [t]}, distance="l2")
     assert loss.item() == pytest.approx(5 / 3)
+    # Over a flattened map the mean squared difference is the per-pixel mean: one loss.
+    torch.manual_seed(0)
+    tm, sm = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
+    pixel = distillation_loss([tm], {"sd": [sm]}, form="pixel", distance="l2")
+    assert distillation_loss([tm], {"sd": [sm]}, form="flat", distance="l2").item() == pixel.item()
+    assert pixel.item() == pytest.approx((tm - sm).pow(2).mean().item(), rel=1e-6)
     assert distillation_loss([2 * t], {"sd": [t]}).item() == pytest.approx(0.0, abs=1e-7)
 
 

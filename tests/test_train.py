@@ -83,9 +83,9 @@ def test_hard_mining_share_ramps_in_over_the_first_tenth_of_the_run(
 # Each of the students' switches (docs/design.md §1, §3) through the whole product path: the
 # config reaches the checkpoint, and the trained model scores finite, non-constant maps.
 STUDENT_SWITCHES = [
-    {"loss_form": "flat"},
+    {"loss_form": "pixel"},  # the paper's loss; flat is the default
     {"hard_mining": 0.9},
-    {"loss_form": "flat", "hard_mining": 0.9, "students": "sd", "df_input": "teacher"},
+    {"loss_form": "pixel", "hard_mining": 0.9, "students": "sd", "df_input": "teacher"},
     {"feature_norm": "standardize"},
     {"distance": "l2"},
     {"feature_norm": "standardize", "distance": "l2", "students": "se"},

@@ -217,8 +217,8 @@ def train(
         str | None,
         opt(
             DEFAULTS.loss_form,
-            help="Loss per level: pixel (mean of per-position 1 − cos) | flat (1 − cos of each "
-            "image's whole level map, as Reverse Distillation)",
+            help="Loss per level: flat (1 − cos of each image's whole level map, as Reverse "
+            "Distillation) | pixel (mean of per-position 1 − cos, the paper's)",
         ),
     ] = None,
     hard_mining: Annotated[

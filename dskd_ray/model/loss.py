@@ -1,7 +1,8 @@
 """The distillation loss (docs/design.md §1, §3): Σ over students and levels of a per-level loss,
-equal weights. Per level: the mean over positions of 1 − cos(T, S) or of the squared difference
-("pixel"), or Reverse Distillation's 1 − cos between each sample's whole flattened level map
-("flat"); optionally with the gradients at the easiest positions scaled down (hard mining)."""
+equal weights. Per level: Reverse Distillation's 1 − cos between each sample's whole flattened
+level map ("flat", the default), or the mean over positions of 1 − cos(T, S) ("pixel", the
+paper's); with distance="l2", the mean squared difference either way. Optionally the gradients
+at the easiest positions are scaled down (hard mining)."""
 
 from __future__ import annotations
 
@@ -74,15 +75,16 @@ def easy_position_weights(discrepancy: torch.Tensor, share: float) -> torch.Tens
 def distillation_loss(
     teacher: list[torch.Tensor],
     students: dict[str, list[torch.Tensor]],
-    form: str = "pixel",
+    form: str = "flat",
     hard_share: float = 0.0,
     distance: str = "cosine",
 ) -> torch.Tensor:
     """L = Σ_students Σ_k loss_k(T_k, S_k), equal weights, always in float32.
 
-    form "pixel": loss_k = mean_{b,h,w} of `level_discrepancy` (1 − cos along channels, or
-    the mean squared difference with distance="l2"); "flat" (cosine only):
-    mean_b(1 − cos(flatten(T_k[b]), flatten(S_k[b]))). `hard_share` > 0 scales the gradients
+    form "flat": loss_k = mean_b(1 − cos(flatten(T_k[b]), flatten(S_k[b]))); "pixel":
+    loss_k = mean_{b,h,w} of `level_discrepancy` (1 − cos along channels). With
+    distance="l2" both forms are the mean squared difference: over a flattened map it is the
+    per-pixel mean itself. `hard_share` > 0 scales the gradients
     at that share of each level's easiest positions by EASY_GRADIENT_SCALE (the value is
     unchanged, only what the students learn from).
     """
@@ -94,7 +96,7 @@ def distillation_loss(
                 with torch.no_grad():
                     near = level_discrepancy(t, s, distance)
                 s = _ScaleGradient.apply(s, easy_position_weights(near, hard_share))
-            if form == "flat":
+            if form == "flat" and distance == "cosine":
                 total = total + flat_discrepancy(t, s).mean()
             else:
                 total = total + level_discrepancy(t, s, distance).mean()
