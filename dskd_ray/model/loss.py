@@ -84,9 +84,10 @@ def distillation_loss(
     form "flat": loss_k = mean_b(1 − cos(flatten(T_k[b]), flatten(S_k[b]))); "pixel":
     loss_k = mean_{b,h,w} of `level_discrepancy` (1 − cos along channels). With
     distance="l2" both forms are the mean squared difference: over a flattened map it is the
-    per-pixel mean itself. `hard_share` > 0 scales the gradients
-    at that share of each level's easiest positions by EASY_GRADIENT_SCALE (the value is
-    unchanged, only what the students learn from).
+    per-pixel mean itself.
+
+    `hard_share` > 0 scales the gradients at that share of each level's easiest positions by
+    EASY_GRADIENT_SCALE (the value is unchanged, only what the students learn from).
     """
     total = teacher[0].new_zeros((), dtype=torch.float32)
     for pyramid in students.values():
