@@ -7,6 +7,7 @@ only the images added or changed since.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import re
@@ -951,6 +952,45 @@ def test_an_auto_run_on_onnxruntime_writes_the_rows_of_a_torch_run(tmp_path: Pat
     # The next run of the model, however small, finds its graph in the cache.
     again = score_images(images, str(model), str(out / "again"), ScoringOptions(device="cpu"))
     assert again.backend == "onnxruntime"
+
+
+def test_a_new_threshold_is_a_new_model_and_every_verdict_is_its_rows_score_over_threshold(
+    ray_cluster,  # noqa: ANN001
+    tmp_path: Path,
+) -> None:
+    """The same weights calibrated again with another threshold used to keep the model id, so
+    the ONNX graph cached for the first checkpoint flagged the second's images by the first's
+    threshold. The id covers the threshold: every backend, in process and on Ray, writes rows
+    whose verdict is that row's score over that row's threshold."""
+    from dskd_ray.model.checkpoint import load_checkpoint
+
+    model, median = make_model(tmp_path)
+    images = str(tmp_path / "images")
+    _write_images(Path(images), 12)
+    strict = load_checkpoint(model)
+    strict.threshold = Threshold(1e6, "quantile", 0.5, [])  # nothing is anomalous under it
+    save_checkpoint(strict, tmp_path / "strict.pt")
+    assert strict.network_id == load_checkpoint(model).network_id
+    assert strict.model_id != load_checkpoint(model).model_id
+    onnx = ScoringOptions(device="cpu", backend="onnxruntime")
+    first = score_images(images, str(tmp_path / "strict.pt"), str(tmp_path / "strict"), onnx)
+    assert first.backend == "onnxruntime"  # the strict model's graph is now in the cache
+
+    for name, options, address in [
+        ("onnx", onnx, None),
+        ("torch", ScoringOptions(device="cpu", backend="torch"), None),
+        (
+            "onnx-ray",
+            dataclasses.replace(onnx, in_process_max=0),
+            ray_cluster.get_runtime_context().gcs_address,
+        ),
+    ]:
+        summary = score_images(images, str(model), str(tmp_path / name), options, address=address)
+        rows = read_results(str(tmp_path / name)).to_pydict()
+        assert summary.scored == 12 and set(rows["threshold"]) == {median}, name
+        verdicts = [s > t for s, t in zip(rows["score"], rows["threshold"], strict=True)]
+        assert rows["is_anomalous"] == verdicts and 0 < sum(verdicts) < 12, name
+    assert not any(read_results(str(tmp_path / "strict"))["is_anomalous"].to_pylist())
 
 
 def test_cli_error_is_one_line(tmp_path: Path) -> None:

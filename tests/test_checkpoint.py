@@ -1,7 +1,9 @@
 import json
 import pickle
+import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,12 +20,13 @@ from dskd_ray.model.checkpoint import (
     make_checkpoint,
     save_checkpoint,
 )
+from dskd_ray.model.checkpoint_header import model_identity
 from dskd_ray.model.network import DSKD
 
 
 def test_round_trip_rebuilds_the_same_model(tmp_path: Path, tiny_config: DSKDConfig) -> None:
     model = DSKD(tiny_config)
-    ckpt = make_checkpoint(model, Threshold(0.5, "quantile", 0.99, [0.1, 0.2]))
+    ckpt = make_checkpoint(model, Threshold(0.5, "quantile", 1.0, [0.1, 0.2, 0.5]))
     save_checkpoint(ckpt, tmp_path / "m.pt")
     loaded = load_checkpoint(tmp_path / "m.pt")
     assert loaded.config == tiny_config
@@ -79,9 +82,81 @@ def test_a_flipped_bit_in_the_weights_is_refused_on_load(
     with pytest.raises(CheckpointError) as refused:
         load_checkpoint(tmp_path / "flipped.pt")
     message = str(refused.value)
-    assert "corrupt" in message and f"stored {good.model_id}, recomputed " in message
+    assert "corrupt" in message and f"stored {good.network_id}, recomputed " in message
     assert "\n" not in message
     assert load_checkpoint(tmp_path / "good.pt").model_id == good.model_id  # the good one loads
+
+
+def _flip_exponent_bit(value: float) -> float:
+    """The float with the top bit of its exponent flipped, as one bit rotting on disk."""
+    (bits,) = struct.unpack("<Q", struct.pack("<d", value))
+    return struct.unpack("<d", struct.pack("<Q", bits ^ (1 << 62)))[0]
+
+
+def test_the_model_id_covers_the_threshold(tiny_config: DSKDConfig) -> None:
+    """Two calibrations of the same weights are two models: their verdicts differ."""
+    model = DSKD(tiny_config)
+    a = make_checkpoint(model, Threshold(0.5, "quantile", 1.0, [0.1, 0.5]))
+    b = make_checkpoint(model, Threshold(0.3, "quantile", 0.5, [0.1, 0.5]))
+    assert a.network_id == b.network_id and a.model_id != b.model_id
+    assert make_checkpoint(model).model_id not in (a.model_id, b.model_id)
+    b.threshold = a.threshold  # the id follows what the checkpoint holds
+    assert b.model_id == a.model_id
+
+
+@pytest.mark.parametrize("written_as", ["current", "format 6"])
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        ("flip", "threshold"),
+        ("nan", "not a finite number"),
+        ("text", "not a finite number"),
+        ("scores", "held-out scores are not finite"),
+    ],
+)
+def test_a_damaged_threshold_is_refused_in_one_line(
+    tmp_path: Path, tiny_config: DSKDConfig, written_as: str, damage: str, expected: str
+) -> None:
+    """A flipped exponent bit used to give a threshold of 1.67e39 (every image normal, exit 0),
+    a NaN every image normal, a string a numpy traceback. A current file's id covers its
+    threshold; a file from before that is checked against its held-out scores."""
+    scores = [0.2, 0.4, 0.5, 0.7]
+    good = make_checkpoint(DSKD(tiny_config), Threshold(0.7, "quantile", 1.0, scores))
+    save_checkpoint(good, tmp_path / "good.pt")
+    payload = torch.load(tmp_path / "good.pt", weights_only=True)
+    if written_as == "format 6":  # its stated id was the network's alone
+        meta = json.loads(payload["meta"])
+        meta["model_id"] = meta.pop("network_id")
+        payload = {**payload, "format": "dskd_ray.checkpoint/6", "meta": json.dumps(meta)}
+        torch.save(payload, tmp_path / "v6.pt")
+        assert load_checkpoint(tmp_path / "v6.pt").model_id == good.model_id
+    threshold = dict(payload["threshold"])
+    if damage == "flip":
+        threshold["value"] = _flip_exponent_bit(threshold["value"])
+        assert threshold["value"] > 1e300
+    elif damage == "nan":
+        threshold["value"] = float("nan")
+    elif damage == "text":
+        threshold["value"] = "0.7"
+    else:
+        threshold["normal_scores"] = [*scores[:-1], float("inf")]
+    torch.save({**payload, "threshold": threshold}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=expected) as refused:
+        load_checkpoint(tmp_path / "bad.pt")
+    assert "corrupt" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_any_bit_of_a_current_threshold_is_covered_by_the_id(
+    tmp_path: Path, tiny_config: DSKDConfig
+) -> None:
+    """The lowest mantissa bit: too small for the quantile check, not for the model id."""
+    good = make_checkpoint(DSKD(tiny_config), Threshold(0.7, "quantile", 1.0, [0.2, 0.7]))
+    save_checkpoint(good, tmp_path / "good.pt")
+    payload = torch.load(tmp_path / "good.pt", weights_only=True)
+    threshold = {**payload["threshold"], "value": float(np.nextafter(0.7, 1.0))}
+    torch.save({**payload, "threshold": threshold}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="threshold does not match its model id"):
+        load_checkpoint(tmp_path / "bad.pt")
 
 
 class _Evil:
@@ -230,10 +305,9 @@ def test_a_format_1_checkpoint_loads_and_scores_as_before(
     torch.save(_as_format_1(payload, with_baseline), tmp_path / "v1.pt")
 
     old = load_checkpoint(tmp_path / "v1.pt")
-    assert (
-        old.model_id
-        == json.loads(torch.load(tmp_path / "v1.pt", weights_only=True)["meta"])["model_id"]
-    )  # results written under /1 keep naming this model
+    stated = json.loads(torch.load(tmp_path / "v1.pt", weights_only=True)["meta"])["model_id"]
+    assert old.network_id == stated  # verified as /1 hashed it
+    assert old.model_id == model_identity(stated, None)  # and joined with its threshold (/7)
     assert old.config.level_normalization == "mean"
     assert old.config.map_baseline == ("mean" if with_baseline else "none")
     x = torch.rand(2, 3, 64, 64)
@@ -246,7 +320,7 @@ def test_a_format_1_checkpoint_loads_and_scores_as_before(
     key = next(k for k in v1["state_dict"] if k.endswith("weight"))
     v1["state_dict"][key] = v1["state_dict"][key] * 2
     torch.save(v1, tmp_path / "v1-bad.pt")
-    with pytest.raises(CheckpointError, match="do not match its model id"):
+    with pytest.raises(CheckpointError, match="do not match the id they were saved with"):
         load_checkpoint(tmp_path / "v1-bad.pt")
 
 
@@ -268,12 +342,13 @@ def test_a_format_2_checkpoint_loads_keeps_its_id_and_scores_as_before(
     torch.save({**v2, "meta": json.dumps(meta)}, tmp_path / "v2.pt")
 
     old = load_checkpoint(tmp_path / "v2.pt")
-    assert old.model_id == meta["model_id"]  # results written under /2 keep naming this model
+    assert old.network_id == meta["model_id"]  # verified as /2 hashed it
+    assert old.model_id == model_identity(meta["model_id"], None)
     x = torch.rand(2, 3, 64, 64)
     torch.testing.assert_close(old.build_model().predict(x), model.predict(x))
     state[next(k for k in state if k.endswith("weight"))] *= 2
     torch.save({**v2, "meta": json.dumps(meta)}, tmp_path / "v2-bad.pt")
-    with pytest.raises(CheckpointError, match="do not match its model id"):
+    with pytest.raises(CheckpointError, match="do not match the id they were saved with"):
         load_checkpoint(tmp_path / "v2-bad.pt")
 
 
@@ -289,7 +364,7 @@ def test_a_format_3_checkpoint_loads_as_an_untiled_model_and_keeps_its_id(
     v3 = {**payload, "format": "dskd_ray.checkpoint/3", "config": config}
     torch.save({**v3, "meta": json.dumps(meta)}, tmp_path / "v3.pt")
     old = load_checkpoint(tmp_path / "v3.pt")
-    assert old.model_id == meta["model_id"] and not old.config.tiled
+    assert old.network_id == meta["model_id"] and not old.config.tiled
     assert meta["model_id"] != json.loads(payload["meta"])["model_id"]  # /4 hashes tiling too
 
 
@@ -306,7 +381,7 @@ def test_a_format_4_checkpoint_loads_with_the_old_students_and_keeps_its_id(
     v4 = {**payload, "format": "dskd_ray.checkpoint/4", "config": config}
     torch.save({**v4, "meta": json.dumps(meta)}, tmp_path / "v4.pt")
     old = load_checkpoint(tmp_path / "v4.pt")
-    assert old.model_id == meta["model_id"]  # results written under /4 keep naming this model
+    assert old.network_id == meta["model_id"]  # verified as /4 hashed it
     assert {k: getattr(old.config, k) for k in V4_DEFAULTS} == V4_DEFAULTS
     x = torch.rand(2, 3, 64, 64)
     torch.testing.assert_close(old.build_model().predict(x), model.predict(x))
@@ -314,7 +389,7 @@ def test_a_format_4_checkpoint_loads_with_the_old_students_and_keeps_its_id(
     key = next(k for k in v4["state_dict"] if k.endswith("weight"))
     v4["state_dict"][key] = v4["state_dict"][key] * 2
     torch.save({**v4, "meta": json.dumps(meta)}, tmp_path / "v4-bad.pt")
-    with pytest.raises(CheckpointError, match="do not match its model id"):
+    with pytest.raises(CheckpointError, match="do not match the id they were saved with"):
         load_checkpoint(tmp_path / "v4-bad.pt")
 
 
@@ -322,7 +397,7 @@ def test_an_unknown_format_names_both_versions(tmp_path: Path, tiny_config: DSKD
     save_checkpoint(make_checkpoint(DSKD(tiny_config)), tmp_path / "m.pt")
     payload = torch.load(tmp_path / "m.pt", weights_only=True)
     torch.save({**payload, "format": "dskd_ray.checkpoint/9"}, tmp_path / "future.pt")
-    with pytest.raises(CheckpointError, match=r"checkpoint/9.*reads dskd_ray\.checkpoint/6"):
+    with pytest.raises(CheckpointError, match=r"checkpoint/9.*reads dskd_ray\.checkpoint/7"):
         load_checkpoint(tmp_path / "future.pt")
 
 

@@ -191,8 +191,14 @@ def _best_f1_index(f1: np.ndarray) -> int:
 
 
 def is_anomalous(scores: np.ndarray, threshold: float | None) -> np.ndarray | None:
-    """(N,) bool: each score above the threshold; None without a threshold."""
-    return None if threshold is None else np.asarray(scores) > threshold
+    """(N,) bool: each score above the threshold; None without a threshold.
+
+    Compared in float64, as a reader of a result row compares its float32 score with its
+    float64 threshold: in float32 the threshold would round, and a score just above it could
+    read as normal here and anomalous there."""
+    if threshold is None:
+        return None
+    return np.asarray(scores, np.float64) > float(threshold)
 
 
 def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:

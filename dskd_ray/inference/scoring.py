@@ -166,6 +166,7 @@ class Scorer(BatchScorer):
         self.checkpoint = (
             checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
         )
+        self.checkpoint.require_finished(None if isinstance(checkpoint, Checkpoint) else checkpoint)
         self.device = resolve_device(device)
         self.model = self.checkpoint.build_model().to(self.device).eval()
         self.channels_last = channels_last

@@ -10,21 +10,28 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dskd_ray import __version__
 from dskd_ray.config import DSKDConfig
 from dskd_ray.errors import CheckpointError, StorageError
 from dskd_ray.io.storage import describe_failure, exists, read_object, storage_errors, write_object
+from dskd_ray.model.checkpoint_header import NETWORK_ONLY_IDS, model_identity, unfinished
 from dskd_ray.model.network import DSKD
 
-FORMAT = "dskd_ray.checkpoint/6"
+FORMAT = "dskd_ray.checkpoint/7"
+# /6 → /7: the model id covers the threshold as well as the network (weights and config), so two
+# checkpoints that would write different verdicts never share an id (docs/design.md §5). The
+# network's own id is kept beside it (`meta["network_id"]`); an older file's stated id is that
+# network id, verified as before, and its model id is composed from it and its threshold.
 # /5 → /6: `memory_weight_fit` joined the config (the memory's weight picked after training
 # from synthetic defects); a /5 file kept the weight it was given, which is "none". Not in the
 # model id (like lr: the fitted weight, which is, says what the model computes).
@@ -38,8 +45,8 @@ FORMAT = "dskd_ray.checkpoint/6"
 # /1 → /2: per-level normalisation became (m − location) / spread (was m / scale, named
 # `map_normalization` and `level_scales`); the image score gained `score_top_k`.
 V1, V2, V3 = "dskd_ray.checkpoint/1", "dskd_ray.checkpoint/2", "dskd_ray.checkpoint/3"
-V4, V5 = "dskd_ray.checkpoint/4", "dskd_ray.checkpoint/5"
-OLDER_FORMATS = (V1, V2, V3, V4, V5)
+V4, V5, V6 = "dskd_ray.checkpoint/4", "dskd_ray.checkpoint/5", "dskd_ray.checkpoint/6"
+OLDER_FORMATS = (V1, V2, V3, V4, V5, V6)
 V1_MODEL_ID_FIELDS = (
     "backbone", "students", "df_input", "level_fusion", "map_normalization", "image_size",
     "blur_sigma",
@@ -77,6 +84,13 @@ class Threshold:
     method: str  # "quantile" of held-out normal scores, or "f1" on labelled validation images
     quantile: float | None
     normal_scores: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # Plain floats: what the model id hashes and a weights-only load reads back (a numpy
+        # scalar would be neither).
+        self.value = float(self.value)
+        self.quantile = None if self.quantile is None else float(self.quantile)
+        self.normal_scores = [float(s) for s in self.normal_scores]
 
     @property
     def mean(self) -> float:
@@ -117,8 +131,27 @@ class Checkpoint:
     training: dict[str, Any] | None = None
 
     @property
+    def network_id(self) -> str:
+        """The hash of the weights and the config fields that change what they compute."""
+        return self.meta.get("network_id") or compute_network_id(self.config, self.state_dict)
+
+    @property
     def model_id(self) -> str:
-        return self.meta.get("model_id") or compute_model_id(self.config, self.state_dict)
+        """The id every result row names: the network's, joined with the threshold (§5)."""
+        return model_identity(self.network_id, self.threshold.to_dict() if self.threshold else None)
+
+    @property
+    def finished(self) -> bool:
+        """Trained, with its memory fitted and calibrated: ready to score."""
+        return self.training is None or bool(self.training.get("complete"))
+
+    def require_finished(self, uri: str | Path | None = None) -> None:
+        """One line for an interrupted run's checkpoint, where scoring needs a finished one."""
+        refused = unfinished(
+            str(uri) if uri is not None else None, self.training, self.config.epochs
+        )
+        if refused is not None:
+            raise refused
 
     def build_model(self) -> DSKD:
         """The network with these weights, teacher included, in eval mode; no download needed.
@@ -157,9 +190,17 @@ class Checkpoint:
             )
 
 
-def compute_model_id(config: DSKDConfig, state_dict: dict[str, torch.Tensor]) -> str:
-    """Content hash of the weights and the model-defining config: same model, same id."""
+def compute_network_id(config: DSKDConfig, state_dict: dict[str, torch.Tensor]) -> str:
+    """Content hash of the weights and the model-defining config: same network, same id."""
     return _content_hash(config.to_dict(), MODEL_ID_FIELDS, state_dict)
+
+
+def compute_model_id(
+    config: DSKDConfig, state_dict: dict[str, torch.Tensor], threshold: Threshold | None
+) -> str:
+    """The model id: the network's id joined with the threshold (docs/design.md §5)."""
+    record = threshold.to_dict() if threshold else None
+    return model_identity(compute_network_id(config, state_dict), record)
 
 
 def _content_hash(
@@ -200,10 +241,12 @@ def make_checkpoint(
     meta = {
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": library_versions(),
-        "model_id": compute_model_id(model.config, state),
         **(extra_meta or {}),
     }
-    return Checkpoint(model.config, state, threshold, model.teacher_identity, meta, training)
+    meta["network_id"] = compute_network_id(model.config, state)
+    ckpt = Checkpoint(model.config, state, threshold, model.teacher_identity, meta, training)
+    meta["model_id"] = ckpt.model_id
+    return ckpt
 
 
 def save_checkpoint(ckpt: Checkpoint, uri: str | Path) -> None:
@@ -213,7 +256,9 @@ def save_checkpoint(ckpt: Checkpoint, uri: str | Path) -> None:
         "state_dict": ckpt.state_dict,
         "threshold": ckpt.threshold.to_dict() if ckpt.threshold else None,
         "teacher_identity": ckpt.teacher_identity,
-        "meta": json.dumps(ckpt.meta),
+        # The ids as the file's content makes them now: a threshold set after the checkpoint
+        # was made is in its id.
+        "meta": json.dumps({**ckpt.meta, "network_id": ckpt.network_id, "model_id": ckpt.model_id}),
         "training": ckpt.training,
     }
     buffer = io.BytesIO()
@@ -240,12 +285,21 @@ def load_checkpoint(uri: str | Path) -> Checkpoint:
             f"{uri} is a {found!r} checkpoint; this dskd_ray {__version__} reads {FORMAT} "
             f"and {', '.join(OLDER_FORMATS)}"
         )
-    # Verified as written, then renamed; an older one keeps its id (it scores exactly as before).
+    threshold = _read_threshold(uri, payload.get("threshold"))
+    # Verified as written (an older file's id is its network's, hashed with the fields that
+    # version hashed), then renamed; the model id joins the threshold to the network's id.
     fields = {
         V1: V1_MODEL_ID_FIELDS, V2: V3_MODEL_ID_FIELDS, V3: V3_MODEL_ID_FIELDS,
         V4: V4_MODEL_ID_FIELDS,
     }.get(found, MODEL_ID_FIELDS)  # fmt: skip
-    _verify(uri, meta, _content_hash(payload["config"], fields, payload["state_dict"]))
+    network_id = _content_hash(payload["config"], fields, payload["state_dict"])
+    model_id = model_identity(network_id, threshold.to_dict() if threshold else None)
+    if found in NETWORK_ONLY_IDS:
+        _verify(uri, meta.get("model_id"), network_id, "weights")
+    else:
+        _verify(uri, meta.get("network_id"), network_id, "weights")
+        _verify(uri, meta.get("model_id"), model_id, "threshold")
+    meta = {**meta, "network_id": network_id, "model_id": model_id}
     if found == V1:
         payload = _upgrade_from_v1(payload)
     if payload["format"] == V2:
@@ -255,13 +309,12 @@ def load_checkpoint(uri: str | Path) -> Checkpoint:
     if payload["format"] == V4:
         payload = _upgrade_from_v4(payload)
     if payload["format"] == V5:
-        payload = {**payload, "format": FORMAT, "config": {**payload["config"], **V5_DEFAULTS}}
+        payload = {**payload, "format": V6, "config": {**payload["config"], **V5_DEFAULTS}}
     config = DSKDConfig.from_dict(payload["config"])
-    threshold = payload.get("threshold")
     return Checkpoint(
         config=config,
         state_dict=payload["state_dict"],
-        threshold=Threshold.from_dict(threshold) if threshold else None,
+        threshold=threshold,
         teacher_identity=payload.get("teacher_identity", "unknown"),
         meta=meta,
         training=payload.get("training"),
@@ -288,18 +341,56 @@ def _torch_load(uri: str, blob: bytes) -> Any:
         ) from e
 
 
-def _verify(uri: str, meta: dict[str, Any], recomputed: str) -> None:
-    """Refuse weights that are not the ones the stored model id was made from.
+def _verify(uri: str, stored: Any, recomputed: str, what: str) -> None:
+    """Refuse a file whose content is not what its stated id was made from.
 
     The id names the model in every result row and decides what incremental scoring skips, so
-    a flipped bit in the weights must not borrow the id of the good model it came from.
+    a flipped bit in the weights or the threshold must not borrow the id of the good model it
+    came from. `what`: "weights" (the network's id) or "threshold" (the model id over both).
     """
-    stored = meta.get("model_id")
-    if stored is not None and recomputed != stored:
-        raise CheckpointError(
-            f"{uri} is corrupt: its weights do not match its model id (stored {stored}, "
-            f"recomputed {recomputed}); copy it again or retrain"
-        )
+    if stored is None or recomputed == stored:
+        return
+    if what == "weights":
+        mismatch = f"its weights do not match the id they were saved with (network id stored {stored}"
+    else:
+        mismatch = f"its threshold does not match its model id (stored {stored}"
+    raise CheckpointError(
+        f"{uri} is corrupt: {mismatch}, recomputed {recomputed}); copy it again or retrain"
+    )
+
+
+def _real(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _read_threshold(uri: str, raw: Any) -> Threshold | None:
+    """The stored threshold, checked: a finite number and, for a quantile, the quantile of the
+    held-out scores it was fitted on (what catches a damaged threshold in a file from before
+    the model id covered it). A NaN would make every image normal; an exponent bit flipped,
+    nearly every image."""
+    if raw is None:
+        return None
+    damaged = f"{uri} is corrupt: its threshold"
+    advice = "copy it again or retrain"
+    if not isinstance(raw, dict) or not _real(raw.get("value")):
+        found = raw.get("value") if isinstance(raw, dict) else raw
+        raise CheckpointError(f"{damaged} is {found!r}, not a finite number; {advice}")
+    scores, quantile = raw.get("normal_scores", []), raw.get("quantile")
+    if not isinstance(scores, list) or not all(_real(x) for x in scores):
+        raise CheckpointError(f"{damaged}'s held-out scores are not finite numbers; {advice}")
+    if quantile is not None and not (_real(quantile) and 0.0 <= quantile <= 1.0):
+        raise CheckpointError(f"{damaged}'s quantile is {quantile!r}, not from 0 to 1; {advice}")
+    if not isinstance(raw.get("method"), str):
+        raise CheckpointError(f"{damaged}'s method is {raw.get('method')!r}; {advice}")
+    value = float(raw["value"])
+    if raw["method"] == "quantile" and quantile is not None and scores:
+        expected = float(np.quantile(np.asarray(scores, np.float32), quantile))
+        if not math.isclose(value, expected, rel_tol=1e-4, abs_tol=1e-9):
+            raise CheckpointError(
+                f"{damaged} {value:.6g} is not the {quantile:g} quantile of the held-out scores "
+                f"it was fitted on ({expected:.6g}); {advice}"
+            )
+    return Threshold(value, raw["method"], quantile, list(scores))
 
 
 def _upgrade_from_v1(payload: dict[str, Any]) -> dict[str, Any]:

@@ -7,11 +7,15 @@ unpickler that builds nothing: every tensor becomes a placeholder, any other cla
 so no code runs. No torch is imported and no weight is read (a load takes ~700 MB of imports
 and the whole file). The id is the one the file states; `load_checkpoint` verifies it against
 the weights, which a dry run, which writes nothing, does not need.
+
+The model id itself is composed here (`model_identity`), since a dry run of an older file must
+compose it from what that file states, without torch (docs/design.md §5).
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import io
 import json
 import pickle
@@ -26,6 +30,43 @@ FORMAT_PREFIX = "dskd_ray.checkpoint/"
 # The globals a checkpoint's data.pkl refers to: tensor rebuilders and storage types (stood in
 # for by placeholders) and OrderedDict. Anything else is refused, as torch's weights_only does.
 _TORCH_GLOBALS = {"_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_tensor"}
+
+
+# Files before /7 state an id of the network alone (weights and config): the model id of such a
+# file is composed from that and its threshold, as a /7 file's is.
+NETWORK_ONLY_IDS = tuple(FORMAT_PREFIX + str(n) for n in range(1, 7))
+
+
+def threshold_record(threshold: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What of a threshold (as stored) decides rows and the drift figure: every field the
+    calibration wrote, the derived statistics left out."""
+    if threshold is None:
+        return None
+    keep = ("value", "method", "quantile", "normal_scores")
+    return {k: threshold.get(k) for k in keep}
+
+
+def model_identity(network_id: str, threshold: dict[str, Any] | None) -> str:
+    """The model id: the network's id (a hash of the weights and the config fields that change
+    what they compute) joined with the threshold that turns a score into a verdict. Everything
+    that decides a result row is inside it (docs/design.md §5)."""
+    record = threshold_record(threshold)
+    digest = hashlib.sha256(b"dskd_ray.model/7\0")
+    digest.update(network_id.encode())
+    digest.update(json.dumps(record, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def unfinished(uri: str | None, training: Any, epochs: Any) -> CheckpointError | None:
+    """The one-line error for an interrupted training run's checkpoint (no memory bank, no
+    calibration yet), where a finished one is needed; None for a finished one."""
+    if not isinstance(training, dict) or training.get("complete"):
+        return None
+    where = f"{uri} is" if uri is not None else "this checkpoint is"
+    return CheckpointError(
+        f"{where} an unfinished training run (epoch {training.get('epoch', 0)} of {epochs}, "
+        "not calibrated yet): finish it with the same `dskd train` command and --resume"
+    )
 
 
 def not_a_checkpoint(uri: str, head: bytes) -> CheckpointError | None:
@@ -86,7 +127,17 @@ def read_header(uri: str) -> dict[str, Any]:
 
 
 def read_model_id(uri: str) -> str | None:
-    """The model id a checkpoint states, or None when its header has none (files from before
-    ids were stored: load it instead)."""
-    model_id = read_header(uri)["meta"].get("model_id")
-    return model_id if isinstance(model_id, str) else None
+    """The model id a checkpoint states (composed with its threshold for a file from before
+    /7), or None when its header has none (files from before ids were stored: load it
+    instead)."""
+    header = read_header(uri)
+    refused = unfinished(uri, header.get("training"), (header.get("config") or {}).get("epochs"))
+    if refused is not None:
+        raise refused
+    stated = header["meta"].get("model_id")
+    if not isinstance(stated, str):
+        return None
+    if header["format"] in NETWORK_ONLY_IDS:
+        threshold = header.get("threshold")
+        return model_identity(stated, threshold if isinstance(threshold, dict) else None)
+    return stated

@@ -146,7 +146,9 @@ def dry_run(
     if model_id is None:  # a file from before ids were stored: the full load computes it
         from dskd_ray.model.checkpoint import load_checkpoint
 
-        model_id = load_checkpoint(model).model_id
+        checkpoint = load_checkpoint(model)
+        checkpoint.require_finished(model)
+        model_id = checkpoint.model_id
     listing_start = time.perf_counter()
     plan = _plan(input_uri, output, model_id, "dry-run", options.rescore, options.schemes)
     listed_sizes = plan.listing.table["image_bytes"]

@@ -190,6 +190,7 @@ def score_images(
     start = time.perf_counter()
     started_at = utc_now()
     checkpoint = load_checkpoint(model)
+    checkpoint.require_finished(model)
     model_id = checkpoint.model_id
     run_id = options.run_id or new_run_id()
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from dskd_ray.evaluation.metrics import is_anomalous
 from dskd_ray.inference import tiling
 from dskd_ray.io.decoder_process import DecoderCrashed, shared_decoder
 from dskd_ray.io.images import ImageDecodeError
@@ -179,7 +180,6 @@ class ScoringActor:
         retryable = np.array(batch["retryable"], dtype=bool)
         n, size = len(status), self.scorer.image_size
         score = np.full(n, np.nan, np.float32)
-        anomalous = np.full(n, -1, np.int8)  # -1: no threshold, or no score
         tiled = self.scorer.tiled
         if tiled:  # each map at its image's size (bounded): one array per row
             quantized = np.empty(n, object)
@@ -200,9 +200,6 @@ class ScoringActor:
                 error[ok] = f"scoring failed: {_describe(e)}"
             else:
                 score[ok] = result.scores
-                flags = self.scorer.is_anomalous(result.scores)
-                if flags is not None:
-                    anomalous[ok] = flags.astype(np.int8)
                 finite = result.finite
                 for j, i in enumerate(ok):
                     if finite[j]:
@@ -219,7 +216,6 @@ class ScoringActor:
             "error": error,
             "retryable": retryable,
             "score": score,
-            "is_anomalous": anomalous,
             "map_q": quantized,
             "map_scale": scale,
         }
@@ -260,7 +256,10 @@ def write_maps_batch(
                 error[i] = f"cannot write map: {_describe(e)}"
     ok = status == "ok"
     map_missing = np.array([u is None for u in uris], bool)
-    flags = batch["is_anomalous"]
+    # The verdict is made here, from the row's own score and threshold, whichever backend
+    # scored it: a row always says score > threshold (docs/design.md §5).
+    flags = is_anomalous(batch["score"], threshold)
+    no_flag = ~ok if flags is None else ~ok | ~np.isfinite(batch["score"])
     return pa.table(
         {
             "image_uri": pa.array([str(u) for u in batch["image_uri"]], pa.string()),
@@ -272,7 +271,11 @@ def write_maps_batch(
             "height": pa.array(batch["height"], pa.int32(), mask=batch["height"] < 0),
             "score": pa.array(batch["score"], pa.float32(), mask=~ok),
             "threshold": pa.array([threshold] * n, pa.float64()),
-            "is_anomalous": pa.array(flags == 1, pa.bool_(), mask=(flags < 0) | ~ok),
+            "is_anomalous": pa.array(
+                np.zeros(n, bool) if flags is None else flags,
+                pa.bool_(),
+                mask=np.ones(n, bool) if flags is None else no_flag,
+            ),
             "map_uri": pa.array(uris, pa.string()),
             "map_scale": pa.array(batch["map_scale"], pa.float64(), mask=~ok),
             "map_width": pa.array(

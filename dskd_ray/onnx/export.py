@@ -196,6 +196,7 @@ def export_graph(checkpoint: Checkpoint | str, images: np.ndarray | None = None)
     _require_onnx()
     start = time.perf_counter()
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    ckpt.require_finished(None if isinstance(checkpoint, Checkpoint) else checkpoint)
     size = ckpt.config.image_size
     # The graph is traced in float32 on the CPU: what a CPU runtime runs, whatever trained it.
     model = ckpt.build_model().to("cpu").float().eval()
