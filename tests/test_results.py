@@ -324,6 +324,35 @@ def test_a_damaged_part_is_one_line_naming_it_and_the_other_runs_still_list(
     assert len(gallery.stderr.strip().splitlines()) == 1 and "Traceback" not in gallery.stderr
 
 
+def test_a_damaged_manifest_is_reported_and_its_images_are_scored_again(tmp_path: Path) -> None:
+    """A committed run's manifest cut to 300 bytes used to drop the run from `dskd results`
+    with a warning (exit 0) while the next `dskd score` skipped its images as already scored:
+    rows no reader could see, never scored again."""
+    model = make_model(tmp_path)
+    write_textures(tmp_path / "images", 30)
+    out = tmp_path / "scores"
+    first = score_images(str(tmp_path / "images"), str(model), str(out), ScoringOptions())
+    manifest = out / "_manifests" / f"run={first.run_id}.json"
+    manifest.write_bytes(manifest.read_bytes()[:300])
+
+    why = f"run {first.run_id} is damaged: its manifest {manifest} is not valid JSON (300 bytes)"
+    for attempt in ("before", "after"):
+        result = dskd("results", str(out))
+        assert result.returncode == 1, attempt
+        assert result.stderr.startswith(f"dskd: error: {why}") and "Traceback" not in result.stderr
+        [line] = [x for x in result.stdout.splitlines() if x.startswith(first.run_id)]
+        assert line.endswith("DAMAGED: its rows cannot be read (below)")
+        if attempt == "before":
+            plan = dskd("score", str(tmp_path / "images"), "--model", str(model), "--out",
+                        str(out), "--dry-run")  # fmt: skip
+            assert plan.returncode == 0 and "skipped 0 (already scored)" in plan.stdout
+            again = score_images(str(tmp_path / "images"), str(model), str(out), ScoringOptions())
+            assert (again.scored, again.skipped) == (30, 0)
+    table = read_results(str(out))
+    assert table.num_rows == 30 and set(table["run_id"].to_pylist()) == {again.run_id}
+    assert [r.run_id for r in committed_runs(str(out))] == [again.run_id]
+
+
 def test_control_characters_in_names_never_reach_the_terminal(tmp_path: Path) -> None:
     """An ESC sequence in a file name used to recolour the terminal through `dskd results`,
     and a newline split a table row: shown escaped, as bytes that are not UTF-8 are. The

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import memory_config, write_textures
 from dskd_ray.config import DSKDConfig
 from dskd_ray.errors import CheckpointError, DataError
 from dskd_ray.inference.scoring import Scorer
@@ -11,9 +12,11 @@ from dskd_ray.model.checkpoint import load_checkpoint
 from dskd_ray.model.inputs import images_to_tensor
 from dskd_ray.model.loss import distillation_loss
 from dskd_ray.model.network import DSKD
+from dskd_ray.training.dataset import plan_training
 from dskd_ray.training.loop import (
     FEATURE_STD_FLOOR,
     TeacherCache,
+    fit,
     fit_feature_statistics,
     hard_mining_share,
     make_optimizer,
@@ -21,6 +24,7 @@ from dskd_ray.training.loop import (
     train,
     train_step,
 )
+from dskd_ray.training.strategy import OneProcess
 from dskd_ray.training.synthetic_defects import defect_generator, synthesize_defects
 
 
@@ -228,6 +232,71 @@ def test_resume_continues_from_the_last_epoch(
     assert load_checkpoint(out).threshold is not None
     with pytest.raises(CheckpointError, match="finished"):
         train(config, str(normal_folder), str(out), resume=True)
+
+
+class _StopInMemory(OneProcess):
+    """A local run stopped while the memory is fitted, after the last epoch (as Ctrl-C just
+    after the `memory:` line): the bank's gather is the first tensor gathered."""
+
+    def all_gather(self, obj: object) -> list[object]:
+        if isinstance(obj, torch.Tensor):
+            raise KeyboardInterrupt
+        return super().all_gather(obj)
+
+
+def test_the_last_epoch_is_saved_before_the_memory_and_calibration(
+    tmp_path: Path, normal_folder: Path
+) -> None:
+    """Stopped while the memory was fitted, a run used to leave no checkpoint at all."""
+    config = memory_config(epochs=2)
+    out = tmp_path / "model.pt"
+    full = train(config, str(normal_folder), str(tmp_path / "full.pt")).checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        images = plan_training(str(normal_folder), config)
+        fit(config, images, _StopInMemory(str(out)), torch.device("cpu"))
+    saved = load_checkpoint(out)
+    assert saved.training["epoch"] == 2 and not saved.finished
+    with pytest.raises(CheckpointError, match="unfinished training run .*--resume"):
+        Scorer(str(out), device="cpu")
+    resumed = train(config, str(normal_folder), str(out), resume=True).checkpoint
+    assert resumed.finished and resumed.training["resumed_at"] == [2]
+    assert resumed.model_id == full.model_id  # the same model as the uninterrupted run's
+
+
+def test_resume_refuses_another_config_or_other_data(
+    tmp_path: Path, normal_folder: Path, tiny_config: DSKDConfig
+) -> None:
+    """Resuming with other options, or on other images, used to exit 0 with the first config
+    kept in silence and the next epochs trained on the other data."""
+    config = tiny_config.replace(epochs=3)
+    out = tmp_path / "model.pt"
+
+    class Stop(Exception):
+        pass
+
+    def stop(epoch: int, stats: object) -> None:
+        if epoch == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(config, str(normal_folder), str(out), on_epoch=stop)
+    before = out.read_bytes()
+    other = config.replace(image_size=128, students="se", backbone="efficientnet_lite0")
+    with pytest.raises(CheckpointError, match="trained with") as refused:
+        train(other, str(normal_folder), str(out), resume=True)
+    for field in ("image_size=64", "students=both", "backbone=resnet18", "image_size=128"):
+        assert field in str(refused.value)
+    # Only the fields asked for are compared (the CLI's given options); epochs may grow.
+    with pytest.raises(CheckpointError, match="students=both"):
+        train(other, str(normal_folder), str(out), resume=True, asked=["students", "epochs"])
+    write_textures(tmp_path / "elsewhere", 8, seed=5)
+    with pytest.raises(DataError, match="not those the interrupted run trained on"):
+        train(config, str(tmp_path / "elsewhere"), str(out), resume=True)
+    assert out.read_bytes() == before  # refused before anything was written
+    done = train(
+        config.replace(epochs=4), str(normal_folder), str(out), resume=True, asked=["epochs"]
+    )
+    assert done.checkpoint.config.epochs == 4 and len(done.history) == 4
 
 
 @pytest.mark.parametrize(

@@ -323,7 +323,7 @@ def train(
             "--address, --storage-path, --run-name and --gpus-per-worker need --workers N"
         )
 
-    config = DSKDConfig(**given(
+    asked = given(
         **input_fields(image_size, tile, tile_overlap), epochs=epochs, batch_size=batch_size,
         backbone=backbone,
         teacher_weights=teacher_weights, students=students, df_input=df_input, memory=memory,
@@ -334,7 +334,8 @@ def train(
         denoise=denoise, pyramid=pyramid, encoder_student=encoder_student, optimizer=optimizer,
         weight_decay=weight_decay,
         holdout_fraction=holdout_fraction, threshold_quantile=threshold_quantile,
-    ))  # fmt: skip
+    )  # fmt: skip
+    config = DSKDConfig(**asked)
     start = time.perf_counter()
     if workers is not None:
         from dskd_ray.training.distributed import train_distributed
@@ -354,7 +355,7 @@ def train(
         try:
             with ProgressBar(Path(data).name or data) as bar:
                 result = run_training(
-                    config, data, out, device=device, resume=resume, on_progress=bar
+                    config, data, out, device=device, resume=resume, on_progress=bar, asked=asked
                 )
         except KeyboardInterrupt:
             if not had_out and checkpoint_exists(out):  # written after a whole epoch

@@ -351,7 +351,9 @@ def _verify(uri: str, stored: Any, recomputed: str, what: str) -> None:
     if stored is None or recomputed == stored:
         return
     if what == "weights":
-        mismatch = f"its weights do not match the id they were saved with (network id stored {stored}"
+        mismatch = (
+            f"its weights do not match the id they were saved with (network id stored {stored}"
+        )
     else:
         mismatch = f"its threshold does not match its model id (stored {stored}"
     raise CheckpointError(

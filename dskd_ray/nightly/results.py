@@ -19,6 +19,7 @@ import json
 import logging
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -152,32 +153,94 @@ class CommittedRun:
         return [f["path"] for f in self.manifest.get("files", [])]
 
 
+@dataclass
+class DamagedManifest:
+    """A file in `_manifests/` named like a run's manifest that is not a readable one (cut
+    short, edited, another run's). Its run is not committed: its rows are not read, and the
+    next scoring run scores its images again (docs/design.md §6)."""
+
+    run_id: str
+    path: str
+    why: str
+
+    def __str__(self) -> str:
+        return (
+            f"run {self.run_id} is damaged: its manifest {self.path} {self.why}; its rows are "
+            "not read, and the next `dskd score` scores its images again"
+        )
+
+
 def committed_runs(output: str) -> list[CommittedRun]:
-    """The runs whose manifest exists, oldest first."""
+    """The runs whose manifest exists and reads as one, oldest first (a damaged one is logged:
+    `scan_runs` has them)."""
+    committed, damaged = scan_runs(output)
+    for d in damaged:
+        log.warning("%s", d)
+    return committed
+
+
+def scan_runs(output: str) -> tuple[list[CommittedRun], list[DamagedManifest]]:
+    """Every manifest under `output`, read: the committed runs and the damaged manifests, each
+    oldest first. Read in parallel: a night reads them all, and on object storage each is a
+    request."""
     with storage_errors(output):
-        return _committed_runs(output)
+        return _scan_runs(output)
 
 
-def _committed_runs(output: str) -> list[CommittedRun]:
+MANIFEST_READERS = 16  # manifests read at once
+
+
+def _scan_runs(output: str) -> tuple[list[CommittedRun], list[DamagedManifest]]:
     try:
         names, _ = list_folder(join_uri(output, MANIFESTS_DIR))
     except FileNotFoundError:
-        return []
-    runs = []
+        return [], []
+    wanted = []
     for path in names:
         base = path.rsplit("/", 1)[-1]
-        if not (base.startswith("run=") and base.endswith(".json")):
-            continue  # a temp file of a manifest being written, or a stranger
-        try:
-            manifest = json.loads(read_object(path))
-        except (ValueError, OSError) as e:
-            log.warning("ignoring unreadable manifest %s: %s", path, e)
-            continue
-        if manifest.get("format") != MANIFEST_FORMAT:
-            log.warning("ignoring %s: not a %s manifest", path, MANIFEST_FORMAT)
-            continue
-        runs.append(CommittedRun(manifest["run_id"], manifest))
-    return sorted(runs, key=lambda r: r.run_id)
+        if base.startswith("run=") and base.endswith(".json"):
+            wanted.append((path, base[len("run=") : -len(".json")]))
+        # else: a temp file of a manifest being written, or a stranger
+    if not wanted:
+        return [], []
+    with ThreadPoolExecutor(min(MANIFEST_READERS, len(wanted))) as pool:
+        found = list(pool.map(lambda w: _read_manifest(*w), wanted))
+    committed = [r for r in found if isinstance(r, CommittedRun)]
+    damaged = [r for r in found if isinstance(r, DamagedManifest)]
+    return (
+        sorted(committed, key=lambda r: r.run_id),
+        sorted(damaged, key=lambda r: r.run_id),
+    )
+
+
+def _read_manifest(path: str, run_id: str) -> CommittedRun | DamagedManifest | None:
+    try:
+        blob = read_object(path)
+    except FileNotFoundError:
+        return None  # retired between the listing and the read
+    try:
+        manifest = json.loads(blob)
+    except ValueError:  # cut short, or not text at all
+        return DamagedManifest(run_id, path, f"is not valid JSON ({len(blob)} bytes)")
+    problem = _manifest_problem(manifest, run_id)
+    if problem is not None:
+        return DamagedManifest(run_id, path, problem)
+    return CommittedRun(run_id, manifest)
+
+
+def _manifest_problem(manifest: Any, run_id: str) -> str | None:
+    if not isinstance(manifest, dict):
+        return "is not a JSON object"
+    if manifest.get("format") != MANIFEST_FORMAT:
+        return f"is not a {MANIFEST_FORMAT} manifest (format {manifest.get('format')!r})"
+    if manifest.get("run_id") != run_id:
+        return f"names another run ({manifest.get('run_id')!r})"
+    files = manifest.get("files")
+    if not isinstance(files, list) or not all(
+        isinstance(f, dict) and isinstance(f.get("path"), str) for f in files
+    ):
+        return "does not list its part files"
+    return None
 
 
 def read_results(
@@ -217,7 +280,7 @@ def _read_results(
     if not missing_ok and not exists(output):
         raise DataError(f"{output} does not exist: no scoring run has written there")
     tables = []
-    for run in _committed_runs(output):
+    for run in committed_runs(output):
         if model_id is not None and run.model_id not in (None, model_id):
             continue
         tables += [read_run_part(output, run.run_id, relative, schema) for relative in run.files]

@@ -37,7 +37,6 @@ from dskd_ray.io.storage import (
     join_uri,
     list_folder,
     local_copy_to,
-    read_object,
     reader_source,
     remove_object,
     storage_errors,
@@ -63,10 +62,10 @@ from dskd_ray.nightly.index_file import (
     states_of,
 )
 from dskd_ray.nightly.results import (
-    MANIFEST_FORMAT,
-    MANIFESTS_DIR,
     RESULT_SCHEMA,
+    CommittedRun,
     DamagedRunError,
+    committed_runs,
     read_run_part,
 )
 
@@ -100,24 +99,12 @@ def _listed(folder: str) -> list[str]:
     return names
 
 
-def committed_run_ids(output: str) -> list[str]:
-    return _run_ids(_listed(join_uri(output, MANIFESTS_DIR)), ".json")
-
-
-def _run_rows(output: str, model_id: str, run_id: str) -> pa.Table | None:
+def _run_rows(output: str, model_id: str, run: CommittedRun) -> pa.Table | None:
     """This model's rows of one committed run, or None if the run is another model's."""
-    try:
-        manifest = json.loads(read_object(join_uri(output, MANIFESTS_DIR, f"run={run_id}.json")))
-    except (ValueError, OSError) as e:
-        log.warning("ignoring unreadable manifest of run %s: %s", run_id, e)
-        return None
-    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("model_id") not in (
-        None,
-        model_id,
-    ):
+    if run.model_id not in (None, model_id):
         return None
     try:
-        return read_parts(output, manifest.get("files", []), model_id, run_id)
+        return read_parts(output, run.manifest["files"], model_id, run.run_id)
     except DamagedRunError as e:  # its images are scored again: better than no night at all
         log.warning("%s; scoring its images as if it had not run", e)
         return None
@@ -169,7 +156,10 @@ class ModelIndex:
         """Read the index (its fixed-width columns) and fold in the committed runs it does not
         cover. A run whose manifest is gone does not count."""
         with storage_errors(output):
-            committed = committed_run_ids(output)
+            # Read, not only listed: a run whose manifest is damaged is not committed, so its
+            # rows do not count and its images are scored again (they used to be skipped).
+            runs = {run.run_id: run for run in committed_runs(output)}
+            committed = sorted(runs)
             names = _listed(_model_dir(output, model_id))
             legacy = [n for n in names if n.rsplit("/", 1)[-1].startswith("run=")]
             base = _read_base(output, model_id, names, set(committed))
@@ -180,7 +170,7 @@ class ModelIndex:
                 log.info("folding %d committed run(s) the index does not cover", len(uncovered))
             overlay = INDEX_SCHEMA.empty_table()
             for run_id in uncovered:
-                rows = _run_rows(output, model_id, run_id)
+                rows = _run_rows(output, model_id, runs[run_id])
                 if rows is not None and rows.num_rows:
                     overlay = fold(overlay, rows)
         index = cls(output, model_id, committed, base, keep, overlay, legacy)

@@ -26,10 +26,11 @@ from dskd_ray.nightly.drift import ScoreDrift
 from dskd_ray.nightly.results import (
     RESULT_SCHEMA,
     CommittedRun,
+    DamagedManifest,
     DamagedRunError,
-    committed_runs,
     read_run_part,
     run_partition,
+    scan_runs,
 )
 
 QUANTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0}
@@ -100,19 +101,37 @@ def select_runs(
     output: str, run: str | None = None, since: date | None = None
 ) -> list[CommittedRun]:
     """The committed runs under `output`, oldest first: all, one (`run`), or from a day on."""
+    return _select(output, run, since)[0]
+
+
+def _select(
+    output: str, run: str | None, since: date | None
+) -> tuple[list[CommittedRun], list[DamagedManifest]]:
+    """`select_runs`, with the damaged manifests chosen the same way beside them."""
     with storage_errors(output):
         if not exists(output):
             raise DataError(f"{output} does not exist: no scoring run has written there")
-    runs = committed_runs(output)
+    runs, damaged = scan_runs(output)
     if run is not None:
         chosen = [r for r in runs if r.run_id == run]
-        if not chosen:
+        broken = [d for d in damaged if d.run_id == run]
+        if not chosen and not broken:
             last = ", ".join(r.run_id for r in runs[-3:]) or "none"
             raise DataError(f"no committed run {run} under {output} (latest: {last})")
-        return chosen
+        return chosen, broken
     if since is not None:
         runs = [r for r in runs if run_day(r.run_id) >= since.isoformat()]
-    return runs
+        damaged = [d for d in damaged if (_day_or_none(d.run_id) or "~") >= since.isoformat()]
+    return runs, damaged
+
+
+def _day_or_none(run_id: str) -> str | None:
+    """The day a run id says it started, or None for a file named like no run id ("~" sorts
+    after every day, so --since shows it whatever the day)."""
+    try:
+        return run_day(run_id)
+    except (IndexError, ValueError):
+        return None
 
 
 def read_run_rows(
@@ -183,7 +202,7 @@ def summarize_runs(
     output: str, run: str | None = None, since: date | None = None, top: int = 0
 ) -> ResultsSummary:
     """Figures of the chosen committed runs, oldest first, and their `top` most anomalous images."""
-    runs = select_runs(output, run, since)
+    runs, damaged_manifests = _select(output, run, since)
     figures, tops = [], []
     for committed in runs:
         try:
@@ -196,9 +215,20 @@ def summarize_runs(
         figures.append(run_figures(committed, rows))
         if top:
             tops.append(top_anomalies(rows, top))  # each run's best n hold the overall best n
+    for d in damaged_manifests:  # listed among the others, by run id
+        figures.append(_damaged_figures(d))
+    figures.sort(key=lambda f: f.run_id)
     empty = pa.schema([RESULT_SCHEMA.field(c) for c in TOP_COLUMNS]).empty_table()
     best = _highest(pa.concat_tables(tops), top) if tops else empty
     return ResultsSummary(output, figures, best)
+
+
+def _damaged_figures(d: DamagedManifest) -> RunFigures:
+    return RunFigures(
+        run_id=d.run_id, date=_day_or_none(d.run_id) or "?", model_id=None, input=None,
+        listed=None, skipped=None, rows=0, scored=0, errors=0, gone=0, anomalous=0,
+        anomalous_rate=None, threshold=None, damaged=str(d),
+    )  # fmt: skip
 
 
 # --- formats ------------------------------------------------------------------------------------

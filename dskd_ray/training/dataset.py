@@ -3,6 +3,7 @@ each a pure function of the seed (and epoch and rank), so a resumed run sees the
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 
@@ -23,6 +24,15 @@ class TrainingSet:
     name: str  # the category (or folder) name
     train_uris: list[str]
     holdout_uris: list[str]
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of which images train and which are held out: a resumed run must see the
+        same ones (docs/design.md §3)."""
+        digest = hashlib.sha256()
+        for part in (self.train_uris, self.holdout_uris):
+            digest.update(b"\0".join(u.encode("utf-8", "surrogateescape") for u in part) + b"\1")
+        return digest.hexdigest()[:16]
 
 
 def plan_training(data: str, config: DSKDConfig) -> TrainingSet:

@@ -12,10 +12,11 @@ optimiser, the teacher cache, the step and the epoch), `memory` (the teacher's m
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -75,6 +76,7 @@ __all__ = [
     "hard_mining_share",
     "make_optimizer",
     "plan_training",
+    "check_resumed_data",
     "resume_config",
     "run_epoch",
     "shard",
@@ -107,9 +109,36 @@ class TrainResult:
         )
 
 
-def resume_config(requested: DSKDConfig, state: Checkpoint) -> DSKDConfig:
-    """A resumed run's config: its own; only the epoch budget may grow."""
-    return state.config.replace(epochs=max(requested.epochs, state.config.epochs))
+def resume_config(
+    requested: DSKDConfig, state: Checkpoint, asked: Collection[str] | None = None
+) -> DSKDConfig:
+    """A resumed run's config: its own; only the epoch budget may grow.
+
+    The fields in `asked` (every field when None: a whole config was given) must be the run's
+    own, or it is refused in one line: a resumed run used to keep its first config in silence,
+    whatever the command asked for."""
+    names = [f.name for f in dataclasses.fields(DSKDConfig)] if asked is None else list(asked)
+    saved = state.config
+    differ = [k for k in names if k != "epochs" and getattr(requested, k) != getattr(saved, k)]
+    if differ:
+        asked_for = ", ".join(f"{k}={getattr(requested, k)}" for k in differ)
+        trained = ", ".join(f"{k}={getattr(saved, k)}" for k in differ)
+        raise CheckpointError(
+            f"--resume: the interrupted run was trained with {trained}, not {asked_for}: "
+            "resume with its own options, or train to a new --out"
+        )
+    return saved.replace(epochs=max(requested.epochs, saved.epochs))
+
+
+def check_resumed_data(images: TrainingSet, state: Checkpoint) -> None:
+    """A resumed run trains on the images its first epochs trained on, split the same way."""
+    saved = (state.training or {}).get("data_fingerprint")
+    if saved is not None and saved != images.fingerprint:
+        raise DataError(
+            f"--resume: the images under {images.data} are not those the interrupted run "
+            f"trained on (under {state.meta.get('data', 'its data')}, split the same way): "
+            "resume on its own data, or train to a new --out"
+        )
 
 
 # --- the one training routine ------------------------------------------------------------------
@@ -134,6 +163,7 @@ def fit(
     rank, world = strategy.rank, strategy.world
     seed_everything(config.seed)
     model = state.build_model() if state is not None else DSKD(config)
+    model.config = config  # a resumed run's own, with its epoch budget perhaps grown
     # channels_last on every device (2x the training step on the reference CPU:
     # bench/train_step.py); bf16 autocast on CUDA where the GPU has it.
     model = model.to(device).to(memory_format=torch.channels_last)
@@ -160,11 +190,11 @@ def fit(
         "n_holdout": len(images.holdout_uris),
         **(meta or {}),
     }
-    training = {"epoch": 0, "history": [], "resumed_at": []}
+    training = {"epoch": 0, "history": [], "resumed_at": [], "data_fingerprint": images.fingerprint}
     if config.has_students:
         training = _train_students(
             model, config, train_images, int(longest), strategy, device, state, meta,
-            on_progress, on_epoch,
+            on_progress, on_epoch, images.fingerprint,
         )  # fmt: skip
     model = model.to(memory_format=torch.contiguous_format)
     return _finish(
@@ -183,19 +213,22 @@ def _train_students(
     meta: dict[str, Any],
     on_progress: ProgressCallback | None,
     on_epoch: Callable[[int, EpochStats], None] | None,
+    data_fingerprint: str,
 ) -> dict[str, Any]:
     """The epochs: this worker's `train_images` (each worker walks `length` of them an epoch),
     from `state` if it is an unfinished run. Returns the training record (epoch, history,
-    resumed_at) the final checkpoint keeps."""
+    resumed_at, the data's fingerprint) the final checkpoint keeps."""
     rank, world = strategy.rank, strategy.world
     cuda = device.type == "cuda"
     autocast = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
     student_forward = strategy.wrap(Students(model), device)
     per_worker = config.batch_size // world  # config.batch_size is the global batch
     worker_config = config.replace(batch_size=per_worker)
+    training = (state.training or {}) if state is not None else {}
+    start_epoch = int(training.get("epoch", 0))
     cache = None
     need = TeacherCache.bytes_needed(model, len(train_images), config.image_size)
-    if need <= config.teacher_cache_mb * 2**20:
+    if need <= config.teacher_cache_mb * 2**20 and start_epoch < config.epochs:
         cache = TeacherCache.build(model, train_images, device, per_worker)
     if config.feature_norm == "standardize" and state is None:  # a resumed run has its own
         fit_feature_statistics(
@@ -204,8 +237,6 @@ def _train_students(
 
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, math.ceil(length / per_worker))
-    training = (state.training or {}) if state is not None else {}
-    start_epoch = int(training.get("epoch", 0))
     history: list[dict[str, Any]] = list(training.get("history", []))
     resumed_at: list[int] = list(training.get("resumed_at", []))
     if "optimizer" in training:
@@ -237,14 +268,20 @@ def _train_students(
             on_epoch(epoch + 1, stats)
         if not math.isfinite(stats.loss):
             raise FloatingPointError(f"training diverged at epoch {epoch + 1} (loss {stats.loss})")
-        progress = {"epoch": epoch + 1, "history": history, "resumed_at": resumed_at}
+        progress = {
+            "epoch": epoch + 1, "history": history, "resumed_at": resumed_at,
+            "data_fingerprint": data_fingerprint,
+        }  # fmt: skip
 
         def resumable(progress: dict[str, Any] = progress) -> Checkpoint:
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
             return make_checkpoint(model, None, {**progress, **state}, meta)
 
         strategy.checkpoint(epoch + 1, stats, epoch + 1 == config.epochs, resumable)
-    return {"epoch": config.epochs, "history": history, "resumed_at": resumed_at}
+    return {
+        "epoch": config.epochs, "history": history, "resumed_at": resumed_at,
+        "data_fingerprint": data_fingerprint,
+    }  # fmt: skip
 
 
 def _finish(
@@ -351,9 +388,11 @@ def train(
     resume: bool = False,
     on_progress: ProgressCallback | None = None,
     on_epoch: Callable[[int, EpochStats], None] | None = None,
+    asked: Collection[str] | None = None,
 ) -> TrainResult:
     """Train on the normal images under `data` in this process; write the checkpoint to `out`
-    every epoch (`resume=True` continues an interrupted run from there)."""
+    every epoch (`resume=True` continues an interrupted run from there, on the same images,
+    with the config fields in `asked` — all of them by default — the same as the run's)."""
     dev = resolve_device(device)
     state: Checkpoint | None = None
     if resume and checkpoint_exists(out):
@@ -362,9 +401,11 @@ def train(
             raise CheckpointError(
                 f"{out} is a finished run: nothing to resume (train to a new --out)"
             )
-        config = resume_config(config, state)
+        config = resume_config(config, state, asked)
         log.info("resuming %s", out)
     images = plan_training(data, config)
+    if state is not None:
+        check_resumed_data(images, state)
     final = fit(config, images, OneProcess(out), dev, state, None, on_progress, on_epoch)
     assert final is not None
     return TrainResult.from_checkpoint(final)

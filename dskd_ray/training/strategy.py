@@ -63,7 +63,9 @@ class OneProcess:
     def checkpoint(
         self, epoch: int, stats: EpochStats, last: bool, make: Callable[[], Checkpoint]
     ) -> None:
-        if not last and self.out is not None:  # the last epoch's goes into the final one
+        # The last epoch's too: the memory and calibration that follow take minutes, and an
+        # interruption there must not lose the epochs (--resume goes on from it).
+        if self.out is not None:
             save_checkpoint(make(), self.out)
 
     def finish(self, final: Checkpoint | None) -> None:
