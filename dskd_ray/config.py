@@ -34,6 +34,18 @@ BACKENDS: tuple[str, ...] = ("auto", "torch", "onnxruntime")
 # 4096² is 16x the default's pixels, and the map arithmetic and activations grow with them; a
 # larger size only finds the end of the memory, slowly.
 MAX_IMAGE_SIZE = 4096
+# The largest counts the options take. Past them a run could only fail late (an allocation, an
+# overflow: `--batch-size 99999999999999999999` used to start a night and fail in it), so they
+# are refused at once, when the options are read.
+MAX_BATCH_SIZE = 4096
+MAX_EPOCHS = 100_000
+MAX_MEMORY_SIZE = 1_000_000  # patches: 0.6 GB of Lite0 bank, 1.5 GB of ResNet18's
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding takes no more
+MAX_WORKERS = 10_000  # Ray Train workers, scoring actors, restarts
+MAX_THREADS = 1024
+MAX_ROWS_PER_FILE = 100_000_000
+MAX_TOP = 1_000_000  # images `dskd results --top` lists
+MAX_IN_PROCESS = 100_000
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -194,8 +206,15 @@ class DSKDConfig:
             raise ConfigError(
                 "--students none needs --memory knn: a model needs a student or a memory"
             )
-        if self.memory_size < 1:
-            raise ConfigError(f"memory_size={self.memory_size} must be at least 1")
+        for name, most in (
+            ("memory_size", MAX_MEMORY_SIZE), ("epochs", MAX_EPOCHS),
+            ("batch_size", MAX_BATCH_SIZE), ("score_top_k", self.image_size**2),
+        ):  # fmt: skip
+            value = getattr(self, name)
+            if not 1 <= value <= most:
+                raise ConfigError(f"{name}={value} must be from 1 to {most}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed={self.seed} must be from 0 to {MAX_SEED}")
         if not 0.0 <= self.memory_weight <= 1.0:
             raise ConfigError(f"memory_weight={self.memory_weight} must be in [0, 1]")
         # Three stride-2 steps below the stride-16 level (the DF embedding) need a multiple of 32.
@@ -209,12 +228,6 @@ class DSKDConfig:
                 f"tile_overlap={self.tile_overlap} must be from 0 to half the tile "
                 f"({self.image_size // 2})"
             )
-        if self.score_top_k < 1:
-            raise ConfigError(f"score_top_k={self.score_top_k} must be at least 1")
-        if self.epochs < 1:
-            raise ConfigError(f"epochs={self.epochs} must be at least 1")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size={self.batch_size} must be at least 1")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ConfigError(f"holdout_fraction={self.holdout_fraction} must be in [0, 1)")
         if not 0.0 < self.threshold_quantile <= 1.0:
@@ -335,11 +348,15 @@ class ScoringOptions:
     def validate(self) -> None:
         """Refuse what cannot work before anything is listed or started (a Ray start is slow)."""
         check_device(self.device)
-        for name in ("batch_size", "actors", "actor_threads", "rows_per_file", "io_threads"):
+        for name, most in (
+            ("batch_size", MAX_BATCH_SIZE), ("actors", MAX_WORKERS),
+            ("actor_threads", MAX_THREADS), ("rows_per_file", MAX_ROWS_PER_FILE),
+            ("io_threads", MAX_THREADS),
+        ):  # fmt: skip
             value = getattr(self, name)
-            if value is not None and value < 1:
+            if value is not None and not 1 <= value <= most:
                 flag = name.replace("_", "-")
-                raise ConfigError(f"--{flag} {value} must be at least 1")
+                raise ConfigError(f"--{flag} {value} must be from 1 to {most}")
         if self.precision not in PRECISIONS:
             raise ConfigError(
                 f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}"
@@ -353,8 +370,10 @@ class ScoringOptions:
                 "--backend onnxruntime runs the exported float32 graph: "
                 "--precision bf16 and --compile are PyTorch options"
             )
-        if self.in_process_max < 0:
-            raise ConfigError(f"--in-process-max {self.in_process_max} must be 0 or more")
+        if not 0 <= self.in_process_max <= MAX_IN_PROCESS:
+            raise ConfigError(
+                f"--in-process-max {self.in_process_max} must be from 0 to {MAX_IN_PROCESS}"
+            )
         if self.onnx_export_min < 0:
             raise ConfigError(f"onnx_export_min={self.onnx_export_min} must be 0 or more")
         if self.schemes:

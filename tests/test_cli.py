@@ -525,3 +525,220 @@ def test_an_onnx_file_as_model_is_one_line_without_unsafe_advice(tmp_path: Path)
                   str(tmp_path / "washer.onnx"), "--out", str(tmp_path / "pred"))  # fmt: skip
     one_line_error(result, 1, "washer.onnx is not a dskd_ray checkpoint (this looks like an ONNX")
     assert "weights_only" not in result.stderr
+
+
+# --- what the model id did not cover, and misleading messages ----------------------------------
+
+
+def _unfinished_and_damaged(folder: Path) -> tuple[Path, Path]:
+    """(an interrupted run's checkpoint: memory knn, its bank not fitted yet; a finished one
+    whose stored threshold had an exponent bit flipped)."""
+    import torch
+
+    from conftest import memory_config
+    from dskd_ray.model.checkpoint import make_checkpoint, save_checkpoint
+    from dskd_ray.model.network import DSKD
+
+    torch.manual_seed(0)
+    model = DSKD(memory_config(epochs=3))
+    unfinished = make_checkpoint(model, None, {"epoch": 1, "history": []})
+    save_checkpoint(unfinished, folder / "unfinished.pt")
+    good, _ = save_tiny_models(folder)
+    payload = torch.load(good, weights_only=True)
+    payload["threshold"]["value"] = 1.67e39  # 1.0 with its exponent's top bit rotted
+    torch.save(payload, folder / "flipped.pt")
+    return folder / "unfinished.pt", folder / "flipped.pt"
+
+
+def test_an_unfinished_or_damaged_checkpoint_is_one_line_on_every_command(tmp_path: Path) -> None:
+    """An interrupted run's checkpoint ended predict and evaluate in a traceback ("the memory
+    bank is empty"), was called damaged by score and printed torch.export's text on export; a
+    flipped threshold bit read as a normal verdict, exit 0."""
+    unfinished, flipped = _unfinished_and_damaged(tmp_path)
+    cat = tmp_path / "tex"
+    write_textures(cat / "train" / "good", 2)
+    write_textures(cat / "test" / "good", 2, seed=5)
+    image = str(cat / "test" / "good" / "000.png")
+    for model, words in [
+        (unfinished, ("unfinished training run (epoch 1 of 3", "--resume")),
+        (flipped, ("is corrupt: its threshold", "copy it again or retrain")),
+    ]:
+        commands = {
+            "predict": ["predict", image, "--model", str(model), "--out", str(tmp_path / "p")],
+            "evaluate": ["evaluate", str(cat), "--model", str(model)],
+            "score": ["score", str(cat / "test"), "--model", str(model), "--out",
+                      str(tmp_path / "s")],
+            "dry run": ["score", str(cat / "test"), "--model", str(model), "--out",
+                        str(tmp_path / "s"), "--dry-run"],
+            "export": ["export", str(model), "--out", str(tmp_path / "m.onnx")],
+        }  # fmt: skip
+        for name, args in commands.items():
+            result = dskd(*args)
+            one_line_error(result, 1, *words)
+            assert "normal" not in result.stdout, name
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "s" / "_manifests").exists()
+
+
+def test_count_flags_past_any_use_are_refused_before_anything_runs(tmp_path: Path) -> None:
+    """`--top 99999999999999999999` was an OverflowError traceback; `--batch-size` that large
+    started the night and failed in it."""
+    huge = "99999999999999999999"
+    write_textures(tmp_path / "imgs", 2)
+    for args, flag in [
+        (["results", str(tmp_path), "--top", huge], "--top"),
+        (
+            [
+                "score",
+                str(tmp_path / "imgs"),
+                "--model",
+                "m.pt",
+                "--out",
+                str(tmp_path / "o"),
+                "--batch-size",
+                huge,
+            ],
+            "--batch-size",
+        ),  # fmt: skip
+        (
+            ["train", str(tmp_path / "imgs"), "--out", str(tmp_path / "m.pt"), "--seed", huge],
+            "--seed",
+        ),  # fmt: skip
+        (
+            [
+                "train",
+                str(tmp_path / "imgs"),
+                "--out",
+                str(tmp_path / "m.pt"),
+                "--memory-size",
+                huge,
+            ],
+            "--memory-size",
+        ),  # fmt: skip
+    ]:
+        one_line_error(dskd(*args), 2, flag, "less than or equal to")
+    assert not (tmp_path / "o").exists()
+
+
+def test_options_the_model_would_not_use_are_refused(tmp_path: Path) -> None:
+    """They were accepted in silence, and --memory-weight changed the model id for nothing;
+    --memory-weight nan exited 1 where every other bad flag exits 2."""
+    write_textures(tmp_path / "imgs", 2)
+    train = ["train", str(tmp_path / "imgs"), "--out", str(tmp_path / "m.pt"), *TINY_TRAIN]
+    for extra, flag, why in [
+        (["--memory-weight", "nan"], "--memory-weight", "from 0 to 1"),
+        (["--memory", "none", "--memory-weight", "0.3"], "--memory-weight", "no memory"),
+        (["--memory", "none", "--memory-size", "10"], "--memory-size", "no memory"),
+        (["--students", "none", "--memory-weight", "0.3"], "--memory-weight", "no students"),
+        (["--students", "none", "--feature-norm", "standardize"], "--feature-norm", "no students"),
+    ]:
+        one_line_error(dskd(*train, *extra), 2, flag, why)
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_a_list_in_a_manifest_column_is_one_line(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dskd_ray.errors import DataError
+    from dskd_ray.nightly.listing import read_manifest
+
+    write_textures(tmp_path / "imgs", 1)
+    uri = str(tmp_path / "imgs" / "000.png")
+    pq.write_table(
+        pa.table({"image_uri": [uri], "image_version": [["v1", "v2"]]}), tmp_path / "m.parquet"
+    )
+    with pytest.raises(DataError, match="column image_version holds list<"):
+        read_manifest(str(tmp_path / "m.parquet"))
+    good, _ = save_tiny_models(tmp_path)
+    result = dskd("score", str(tmp_path / "m.parquet"), "--model", str(good), "--out",
+                  str(tmp_path / "out"))  # fmt: skip
+    one_line_error(result, 1, "column image_version holds list<", "not text")
+
+
+def test_report_and_json_targets_are_checked_before_the_work(tmp_path: Path) -> None:
+    """`--report` into a file failed after the table, replaced a user's index.html without a
+    word and wrote into the scores folder itself; `evaluate --json DIR` failed after the whole
+    evaluation."""
+    good, _ = save_tiny_models(tmp_path)
+    write_textures(tmp_path / "imgs", 3)
+    out = tmp_path / "scores"
+    assert dskd("score", str(tmp_path / "imgs"), "--model", str(good), "--out",
+                str(out)).returncode == 0  # fmt: skip
+    (tmp_path / "a-file").write_text("mine")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "index.html").write_text("<html><title>my page</title></html>")
+    for report, words in [
+        (tmp_path / "a-file", ("is a file, not a folder",)),
+        (tmp_path / "mine", ("holds an index.html that dskd did not write",)),
+        (out, ("inside the scores folder",)),
+        (out / "gallery", ("inside the scores folder",)),
+    ]:
+        result = dskd("results", str(out), "--report", str(report))
+        one_line_error(result, 1, *words)
+        assert result.stdout == ""  # refused before the table
+    assert (tmp_path / "mine" / "index.html").read_text().startswith("<html><title>my page")
+    assert dskd("results", str(out), "--report", str(tmp_path / "g")).returncode == 0
+    assert dskd("results", str(out), "--report", str(tmp_path / "g")).returncode == 0  # ours
+
+    cat = tmp_path / "tex"
+    write_textures(cat / "train" / "good", 2)
+    write_textures(cat / "test" / "good", 2, seed=5)
+    result = dskd("evaluate", str(cat), "--model", str(good), "--json", str(tmp_path))
+    one_line_error(result, 1, "--json", "is a folder")
+    assert result.stdout == ""
+
+
+def test_results_rank_each_model_apart_and_say_why_since_chose_nothing(tmp_path: Path) -> None:
+    """Two models' scores are on scales of their own: `--top` ranked them together and listed
+    each image twice; `--since` after the last run said only "no committed runs"."""
+    import torch
+
+    from dskd_ray.config import DSKDConfig
+    from dskd_ray.model.checkpoint import Threshold, make_checkpoint, save_checkpoint
+    from dskd_ray.model.network import DSKD
+
+    first, _ = save_tiny_models(tmp_path)
+    torch.manual_seed(1)
+    other = DSKD(DSKDConfig(memory="none", teacher_weights="random", image_size=64))
+    save_checkpoint(make_checkpoint(other, Threshold(5.0, "quantile", 0.5, [])), tmp_path / "b.pt")
+    write_textures(tmp_path / "imgs", 4)
+    out = str(tmp_path / "scores")
+    for model in (first, tmp_path / "b.pt"):
+        assert dskd("score", str(tmp_path / "imgs"), "--model", str(model), "--out",
+                    out).returncode == 0  # fmt: skip
+    report = json.loads(dskd("results", out, "--json", "--top", "3").stdout)
+    top = report["top"]
+    models = [t["model_id"] for t in top]
+    assert len(set(models)) == 2 and models == sorted(models)  # model after model
+    for model in set(models):
+        mine = [t for t in top if t["model_id"] == model]
+        assert len(mine) == 3 == len({t["image_uri"] for t in mine})
+        assert [t["score"] for t in mine] == sorted((t["score"] for t in mine), reverse=True)
+    table = dskd("results", out, "--top", "2").stdout
+    assert sum(line.startswith("model ") for line in table.splitlines()) == 2
+
+    later = dskd("results", out, "--since", "2999-01-01")
+    assert later.returncode == 0
+    last = report["runs"][-1]["run_id"]
+    assert f"started on 2999-01-01 or later (the latest, {last}, started " in later.stdout
+
+
+def test_files_are_written_with_the_umask_mode_not_0600(tmp_path: Path) -> None:
+    """Checkpoints, graphs and maps were 0600 whatever the umask: a temp file renamed."""
+    script = (
+        "import os, sys; os.umask(0o022)\n"
+        "from dskd_ray.io.storage import write_object\n"
+        "write_object(sys.argv[1] + '/a.bin', b'x', durable=True)\n"
+        "os.umask(0o027)\n"
+        "import importlib, dskd_ray.io.storage as s; importlib.reload(s)\n"
+        "s.write_object(sys.argv[1] + '/b.bin', b'x')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.bin").stat().st_mode & 0o777 == 0o640
+    good, _ = save_tiny_models(tmp_path)  # save_checkpoint, in this process's own umask
+    mask = os.umask(0)
+    os.umask(mask)
+    assert good.stat().st_mode & 0o777 == 0o666 & ~mask

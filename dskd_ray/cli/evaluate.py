@@ -10,6 +10,7 @@ import typer
 
 from dskd_ray.cli.console import echo, setup_logging
 from dskd_ray.cli.options import Device, Model, Verbose, opt
+from dskd_ray.config import MAX_BATCH_SIZE
 from dskd_ray.errors import DSKDError
 
 EVAL_BATCH = 16  # images per forward pass in `evaluate`
@@ -32,7 +33,7 @@ def evaluate(
     ] = None,
     device: Device = "auto",
     batch_size: Annotated[
-        int | None, opt(EVAL_BATCH, min=1, help="Images per forward pass")
+        int | None, opt(EVAL_BATCH, min=1, max=MAX_BATCH_SIZE, help="Images per forward pass")
     ] = None,
     verbose: Verbose = False,
 ) -> None:
@@ -45,6 +46,13 @@ def evaluate(
     from dskd_ray.evaluation.evaluate import evaluate_category, format_table, models_for, summarize
     from dskd_ray.inference.scoring import Scorer
 
+    if json_path is not None:  # found now, not after the whole evaluation
+        if json_path.is_dir():
+            raise DSKDError(f"--json {json_path} is a folder: give a file name (metrics.json)")
+        try:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DSKDError(f"--json {json_path}: cannot make its folder ({e.strerror})") from e
     html_report = None
     if report is not None:
         from dskd_ray.evaluation.report import Report

@@ -10,7 +10,15 @@ import typer
 
 from dskd_ray.cli.console import echo, setup_logging
 from dskd_ray.cli.options import SCORING, Model, Verbose, device_option, given, opt
-from dskd_ray.config import ScoringOptions
+from dskd_ray.config import (
+    MAX_BATCH_SIZE,
+    MAX_IN_PROCESS,
+    MAX_ROWS_PER_FILE,
+    MAX_THREADS,
+    MAX_TOP,
+    MAX_WORKERS,
+    ScoringOptions,
+)
 from dskd_ray.errors import DSKDError
 
 
@@ -41,21 +49,26 @@ def score(
         ),
     ] = "auto",
     batch_size: Annotated[
-        int | None, opt(SCORING.batch_size, min=1, help="Images per model call")
+        int | None, opt(SCORING.batch_size, min=1, max=MAX_BATCH_SIZE, help="Images per model call")
     ] = None,
     actors: Annotated[
         int | None,
-        typer.Option(min=1, help="Most scoring actors; default from the cluster's CPUs/GPUs"),
+        typer.Option(
+            min=1, max=MAX_WORKERS, help="Most scoring actors; default from the cluster's CPUs/GPUs"
+        ),
     ] = None,
     actor_threads: Annotated[
         int | None,
-        typer.Option(min=1, help="Torch threads per CPU actor; default from the cluster"),
+        typer.Option(
+            min=1, max=MAX_THREADS, help="Torch threads per CPU actor; default from the cluster"
+        ),
     ] = None,
     rescore: Annotated[
         bool, typer.Option(help="Score every image again, even those this model already scored")
     ] = False,
     rows_per_file: Annotated[
-        int | None, opt(SCORING.rows_per_file, min=1, help="Parquet rows per part file")
+        int | None,
+        opt(SCORING.rows_per_file, min=1, max=MAX_ROWS_PER_FILE, help="Parquet rows per part file"),
     ] = None,
     precision: Annotated[
         str | None,
@@ -81,6 +94,7 @@ def score(
         opt(
             SCORING.in_process_max,
             min=0,
+            max=MAX_IN_PROCESS,
             help="Score up to this many images in this process when no Ray cluster is named "
             "or running (0: always on Ray)",
         ),
@@ -170,7 +184,10 @@ def results(
         ),
     ] = None,
     top: Annotated[
-        int, typer.Option(min=0, help="Also list the N most anomalous images of the chosen runs")
+        int,
+        typer.Option(
+            min=0, max=MAX_TOP, help="Also list the N most anomalous images of the chosen runs"
+        ),
     ] = 0,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print JSON: runs and top images")
@@ -198,6 +215,10 @@ def results(
 
     if as_json and as_csv:
         raise typer.BadParameter("choose one of --json and --csv", param_hint="--json/--csv")
+    if report is not None:  # before the table, not after it
+        from dskd_ray.reporting.html import prepare_report_dir
+
+        prepare_report_dir(report, not_inside=output)
     summary = summarize_runs(output, run=run, since=since, top=top)
     for figures in summary.runs:
         if figures.drift_warning:

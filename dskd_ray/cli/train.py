@@ -28,7 +28,19 @@ from dskd_ray.cli.options import (
     given,
     opt,
 )
-from dskd_ray.config import DEMO_CONFIG, MAX_IMAGE_SIZE, DSKDConfig, RayOptions, input_fields
+from dskd_ray.config import (
+    DEMO_CONFIG,
+    MAX_BATCH_SIZE,
+    MAX_EPOCHS,
+    MAX_IMAGE_SIZE,
+    MAX_MEMORY_SIZE,
+    MAX_SEED,
+    MAX_THREADS,
+    MAX_WORKERS,
+    DSKDConfig,
+    RayOptions,
+    input_fields,
+)
 from dskd_ray.errors import DSKDError
 
 
@@ -40,9 +52,38 @@ def _memory_weight(value: str | None) -> dict[str, Any]:
         weight = float(value)
     except ValueError:
         weight = float("nan")
-    if not 0.0 <= weight <= 1.0:
-        raise DSKDError(f"--memory-weight {value!r} must be a number from 0 to 1, or auto")
+    if not 0.0 <= weight <= 1.0:  # NaN too
+        raise typer.BadParameter(
+            f"{value!r} must be a number from 0 to 1, or auto", param_hint="'--memory-weight'"
+        )
     return {"memory_weight": weight, "memory_weight_fit": "none"}
+
+
+# Options that change nothing a model computes unless it has the memory, or students: given
+# anyway they were accepted in silence, and those in the model id changed it for nothing.
+MEMORY_OPTIONS = ("memory_weight", "memory_size", "memory_sampling")
+STUDENT_OPTIONS = ("memory_weight", "df_input", "feature_norm", "distance", "pyramid")
+
+
+def _refuse_unused(config: DSKDConfig, given_options: dict[str, Any]) -> None:
+    """A one-line usage error (exit 2) for an option the model would not use."""
+    if not config.has_memory:
+        for name in MEMORY_OPTIONS:
+            if given_options.get(name) is not None:
+                flag = "--" + name.replace("_", "-")
+                raise typer.BadParameter(
+                    "the model has no memory (--memory none): it would change nothing",
+                    param_hint=f"'{flag}'",
+                )
+    if not config.has_students:
+        for name in STUDENT_OPTIONS:
+            if given_options.get(name) is not None:
+                flag = "--" + name.replace("_", "-")
+                raise typer.BadParameter(
+                    "the model has no students (--students none): its map is the memory's "
+                    "own, and this would change nothing",
+                    param_hint=f"'{flag}'",
+                )
 
 
 def make_demo_data_cmd(
@@ -84,12 +125,15 @@ def train(
         typer.Argument(help="MVTec category folder or folder of normal images (local or s3://)"),
     ],
     out: Annotated[str, typer.Option("--out", "-o", help="Checkpoint to write (local or s3://)")],
-    epochs: Annotated[int | None, opt(DEFAULTS.epochs, min=1, help="Training epochs")] = None,
+    epochs: Annotated[
+        int | None, opt(DEFAULTS.epochs, min=1, max=MAX_EPOCHS, help="Training epochs")
+    ] = None,
     batch_size: Annotated[
         int | None,
         opt(
             DEFAULTS.batch_size,
             min=1,
+            max=MAX_BATCH_SIZE,
             help="Images per step; with --workers, the global batch split over them",
         ),
     ] = None,
@@ -116,6 +160,7 @@ def train(
         opt(
             DEFAULTS.memory_size,
             min=1,
+            max=MAX_MEMORY_SIZE,
             help="With --memory knn: patches in the bank, at most (the scoring cost)",
         ),
     ] = None,
@@ -161,6 +206,7 @@ def train(
         opt(
             DEFAULTS.score_top_k,
             min=1,
+            max=MAX_IMAGE_SIZE**2,
             help="Image score: mean of the K highest map pixels (1: the max)",
         ),
     ] = None,
@@ -230,7 +276,7 @@ def train(
             help="Share of the easiest positions whose gradients are scaled by 0.1 (< 1)",
         ),
     ] = None,
-    seed: Annotated[int | None, opt(DEFAULTS.seed, min=0, help="Random seed")] = None,
+    seed: Annotated[int | None, opt(DEFAULTS.seed, min=0, max=MAX_SEED, help="Random seed")] = None,
     holdout_fraction: Annotated[
         float | None,
         opt(
@@ -255,7 +301,9 @@ def train(
     ] = False,
     workers: Annotated[
         int | None,
-        typer.Option(min=1, help="Train on Ray Train with N DDP workers (default: local)"),
+        typer.Option(
+            min=1, max=MAX_WORKERS, help="Train on Ray Train with N DDP workers (default: local)"
+        ),
     ] = None,
     gpus_per_worker: Annotated[
         float | None,
@@ -270,6 +318,7 @@ def train(
         opt(
             field_default(RayOptions, "cpus_per_worker"),
             min=1,
+            max=MAX_THREADS,
             help="Ray: CPUs (torch threads) per worker",
         ),
     ] = None,
@@ -288,6 +337,7 @@ def train(
         opt(
             field_default(RayOptions, "checkpoint_every"),
             min=1,
+            max=MAX_EPOCHS,
             help="Ray: epochs between checkpoints",
         ),
     ] = None,
@@ -296,6 +346,7 @@ def train(
         opt(
             field_default(RayOptions, "keep_checkpoints"),
             min=1,
+            max=MAX_EPOCHS,
             help="Ray: checkpoints kept in storage",
         ),
     ] = None,
@@ -304,6 +355,7 @@ def train(
         opt(
             field_default(RayOptions, "max_failures"),
             min=-1,
+            max=MAX_WORKERS,
             help="Ray: worker-group restarts allowed (-1: no limit)",
         ),
     ] = None,
@@ -336,6 +388,11 @@ def train(
         holdout_fraction=holdout_fraction, threshold_quantile=threshold_quantile,
     )  # fmt: skip
     config = DSKDConfig(**asked)
+    _refuse_unused(config, {
+        "memory_weight": memory_weight, "memory_size": memory_size,
+        "memory_sampling": memory_sampling, "df_input": df_input, "feature_norm": feature_norm,
+        "distance": distance, "pyramid": pyramid,
+    })  # fmt: skip
     start = time.perf_counter()
     if workers is not None:
         from dskd_ray.training.distributed import train_distributed
@@ -387,10 +444,11 @@ def demo(
         Path, typer.Option("--dir", help="Where the data, models and metrics go")
     ] = Path("dskd-demo"),
     epochs: Annotated[
-        int | None, opt(DEMO_CONFIG.epochs, min=1, help="Training epochs per category")
+        int | None,
+        opt(DEMO_CONFIG.epochs, min=1, max=MAX_EPOCHS, help="Training epochs per category"),
     ] = None,
     batch_size: Annotated[
-        int | None, opt(DEMO_CONFIG.batch_size, min=1, help="Images per step")
+        int | None, opt(DEMO_CONFIG.batch_size, min=1, max=MAX_BATCH_SIZE, help="Images per step")
     ] = None,
     image_size: DemoImageSize = None,
     backbone: DemoBackbone = None,

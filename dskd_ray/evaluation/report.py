@@ -36,7 +36,7 @@ from dskd_ray.reporting.charts import (
     histogram_chart,
     histogram_edges,
 )
-from dskd_ray.reporting.html import escape, href, img, page
+from dskd_ray.reporting.html import escape, href, img, page, prepare_report_dir
 from dskd_ray.reporting.visualize import mask_outline, overlay
 
 log = logging.getLogger(__name__)
@@ -273,8 +273,7 @@ class Report:
         n_worst: int = 8,
         n_sample: int = 24,
     ) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory = prepare_report_dir(directory)
         self.title = title
         self.n_worst, self.n_sample = n_worst, n_sample
         self.sections: list[_Section] = []

@@ -327,10 +327,30 @@ def write_object(uri: str, data: bytes, durable: bool = False) -> None:
         with_retries(lambda: fs.pipe_file(path, data), f"write {uri}")
 
 
+def _process_umask() -> int:
+    """This process's umask, read without changing it where Linux says it (setting it to read
+    it back would race any thread creating a file meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# What a new file's mode would be (0644 under the usual umask): a temp file is made 0600, and
+# renamed into place it kept that, so checkpoints, graphs and maps were private to their writer.
+NEW_FILE_MODE = 0o666 & ~_process_umask()
+
+
 def _write_local(target: Path, data: bytes, durable: bool) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.fchmod(fd, NEW_FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             if durable:
@@ -397,6 +417,8 @@ def local_copy_to(uri: str) -> Iterator[str]:
         suffix=".tmp",
         dir=os.path.dirname(path) if local else None,
     )
+    if local:
+        os.fchmod(fd, NEW_FILE_MODE)
     os.close(fd)
     try:
         yield tmp

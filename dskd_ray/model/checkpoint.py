@@ -10,21 +10,24 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from dskd_ray import __version__
 from dskd_ray.config import DSKDConfig
 from dskd_ray.errors import CheckpointError, StorageError
 from dskd_ray.io.storage import describe_failure, exists, read_object, storage_errors, write_object
-from dskd_ray.model.checkpoint_header import NETWORK_ONLY_IDS, model_identity, unfinished
+from dskd_ray.model.checkpoint_header import (
+    NETWORK_ONLY_IDS,
+    check_threshold,
+    model_identity,
+    unfinished,
+)
 from dskd_ray.model.network import DSKD
 
 FORMAT = "dskd_ray.checkpoint/7"
@@ -361,38 +364,10 @@ def _verify(uri: str, stored: Any, recomputed: str, what: str) -> None:
     )
 
 
-def _real(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _read_threshold(uri: str, raw: Any) -> Threshold | None:
-    """The stored threshold, checked: a finite number and, for a quantile, the quantile of the
-    held-out scores it was fitted on (what catches a damaged threshold in a file from before
-    the model id covered it). A NaN would make every image normal; an exponent bit flipped,
-    nearly every image."""
-    if raw is None:
-        return None
-    damaged = f"{uri} is corrupt: its threshold"
-    advice = "copy it again or retrain"
-    if not isinstance(raw, dict) or not _real(raw.get("value")):
-        found = raw.get("value") if isinstance(raw, dict) else raw
-        raise CheckpointError(f"{damaged} is {found!r}, not a finite number; {advice}")
-    scores, quantile = raw.get("normal_scores", []), raw.get("quantile")
-    if not isinstance(scores, list) or not all(_real(x) for x in scores):
-        raise CheckpointError(f"{damaged}'s held-out scores are not finite numbers; {advice}")
-    if quantile is not None and not (_real(quantile) and 0.0 <= quantile <= 1.0):
-        raise CheckpointError(f"{damaged}'s quantile is {quantile!r}, not from 0 to 1; {advice}")
-    if not isinstance(raw.get("method"), str):
-        raise CheckpointError(f"{damaged}'s method is {raw.get('method')!r}; {advice}")
-    value = float(raw["value"])
-    if raw["method"] == "quantile" and quantile is not None and scores:
-        expected = float(np.quantile(np.asarray(scores, np.float32), quantile))
-        if not math.isclose(value, expected, rel_tol=1e-4, abs_tol=1e-9):
-            raise CheckpointError(
-                f"{damaged} {value:.6g} is not the {quantile:g} quantile of the held-out scores "
-                f"it was fitted on ({expected:.6g}); {advice}"
-            )
-    return Threshold(value, raw["method"], quantile, list(scores))
+    """The stored threshold, checked (`checkpoint_header.check_threshold`)."""
+    checked = check_threshold(uri, raw)
+    return Threshold.from_dict(checked) if checked is not None else None
 
 
 def _upgrade_from_v1(payload: dict[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import collections
 import hashlib
 import io
 import json
+import math
 import pickle
 import zipfile
 from typing import Any
@@ -67,6 +68,47 @@ def unfinished(uri: str | None, training: Any, epochs: Any) -> CheckpointError |
         f"{where} an unfinished training run (epoch {training.get('epoch', 0)} of {epochs}, "
         "not calibrated yet): finish it with the same `dskd train` command and --resume"
     )
+
+
+def _real(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_threshold(uri: str, raw: Any) -> dict[str, Any] | None:
+    """A stored threshold (as saved: a dict, or None), checked: a finite number and, for a
+    quantile, the quantile of the held-out scores it was fitted on (what catches a damaged
+    threshold in a file from before the model id covered it, and in a dry run, which reads no
+    weights). A NaN would make every image normal; an exponent bit flipped, nearly every one.
+    Returns it with its numbers as floats; CheckpointError in one line."""
+    if raw is None:
+        return None
+    damaged = f"{uri} is corrupt: its threshold"
+    advice = "copy it again or retrain"
+    if not isinstance(raw, dict) or not _real(raw.get("value")):
+        found = raw.get("value") if isinstance(raw, dict) else raw
+        raise CheckpointError(f"{damaged} is {found!r}, not a finite number; {advice}")
+    scores, quantile = raw.get("normal_scores", []), raw.get("quantile")
+    if not isinstance(scores, list) or not all(_real(x) for x in scores):
+        raise CheckpointError(f"{damaged}'s held-out scores are not finite numbers; {advice}")
+    if quantile is not None and not (_real(quantile) and 0.0 <= quantile <= 1.0):
+        raise CheckpointError(f"{damaged}'s quantile is {quantile!r}, not from 0 to 1; {advice}")
+    if not isinstance(raw.get("method"), str):
+        raise CheckpointError(f"{damaged}'s method is {raw.get('method')!r}; {advice}")
+    value = float(raw["value"])
+    if raw["method"] == "quantile" and quantile is not None and scores:
+        import numpy as np  # only here: the header is read in processes that need no numpy
+
+        expected = float(np.quantile(np.asarray(scores, np.float32), quantile))
+        if not math.isclose(value, expected, rel_tol=1e-4, abs_tol=1e-9):
+            raise CheckpointError(
+                f"{damaged} {value:.6g} is not the {quantile:g} quantile of the held-out scores "
+                f"it was fitted on ({expected:.6g}); {advice}"
+            )
+    return {
+        "value": value, "method": raw["method"],
+        "quantile": None if quantile is None else float(quantile),
+        "normal_scores": [float(x) for x in scores],
+    }  # fmt: skip
 
 
 def not_a_checkpoint(uri: str, head: bytes) -> CheckpointError | None:
@@ -134,10 +176,16 @@ def read_model_id(uri: str) -> str | None:
     refused = unfinished(uri, header.get("training"), (header.get("config") or {}).get("epochs"))
     if refused is not None:
         raise refused
+    threshold = check_threshold(uri, header.get("threshold"))
     stated = header["meta"].get("model_id")
     if not isinstance(stated, str):
         return None
     if header["format"] in NETWORK_ONLY_IDS:
-        threshold = header.get("threshold")
-        return model_identity(stated, threshold if isinstance(threshold, dict) else None)
+        return model_identity(stated, threshold)
+    network = header["meta"].get("network_id")
+    if isinstance(network, str) and model_identity(network, threshold) != stated:
+        raise CheckpointError(
+            f"{uri} is corrupt: its threshold does not match its model id (stored {stated}, "
+            f"recomputed {model_identity(network, threshold)}); copy it again or retrain"
+        )
     return stated

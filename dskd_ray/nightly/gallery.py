@@ -36,7 +36,7 @@ from dskd_ray.nightly.summary import (
     top_anomalies,
 )
 from dskd_ray.reporting import charts
-from dskd_ray.reporting.html import escape, href, img, page
+from dskd_ray.reporting.html import escape, href, img, page, prepare_report_dir
 from dskd_ray.reporting.visualize import colorize, display_scale, overlay
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ def write_gallery(
     rows = read_run_rows(output, [chosen])
     figures = run_figures(chosen, rows)
     drift = ScoreDrift.from_dict(figures.drift) if figures.drift else None
-    directory = Path(directory)
+    directory = prepare_report_dir(directory, not_inside=output)
     (directory / "images").mkdir(parents=True, exist_ok=True)
 
     best = top_anomalies(rows, top, [*TOP_COLUMNS, "map_scale"]).to_pylist()

@@ -130,6 +130,7 @@ def read_manifest(uri: str, schemes: tuple[str, ...] = ()) -> pa.Table:
                 columns = source.schema_arrow.names
                 _check_manifest_columns(name, columns)
                 wanted = [c for c in MANIFEST_COLUMNS if c in columns]
+                _check_manifest_types(name, source.schema_arrow, wanted)
                 batches = source.iter_batches(batch_size=65_536, columns=wanted)
             else:
                 types = {"image_uri": pa.string(), "image_version": pa.string()}
@@ -163,6 +164,24 @@ def _check_manifest_columns(name: str, columns: list[str]) -> None:
         raise DataError(
             f"manifest {name} has no column image_uri (it has: {', '.join(columns) or 'none'})"
         )
+
+
+def _check_manifest_types(name: str, schema: pa.Schema, columns: list[str]) -> None:
+    """Each column a value per row that says one thing: text (or numbers, cast to text) for the
+    URI and the version, a whole number for the size; a list or a struct is refused in one line
+    (it used to end in Arrow's traceback)."""
+    for column in columns:
+        kind = schema.field(column).type
+        scalar = (
+            pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+        )
+        if column != "image_uri":
+            scalar = scalar or pa.types.is_integer(kind)
+        if column == "image_version":
+            scalar = scalar or pa.types.is_floating(kind)
+        if not scalar:
+            want = "a whole number" if column == "image_bytes" else "text"
+            raise DataError(f"manifest {name}: column {column} holds {kind}, not {want}")
 
 
 def _manifest_chunk(name: str, chunk: pa.Table, offset: int, schemes: tuple[str, ...]) -> pa.Table:

@@ -34,7 +34,9 @@ from dskd_ray.nightly.results import (
 )
 
 QUANTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0}
-TOP_COLUMNS = ["run_id", "image_uri", "score", "threshold", "is_anomalous", "map_uri"]
+TOP_COLUMNS = [
+    "run_id", "model_id", "image_uri", "score", "threshold", "is_anomalous", "map_uri",
+]  # fmt: skip
 
 
 @dataclass
@@ -72,6 +74,7 @@ class ResultsSummary:
     output: str
     runs: list[RunFigures]
     top: pa.Table  # TOP_COLUMNS, highest score first
+    none_because: str = ""  # with no run chosen: why, when there are runs (--since)
 
     def to_json(self) -> str:
         top = [{k: _plain(v) for k, v in row.items()} for row in self.top.to_pylist()]
@@ -123,6 +126,15 @@ def _select(
         runs = [r for r in runs if run_day(r.run_id) >= since.isoformat()]
         damaged = [d for d in damaged if (_day_or_none(d.run_id) or "~") >= since.isoformat()]
     return runs, damaged
+
+
+def _none_since(output: str, since: date) -> str:
+    """Why --since chose nothing, when runs exist: the latest one's day."""
+    runs, _ = scan_runs(output)
+    if not runs:
+        return ""
+    last = runs[-1].run_id
+    return f" started on {since.isoformat()} or later (the latest, {last}, started {run_day(last)})"
 
 
 def _day_or_none(run_id: str) -> str | None:
@@ -219,8 +231,28 @@ def summarize_runs(
         figures.append(_damaged_figures(d))
     figures.sort(key=lambda f: f.run_id)
     empty = pa.schema([RESULT_SCHEMA.field(c) for c in TOP_COLUMNS]).empty_table()
-    best = _highest(pa.concat_tables(tops), top) if tops else empty
-    return ResultsSummary(output, figures, best)
+    best = top_per_model(pa.concat_tables(tops), top) if tops else empty
+    none_because = _none_since(output, since) if since is not None and not figures else ""
+    return ResultsSummary(output, figures, best, none_because)
+
+
+def top_per_model(candidates: pa.Table, n: int) -> pa.Table:
+    """Each model's `n` highest scores, model after model, each image once per model (its row of
+    the latest run among the candidates). Two models' scores are on scales of their own, so
+    they are ranked apart; an image scored by two runs was listed twice."""
+    latest = candidates.sort_by([("run_id", "descending")])
+    seen: set[tuple[str | None, str]] = set()
+    keep = []
+    pairs = zip(latest["model_id"].to_pylist(), latest["image_uri"].to_pylist(), strict=True)
+    for key in pairs:
+        keep.append(key not in seen)
+        seen.add(key)
+    latest = latest.filter(pa.array(keep, pa.bool_()))
+    models = sorted({m for m, _ in seen}, key=lambda m: m or "")
+    parts = [_highest(latest.filter(pc.equal(latest["model_id"], m)), n) for m in models if m]
+    if None in models:
+        parts.append(_highest(latest.filter(pc.is_null(latest["model_id"])), n))
+    return pa.concat_tables(parts) if parts else latest
 
 
 def _damaged_figures(d: DamagedManifest) -> RunFigures:
@@ -247,7 +279,7 @@ def _num(value: float | None, fmt: str = ".4g") -> str:
 def format_runs(summary: ResultsSummary) -> str:
     """A table for people: one line per run, then each run's errors by reason."""
     if not summary.runs:
-        return f"no committed runs under {summary.output}"
+        return f"no committed runs under {summary.output}{summary.none_because}"
     head = (
         f"{'run':24} {'date':10} {'model':16} {'listed':>7} {'scored':>7} {'errors':>6} "
         f"{'anomalous':>9} {'rate':>6} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8} {'drift':>6}"
@@ -282,7 +314,12 @@ def format_runs(summary: ResultsSummary) -> str:
 
 def format_top(summary: ResultsSummary) -> str:
     lines = [f"{'score':>9} {'threshold':>9}  image  →  map  (run)"]
+    several = len(set(summary.top["model_id"].to_pylist())) > 1
+    model = object()
     for row in summary.top.to_pylist():
+        if several and row["model_id"] != model:  # each model's own scale, ranked apart
+            model = row["model_id"]
+            lines.append(printable(f"model {model or '—'}:"))
         lines.append(
             f"{_num(row['score']):>9} {_num(row['threshold']):>9}  {printable(row['image_uri'])}"
             f"  →  {printable(row['map_uri'] or '—')}  ({printable(row['run_id'])})"
