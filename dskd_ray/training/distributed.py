@@ -50,7 +50,7 @@ from dskd_ray.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoi
 from dskd_ray.model.network import DSKD
 from dskd_ray.training.dataset import plan_training
 from dskd_ray.training.epoch import EpochStats, Students
-from dskd_ray.training.loop import TrainResult, fit, resume_config
+from dskd_ray.training.loop import TrainResult, check_resumed_data, fit, resume_config
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +155,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         if (state.training or {}).get("complete"):
             _finish_completed_run(state, rank, config.epochs, ctx.get_experiment_name())
             return
-        requested, config = config, resume_config(config, state)
-        if rank == 0 and config.replace(epochs=1) != requested.replace(epochs=1):
-            log.warning(
-                "run %s: resuming with its saved config, not the one given",
-                ctx.get_experiment_name(),
-            )
+        # The same refusals as a local --resume: another config (bar --epochs) or other images.
+        config = resume_config(config, state)
+        check_resumed_data(loop["images"], state)
     meta = dict(loop["meta"])
     per_worker = config.batch_size // world
     meta["ray"] = {**meta["ray"], "workers": world, "per_worker_batch_size": per_worker}

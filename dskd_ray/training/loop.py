@@ -125,7 +125,8 @@ def resume_config(
         trained = ", ".join(f"{k}={getattr(saved, k)}" for k in differ)
         raise CheckpointError(
             f"--resume: the interrupted run was trained with {trained}, not {asked_for}: "
-            "resume with its own options, or train to a new --out"
+            "resume with its own options, or start a new run (a new --out; on Ray a new "
+            "--run-name)"
         )
     return saved.replace(epochs=max(requested.epochs, saved.epochs))
 
@@ -137,7 +138,7 @@ def check_resumed_data(images: TrainingSet, state: Checkpoint) -> None:
         raise DataError(
             f"--resume: the images under {images.data} are not those the interrupted run "
             f"trained on (under {state.meta.get('data', 'its data')}, split the same way): "
-            "resume on its own data, or train to a new --out"
+            "resume on its own data, or start a new run (a new --out; on Ray a new --run-name)"
         )
 
 
