@@ -128,8 +128,10 @@ def test_a_format_5_checkpoint_keeps_its_weight_and_its_id(textures: Path, tmp_p
     payload = torch.load(tmp_path / "m.pt", weights_only=True)
     config = {k: v for k, v in payload["config"].items() if k != "memory_weight_fit"}
     meta = json.loads(payload["meta"])
-    assert meta["model_id"] == _content_hash(config, MODEL_ID_FIELDS, payload["state_dict"])
-    torch.save({**payload, "format": "dskd_ray.checkpoint/5", "config": config}, tmp_path / "v5.pt")
+    assert meta["network_id"] == _content_hash(config, MODEL_ID_FIELDS, payload["state_dict"])
+    meta["model_id"] = meta.pop("network_id")  # what a /5 file stated: the network's id
+    v5 = {**payload, "format": "dskd_ray.checkpoint/5", "config": config, "meta": json.dumps(meta)}
+    torch.save(v5, tmp_path / "v5.pt")
     old = load_checkpoint(tmp_path / "v5.pt")
     assert old.config.memory_weight_fit == "none" and old.model_id == ckpt.model_id
     assert old.config.memory_weight == ckpt.config.memory_weight
@@ -154,8 +156,9 @@ def test_the_cli_takes_a_weight_or_auto_and_refuses_the_rest_in_one_line(
     for bad in ("1.5", "best", "nan"):
         refused = subprocess.run([*train_, "--out", str(tmp_path / "b.pt"), "--memory-weight", bad],
                                  capture_output=True, text=True, timeout=600)  # fmt: skip
-        assert refused.returncode == 1 and refused.stderr.strip() == (
-            f"dskd: error: --memory-weight '{bad}' must be a number from 0 to 1, or auto"
+        assert refused.returncode == 2 and refused.stderr.strip() == (  # a bad flag: exit 2
+            f"dskd: error: Invalid value for '--memory-weight': '{bad}' must be a number from 0 "
+            "to 1, or auto (see 'python -m dskd_ray.cli train --help')"
         )
     assert not (tmp_path / "b.pt").exists()
     auto = subprocess.run([*train_, "--out", str(tmp_path / "c.pt"), "--memory-weight", "auto"],
