@@ -249,3 +249,48 @@ def test_browser_check_catches_a_missing_image(cli_report: Path, tmp_path: Path)
     )
     assert result.returncode == 1
     assert "FAIL" in result.stdout and "00_tex/roc.png" in result.stdout
+
+
+# ----------------------------------------------------------------------------- the demo's report
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """`dskd demo` as a new user runs it, on small demo data (64², a handful of images per
+    category) and the memory alone, so it runs in seconds: (its folder, its stdout)."""
+    from dskd_ray.demo.data import make_demo_data
+
+    root = tmp_path_factory.mktemp("demo-run")
+    make_demo_data(root / "data", n_train=8, n_test_good=2, n_test_defect_per_type=1, image_size=64)
+    result = subprocess.run(
+        [sys.executable, "-m", "dskd_ray.cli", "demo", "--dir", str(root), "--epochs", "1",
+         "--image-size", "64", "--students", "none", "--device", "cpu"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return root, result.stdout
+
+
+def test_the_demo_ends_with_its_report_and_the_report_has_every_category(
+    demo_run: tuple[Path, str],
+) -> None:
+    from dskd_ray.demo.data import DEMO_CATEGORIES
+
+    root, stdout = demo_run
+    assert stdout.strip().splitlines()[-1].startswith(f"report:  {root / 'report' / 'index.html'}")
+    parsed = parse_report(root / "report")
+    text = "".join(parsed.text)
+    for i, category in enumerate(sorted(DEMO_CATEGORIES)):
+        assert category in text
+        assert f"{i:02d}_{category}/roc.png" in parsed.images
+
+
+@needs_chromium
+def test_the_demo_report_loads_in_headless_chromium(demo_run: tuple[Path, str]) -> None:
+    root, _ = demo_run
+    result = subprocess.run(
+        ["bash", str(CHECK_SCRIPT), str(root / "report")], capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("OK images=")

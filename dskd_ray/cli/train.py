@@ -457,7 +457,8 @@ def demo(
     device: Device = "auto",
     verbose: Verbose = False,
 ) -> None:
-    """Demo data → train one model per category → evaluate → a metrics table."""
+    """Demo data → train one model per category → evaluate → a metrics table and an HTML
+    evaluation report per category."""
     setup_logging(verbose)
     from dskd_ray.demo.run import ensure_demo_data, run_demo
     from dskd_ray.evaluation.evaluate import format_table
@@ -476,3 +477,4 @@ def demo(
     echo(f"models:  {run.models}")
     echo(f"metrics: {run.metrics_path}")
     echo(f"done in {time.perf_counter() - start:.0f} s")
+    echo(f"report:  {run.report}  (open it in a browser: curves, histograms, the worst images)")
