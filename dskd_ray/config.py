@@ -46,6 +46,7 @@ MAX_THREADS = 1024
 MAX_ROWS_PER_FILE = 100_000_000
 MAX_TOP = 1_000_000  # images `dskd results --top` lists
 MAX_IN_PROCESS = 100_000
+MAX_MODELS_PER_ACTOR = 1024
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -344,6 +345,11 @@ class ScoringOptions:
     # URI schemes INPUT or a manifest may name besides local paths, file:// and s3:// (gs, az,
     # http…), each with its fsspec filesystem installed on every node.
     schemes: tuple[str, ...] = ()
+    # A night of several models (`--models`, `--routes`): how many an actor keeps loaded. The
+    # blocks come model after model, so one would do; a few more absorb the blocks of two
+    # models that arrive interleaved where one model's images end (docs/design.md §6, Several
+    # models in one night).
+    models_per_actor: int = 4
 
     def validate(self) -> None:
         """Refuse what cannot work before anything is listed or started (a Ray start is slow)."""
@@ -351,7 +357,7 @@ class ScoringOptions:
         for name, most in (
             ("batch_size", MAX_BATCH_SIZE), ("actors", MAX_WORKERS),
             ("actor_threads", MAX_THREADS), ("rows_per_file", MAX_ROWS_PER_FILE),
-            ("io_threads", MAX_THREADS),
+            ("io_threads", MAX_THREADS), ("models_per_actor", MAX_MODELS_PER_ACTOR),
         ):  # fmt: skip
             value = getattr(self, name)
             if value is not None and not 1 <= value <= most:

@@ -190,15 +190,15 @@ def _best_f1_index(f1: np.ndarray) -> int:
     return int(f1.size - 1 - np.argmax(f1[::-1]))
 
 
-def is_anomalous(scores: np.ndarray, threshold: float | None) -> np.ndarray | None:
-    """(N,) bool: each score above the threshold; None without a threshold.
+def is_anomalous(scores: np.ndarray, threshold: float | np.ndarray | None) -> np.ndarray | None:
+    """(N,) bool: each score above the threshold (one, or each row's own); None without one.
 
     Compared in float64, as a reader of a result row compares its float32 score with its
     float64 threshold: in float32 the threshold would round, and a score just above it could
     read as normal here and anomalous there."""
     if threshold is None:
         return None
-    return np.asarray(scores, np.float64) > float(threshold)
+    return np.asarray(scores, np.float64) > np.asarray(threshold, np.float64)
 
 
 def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:

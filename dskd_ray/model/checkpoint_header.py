@@ -36,6 +36,21 @@ _TORCH_GLOBALS = {"_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_tensor"}
 # Files before /7 state an id of the network alone (weights and config): the model id of such a
 # file is composed from that and its threshold, as a /7 file's is.
 NETWORK_ONLY_IDS = tuple(FORMAT_PREFIX + str(n) for n in range(1, 7))
+# Every format this version reads, the current one last (`checkpoint.FORMAT`, `OLDER_FORMATS`).
+READABLE_FORMATS = (*NETWORK_ONLY_IDS, FORMAT_PREFIX + "7")
+
+
+def unreadable_format(uri: str, found: str) -> CheckpointError | None:
+    """The one-line error for a checkpoint of a format this version does not read (a later
+    one), as `load_checkpoint` words it; None for one it reads."""
+    if found in READABLE_FORMATS:
+        return None
+    from dskd_ray import __version__
+
+    return CheckpointError(
+        f"{uri} is a {found!r} checkpoint; this dskd_ray {__version__} reads "
+        f"{READABLE_FORMATS[-1]} and {', '.join(READABLE_FORMATS[:-1])}"
+    )
 
 
 def threshold_record(threshold: dict[str, Any] | None) -> dict[str, Any] | None:

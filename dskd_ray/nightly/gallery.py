@@ -2,7 +2,8 @@
 
 DIR/index.html shows the run's figures and drift, the histogram of its scores against the
 threshold (and the calibration median), its N most anomalous images with their stored maps
-overlaid, and its error rows grouped by reason. Images and maps are read from where the rows
+overlaid, and its error rows grouped by reason; for a run of several models (`dskd score
+--models`), all of that once per route, each with its own model's threshold and scale. Images and maps are read from where the rows
 say (local paths or s3://) through `storage`; every picture on the page is a PNG under DIR linked
 by a relative path, so the folder opens from disk with no network (`bench/check_report.sh DIR`
 checks it in headless Chromium). No Ray here.
@@ -17,6 +18,7 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
@@ -31,6 +33,7 @@ from dskd_ray.nightly.summary import (
     RunFigures,
     error_reason,
     read_run_rows,
+    route_parts,
     run_figures,
     select_runs,
     top_anomalies,
@@ -196,6 +199,7 @@ def _errors(rows: list[dict]) -> str:
 
 _CSS = """\
 h2 { margin-top: 36px; border-bottom: 2px solid #ddd; } .note { color: #555; }
+h2.route { border-bottom: 4px solid #888; } h3 { margin-top: 24px; }
 .warning { background: #fde8e8; border-left: 6px solid #d62728; padding: 8px 12px; font-weight: 600; }
 table { border-collapse: collapse; background: white; }
 th, td { padding: 4px 10px; border-bottom: 1px solid #ddd; text-align: left; vertical-align: top; }
@@ -216,15 +220,46 @@ def write_gallery(
     run: str | None = None,
     top: int = 24,
     since: date | None = None,
+    route: str | None = None,
 ) -> Path:
-    """Write DIR/index.html for one committed run under `output`; returns its path."""
+    """Write DIR/index.html for one committed run under `output` (with `route`, that route's
+    section alone); returns its path."""
     chosen = choose_run(output, run, since)
     rows = read_run_rows(output, [chosen])
-    figures = run_figures(chosen, rows)
-    drift = ScoreDrift.from_dict(figures.drift) if figures.drift else None
+    parts = route_parts(chosen, rows)
+    if route is not None:
+        parts = [(e, r) for e, r in parts if e is not None and e.get("route") == route]
+        if not parts:
+            raise DataError(f"run {chosen.run_id} has no route {route!r}")
     directory = prepare_report_dir(directory, not_inside=output)
     (directory / "images").mkdir(parents=True, exist_ok=True)
+    charts.colour_bar().save(directory / "colour_bar.png")
+    title = f"Scoring run {chosen.run_id}"
+    body = [
+        f"<h1>{escape(title)}</h1>",
+        f'<p class="note">Committed results under {escape(output)}.</p>',
+    ]
+    shown = 0
+    for number, (entry, mine) in enumerate(parts):
+        figures = run_figures(chosen, mine, entry)
+        if entry is not None:  # a section per route, each on its own model's scale
+            body.append(f'<h2 class="route">Route {escape(figures.route_shown)}</h2>')
+        histogram = "scores.png" if entry is None else f"scores-{number:03d}.png"
+        section, count = _section(figures, mine, directory, top, shown, histogram)
+        body += section
+        shown += count
+    path = directory / "index.html"
+    path.write_text(page(title, _CSS, body), encoding="utf-8")
+    log.info("gallery of run %s: %s", chosen.run_id, path)
+    return path
 
+
+def _section(
+    figures: RunFigures, rows: pa.Table, directory: Path, top: int, ranked: int, histogram: str
+) -> tuple[list[str], int]:
+    """The HTML of one run (or one route of it): figures, drift, histogram, top images, errors;
+    and how many images it shows (their files are numbered on from `ranked`)."""
+    drift = ScoreDrift.from_dict(figures.drift) if figures.drift else None
     best = top_anomalies(rows, top, [*TOP_COLUMNS, "map_scale"]).to_pylist()
     with ThreadPoolExecutor(IO_THREADS) as pool:
         pictures = list(pool.map(lambda r: _picture(r, figures.threshold), best))
@@ -235,35 +270,30 @@ def write_gallery(
     for item in shown:
         src = None
         if item.picture is not None:
-            src = f"images/{item.rank:04d}.png"
+            src = f"images/{ranked + item.rank:04d}.png"
             Image.fromarray(item.picture).save(directory / src)
         figures_html.append(_figure(item, src, figures.threshold))
 
     ok = rows.filter(pc.equal(rows["status"], "ok"))
     scores = ok["score"].to_numpy(zero_copy_only=False).astype(np.float64)
-    _histogram(scores[np.isfinite(scores)], figures.threshold, drift).save(directory / "scores.png")
-    charts.colour_bar().save(directory / "colour_bar.png")
+    _histogram(scores[np.isfinite(scores)], figures.threshold, drift).save(directory / histogram)
     errors = rows.filter(pc.equal(rows["status"], "error")).select(
         ["image_uri", "error", "retryable"]
     )
-    title = f"Scoring run {figures.run_id}"
+    # A route's section: its headings one level down, under the route's own.
+    h = "h3" if figures.per_route else "h2"
     body = [
-        f"<h1>{escape(title)}</h1>",
-        f'<p class="note">Committed results under {escape(output)}.</p>',
         _facts(figures),
         _drift(drift),
-        "<h2>Scores</h2>",
-        img("scores.png", "histogram of the run's image scores", 560, 360),
-        f"<h2>The {len(shown)} most anomalous images</h2>",
+        f"<{h}>Scores</{h}>",
+        img(histogram, "histogram of the run's image scores", 560, 360),
+        f"<{h}>The {len(shown)} most anomalous images</{h}>",
         '<p class="legend">Each: the image (left) and its stored anomaly map over it (right), '
         "at the model's input size; a red top edge: over the threshold. "
         + img("colour_bar.png", "colour scale of the map, in units of the threshold", 360, 32)
         + "</p>",
         '<div class="grid">' + "\n".join(figures_html) + "</div>",
-        f"<h2>Errors ({errors.num_rows})</h2>",
+        f"<{h}>Errors ({errors.num_rows})</{h}>",
         _errors(errors.to_pylist()),
     ]
-    path = directory / "index.html"
-    path.write_text(page(title, _CSS, body), encoding="utf-8")
-    log.info("gallery of run %s: %s", figures.run_id, path)
-    return path
+    return body, len(shown)

@@ -39,6 +39,7 @@ class _Listing:
     table: pa.Table
     stats: ListingStats
     manifest: bool = False  # the input was a manifest: exactly its images, no "gone" rows
+    models: pa.ChunkedArray | None = None  # a manifest's model column, when asked for and there
 
 
 def is_manifest(input_uri: str) -> bool:
@@ -46,15 +47,21 @@ def is_manifest(input_uri: str) -> bool:
     return input_uri.lower().endswith((".parquet", ".csv"))
 
 
-def list_inputs(input_uri: str, output: str, schemes: tuple[str, ...] = ()) -> _Listing:
+def list_inputs(
+    input_uri: str, output: str, schemes: tuple[str, ...] = (), with_model: bool = False
+) -> _Listing:
     """Every image under `input_uri` (or in the manifest it names) with its version; a manifest
-    may name s3://, file:// and local paths, and the URI `schemes` besides.
+    may name s3://, file:// and local paths, and the URI `schemes` besides. `with_model`: keep a
+    manifest's `model` column (a run of several models routes by it).
 
     Built in Arrow chunks as the listing pages arrive, never as one Python object per image
     (about 130 bytes per image on the driver, where a Python dict took about 1 KB).
     """
     if is_manifest(input_uri):
-        return _Listing(read_manifest(input_uri, schemes), ListingStats(), manifest=True)
+        table = read_manifest(input_uri, schemes, with_model=with_model)
+        models = table["model"] if "model" in table.column_names else None
+        table = table.select(LISTING_SCHEMA.names)
+        return _Listing(table, ListingStats(), manifest=True, models=models)
     chunks: list[pa.RecordBatch] = []
     rows: dict[str, list] = {name: [] for name in LISTING_SCHEMA.names}
     stats = ListingStats()
@@ -108,9 +115,10 @@ def _one_spelling(uris: pa.Array) -> pa.Array:
     return pa.array(values, pa.string())
 
 
-def read_manifest(uri: str, schemes: tuple[str, ...] = ()) -> pa.Table:
+def read_manifest(uri: str, schemes: tuple[str, ...] = (), with_model: bool = False) -> pa.Table:
     """The images a manifest names (LISTING_SCHEMA): column `image_uri`, optionally
-    `image_version` (missing: the image is scored once per URI) and `image_bytes`.
+    `image_version` (missing: the image is scored once per URI) and `image_bytes`; with
+    `with_model`, also its `model` column (the model of each image), if it has one.
 
     Read in record batches, only those columns. A manifest that cannot say exactly which
     images to score (no such column, an empty or relative URI, a URI twice) is refused whole,
@@ -130,17 +138,22 @@ def read_manifest(uri: str, schemes: tuple[str, ...] = ()) -> pa.Table:
                 columns = source.schema_arrow.names
                 _check_manifest_columns(name, columns)
                 wanted = [c for c in MANIFEST_COLUMNS if c in columns]
+                wanted += ["model"] if with_model and "model" in columns else []
                 _check_manifest_types(name, source.schema_arrow, wanted)
                 batches = source.iter_batches(batch_size=65_536, columns=wanted)
             else:
-                types = {"image_uri": pa.string(), "image_version": pa.string()}
+                types = {"image_uri": pa.string(), "image_version": pa.string(),
+                         "model": pa.string()}  # fmt: skip
                 convert = csv.ConvertOptions(column_types=types, strings_can_be_null=True)
                 batches = csv.open_csv(f, convert_options=convert)
                 _check_manifest_columns(name, batches.schema.names)
             offset = 0
             for batch in batches:
                 table = pa.Table.from_batches([batch])
-                chunks.append(_manifest_chunk(name, table, offset, schemes))
+                chunk = _manifest_chunk(name, table, offset, schemes)
+                if with_model and "model" in table.column_names:
+                    chunk = chunk.append_column("model", table["model"].cast(pa.string()))
+                chunks.append(chunk)
                 offset += batch.num_rows
     except FileNotFoundError:
         raise DataError(f"manifest {uri} does not exist") from None

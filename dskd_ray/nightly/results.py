@@ -63,6 +63,9 @@ RESULT_SCHEMA = pa.schema(
         ("map_width", pa.int32()),
         ("map_height", pa.int32()),
         ("model_id", pa.string()),
+        # Which route of a night with several models the image is in (`dskd score --models`,
+        # `--routes`); null for a run of one --model, and in parts written before routes.
+        ("route", pa.string()),
         ("run_id", pa.string()),
         ("scored_at", pa.timestamp("ms", tz="UTC")),
         ("status", pa.string()),  # "ok" | "error" | "gone" (no longer under the input)
@@ -91,11 +94,16 @@ def manifest_path(run_id: str) -> str:
 class PartWriter:
     """Collects a run's rows and writes them as Parquet parts under the run's partition.
 
-    Each part is written whole (one PUT or a rename), `rows_per_file` rows at most.
+    Each part is written whole (one PUT or a rename), `rows_per_file` rows at most. With
+    `model_ids`, each part's entry names the models whose rows it holds (a run of several
+    models: a model's index then reads only its parts).
     """
 
-    def __init__(self, output: str, run_id: str, rows_per_file: int = 100_000) -> None:
+    def __init__(
+        self, output: str, run_id: str, rows_per_file: int = 100_000, model_ids: bool = False
+    ) -> None:
         self.output = output
+        self.model_ids = model_ids
         self.partition = run_partition(run_id)
         self.rows_per_file = max(1, rows_per_file)
         self.files: list[dict[str, Any]] = []
@@ -128,7 +136,10 @@ class PartWriter:
         buffer = io.BytesIO()
         pq.write_table(part, buffer, compression="zstd")
         write_object(join_uri(self.output, relative), buffer.getvalue())
-        self.files.append({"path": relative, "rows": part.num_rows})
+        entry: dict[str, Any] = {"path": relative, "rows": part.num_rows}
+        if self.model_ids:
+            entry["model_ids"] = sorted(pc.unique(part["model_id"]).drop_null().to_pylist())
+        self.files.append(entry)
 
 
 def commit_run(output: str, run_id: str, files: list[dict[str, Any]], **fields: Any) -> str:
@@ -146,11 +157,34 @@ class CommittedRun:
 
     @property
     def model_id(self) -> str | None:
+        """The run's model; None for a run of several models (`model_ids`)."""
         return self.manifest.get("model_id")
+
+    @property
+    def model_ids(self) -> list[str] | None:
+        """Every model whose rows the run holds; None when the manifest does not say."""
+        ids = self.manifest.get("model_ids")
+        if isinstance(ids, list):
+            return [str(i) for i in ids]
+        return [self.model_id] if self.model_id else None
+
+    def holds(self, model_id: str) -> bool:
+        """The run may hold rows of `model_id`."""
+        ids = self.model_ids
+        return ids is None or model_id in ids
 
     @property
     def files(self) -> list[str]:
         return [f["path"] for f in self.manifest.get("files", [])]
+
+    def files_of(self, model_id: str | None) -> list[str]:
+        """The parts that may hold `model_id`'s rows (all, for None or a part that does not say)."""
+        return [
+            f["path"]
+            for f in self.manifest.get("files", [])
+            if model_id is None or not isinstance(f.get("model_ids"), list)
+            or model_id in f["model_ids"]
+        ]  # fmt: skip
 
 
 @dataclass
@@ -249,10 +283,12 @@ def read_results(
     columns: list[str] | None = None,
     latest: bool = False,
     missing_ok: bool = False,
+    route: str | None = None,
 ) -> pa.Table:
     """All rows of committed runs under `output` (RESULT_SCHEMA), oldest run first.
 
-    model_id keeps one model's rows. latest=True keeps one row per (image_uri, model_id), the
+    model_id keeps one model's rows, route one route's (of runs with several models: `dskd
+    score --models`, `--routes`), whichever models scored it over the nights. latest=True keeps one row per (image_uri, model_id), the
     most recent run's: the image's current state (a changed image, a --rescore, or two runs that
     overlapped each write a second row). An image deleted from the input since it was scored
     has, as its latest row, one with status "gone", written by the model's next run.
@@ -261,7 +297,7 @@ def read_results(
     Storage that cannot be reached raises StorageError.
     """
     with storage_errors(output):
-        return _read_results(output, model_id, columns, latest, missing_ok)
+        return _read_results(output, model_id, columns, latest, missing_ok, route)
 
 
 def _read_results(
@@ -270,9 +306,11 @@ def _read_results(
     columns: list[str] | None,
     latest: bool,
     missing_ok: bool,
+    route: str | None = None,
 ) -> pa.Table:
     wanted = list(columns) if columns else list(RESULT_SCHEMA.names)
     extra = ["model_id"] if model_id is not None else []
+    extra += ["route"] if route is not None else []
     if latest:
         extra += ["image_uri", "model_id", "run_id"]
     read_cols = list(dict.fromkeys(wanted + extra))
@@ -281,12 +319,15 @@ def _read_results(
         raise DataError(f"{output} does not exist: no scoring run has written there")
     tables = []
     for run in committed_runs(output):
-        if model_id is not None and run.model_id not in (None, model_id):
+        if model_id is not None and not run.holds(model_id):
             continue
-        tables += [read_run_part(output, run.run_id, relative, schema) for relative in run.files]
+        parts = run.files_of(model_id)
+        tables += [read_run_part(output, run.run_id, relative, schema) for relative in parts]
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     if model_id is not None:
         table = table.filter(pc.equal(table["model_id"], model_id))
+    if route is not None:
+        table = table.filter(pc.equal(table["route"], route))
     if latest and table.num_rows:
         table = _latest_per_image(table)
     return table.select(wanted)

@@ -18,13 +18,13 @@ write maps).
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -39,7 +39,7 @@ from dskd_ray.nightly.attempts import (
 from dskd_ray.nightly.drift import run_drift
 from dskd_ray.nightly.listing import LISTING_SCHEMA
 from dskd_ray.nightly.plan import _plan
-from dskd_ray.nightly.pool import ensure_ray, plan_pool
+from dskd_ray.nightly.pool import PoolPlan, ensure_ray, plan_pool
 from dskd_ray.nightly.results import (
     MAPS_DIR,
     PartWriter,
@@ -49,7 +49,13 @@ from dskd_ray.nightly.results import (
     run_partition,
     utc_now,
 )
-from dskd_ray.nightly.stages import ScorerSpec, ScoringActor, decode_batch, write_maps_batch
+from dskd_ray.nightly.stages import (
+    ModelSpec,
+    ScorerSpec,
+    ScoringActor,
+    decode_batch,
+    write_maps_batch,
+)
 from dskd_ray.progress import PROGRESS, clock, eta
 
 if TYPE_CHECKING:
@@ -65,7 +71,7 @@ class ScoringRunError(DSKDError):
 @dataclass
 class RunSummary:
     run_id: str
-    model_id: str
+    model_id: str | None  # None for a run of several models (`routes`)
     listed: int  # images found under the input
     skipped: int  # already scored by this model (same URI and version)
     scored: int  # rows with status "ok" in this run
@@ -81,6 +87,7 @@ class RunSummary:
     backend: str = ""  # what scored: "torch" or "onnxruntime" ("" when nothing was scored)
     manifest: str = ""
     partition: str = ""
+    routes: list[Any] = field(default_factory=list)  # a run of several models: `RouteSummary`s
 
     @property
     def images_per_s(self) -> float:
@@ -119,16 +126,38 @@ class RunSummary:
 class _RunInput:
     """What a runner scores and where its rows go: the same for both runners."""
 
-    table: pa.Table  # the images left to score
-    checkpoint: Checkpoint
+    blocks: list[pa.Table]  # the images left to score; each block one model's (`model_key`)
+    images: int
+    models: tuple[ModelSpec, ...]
     output: str
     run_id: str
     options: ScoringOptions
     writer: PartWriter
+    routes: tuple[str | None, ...] = ()  # route names, by `route_code` (runs of several models)
 
-    @property
-    def threshold(self) -> float | None:
-        return self.checkpoint.threshold.value if self.checkpoint.threshold else None
+    def decode_kwargs(self) -> dict:
+        several = len(self.models) > 1
+        return {
+            "image_size": self.models[0].decode_size,
+            "io_threads": self.options.io_threads,
+            "sizes": tuple(m.decode_size for m in self.models) if several else None,
+        }
+
+    def write_kwargs(self) -> dict:
+        return {
+            "maps_root": join_uri(self.output, MAPS_DIR),
+            "run_id": self.run_id,
+            "io_threads": self.options.io_threads,
+            "routes": self.routes,
+        }
+
+
+@dataclass(frozen=True)
+class _Engine:
+    """Where a run scores: in this process (`pool` None) or on Ray, and on which device."""
+
+    device: str
+    pool: PoolPlan | None = None
 
 
 @dataclass
@@ -136,7 +165,6 @@ class _Progress:
     """What a runner returns: its rows by status, and when the first ones came out."""
 
     start: float
-    backend: str = ""  # the one that ran: "torch" or "onnxruntime"
     ok: int = 0  # rows with status "ok"
     error: int = 0  # rows with status "error"
     rows: int = 0
@@ -210,23 +238,19 @@ def score_images(
     pipeline_s = startup_s = 0.0
     backend = ""
     if table.num_rows:
-        run: Callable[[_RunInput], _Progress] = _run_in_process
-        if not _in_process(table.num_rows, options, address):
-            run = functools.partial(_run_pipeline, address=address)
-        try:
-            progress = run(_RunInput(table, checkpoint, output, run_id, options, writer))
-        except (DSKDError, KeyboardInterrupt):
-            raise
-        except Exception as e:
-            raise ScoringRunError(
-                f"run {run_id} failed and was not committed ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}); the next run scores its images"
-            ) from e
+        with _run_failure(run_id):
+            engine = _engine(table.num_rows, options, address)
+            spec, backend = model_spec(checkpoint, table.num_rows, options, engine)
+            blocks = [
+                table.slice(i, options.batch_size)
+                for i in range(0, table.num_rows, options.batch_size)
+            ]
+            run = _RunInput(blocks, table.num_rows, (spec,), output, run_id, options, writer)
+            progress = run_stages(run, engine)
         scored, errors = progress.ok, progress.error
         pipeline_s = time.perf_counter() - progress.start
         startup_s = (progress.first_rows_at or progress.start) - progress.start
         startup_rows = progress.first_rows
-        backend = progress.backend
     files = writer.close()
 
     summary = RunSummary(
@@ -285,6 +309,20 @@ def score_images(
     return summary
 
 
+@contextlib.contextmanager
+def _run_failure(run_id: str) -> Iterator[None]:
+    """The pipeline's own failure (not one image's) as one ScoringRunError: nothing committed."""
+    try:
+        yield
+    except (DSKDError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        raise ScoringRunError(
+            f"run {run_id} failed and was not committed ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); the next run scores its images"
+        ) from e
+
+
 def _in_process(images: int, options: ScoringOptions, address: str | None) -> bool:
     import sys
 
@@ -294,10 +332,30 @@ def _in_process(images: int, options: ScoringOptions, address: str | None) -> bo
     return "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
 
 
+def _engine(images: int, options: ScoringOptions, address: str | None) -> _Engine:
+    """In this process for a handful of images with no Ray named or running; else on Ray (a
+    cluster connected to, or a new local one), the pool sized from its resources."""
+    if _in_process(images, options, address):
+        if options.device.startswith("cuda"):
+            device = options.device
+        else:
+            import torch
+
+            device = "cuda" if options.device == "auto" and torch.cuda.is_available() else "cpu"
+        log.info("scoring %d images in this process (no Ray)", images)
+        return _Engine(device)
+    import ray
+
+    ensure_ray(address)
+    pool = plan_pool(ray.cluster_resources(), options)
+    log.info("scoring pool: %s", pool)
+    return _Engine(pool.device, pool)
+
+
 def _choose_backend(
     options: ScoringOptions, device: str, images: int, checkpoint: Checkpoint
 ) -> tuple[str, bytes | None]:
-    """The backend this run uses (`ScoringOptions.resolve_backend`) and, for onnxruntime, the
+    """The backend this model uses (`ScoringOptions.resolve_backend`) and, for onnxruntime, the
     model's checked graph: exported here, on the driver, on its first run, then cached."""
     from dskd_ray.onnx.export import cached_graph, graph_cache_path
     from dskd_ray.onnx.graph import ExportError, onnx_installed
@@ -317,109 +375,108 @@ def _choose_backend(
     return backend, graph
 
 
-def _run_in_process(run: _RunInput) -> _Progress:
+def model_spec(
+    checkpoint: Checkpoint,
+    images: int,
+    options: ScoringOptions,
+    engine: _Engine,
+    source: str | None = None,
+) -> tuple[ModelSpec, str]:
+    """What the actors build one model from, and its backend (decided per model: its own
+    images and graph cache). On Ray the checkpoint or graph goes to the object store once,
+    for every actor to fetch; in this process it is kept, or with `source`, read again there
+    when first needed (the driver then holds one checkpoint at a time)."""
+    backend, graph = _choose_backend(options, engine.device, images, checkpoint)
+    weights: Any = None if graph is not None else checkpoint
+    if engine.pool is not None:
+        import ray
+
+        weights = None if graph is not None else ray.put(replace(checkpoint, training=None))
+        graph = None if graph is None else ray.put(graph)  # exported and checked once, here
+    elif source is not None and weights is not None:
+        weights = source
+    threshold = checkpoint.threshold.value if checkpoint.threshold else None
+    config = checkpoint.config
+    spec = ModelSpec(
+        checkpoint.model_id, threshold, config.image_size, config.tiled, weights, graph
+    )
+    return spec, backend
+
+
+def run_stages(run: _RunInput, engine: _Engine) -> _Progress:
+    """Score `run`'s blocks on `engine`: the same three stages in this process or on Ray."""
+    if engine.pool is None:
+        return _run_in_process(run, engine)
+    return _run_pipeline(run, engine.pool)
+
+
+def _scorer_spec(run: _RunInput, device: str, threads: int, run_id: str | None) -> ScorerSpec:
+    options = run.options
+    return ScorerSpec(
+        run.models,
+        device=device,
+        batch_size=options.batch_size,
+        threads=threads,
+        precision=options.precision,
+        compile=options.compile,
+        run_id=run_id,
+        models_per_actor=options.models_per_actor,
+    )
+
+
+def _run_in_process(run: _RunInput, engine: _Engine) -> _Progress:
     """The pipeline's three stages, one block after the other, in this process: a handful of
     images is scored in seconds, where starting Ray and an actor takes half a minute."""
-    table, checkpoint, options = run.table, run.checkpoint, run.options
-    if options.device.startswith("cuda"):
-        device = options.device
-    else:
-        import torch
-
-        device = "cuda" if options.device == "auto" and torch.cuda.is_available() else "cpu"
-    log.info("scoring %d images in this process (no Ray)", table.num_rows)
+    options = run.options
     progress = _Progress(start=time.perf_counter())
-    progress.backend, graph = _choose_backend(options, device, table.num_rows, checkpoint)
-    scorer = ScoringActor(
-        ScorerSpec(
-            replace(checkpoint, training=None),
-            device=device,
-            batch_size=options.batch_size,
-            threads=options.actor_threads or os.cpu_count() or 1,
-            precision=options.precision,
-            compile=options.compile,
-            graph=graph,
-        )
-    )
-    for start in range(0, table.num_rows, options.batch_size):
-        block = table.slice(start, options.batch_size)
+    threads = options.actor_threads or os.cpu_count() or 1
+    scorer = ScoringActor(_scorer_spec(run, engine.device, threads, None))
+    for block in run.blocks:
         batch = {name: block[name].to_numpy(zero_copy_only=False) for name in block.column_names}
-        decoded = decode_batch(batch, scorer.scorer.decode_size, options.io_threads)
-        rows = write_maps_batch(
-            scorer(decoded),
-            join_uri(run.output, MAPS_DIR),
-            checkpoint.model_id,
-            run.run_id,
-            run.threshold,
-            options.io_threads,
-        )
+        decoded = decode_batch(batch, **run.decode_kwargs())
+        rows = write_maps_batch(scorer(decoded), **run.write_kwargs())
         run.writer.write(rows)
-        progress.add(rows, table.num_rows)
+        progress.add(rows, run.images)
     return progress
 
 
-def _run_pipeline(run: _RunInput, address: str | None) -> _Progress:
+def _run_pipeline(run: _RunInput, plan: PoolPlan) -> _Progress:
     """The pipeline on Ray Data: decode tasks, an actor pool scoring, map-writing tasks."""
     import ray
 
-    table, checkpoint, options, run_id = run.table, run.checkpoint, run.options, run.run_id
-    ensure_ray(address)
-    plan = plan_pool(ray.cluster_resources(), options)
-    log.info("scoring pool: %s", plan)
-    image_size = checkpoint.config.image_size
-    block_rows = max(1, options.batch_size)
-    blocks = [table.slice(i, block_rows) for i in range(0, table.num_rows, block_rows)]
-    checkpoint_ref = ray.put(replace(checkpoint, training=None))  # fetched once per actor
-    backend, graph = _choose_backend(options, plan.device, table.num_rows, checkpoint)
-    graph_ref = None if graph is None else ray.put(graph)  # exported and checked once, here
-    del graph
+    options, run_id = run.options, run.run_id
     clean_stale_scratch()  # what killed runs left on this node (the actors clean theirs)
-    progress = _Progress(start=time.perf_counter(), backend=backend)
+    progress = _Progress(start=time.perf_counter())
+    several = len(run.models) > 1
     ds = (
-        ray.data.from_arrow(blocks)
+        ray.data.from_arrow(run.blocks)
         .map_batches(
             decode_batch,
             batch_size=None,
             batch_format="numpy",
             num_cpus=plan.task_cpus,
             # A tiled model's images are decoded whole (None): tiles are cut in the actor.
-            fn_kwargs={
-                "image_size": None if checkpoint.config.tiled else image_size,
-                "io_threads": options.io_threads,
-            },
+            fn_kwargs=run.decode_kwargs(),
         )
         .map_batches(
             ScoringActor,
-            batch_size=options.batch_size,
+            # Several models: a block is one model's images at one size, scored as it comes;
+            # batches cut across blocks would mix them.
+            batch_size=None if several else options.batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.max_actors),
             num_cpus=plan.actor_cpus,
             num_gpus=plan.actor_gpus,
-            fn_constructor_kwargs={
-                "spec": ScorerSpec(
-                    checkpoint_ref,  # inside the spec: each actor fetches it itself
-                    device=plan.device,
-                    batch_size=options.batch_size,
-                    threads=plan.threads,
-                    precision=options.precision,
-                    compile=options.compile,
-                    graph=graph_ref,
-                    run_id=run_id,  # the actors count attempts in its scratch folder
-                )
-            },
+            # Inside the spec, the checkpoints and graphs are object refs: each actor fetches
+            # the ones it needs itself (the actors count attempts in the run's scratch folder).
+            fn_constructor_kwargs={"spec": _scorer_spec(run, plan.device, plan.threads, run_id)},
         )
         .map_batches(
             write_maps_batch,
             batch_size=None,
             batch_format="numpy",
             num_cpus=plan.write_cpus,
-            fn_kwargs={
-                "maps_root": join_uri(run.output, MAPS_DIR),
-                "model_id": checkpoint.model_id,
-                "run_id": run_id,
-                "threshold": run.threshold,
-                "io_threads": options.io_threads,
-            },
+            fn_kwargs=run.write_kwargs(),
         )
     )
     batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
@@ -427,7 +484,7 @@ def _run_pipeline(run: _RunInput, address: str | None) -> _Progress:
     try:
         for batch in batches:
             run.writer.write(batch)
-            progress.add(batch, table.num_rows)
+            progress.add(batch, run.images)
         ended_well = True
     finally:
         # A run that stops early (Ctrl-C, a failure) shuts its pipeline down now, its actors
@@ -435,5 +492,4 @@ def _run_pipeline(run: _RunInput, address: str | None) -> _Progress:
         batches.close()
         # This node's scratch; where actors end well they leave none (batch_attempts).
         remove_run_scratch(run_id, linger_s=0.0 if ended_well else 2.0)
-    del checkpoint_ref, graph_ref
     return progress

@@ -101,7 +101,7 @@ def _listed(folder: str) -> list[str]:
 
 def _run_rows(output: str, model_id: str, run: CommittedRun) -> pa.Table | None:
     """This model's rows of one committed run, or None if the run is another model's."""
-    if run.model_id not in (None, model_id):
+    if not run.holds(model_id):
         return None
     try:
         return read_parts(output, run.manifest["files"], model_id, run.run_id)
@@ -119,6 +119,8 @@ def read_parts(output: str, files: list[dict], model_id: str, run_id: str) -> pa
 def _iter_parts(output: str, files: list[dict], model_id: str, run_id: str):  # noqa: ANN202
     schema = pa.schema([*INDEX_SCHEMA, RESULT_SCHEMA.field("model_id")])
     for f in files:
+        if isinstance(f.get("model_ids"), list) and model_id not in f["model_ids"]:
+            continue  # a part of a run of several models that holds none of this model's rows
         table = read_run_part(output, run_id, f["path"], schema)
         table = table.filter(pc.equal(table["model_id"], model_id))
         yield table.select(INDEX_COLUMNS).cast(INDEX_SCHEMA)

@@ -3,7 +3,9 @@
 `summarize_runs` is what `dskd results` prints. It reads the rows of the chosen runs the way
 `read_results` does (committed runs only, the part files their manifests name), so its counts
 are those of `read_results(output)` filtered to a run. Only `listed` and `skipped` come from the
-manifest: an image skipped as already scored leaves no row. No Ray here.
+manifest: an image skipped as already scored leaves no row. A run of several models (`dskd
+score --models`) has figures per route: its manifest names each route, its model and its
+drift, and its rows say their route. No Ray here.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from dskd_ray.nightly.results import (
 
 QUANTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0}
 TOP_COLUMNS = [
-    "run_id", "model_id", "image_uri", "score", "threshold", "is_anomalous", "map_uri",
+    "run_id", "model_id", "route", "image_uri", "score", "threshold", "is_anomalous", "map_uri",
 ]  # fmt: skip
 
 
@@ -60,6 +62,16 @@ class RunFigures:
     errors_by_reason: dict[str, int] = field(default_factory=dict)
     drift: dict[str, Any] | None = None  # the manifest's drift record (dskd_ray.nightly.drift)
     damaged: str | None = None  # why its rows could not be read (then its counts are 0)
+    # A run of several models has figures per route (None: its images in no route); a run of
+    # one --model has one, with `per_route` False.
+    route: str | None = None
+    per_route: bool = False
+
+    @property
+    def route_shown(self) -> str:
+        if not self.per_route:
+            return "—"
+        return "(none)" if self.route is None else printable(self.route)
 
     @property
     def drift_warning(self) -> str | None:
@@ -67,6 +79,11 @@ class RunFigures:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "drift_warning": self.drift_warning}
+
+    @property
+    def where(self) -> str:
+        """The run, and its route in a run of several models: what a warning names."""
+        return f"{self.run_id} route {self.route_shown}" if self.per_route else self.run_id
 
 
 @dataclass
@@ -159,9 +176,37 @@ def read_run_rows(
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
-def run_figures(run: CommittedRun, rows: pa.Table) -> RunFigures:
-    """The figures of one run from its rows (all RESULT_SCHEMA columns of that run)."""
+def route_parts(run: CommittedRun, rows: pa.Table) -> list[tuple[dict[str, Any] | None, pa.Table]]:
+    """A run's rows by route, each with its manifest entry (route, model, listed, skipped,
+    drift); a run of one model: [(None, rows)]."""
+    entries = run.manifest.get("routes")
+    if not isinstance(entries, list):
+        return [(None, rows)]
+    entries = [e for e in entries if isinstance(e, dict)]
+    named = {e.get("route") for e in entries}
+    others = pc.unique(rows["route"]).to_pylist() if "route" in rows.column_names else []
+    entries += [{"route": r} for r in others if r not in named]  # rows a manifest does not name
+    parts = []
+    for entry in entries:
+        name = entry.get("route")
+        if "route" not in rows.column_names:
+            mine = rows.slice(0, 0) if name is not None else rows
+        elif name is None:
+            mine = rows.filter(pc.is_null(rows["route"]))
+        else:
+            mine = rows.filter(pc.fill_null(pc.equal(rows["route"], name), False))
+        parts.append((entry, mine))
+    return parts
+
+
+def run_figures(
+    run: CommittedRun, rows: pa.Table, route: dict[str, Any] | None = None
+) -> RunFigures:
+    """The figures of one run from its rows (all RESULT_SCHEMA columns of that run), or of one
+    of its routes (`route`: its manifest entry, with `rows` that route's)."""
     summary = run.manifest.get("summary") or {}
+    if route is not None:  # a route's own counts and drift
+        summary = route
     status = rows["status"].to_pylist()
     ok = rows.filter(pc.equal(rows["status"], "ok"))
     scores = ok["score"].to_numpy(zero_copy_only=False).astype(np.float64)
@@ -182,7 +227,7 @@ def run_figures(run: CommittedRun, rows: pa.Table) -> RunFigures:
     return RunFigures(
         run_id=run.run_id,
         date=run_day(run.run_id),
-        model_id=run.model_id,
+        model_id=run.model_id if route is None else route.get("model_id"),
         input=run.manifest.get("input"),
         listed=summary.get("listed"),
         skipped=summary.get("skipped"),
@@ -195,7 +240,9 @@ def run_figures(run: CommittedRun, rows: pa.Table) -> RunFigures:
         threshold=thresholds[0] if len(thresholds) == 1 else None,
         scores=figures,
         errors_by_reason=dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
-        drift=run.manifest.get("drift"),
+        drift=run.manifest.get("drift") if route is None else route.get("drift"),
+        route=None if route is None else route.get("route"),
+        per_route=route is not None,
     )
 
 
@@ -211,9 +258,14 @@ def _highest(table: pa.Table, n: int) -> pa.Table:
 
 
 def summarize_runs(
-    output: str, run: str | None = None, since: date | None = None, top: int = 0
+    output: str,
+    run: str | None = None,
+    since: date | None = None,
+    top: int = 0,
+    route: str | None = None,
 ) -> ResultsSummary:
-    """Figures of the chosen committed runs, oldest first, and their `top` most anomalous images."""
+    """Figures of the chosen committed runs, oldest first (a run of several models: one per
+    route), and their `top` most anomalous images; `route`: that route's alone."""
     runs, damaged_manifests = _select(output, run, since)
     figures, tops = [], []
     for committed in runs:
@@ -224,12 +276,15 @@ def summarize_runs(
             damaged.damaged = str(e)
             figures.append(damaged)
             continue
-        figures.append(run_figures(committed, rows))
-        if top:
-            tops.append(top_anomalies(rows, top))  # each run's best n hold the overall best n
+        for entry, mine in route_parts(committed, rows):
+            if route is not None and (entry is None or entry.get("route") != route):
+                continue
+            figures.append(run_figures(committed, mine, entry))
+            if top:
+                tops.append(top_anomalies(mine, top))  # each part's best n hold the best n
     for d in damaged_manifests:  # listed among the others, by run id
         figures.append(_damaged_figures(d))
-    figures.sort(key=lambda f: f.run_id)
+    figures.sort(key=lambda f: f.run_id)  # stable: a run's routes keep their order
     empty = pa.schema([RESULT_SCHEMA.field(c) for c in TOP_COLUMNS]).empty_table()
     best = top_per_model(pa.concat_tables(tops), top) if tops else empty
     none_because = _none_since(output, since) if since is not None and not figures else ""
@@ -237,9 +292,10 @@ def summarize_runs(
 
 
 def top_per_model(candidates: pa.Table, n: int) -> pa.Table:
-    """Each model's `n` highest scores, model after model, each image once per model (its row of
-    the latest run among the candidates). Two models' scores are on scales of their own, so
-    they are ranked apart; an image scored by two runs was listed twice."""
+    """Each model's `n` highest scores (each route's, of runs of several models), group after
+    group, each image once per model (its row of the latest run among the candidates). Two
+    models' scores are on scales of their own, so they are ranked apart; an image scored by two
+    runs was listed twice."""
     latest = candidates.sort_by([("run_id", "descending")])
     seen: set[tuple[str | None, str]] = set()
     keep = []
@@ -248,10 +304,18 @@ def top_per_model(candidates: pa.Table, n: int) -> pa.Table:
         keep.append(key not in seen)
         seen.add(key)
     latest = latest.filter(pa.array(keep, pa.bool_()))
-    models = sorted({m for m, _ in seen}, key=lambda m: m or "")
-    parts = [_highest(latest.filter(pc.equal(latest["model_id"], m)), n) for m in models if m]
-    if None in models:
-        parts.append(_highest(latest.filter(pc.is_null(latest["model_id"])), n))
+    routes = latest["route"].to_pylist() if "route" in latest.column_names else [None] * len(keep)
+    groups = sorted(
+        set(zip(routes, latest["model_id"].to_pylist(), strict=True)),
+        key=lambda g: (g[0] is not None, g[0] or "", g[1] is None, g[1] or ""),
+    )
+    parts = []
+    for group_route, model in groups:
+        mine = np.array(
+            [(r, m) == (group_route, model)
+             for r, m in zip(routes, latest["model_id"].to_pylist(), strict=True)], bool,
+        )  # fmt: skip
+        parts.append(_highest(latest.filter(pa.array(mine)), n))
     return pa.concat_tables(parts) if parts else latest
 
 
@@ -280,17 +344,21 @@ def format_runs(summary: ResultsSummary) -> str:
     """A table for people: one line per run, then each run's errors by reason."""
     if not summary.runs:
         return f"no committed runs under {summary.output}{summary.none_because}"
+    routed = any(r.per_route for r in summary.runs)  # a route column only where there are routes
+    width = max([12] + [len(r.route_shown) for r in summary.runs]) if routed else 0
     head = (
-        f"{'run':24} {'date':10} {'model':16} {'listed':>7} {'scored':>7} {'errors':>6} "
+        f"{'run':24} {'date':10} " + (f"{'route':{width}} " if routed else "")
+        + f"{'model':16} {'listed':>7} {'scored':>7} {'errors':>6} "
         f"{'anomalous':>9} {'rate':>6} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8} {'drift':>6}"
-    )
+    )  # fmt: skip
     lines = [head]
     for r in summary.runs:
         rate = "—" if r.anomalous_rate is None else f"{r.anomalous_rate:.1%}"
         shift = ScoreDrift.from_dict(r.drift).shown() if r.drift else "—"
         # Ids come from manifests, which anyone who can write OUTPUT can write: shown escaped.
         run, model = printable(r.run_id), printable(r.model_id or "—")
-        line = f"{run:24} {r.date:10} {model:16} {_num(r.listed, 'd'):>7} "
+        route = f"{r.route_shown:{width}} " if routed else ""
+        line = f"{run:24} {r.date:10} {route}{model:16} {_num(r.listed, 'd'):>7} "
         if r.damaged:  # no counts: its rows could not all be read
             lines.append(line + "DAMAGED: its rows cannot be read (below)")
             continue
@@ -303,7 +371,8 @@ def format_runs(summary: ResultsSummary) -> str:
     for r in summary.runs:
         if r.errors_by_reason:
             reasons = "; ".join(f"{n} {why}" for why, n in r.errors_by_reason.items())
-            lines.append(printable(f"errors in {r.run_id}: {reasons}"))
+            where = f"{r.run_id} route {r.route_shown}" if r.per_route else r.run_id
+            lines.append(printable(f"errors in {where}: {reasons}"))
         if r.damaged:
             lines.append(printable(f"damaged: {r.damaged}"))
     lines.append(
@@ -314,12 +383,15 @@ def format_runs(summary: ResultsSummary) -> str:
 
 def format_top(summary: ResultsSummary) -> str:
     lines = [f"{'score':>9} {'threshold':>9}  image  →  map  (run)"]
-    several = len(set(summary.top["model_id"].to_pylist())) > 1
-    model = object()
+    groups = list(zip(summary.top["route"].to_pylist(), summary.top["model_id"].to_pylist(),
+                      strict=True))  # fmt: skip
+    several = len(set(groups)) > 1
+    group: object = object()
     for row in summary.top.to_pylist():
-        if several and row["model_id"] != model:  # each model's own scale, ranked apart
-            model = row["model_id"]
-            lines.append(printable(f"model {model or '—'}:"))
+        if several and (row["route"], row["model_id"]) != group:  # each model's own scale
+            group = (row["route"], row["model_id"])
+            where = f"route {row['route']}, " if row["route"] is not None else ""
+            lines.append(printable(f"{where}model {row['model_id'] or '—'}:"))
         lines.append(
             f"{_num(row['score']):>9} {_num(row['threshold']):>9}  {printable(row['image_uri'])}"
             f"  →  {printable(row['map_uri'] or '—')}  ({printable(row['run_id'])})"
@@ -328,7 +400,7 @@ def format_top(summary: ResultsSummary) -> str:
 
 
 RUN_CSV_COLUMNS = [
-    "run_id", "date", "model_id", "input", "listed", "skipped", "rows", "scored", "errors",
+    "run_id", "date", "route", "model_id", "input", "listed", "skipped", "rows", "scored", "errors",
     "gone", "anomalous", "anomalous_rate", "threshold", "score_min", "score_p50", "score_p90",
     "score_p99", "score_max", "drift_median_shift", "drift_warning", "errors_by_reason",
     "damaged",
