@@ -3,6 +3,10 @@
     RAY_AUTH_MODE=token ray job submit --address http://HEAD:8265 --working-dir . -- \\
         python jobs/score.py s3://bucket/images/ --model s3://bucket/models/m.pt --out s3://bucket/scores/
 
+A plant's night, every line by its own model in one run (images/<line>/… by models/<line>.pt):
+
+        python jobs/score.py s3://plant/images/ --models s3://plant/models/ --out s3://plant/scores/
+
 Inside a job, Ray connects to the job's own cluster (RAY_ADDRESS is set for it); the scoring
 actors and tasks run wherever the cluster has room.
 """

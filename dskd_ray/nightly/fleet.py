@@ -337,6 +337,8 @@ def score_fleet(
                 continue
             key = len(specs)
             specs.append(spec)
+            log.info("model %s (%s): %d images, %s", model.model_id, uri, int(rows.sum()),
+                     backends[uri])  # fmt: skip
             mine = table.filter(pa.array(rows))
             mine = mine.append_column("model_key", pa.array(np.full(mine.num_rows, key, np.int32)))
             mine = mine.append_column("route_code", pa.array(codes[rows].astype(np.int32)))
@@ -363,19 +365,20 @@ def score_fleet(
     files = writer.close()
 
     route_summaries = []
-    for code, route in enumerate(routes):
-        model = plan.model(code)
-        counts = writer.counts.get(route.name, Counter()) if _first_of(routes, code) else Counter()
-        if not (route_listed[code] or counts):
+    for codes_of, route in _by_name(routes):
+        model = plan.model(codes_of[0])
+        counts = writer.counts.get(route.name, Counter())
+        listed = int(route_listed[codes_of].sum())
+        if not (listed or counts):
             continue
-        usable = model is not None and not model.problem and code not in problems
+        problem = next((problems[c] for c in codes_of if c in problems), "")
+        usable = model is not None and not model.problem and not problem
         summary_route = RouteSummary(
             route=route.name, model=route.model,
             model_id=model.model_id if usable and model is not None else None,
-            listed=int(route_listed[code]), skipped=int(route_skipped[code]),
+            listed=listed, skipped=int(route_skipped[codes_of].sum()),
             scored=counts.get("ok", 0), errors=counts.get("error", 0), gone=counts.get("gone", 0),
-            backend=backends.get(route.model or "", "") if usable else "",
-            problem=problems.get(code, ""),
+            backend=backends.get(route.model or "", "") if usable else "", problem=problem,
         )  # fmt: skip
         if usable and route.model in thresholds:
             scores = writer.scores_of(route.name)
@@ -448,10 +451,13 @@ def score_fleet(
     return summary
 
 
-def _first_of(routes: list[Route], code: int) -> bool:
-    """Route `code` is the first with its name (two entries may share one: a name whose model
-    is missing for some images, say): its rows are counted there."""
-    return all(r.name != routes[code].name for r in routes[:code])
+def _by_name(routes: list[Route]) -> list[tuple[np.ndarray, Route]]:
+    """The routes by name, in order, each with its codes: rows name their route, so entries
+    that share a name (the images in no route, for more than one reason) are counted as one."""
+    names: dict[str | None, list[int]] = {}
+    for code, route in enumerate(routes):
+        names.setdefault(route.name, []).append(code)
+    return [(np.array(codes, np.int64), routes[codes[0]]) for codes in names.values()]
 
 
 # --- the dry run ----------------------------------------------------------------------------
@@ -526,13 +532,13 @@ def dry_run_fleet(
     gone_routes = Counter(plan.gone["route"].to_pylist())
     summaries = []
     totals = Counter()
-    for code, route in enumerate(routes):
-        mine = codes == code
-        gone = gone_routes.pop(route.name, 0) if _first_of(routes, code) else 0
+    for codes_of, route in _by_name(routes):
+        mine = np.isin(codes, codes_of)
+        gone = gone_routes.pop(route.name, 0)
         if not mine.any() and not gone:
             continue
-        model = plan.model(code)
-        problem = plan.problem(code)
+        model = plan.model(int(codes_of[0]))
+        problem = next((plan.problem(int(c)) for c in codes_of if plan.problem(int(c))), "")
         left = mine & ~plan.done
         known = left & (sizes >= 0)
         r = RouteSummary(

@@ -140,7 +140,7 @@ class _RunInput:
         return {
             "image_size": self.models[0].decode_size,
             "io_threads": self.options.io_threads,
-            "sizes": tuple(m.decode_size for m in self.models) if several else None,
+            "model_sizes": tuple(m.decode_size for m in self.models) if several else None,
         }
 
     def write_kwargs(self) -> dict:

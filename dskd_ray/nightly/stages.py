@@ -50,16 +50,16 @@ def decode_batch(
     batch: dict[str, np.ndarray],
     image_size: int | None,
     io_threads: int,
-    sizes: Sequence[int | None] | None = None,
+    model_sizes: Sequence[int | None] | None = None,
 ) -> dict[str, Any]:
     """Read and decode a block of images (a CPU task) to image_size², or, for a tiled model
-    (image_size None), at full resolution. With `sizes`, each row's size is that of its model
-    (`sizes[model_key]`). Failures become error rows; the columns of a run of several models
+    (image_size None), at full resolution. With `model_sizes`, each row's size is its model's
+    (`model_sizes[model_key]`). Failures become error rows; the columns of a run of several models
     (`model_key`, `route_code`) pass through."""
     uris = [str(u) for u in batch["image_uri"]]
     n = len(uris)
-    if sizes is not None:
-        row_sizes = [sizes[int(k)] for k in batch["model_key"]]
+    if model_sizes is not None:
+        row_sizes = [model_sizes[int(k)] for k in batch["model_key"]]
     else:
         row_sizes = [image_size] * n
     if len(set(row_sizes)) == 1 and row_sizes[0] is not None:
