@@ -345,11 +345,11 @@ class ScoringOptions:
     # URI schemes INPUT or a manifest may name besides local paths, file:// and s3:// (gs, az,
     # http…), each with its fsspec filesystem installed on every node.
     schemes: tuple[str, ...] = ()
-    # A night of several models (`--models`, `--routes`): how many an actor keeps loaded. The
-    # blocks come model after model, so one would do; a few more absorb the blocks of two
-    # models that arrive interleaved where one model's images end (docs/design.md §6, Several
-    # models in one night).
-    models_per_actor: int = 4
+    # A night of several models (`--models`, `--routes`): how many an actor keeps loaded. Its
+    # blocks come model after model, so it loads each about once a night whatever this is; each
+    # model kept costs its runtime's working memory (an ONNX Runtime session keeps its arena:
+    # 0.5–2.2 GB at batch 32, 256²), so one (docs/design.md §6, Several models in one night).
+    models_per_actor: int = 1
 
     def validate(self) -> None:
         """Refuse what cannot work before anything is listed or started (a Ray start is slow)."""

@@ -312,9 +312,10 @@ def _pids(pattern: str) -> list[int]:
 
 def test_routes_by_file_and_a_killed_actor_holding_two_models(ray_cluster, tmp_path: Path) -> None:  # noqa: ANN001
     """`dskd score --routes routes.yaml` on a layout not by route folders, two models of two
-    input sizes (64² and 96²) in one actor pool; the scoring actor is SIGKILLed once it has
-    written maps of both models. Ray restarts it (it loads the models again, lazily) and the
-    run commits every image exactly once, each with the model its pattern gives."""
+    input sizes (64² and 96²) in one actor pool, each actor keeping both
+    (`--models-per-actor 2`); the scoring actor is SIGKILLed once maps of both models are
+    written. Ray restarts it (it loads the models again, lazily) and the run commits every
+    image exactly once, each with the model its pattern gives."""
     models = tmp_path / "models"
     models.mkdir()
     ids = {
@@ -341,7 +342,8 @@ def test_routes_by_file_and_a_killed_actor_holding_two_models(ray_cluster, tmp_p
     job = subprocess.Popen(
         [sys.executable, "-m", "dskd_ray.cli", "score", str(tmp_path / "images"), "--routes",
          str(routes), "--models", str(models), "--out", str(out), "--address",
-         ray_cluster.get_runtime_context().gcs_address, "--batch-size", "4"],
+         ray_cluster.get_runtime_context().gcs_address, "--batch-size", "4",
+         "--models-per-actor", "2"],  # the actor keeps both models when the kill lands
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     killed: list[int] = []

@@ -156,7 +156,7 @@ class ScorerSpec:
     precision: str = "fp32"
     compile: bool = False
     run_id: str | None = None  # on Ray: the run whose scratch folder counts the attempts
-    models_per_actor: int = 4  # several models: how many an actor keeps loaded
+    models_per_actor: int = 1  # several models: how many an actor keeps loaded
 
 
 def _fetched(value: Any, kind: type) -> Any:
@@ -176,8 +176,9 @@ def _fetched(value: Any, kind: type) -> Any:
 class ScoringActor:
     """Scores decoded images, each with the model its row names. One model is loaded once, in
     `__init__`; of several, each is loaded when a batch first needs it and the
-    `models_per_actor` used last are kept (a night's batches come model after model, so an actor
-    loads each about once). A model that cannot be built here gives its rows errors."""
+    `models_per_actor` used last are kept, the oldest dropped before the next is built (a
+    night's batches come model after model, so an actor loads each about once). A model that
+    cannot be built here gives its rows errors."""
 
     def __init__(self, spec: ScorerSpec) -> None:
         import torch
