@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dskd_ray.config import DSKDConfig
+from dskd_ray.config import DSKDConfig, ScoringOptions
 from dskd_ray.inference.scoring import Scorer
 from dskd_ray.model.checkpoint import Threshold, make_checkpoint, save_checkpoint
 from dskd_ray.model.network import DSKD
@@ -357,6 +357,7 @@ def report(
     out: dict = {
         "routes": k, "images_per_route": n, "mix": args.mix, "backend": args.backend,
         "batch_size": args.batch_size, "models": made, "export_s": export_s,
+        "models_per_actor": args.models_per_actor or ScoringOptions().models_per_actor,
         "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
         "runs": [asdict(r) for r in rows],
         "checkpoint_bytes": sum(m["bytes"] for m in list(made.values())[:k]),

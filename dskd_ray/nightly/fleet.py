@@ -293,25 +293,25 @@ def score_fleet(
     for code in range(len(routes)):
         if plan.problem(code):
             problems[code] = plan.problem(code)
-    # Each usable model's images left to score (the order of the routes: blocks model by model).
-    waiting: dict[str, np.ndarray] = {}
+    # Each usable model's routes with images left to score, in the routes' order: the blocks go
+    # model by model. (Its rows' mask is made when it is loaded: one mask at a time.)
+    left_per_route = np.bincount(codes[todo], minlength=len(routes))
+    waiting: dict[str, list[int]] = {}
     for code in range(len(routes)):
         model = plan.model(code)
-        if code in problems or model is None:
-            continue
-        rows = todo & (codes == code)
-        if rows.any():
-            waiting[model.uri] = waiting.get(model.uri, np.zeros(len(codes), bool)) | rows
+        if code not in problems and model is not None and left_per_route[code]:
+            waiting.setdefault(model.uri, []).append(code)
 
     backends: dict[str, str] = {}  # model URI → the backend that scored it
     thresholds: dict[str, Threshold | None] = {}
     progress = None
     with _run_failure(run_id):
-        total = sum(int(rows.sum()) for rows in waiting.values())
+        total = int(sum(left_per_route[c] for mine in waiting.values() for c in mine))
         specs, blocks = [], []
         engine = _engine(total, options, address) if total else None
-        for uri, rows in waiting.items():
+        for uri, route_codes in waiting.items():
             model = plan.models[uri]
+            rows = todo & np.isin(codes, route_codes)
             try:  # one model at a time: the driver holds one checkpoint, the store keeps them
                 checkpoint = load_checkpoint(uri)
                 checkpoint.require_finished(uri)

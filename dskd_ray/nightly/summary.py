@@ -288,6 +288,8 @@ def summarize_runs(
     empty = pa.schema([RESULT_SCHEMA.field(c) for c in TOP_COLUMNS]).empty_table()
     best = top_per_model(pa.concat_tables(tops), top) if tops else empty
     none_because = _none_since(output, since) if since is not None and not figures else ""
+    if route is not None and not figures:
+        none_because += f" with a route {printable(route)!r}"
     return ResultsSummary(output, figures, best, none_because)
 
 
